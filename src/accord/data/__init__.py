@@ -1,0 +1,1 @@
+"""Streaming data: shards -> decoded samples -> batches."""
