@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up accord on this machine: system packages (ffmpeg & co.), a virtual environment in .venv, the package.
+# Idempotent: a second run only checks. Usage: bash launch/setup.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for tool in ffmpeg sox espeak-ng g++; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if [ ${#need[@]} -gt 0 ]; then
+  pkgs="${need[*]}"
+  echo "setup: installing system packages: $pkgs"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $pkgs >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.accord-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  echo "setup: installing Python packages into .venv (about a minute)"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e ".[dev]"
+  echo "$want" > "$stamp"
+fi
+echo "setup: ready (.venv/bin/accord)"

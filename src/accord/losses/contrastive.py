@@ -1,0 +1,157 @@
+"""Contrastive losses over all ranks: symmetric InfoNCE (CLIP) and sigmoid (SigLIP), with presence masks.
+
+Exactness at any world size W. Features are all-gathered *with* gradient: the backward of the gather sums the
+gradient that every rank computed for a rank's rows (all-reduce) and hands that rank its slice. Each rank's loss
+``L_r`` is scaled so that ``sum_r L_r = W * L`` where ``L`` is the loss of one process holding the global batch.
+Then every rank's gradient of its own features is ``W * dL/df``, and the usual data-parallel averaging of parameter
+gradients (DDP, DeepSpeed) gives exactly ``dL/dθ`` - for towers and temperatures alike.
+
+Two ways to compute the logits:
+
+- ``gather="global"``: each rank forms the full N x N logits and ``L_r = L`` (memory O(N^2)).
+- ``gather="local"``: each rank forms its n local rows against all N columns (memory O(n x N));
+  ``L_r = W * (sum of its rows' losses) / N_valid``. The all-reduce mean of ``L_r`` over ranks is ``L``.
+
+Masks: a pair (a, b) only uses samples that have both; other rows and columns are dropped from the softmax and the
+mean. ``N_valid`` is the global count of such samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from accord.models.config import pair_name
+from accord.models.model import ModelOutput
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward all-reduces (sums) the gradient and returns this rank's slice (works on gloo)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks (rank order) keeping the gradient path; identity on one process."""
+    _, size = world()
+    if size == 1:
+        return x
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(size)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]]))
+    if len({int(s) for s in sizes}) != 1:
+        raise ValueError(f"local batch sizes differ across ranks ({[int(s) for s in sizes]}); "
+                         "use drop_last so that every rank has the same micro-batch size")
+    return _GatherWithGrad.apply(x)
+
+
+def gather_nograd(x: torch.Tensor) -> torch.Tensor:
+    _, size = world()
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def _softmax_ce(logits: torch.Tensor, labels: torch.Tensor, col_valid: torch.Tensor,
+                smoothing: float) -> torch.Tensor:
+    """Per-row cross-entropy over the valid columns only, with optional label smoothing over those columns."""
+    logp = logits.masked_fill(~col_valid[None, :], float("-inf")).log_softmax(dim=-1)
+    nll = -logp.gather(1, labels[:, None])[:, 0]
+    if smoothing > 0:
+        uniform = -logp.masked_fill(~col_valid[None, :], 0.0).sum(dim=-1) / col_valid.sum()
+        nll = (1 - smoothing) * nll + smoothing * uniform
+    return nll
+
+
+def _sigmoid_terms(logits: torch.Tensor, labels: torch.Tensor, col_valid: torch.Tensor) -> torch.Tensor:
+    """Per-row sum over valid columns of -log sigmoid(z * logit), z = +1 on the positive, -1 elsewhere."""
+    z = -torch.ones_like(logits)
+    z[torch.arange(len(labels), device=logits.device), labels] = 1.0
+    return -(F.logsigmoid(z * logits) * col_valid[None, :].to(logits.dtype)).sum(dim=-1)
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["infonce", "siglip"] = "infonce"
+    gather: Literal["global", "local"] = "local"
+    label_smoothing: float = 0.0
+    pair_weights: dict[str, float] = field(default_factory=dict)  # pair name ("text-image") -> weight (1.0)
+
+    def validate(self, prefix: str = "") -> None:
+        from accord.config import ConfigError
+
+        dot = f"{prefix}." if prefix else ""
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{dot}label_smoothing: must be in [0, 1)")
+        if self.kind == "siglip" and self.label_smoothing:
+            raise ConfigError(f"{dot}label_smoothing: only for kind 'infonce'")
+
+
+class ContrastiveLoss(nn.Module):
+    """Sum over trained pairs of ``weight * pair_loss``; returns (total, {pair: detached loss of this rank})."""
+
+    def __init__(self, cfg: LossConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def pair_loss(self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+        """Loss of one pair; ``a``, ``b`` [n, D] local features, ``valid`` bool [n] (both present)."""
+        rank, size = world()
+        all_a, all_b = gather_with_grad(a), gather_with_grad(b)
+        all_valid = gather_nograd(valid)
+        n_valid = all_valid.sum()
+        if n_valid == 0:  # keep the graph (zero gradients), no NaN
+            return 0.0 * (a.sum() + b.sum() + scale.sum() + (bias.sum() if bias is not None else 0.0))
+        if self.cfg.gather == "global":
+            rows_a, rows_b, row_valid, offset, factor = all_a, all_b, all_valid, 0, 1.0
+        else:
+            rows_a, rows_b, row_valid, offset, factor = a, b, valid, rank * a.shape[0], float(size)
+        labels = torch.arange(rows_a.shape[0], device=a.device) + offset
+        logits_ab = scale * rows_a @ all_b.T
+        if self.cfg.kind == "infonce":
+            logits_ba = scale * rows_b @ all_a.T
+            per_row = 0.5 * (_softmax_ce(logits_ab, labels, all_valid, self.cfg.label_smoothing)
+                             + _softmax_ce(logits_ba, labels, all_valid, self.cfg.label_smoothing))
+        else:  # sigmoid: every (i, j) pair once; the a->b direction covers them all
+            per_row = _sigmoid_terms(logits_ab + bias, labels, all_valid)
+        per_row = torch.where(row_valid, per_row, torch.zeros_like(per_row))
+        return factor * per_row.sum() / n_valid.to(per_row.dtype)
+
+    def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if self.cfg.kind == "siglip" and out.logit_bias is None:
+            raise ValueError("the sigmoid loss needs a logit bias: set model.init_logit_bias (e.g. -10)")
+        total = 0.0
+        parts = {}
+        for a, b in out.pairs:
+            name = pair_name(a, b)
+            valid = out.present[a] & out.present[b]
+            bias = out.logit_bias[name] if out.logit_bias is not None else None
+            loss = self.pair_loss(out.embeddings[a], out.embeddings[b], valid, out.logit_scale[name], bias)
+            parts[name] = loss.detach()
+            total = total + self.cfg.pair_weights.get(name, 1.0) * loss
+        return total, parts

@@ -1,0 +1,94 @@
+"""Typed configs of the towers and of the multi-tower model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from accord.config import ConfigError
+
+MODALITIES = ("text", "image", "video", "audio")
+TowerKind = Literal["bert", "clip_text", "vit", "clip_vision", "frames", "videomae", "ast", "whisper"]
+KINDS_BY_MODALITY: dict[str, tuple[str, ...]] = {
+    "text": ("bert", "clip_text"),
+    "image": ("vit", "clip_vision"),
+    "video": ("frames", "videomae"),
+    "audio": ("ast", "whisper"),
+}
+
+
+@dataclass
+class TowerConfig:
+    """One encoder: a transformers backbone (random init from ``hf`` or loaded from ``pretrained``) + projection.
+
+    ``frames`` (video only) runs an image backbone per frame (``frame_kind`` + ``hf``, or the image tower's
+    backbone itself with ``share_image_backbone``) followed by temporal attention pooling over ``num_frames``.
+    """
+
+    kind: TowerKind
+    hf: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs (random init)
+    pretrained: str | None = None  # local HF directory; never a hub name
+    pooling: Literal["default", "cls", "mean"] = "default"
+    freeze: bool = False
+    unfreeze_last_n: int | None = None  # with freeze: train only the last N transformer layers
+    gradient_checkpointing: bool = False
+    frame_kind: Literal["vit", "clip_vision"] = "vit"  # frames: the per-frame backbone
+    share_image_backbone: bool = False  # frames: reuse the image tower's backbone
+    num_frames: int = 8  # video: frames per clip (temporal position embeddings)
+    temporal_heads: int = 4
+
+    def validate(self, prefix: str = "") -> None:
+        modality = prefix.rsplit(".", 1)[-1]
+        if modality not in MODALITIES:
+            raise ConfigError(f"{prefix}: unknown modality (valid: {', '.join(MODALITIES)})")
+        if self.kind not in KINDS_BY_MODALITY[modality]:
+            raise ConfigError(f"{prefix}.kind: {self.kind!r} is not a {modality} tower "
+                              f"(valid: {', '.join(KINDS_BY_MODALITY[modality])})")
+        if self.pretrained and ("://" in self.pretrained and not self.pretrained.startswith("file://")):
+            raise ConfigError(f"{prefix}.pretrained: must be a local directory, not {self.pretrained!r}")
+        if self.unfreeze_last_n is not None and self.unfreeze_last_n < 0:
+            raise ConfigError(f"{prefix}.unfreeze_last_n: must be >= 0")
+        if self.share_image_backbone and self.kind != "frames":
+            raise ConfigError(f"{prefix}.share_image_backbone: only for kind 'frames'")
+
+
+@dataclass
+class ModelConfig:
+    """Towers per modality, the shared embedding size, which pairs are trained, and the temperatures."""
+
+    towers: dict[str, TowerConfig]
+    embed_dim: int = 512
+    pairs: Literal["text_anchored", "image_anchored", "all"] = "text_anchored"
+    temperature: Literal["per_pair", "shared"] = "per_pair"
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    init_logit_bias: float | None = None  # set (e.g. -10) for the sigmoid loss
+
+    def validate(self, prefix: str = "") -> None:
+        dot = f"{prefix}." if prefix else ""
+        if not self.towers:
+            raise ConfigError(f"{dot}towers: at least two towers are needed")
+        if len(self.towers) < 2:
+            raise ConfigError(f"{dot}towers: at least two towers are needed, got {list(self.towers)}")
+        anchor = {"text_anchored": "text", "image_anchored": "image"}.get(self.pairs)
+        if anchor and anchor not in self.towers:
+            raise ConfigError(f"{dot}pairs: {self.pairs!r} needs a {anchor} tower")
+        video = self.towers.get("video")
+        if video and video.share_image_backbone and "image" not in self.towers:
+            raise ConfigError(f"{dot}towers.video.share_image_backbone: needs an image tower")
+        if self.embed_dim < 1:
+            raise ConfigError(f"{dot}embed_dim: must be >= 1")
+        if not 0 < self.init_temperature < 1:
+            raise ConfigError(f"{dot}init_temperature: must be in (0, 1)")
+
+    def pair_list(self) -> list[tuple[str, str]]:
+        """Trained pairs, each ordered by MODALITIES (so 'text-image', never 'image-text')."""
+        present = [m for m in MODALITIES if m in self.towers]
+        if self.pairs == "all":
+            return [(a, b) for i, a in enumerate(present) for b in present[i + 1 :]]
+        anchor = "text" if self.pairs == "text_anchored" else "image"
+        return [tuple(sorted((anchor, m), key=MODALITIES.index)) for m in present if m != anchor]
+
+
+def pair_name(a: str, b: str) -> str:
+    return f"{a}-{b}"

@@ -1,0 +1,96 @@
+"""The multi-tower model: one embedding space for text, image, video and audio, plus learnable temperatures."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from accord.models.config import MODALITIES, ModelConfig, pair_name
+from accord.models.towers import Tower
+
+Batch = dict  # {modality: {input name: tensor}, "present": {modality: bool[B]}}
+
+
+@dataclass
+class ModelOutput:
+    embeddings: dict[str, torch.Tensor]  # modality -> [B, D], zero rows where absent
+    present: dict[str, torch.Tensor]  # modality -> bool [B]
+    logit_scale: dict[str, torch.Tensor]  # pair name -> [1], already exp'd and clamped
+    logit_bias: dict[str, torch.Tensor] | None  # pair name -> [1] (sigmoid loss)
+    pairs: list[tuple[str, str]]
+
+
+class AccordModel(nn.Module):
+    """Towers per configured modality; ``forward(batch)`` embeds every modality, running every tower every step."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.towers = nn.ModuleDict()
+        for modality in MODALITIES:  # image before video, so that video can share the image backbone
+            if modality in cfg.towers:
+                tcfg = cfg.towers[modality]
+                shared = self.towers["image"].backbone if tcfg.share_image_backbone else None
+                self.towers[modality] = Tower(modality, tcfg, cfg.embed_dim, shared_backbone=shared)
+        self.pairs = cfg.pair_list()
+        names = ["shared"] if cfg.temperature == "shared" else [pair_name(*p) for p in self.pairs]
+        # Shape [1], not 0-dim: DeepSpeed cannot partition 0-dim parameters.
+        self.logit_scale = nn.ParameterDict(
+            {n: nn.Parameter(torch.full([1], math.log(1 / cfg.init_temperature))) for n in names})
+        self.logit_bias = None
+        if cfg.init_logit_bias is not None:
+            self.logit_bias = nn.ParameterDict(
+                {n: nn.Parameter(torch.full([1], float(cfg.init_logit_bias))) for n in names})
+
+    def _param_key(self, pair: tuple[str, str]) -> str:
+        return "shared" if self.cfg.temperature == "shared" else pair_name(*pair)
+
+    def temperatures(self) -> dict[str, torch.Tensor]:
+        """exp(logit_scale), clamped here in the forward: a clamp after the optimizer step would be undone by
+        ZeRO's fp32 master copy."""
+        top = math.log(self.cfg.max_logit_scale)
+        return {pair_name(*p): self.logit_scale[self._param_key(p)].clamp(0, top).exp() for p in self.pairs}
+
+    def embed(self, modality: str, inputs: dict[str, torch.Tensor] | None, present: torch.Tensor | None,
+              batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings [B, D] computed on present rows only (zeros elsewhere) and the presence mask [B].
+
+        With no present row the tower still runs on a dummy input whose output joins the graph with weight 0,
+        so that every rank calls every tower (ZeRO-3) and every parameter receives a (zero) gradient.
+        """
+        tower = self.towers[modality]
+        ref = next(self.parameters())
+        if inputs is None:
+            present = torch.zeros(batch_size, dtype=torch.bool, device=ref.device)
+        elif present is None:
+            present = torch.ones(batch_size, dtype=torch.bool, device=ref.device)
+        present = present.to(torch.bool)
+        idx = present.nonzero(as_tuple=True)[0]
+        if len(idx) == batch_size:
+            return tower(inputs), present
+        out = torch.zeros(batch_size, self.cfg.embed_dim, device=ref.device, dtype=ref.dtype)
+        if len(idx) > 0:
+            emb = tower({k: v[idx] for k, v in inputs.items()})
+            return out.index_copy(0, idx, emb.to(out.dtype)), present
+        dummy = tower(tower.dummy_inputs(1, ref.device, ref.dtype))
+        return out + 0.0 * dummy.sum(), present
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        present = batch.get("present", {})
+        sizes = {len(v) for v in present.values()} | {
+            next(iter(batch[m].values())).shape[0] for m in self.towers if m in batch}
+        if len(sizes) != 1:
+            raise ValueError(f"inconsistent batch sizes across modalities: {sorted(sizes)}")
+        batch_size = sizes.pop()
+        embeddings, masks = {}, {}
+        for modality in self.towers:
+            embeddings[modality], masks[modality] = self.embed(
+                modality, batch.get(modality), present.get(modality), batch_size)
+        bias = None
+        if self.logit_bias is not None:
+            bias = {pair_name(*p): self.logit_bias[self._param_key(p)] for p in self.pairs}
+        return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs)
+

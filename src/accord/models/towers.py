@@ -1,0 +1,169 @@
+"""Tower encoders: a transformers backbone, pooling, a projection to the shared space, L2 normalisation.
+
+Inputs per modality (what the data pipeline's collate produces):
+
+- text:  ``input_ids`` [B, L] and ``attention_mask`` [B, L]
+- image: ``pixel_values`` [B, 3, H, W]
+- video: ``pixel_values`` [B, T, 3, H, W]
+- audio: ``features`` [B, T, n_mels] (fbank / log-mel, time-major)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import transformers
+from torch import nn
+
+from accord.models.config import TowerConfig
+
+# kind -> (config class, model class, constructor kwargs)
+_BACKBONES: dict[str, tuple[str, str, dict]] = {
+    "bert": ("BertConfig", "BertModel", {"add_pooling_layer": False}),
+    "clip_text": ("CLIPTextConfig", "CLIPTextModel", {}),
+    "vit": ("ViTConfig", "ViTModel", {"add_pooling_layer": False}),
+    "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", {}),
+    "videomae": ("VideoMAEConfig", "VideoMAEModel", {}),
+    "ast": ("ASTConfig", "ASTModel", {}),
+    "whisper": ("WhisperConfig", "WhisperModel", {}),
+}
+_DEFAULT_POOLING = {"bert": "mean", "clip_text": "pooler", "vit": "cls", "clip_vision": "pooler",
+                    "videomae": "mean", "ast": "pooler", "whisper": "mean"}
+
+
+def build_backbone(kind: str, hf: dict, pretrained: str | None) -> transformers.PreTrainedModel:
+    """Random init from ``hf`` config kwargs (``_from_config``, so ``zero.Init`` applies) or a local directory."""
+    config_name, model_name, init_kwargs = _BACKBONES[kind]
+    model_cls = getattr(transformers, model_name)
+    if pretrained:
+        path = pretrained.removeprefix("file://")
+        model = model_cls.from_pretrained(path, **init_kwargs)
+        return model.get_encoder() if kind == "whisper" else model
+    config = getattr(transformers, config_name)(**hf)
+    if kind == "whisper":
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        return WhisperEncoder._from_config(config)
+    return model_cls._from_config(config, **init_kwargs)
+
+
+def backbone_width(backbone: nn.Module) -> int:
+    cfg = backbone.config
+    return getattr(cfg, "hidden_size", None) or cfg.d_model
+
+
+class TemporalPool(nn.Module):
+    """Attention pooling over per-frame features: a learned query attends to frames (+ temporal positions)."""
+
+    def __init__(self, dim: int, heads: int, max_frames: int):
+        super().__init__()
+        self.pos = nn.Parameter(torch.zeros(1, max_frames, dim))
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, D]
+        t = frames.shape[1]
+        if t > self.pos.shape[1]:
+            raise ValueError(f"video has {t} frames, the tower was built for at most {self.pos.shape[1]} "
+                             "(towers.video.num_frames)")
+        x = self.norm(frames + self.pos[:, :t])
+        pooled, _ = self.attn(self.query.expand(frames.shape[0], -1, -1), x, x, need_weights=False)
+        return pooled[:, 0] + frames.mean(dim=1)
+
+
+def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is None:
+        return hidden.mean(dim=1)
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+class Tower(nn.Module):
+    """One modality's encoder; ``forward(inputs)`` returns L2-normalised embeddings [B, embed_dim]."""
+
+    def __init__(self, modality: str, cfg: TowerConfig, embed_dim: int, shared_backbone: nn.Module | None = None):
+        super().__init__()
+        self.modality, self.cfg = modality, cfg
+        self.backbone_kind = cfg.frame_kind if cfg.kind == "frames" else cfg.kind
+        self.backbone = shared_backbone if shared_backbone is not None else build_backbone(
+            self.backbone_kind, cfg.hf, cfg.pretrained)
+        width = backbone_width(self.backbone)
+        self.temporal = TemporalPool(width, cfg.temporal_heads, cfg.num_frames) if cfg.kind == "frames" else None
+        self.proj = nn.Linear(width, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=width**-0.5)
+        if cfg.gradient_checkpointing:
+            self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.freeze and shared_backbone is None:
+            freeze_backbone(self.backbone, cfg.unfreeze_last_n or 0)
+
+    def _pool(self, inputs: dict[str, torch.Tensor], **kwargs: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(**kwargs)
+        pooling = self.cfg.pooling if self.cfg.pooling != "default" else _DEFAULT_POOLING[self.backbone_kind]
+        if pooling == "pooler":
+            return out.pooler_output
+        if pooling == "cls":
+            return out.last_hidden_state[:, 0]
+        return _masked_mean(out.last_hidden_state, inputs.get("attention_mask"))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        kind = self.cfg.kind
+        if kind in ("bert", "clip_text"):
+            pooled = self._pool(inputs, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+        elif kind in ("vit", "clip_vision", "videomae"):
+            pooled = self._pool(inputs, pixel_values=inputs["pixel_values"])
+        elif kind == "frames":
+            video = inputs["pixel_values"]
+            b, t = video.shape[:2]
+            frames = self._pool({}, pixel_values=video.flatten(0, 1)).view(b, t, -1)
+            pooled = self.temporal(frames)
+        elif kind == "ast":
+            pooled = self._pool({}, input_values=inputs["features"])
+        else:  # whisper: [B, n_mels, T]
+            pooled = self._pool({}, input_features=inputs["features"].transpose(1, 2))
+        return F.normalize(self.proj(pooled), dim=-1)
+
+    def dummy_inputs(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A minimal valid input, run when a rank's batch lacks this modality (ZeRO-3 needs every tower run)."""
+        c = self.backbone.config
+        kind = self.cfg.kind
+        if kind in ("bert", "clip_text"):
+            ids = torch.zeros(n, 2, dtype=torch.long, device=device)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if kind in ("vit", "clip_vision"):
+            return {"pixel_values": torch.zeros(n, c.num_channels, c.image_size, c.image_size, device=device,
+                                                dtype=dtype)}
+        if kind in ("frames", "videomae"):
+            t = self.cfg.num_frames if kind == "frames" else c.num_frames
+            return {"pixel_values": torch.zeros(n, t, c.num_channels, c.image_size, c.image_size, device=device,
+                                                dtype=dtype)}
+        if kind == "ast":
+            return {"features": torch.zeros(n, c.max_length, c.num_mel_bins, device=device, dtype=dtype)}
+        return {"features": torch.zeros(n, 2 * c.max_source_positions, c.num_mel_bins, device=device, dtype=dtype)}
+
+
+def _layer_list(backbone: nn.Module) -> nn.ModuleList | None:
+    """The transformer block list: the longest ModuleList named like '*layer*' / '*layers*'."""
+    candidates = [m for name, m in backbone.named_modules()
+                  if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")]
+    return max(candidates, key=len, default=None)
+
+
+def freeze_backbone(backbone: nn.Module, unfreeze_last_n: int = 0) -> None:
+    """Freeze everything; with ``unfreeze_last_n`` keep the last N blocks and the norms after them trainable."""
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    if unfreeze_last_n <= 0:
+        return
+    layers = _layer_list(backbone)
+    if layers is None:
+        raise ValueError(f"{type(backbone).__name__}: no transformer layer list found for unfreeze_last_n")
+    for block in list(layers)[-unfreeze_last_n:]:
+        for p in block.parameters():
+            p.requires_grad_(True)
+    last_layer_params = {id(p) for p in layers[-1].parameters()}
+    after = False
+    for _, p in backbone.named_parameters():  # registration order: embeddings, blocks, final norms
+        if after:
+            p.requires_grad_(True)
+        after = after or id(p) in last_layer_params

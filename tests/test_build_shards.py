@@ -1,0 +1,357 @@
+"""Shard builder: accounting, reproducibility, resume, multi-node, media conversion, verify."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import EXPECTED
+from media import gradient, write_audio, write_image, write_video
+from PIL import Image
+
+from accord.shards.build import BuildConfig, build
+from accord.shards.media import (
+    AudioOptions,
+    ImageOptions,
+    VideoOptions,
+    process_audio,
+    process_image,
+    process_video,
+)
+from accord.shards.tario import read_tar
+from accord.shards.verify import verify
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "data_tools" / "build_shards.py"
+
+
+def run_build(src: Path, out: Path, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--input", str(src), "--output", str(out), "--quiet", *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(proc.stderr)
+    return proc
+
+
+def output_files(out: Path) -> dict[str, bytes]:
+    """Every file of a finished build, stats.json without its timing fields."""
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    stats = json.loads(files.pop("stats.json"))
+    for k in ("seconds", "samples_per_second"):
+        stats.pop(k)
+    files["stats.json"] = json.dumps(stats, sort_keys=True).encode()
+    return files
+
+
+def samples_of(out: Path) -> dict[str, dict[str, bytes]]:
+    import fsspec
+
+    fs = fsspec.filesystem("file")
+    return {key: dict(members) for tar in sorted(out.glob("shard-*.tar")) for key, members in read_tar(fs, str(tar))}
+
+
+@pytest.fixture(scope="module")
+def built(raw_corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("built")
+    run_build(raw_corpus, out, "--samples-per-shard", "4", "--dedupe", "--workers", "1")
+    return out
+
+
+def test_every_input_is_written_or_accounted_for(built: Path) -> None:
+    stats = json.loads((built / "stats.json").read_text())
+    failures = [json.loads(x) for x in (built / "failures.jsonl").read_text().splitlines()]
+    duplicates = [json.loads(x) for x in (built / "duplicates.jsonl").read_text().splitlines()]
+    samples = samples_of(built)
+    written = {json.loads(m["json"])["origin"] for m in samples.values()}
+    assert stats["inputs"] == len(EXPECTED) == stats["written"] + stats["rejected"] + stats["duplicates"]
+    assert written == {o for o, e in EXPECTED.items() if e == "ok"}
+    assert [d["origin"] for d in duplicates] == ["dups/copy_of_img_000"]
+    by_origin = {f["origin"]: f["reason"] for f in failures}
+    assert set(by_origin) == {o for o, e in EXPECTED.items() if e not in ("ok", "dup")}
+    for origin, reason in by_origin.items():
+        assert reason.startswith(EXPECTED[origin]), (origin, reason)
+    sizes = json.loads((built / "sizes.json").read_text())
+    assert sum(sizes.values()) == stats["written"] == len(samples)
+    assert all(n <= 4 for n in sizes.values()) and list(sizes.values())[:-1] == [4] * (len(sizes) - 1)
+    assert stats["modalities"] == {"image": 14, "video": 2, "audio": 4}
+    assert not (built / "_staging").exists()
+
+
+def test_sample_members_and_json(built: Path) -> None:
+    samples = samples_of(built)
+    by_origin = {json.loads(m["json"])["origin"]: m for m in samples.values()}
+    koala = by_origin["animals/img_002"]
+    meta = json.loads(koala["json"])
+    assert koala["txt"].decode() == "a gradient picture number 2"  # first line only
+    assert meta["image"]["original_width"] == 176 and meta["image"]["height"] == 256  # keep_ratio: short side 256
+    assert len(meta["image"]["sha256"]) == 64
+    clip = json.loads(by_origin["clips/plain"]["json"])
+    assert clip["video"]["fps"] == pytest.approx(10) and clip["video"]["duration"] == pytest.approx(1.0, abs=0.15)
+    assert "mp4" in by_origin["clips/plain"]
+    mixed = by_origin["mixed/pic_and_sound"]
+    assert {"jpg", "flac", "txt", "json"} == set(mixed)
+    audio = json.loads(mixed["json"])["audio"]
+    assert audio["channels"] == 1 and audio["original_channels"] == 2 and audio["sample_rate"] == 22050
+
+
+def test_verify_passes_and_decodes_everything(built: Path) -> None:
+    proc = subprocess.run([sys.executable, str(ROOT / "data_tools/verify_shards.py"), str(built), "--decode", "--quiet"],
+                          capture_output=True, text=True)
+    summary = json.loads(proc.stdout)
+    assert proc.returncode == 0, summary
+    assert summary["samples"] == 19 and summary["modalities"] == {"image": 14, "video": 2, "audio": 4}
+
+
+def test_output_identical_for_any_worker_count(raw_corpus: Path, built: Path, tmp_path: Path) -> None:
+    run_build(raw_corpus, tmp_path, "--samples-per-shard", "4", "--dedupe", "--workers", "2")
+    assert output_files(tmp_path) == output_files(built)
+
+
+def test_verify_reports_broken_shards(built: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(built, broken)
+    shard = broken / "shard-000001.tar"
+    shard.write_bytes(shard.read_bytes()[:1500])  # truncated tar
+    sizes = json.loads((broken / "sizes.json").read_text())
+    sizes["shard-000002.tar"] += 1
+    (broken / "sizes.json").write_text(json.dumps(sizes))
+    summary = verify(str(broken), decode=False, workers=8, world_size=2, progress=False)
+    assert not summary["ok"]
+    text = "\n".join(summary["problems"])
+    assert "shard-000001.tar" in text and "shard-000002.tar: 4 samples but sizes.json says 5" in text
+    assert summary["warnings"] and "8 x 2 = 16" in summary["warnings"][0]
+
+
+def test_verify_decode_catches_corrupt_member(tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    out.mkdir()
+    with tarfile.open(out / "shard-000000.tar", "w") as tar:
+        for name, data in [("a.txt", b"caption"), ("a.json", b"{}"), ("a.jpg", b"\xff\xd8\xff not a jpeg")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (out / "sizes.json").write_text(json.dumps({"shard-000000.tar": 1}))
+    assert verify(str(out), decode=False, progress=False)["ok"]
+    summary = verify(str(out), decode=True, progress=False)
+    assert not summary["ok"] and "shard-000000.tar:a.jpg: cannot decode image" in summary["problems"][0]
+
+
+def test_resume_after_kill_gives_identical_shards(tmp_path: Path) -> None:
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(240):
+        gradient(640, 480, seed=i).save(src / f"{i:04d}.jpg", quality=90)
+        (src / f"{i:04d}.txt").write_text(f"picture {i}")
+    opts = ["--samples-per-shard", "16", "--workers", "1", "--image-size", "128"]
+    reference = tmp_path / "reference"
+    run_build(src, reference, *opts)
+
+    out = tmp_path / "resumed"
+    cmd = [sys.executable, str(SCRIPT), "--input", str(src), "--output", str(out), "--quiet", *opts]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((out / "_staging").glob("block-*.json"))) < 10:
+        time.sleep(0.02)
+    assert proc.poll() is None, "build finished before it could be killed; make the input larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "stats.json").exists()
+    done_before = len(list((out / "_staging").glob("block-*.json")))
+    assert 10 <= done_before < 60
+
+    again = run_build(src, out, *opts, check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr  # an unfinished build is never silently reused
+    run_build(src, out, *opts, "--resume")
+    assert output_files(out) == output_files(reference)
+    assert not list(out.rglob("*.tmp"))
+    # Resuming a finished build is a no-op; resuming with other options names them.
+    run_build(src, out, *opts, "--resume")
+    changed = run_build(src, out, "--samples-per-shard", "16", "--image-size", "64", "--resume", check=False)
+    assert changed.returncode == 2 and "image" in changed.stderr
+
+
+def test_nodes_build_disjoint_parts_with_same_result(raw_corpus: Path, built: Path, tmp_path: Path) -> None:
+    opts = ["--samples-per-shard", "4", "--dedupe", "--num-nodes", "2"]
+    cmd = [sys.executable, str(SCRIPT), "--input", str(raw_corpus), "--output", str(tmp_path), "--quiet", *opts]
+    node0 = subprocess.Popen([*cmd, "--node-rank", "0"], stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    node1 = subprocess.run([*cmd, "--node-rank", "1"], capture_output=True, text=True)
+    assert node1.returncode == 0, node1.stderr
+    assert node0.wait(timeout=120) == 0, node0.stderr.read()
+    assert output_files(tmp_path) == output_files(built)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "parquet"])
+def test_manifest_formats(raw_corpus: Path, tmp_path: Path, fmt: str) -> None:
+    rows = [
+        {"text": "a picture", "image": str(raw_corpus / "animals/img_001.jpg"), "url": "u1", "license": "cc0"},
+        {"text": "a clip", "video": "media/clip.mp4", "url": "u2", "license": "cc-by"},
+        {"text": "", "image": str(raw_corpus / "animals/img_002.jpg"), "url": "u3", "license": "x"},
+        {"text": "gone", "audio": "media/missing.wav", "url": "u4", "license": "x"},
+        {"text": "a sound and a picture", "image": "media/pic.png", "audio": "media/tone.ogg", "url": "u5",
+         "license": "x"},
+    ]
+    (tmp_path / "media").mkdir()
+    write_video(tmp_path / "media/clip.mp4")
+    write_image(tmp_path / "media/pic.png", "png")
+    write_audio(tmp_path / "media/tone.ogg", channels=1)
+    columns = ["text", "image", "video", "audio", "url", "license"]
+    manifest = tmp_path / f"list.{fmt}"
+    if fmt == "jsonl":
+        manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist([{c: r.get(c) for c in columns} for r in rows]), manifest)
+    else:
+        with manifest.open("w", newline="") as f:
+            w = csv.DictWriter(f, columns, delimiter="\t" if fmt == "tsv" else ",")
+            w.writeheader()
+            w.writerows(rows)
+    out = tmp_path / "out"
+    run_build(manifest, out)
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["inputs"], stats["written"], stats["rejected"]) == (5, 3, 2)
+    failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["origin"], f["reason"].split(":")[0]) for f in failures] == [
+        (f"list.{fmt}:row 3", "missing caption"), (f"list.{fmt}:row 4", "audio file not found")]
+    metas = [json.loads(m["json"]) for m in samples_of(out).values()]
+    assert [(m["url"], m["license"]) for m in metas] == [("u1", "cc0"), ("u2", "cc-by"), ("u5", "x")]
+    assert set(metas[2]) >= {"image", "audio"}
+
+
+def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"caption": "x", "image": "a.jpg"}\n')
+    proc = run_build(bad, tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "no caption column 'text'" in proc.stderr
+    proc = run_build(bad, tmp_path / "o", "--text-column", "caption", "--samples-per-shard", "0", check=False)
+    assert proc.returncode == 2 and "--samples-per-shard" in proc.stderr
+    bad.write_text('{"text": "x", "image": "a.jpg"}\nnot json\n')
+    proc = run_build(bad, tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "line 2 is not valid JSON" in proc.stderr
+    proc = run_build(tmp_path / "nowhere", tmp_path / "o", check=False)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+
+
+def test_dedupe_shuffle_and_byte_limit(raw_corpus: Path, built: Path, tmp_path: Path) -> None:
+    cfg = BuildConfig(input=str(raw_corpus), output=str(tmp_path / "a"), shuffle_seed=3, max_shard_bytes=60_000,
+                      samples_per_shard=100, progress=False)
+    stats = build(cfg)
+    assert stats["duplicates"] == 0 and stats["written"] == 20  # no --dedupe: the copy is kept
+    keys = [k for tar in sorted((tmp_path / "a").glob("*.tar")) for k, _ in read_tar_local(tar)]
+    assert keys != sorted(keys) and len(keys) == 20
+    for tar in (tmp_path / "a").glob("*.tar"):
+        assert tar.stat().st_size <= 60_000 + 10240 or len(list(read_tar_local(tar))) == 1  # + tar end blocks
+    again = build(BuildConfig(input=str(raw_corpus), output=str(tmp_path / "b"), shuffle_seed=3,
+                              max_shard_bytes=60_000, samples_per_shard=100, progress=False))
+    assert again["shards"] == stats["shards"] > 1
+    assert output_files(tmp_path / "a") == output_files(tmp_path / "b")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        build(cfg)
+    assert build(BuildConfig(**{**cfg.__dict__, "overwrite": True}))["written"] == 20
+
+
+def read_tar_local(path: Path):
+    import fsspec
+
+    return read_tar(fsspec.filesystem("file"), str(path))
+
+
+# ------------------------------------------------------------------------------------------ media conversion
+def _decode(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    assert img.mode == "RGB"
+    return img
+
+
+@pytest.mark.parametrize("kind", ["jpg", "png", "rgba", "palette", "cmyk", "gray", "16bit", "exif_rotated", "webp"])
+def test_every_image_mode_becomes_rgb(tmp_path: Path, kind: str) -> None:
+    path = write_image(tmp_path / "x", kind, size=(96, 64))
+    out, ext, meta = process_image(path.read_bytes(), ImageOptions(resize_mode="no", format="png"))
+    img = np.asarray(_decode(out)).astype(int)
+    assert ext == "png" and img.shape == (64, 96, 3)
+    assert (meta["width"], meta["height"]) == (96, 64)
+    top_left = img[2, 2]
+    if kind == "rgba":
+        assert (img[:, -5:] == 255).all()  # transparent half composited on white
+    if kind in ("gray", "16bit"):
+        assert (img[..., 0] == img[..., 1]).all()
+        ref = np.asarray(gradient(96, 64, seed=0).convert("L")).astype(int)
+        assert np.abs(img[..., 0] - ref).max() <= 1  # 16-bit scaled, not clipped to white
+    elif kind not in ("rgba",):
+        assert top_left[0] > 200 and top_left[1] < 60 and top_left[2] < 60  # red marker stays top-left
+
+
+@pytest.mark.parametrize("mode,size,expected", [
+    ("no", 32, (160, 120)), ("keep_ratio", 60, (80, 60)), ("center_crop", 60, (60, 60)), ("border", 80, (80, 80)),
+])
+def test_resize_modes(mode: str, size: int, expected: tuple[int, int]) -> None:
+    buf = io.BytesIO()
+    gradient(160, 120).save(buf, "JPEG", quality=95)
+    out, _, meta = process_image(buf.getvalue(), ImageOptions(resize_mode=mode, size=size))
+    img = _decode(out)
+    assert img.size == expected and (meta["original_width"], meta["original_height"]) == (160, 120)
+    if mode == "border":
+        arr = np.asarray(img).astype(int)
+        assert arr[:5].max() < 20 and arr[-5:].max() < 20  # black bars above and below a 80x60 picture
+
+
+def test_image_max_side_only_if_bigger_and_min_size() -> None:
+    buf = io.BytesIO()
+    gradient(160, 120).save(buf, "PNG")
+    data = buf.getvalue()
+    assert process_image(data, ImageOptions(resize_mode="no", max_side=100))[2]["width"] == 100
+    assert process_image(data, ImageOptions(size=512, resize_only_if_bigger=True))[2]["width"] == 160
+    from accord.shards.media import MediaError
+
+    with pytest.raises(MediaError, match="too small"):
+        process_image(data, ImageOptions(min_size=200))
+
+
+def test_video_transcode_and_extract_audio(tmp_path: Path) -> None:
+    src = write_video(tmp_path / "v.mp4", seconds=2.0, size=(128, 96), fps=20, audio=True).read_bytes()
+    out, ext, meta = process_video(src, "mp4", VideoOptions(mode="transcode", max_side=64, fps=10, max_seconds=1.0))
+    assert ext == "mp4" and (meta["width"], meta["height"]) == (64, 48)
+    assert meta["fps"] == pytest.approx(10) and meta["duration"] == pytest.approx(1.0, abs=0.15)
+    assert not meta["has_audio"] and meta["original_width"] == 128
+    again, _, _ = process_video(src, "mp4", VideoOptions(mode="transcode", max_side=64, fps=10, max_seconds=1.0))
+    assert again == out  # deterministic encode
+    kept, ext, meta = process_video(src, "mp4", VideoOptions(mode="keep"))
+    assert kept == src and meta["has_audio"]
+
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw/v.mp4").write_bytes(src)
+    (tmp_path / "raw/v.txt").write_text("a pattern with a tone")
+    stats = build(BuildConfig(input=str(tmp_path / "raw"), output=str(tmp_path / "o"), extract_audio=True,
+                              audio=AudioOptions(sample_rate=8000), progress=False))
+    assert stats["modalities"] == {"image": 0, "video": 1, "audio": 1}
+    (members,) = samples_of(tmp_path / "o").values()
+    wav, rate = sf.read(io.BytesIO(members["flac"]))
+    assert rate == 8000 and wav.ndim == 1 and len(wav) == pytest.approx(16000, rel=0.05)
+    spectrum = np.abs(np.fft.rfft(wav))
+    assert np.fft.rfftfreq(len(wav), 1 / 8000)[spectrum.argmax()] == pytest.approx(440, abs=5)
+
+
+def test_audio_resample_mono_and_crop(tmp_path: Path) -> None:
+    src = write_audio(tmp_path / "a.wav", seconds=1.0, rate=22050, channels=2).read_bytes()
+    out, ext, meta = process_audio(src, AudioOptions(sample_rate=16000, mono=True, max_seconds=0.5))
+    wav, rate = sf.read(io.BytesIO(out))
+    assert ext == "flac" and rate == 16000 and wav.ndim == 1 and len(wav) == 8000
+    assert meta["duration"] == pytest.approx(0.5)
+    stereo, _, meta = process_audio(src, AudioOptions(mono=False))
+    assert sf.read(io.BytesIO(stereo))[0].shape == (22050, 2) and meta["sample_rate"] == 22050
