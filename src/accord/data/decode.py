@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -34,29 +35,32 @@ def uniform_indices(total: int, num_frames: int) -> list[int]:
     return [min(total - 1, int((i + 0.5) * total / num_frames)) for i in range(num_frames)]
 
 
-def decode_video(data: bytes, num_frames: int = 8, backend: VideoBackend = "decord") -> torch.Tensor:
-    """``num_frames`` uniformly spaced frames as uint8 [T, H, W, 3]."""
+FrameSampler = Callable[[int, float], list[int]]  # (total frames, native fps) -> frame indices
+
+
+def decode_video(data: bytes, num_frames: int = 8, backend: VideoBackend = "decord",
+                 sampler: FrameSampler | None = None) -> torch.Tensor:
+    """Frames as uint8 [T, H, W, 3]; ``sampler`` picks the indices (default: ``num_frames`` uniformly spaced)."""
+    sampler = sampler or (lambda total, fps: uniform_indices(total, num_frames))
     if backend == "decord":
         import decord
 
         vr = decord.VideoReader(io.BytesIO(data), num_threads=1)
-        frames = vr.get_batch(uniform_indices(len(vr), num_frames)).asnumpy()
-        return torch.from_numpy(frames)
+        return torch.from_numpy(vr.get_batch(sampler(len(vr), vr.get_avg_fps())).asnumpy())
     if backend == "torchcodec":
         from torchcodec.decoders import VideoDecoder
 
         dec = VideoDecoder(data, dimension_order="NHWC", num_ffmpeg_threads=1)
-        idx = uniform_indices(dec.metadata.num_frames or len(dec), num_frames)
-        return dec.get_frames_at(indices=idx).data
+        meta = dec.metadata
+        return dec.get_frames_at(indices=sampler(meta.num_frames or len(dec), meta.average_fps or 0.0)).data
     if backend == "pyav":
         import av
 
         with av.open(io.BytesIO(data)) as container:
             stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
+            fps = float(stream.average_rate or 0.0)
             all_frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-        idx = uniform_indices(len(all_frames), num_frames)
-        return torch.from_numpy(np.stack([all_frames[i] for i in idx]))
+        return torch.from_numpy(np.stack([all_frames[i] for i in sampler(len(all_frames), fps)]))
     raise ValueError(f"unknown video backend {backend!r} (decord, pyav, torchcodec)")
 
 

