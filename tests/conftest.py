@@ -11,7 +11,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from media import write_audio, write_image, write_truncated_jpeg, write_video  # noqa: E402
+import tarfile  # noqa: E402
+
+from media import solid, write_audio, write_image, write_truncated_jpeg, write_video  # noqa: E402
+
+from accord.shards.build import BuildConfig, build  # noqa: E402
 
 # The raw corpus: origin -> expected outcome ("ok", "dup" or the start of the rejection reason).
 EXPECTED = {
@@ -75,3 +79,39 @@ def make_raw_corpus(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def raw_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_raw_corpus(tmp_path_factory.mktemp("raw"))
+
+
+@pytest.fixture(scope="session")
+def mixed_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, set[str]]]:
+    """48 samples over 16 shards: images, videos, audio, and image+audio pairs, with captions that describe a
+    colour or a pitch (so that a tiny model can learn the alignment). Returns (dir, key -> media)."""
+    raw = tmp_path_factory.mktemp("mixed_raw")
+    colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
+              "white": (245, 245, 245), "black": (10, 10, 10)}
+    for i in range(48):
+        stem = raw / f"s{i:03d}"
+        name = list(colors)[(i // 6) % len(colors)]
+        pitch = ("low", 220.0) if i % 12 < 6 else ("high", 1760.0)
+        if i % 6 == 1:
+            write_video(stem.with_suffix(".mp4"), seconds=0.5, size=(32, 24), color=name)
+            caption = f"a {name} video"
+        elif i % 6 == 2:
+            write_audio(stem.with_suffix(".wav"), seconds=0.3, rate=16000, channels=1, freq=pitch[1])
+            caption = f"a {pitch[0]} tone"
+        else:
+            solid(colors[name], 40, 30, seed=i).save(stem.with_suffix(".png"))
+            caption = f"a {name} picture"
+            if i % 6 == 3:
+                write_audio(stem.with_suffix(".flac"), seconds=0.8, rate=8000, channels=1, freq=pitch[1] / 2)
+                caption = f"a {name} picture with a {pitch[0]} tone"
+        stem.with_suffix(".txt").write_text(caption)
+    out = tmp_path_factory.mktemp("mixed_shards")
+    build(BuildConfig(input=str(raw), output=str(out), samples_per_shard=3, progress=False))
+    media = {}
+    for tar in out.glob("*.tar"):
+        with tarfile.open(tar) as t:
+            for name in t.getnames():
+                key, ext = name.split(".", 1)
+                kind = {"jpg": "image", "mp4": "video", "flac": "audio"}.get(ext)
+                media.setdefault(key, set()).update({kind} if kind else set())
+    return out, media

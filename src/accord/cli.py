@@ -8,6 +8,7 @@ import sys
 COMMANDS = {
     "build-shards": ("accord.shards.build", "raw media + captions -> WebDataset shards"),
     "verify-shards": ("accord.shards.verify", "check shards, counts and decoding"),
+    "train": ("accord.train.main", "train the towers (one process; use deepspeed/torchrun for more)"),
 }
 
 

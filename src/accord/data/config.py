@@ -62,7 +62,8 @@ class DataConfig:
     max_bad_fraction: float = 0.05  # stop when more of the samples seen are bad (after min_samples_for_check)
     min_samples_for_check: int = 200
     persistent_workers: bool = True
-    start_method: Literal["forkserver", "spawn", "fork"] = "forkserver"
+    # auto: fork (fast start), but forkserver when audio is loaded (torchaudio in forked workers can deadlock)
+    start_method: Literal["auto", "forkserver", "spawn", "fork"] = "auto"
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     video: VideoConfig = field(default_factory=VideoConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -16,16 +17,28 @@ VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
 AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
 
 
-def decode_image(data: bytes, min_size: int | None = None) -> Image.Image:
-    """Decode to RGB PIL; with ``min_size``, JPEGs are decoded at the smallest DCT scale keeping the shorter
-    side >= min_size (draft mode), which is several times faster when downscaling."""
-    img = Image.open(io.BytesIO(data))
-    if min_size and img.format == "JPEG":
+def decode_image(data: bytes, min_size: int | None = None) -> torch.Tensor:
+    """Decode to uint8 RGB [3, H, W].
+
+    With ``min_size``, a JPEG at least twice that size is decoded at reduced DCT scale (PIL draft mode) keeping
+    the shorter side >= min_size; otherwise torchvision's libjpeg-turbo/libpng decoder is used (about twice as
+    fast as PIL here), with PIL as the fallback for formats it does not read.
+    """
+    if min_size:
+        img = Image.open(io.BytesIO(data))
         w, h = img.size
-        scale = min_size / min(w, h)
-        if scale < 1:
-            img.draft("RGB", (max(1, int(w * scale)), max(1, int(h * scale))))
-    return img.convert("RGB")
+        if img.format == "JPEG" and min(w, h) >= 2 * min_size:
+            scale = min_size / min(w, h)
+            img.draft("RGB", (max(1, math.ceil(w * scale)), max(1, math.ceil(h * scale))))
+            return torch.from_numpy(np.array(img.convert("RGB"))).permute(2, 0, 1).contiguous()
+    try:
+        from torchvision.io import ImageReadMode
+        from torchvision.io import decode_image as tv_decode
+
+        return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
 
 
 def uniform_indices(total: int, num_frames: int) -> list[int]:

@@ -53,10 +53,13 @@ class Loader:
 
     def _make_loader(self) -> DataLoader:
         workers = self.cfg.workers
+        method = self.cfg.start_method
+        if method == "auto":
+            method = "forkserver" if "audio" in self.decoder.modalities else "fork"
         return DataLoader(
             self.dataset, batch_size=None, num_workers=workers,
             persistent_workers=self.cfg.persistent_workers and workers > 0,
-            multiprocessing_context=self.cfg.start_method if workers > 0 else None,
+            multiprocessing_context=method if workers > 0 else None,
             prefetch_factor=2 if workers > 0 else None, in_order=True,
         )
 

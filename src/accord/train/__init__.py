@@ -1,0 +1,1 @@
+"""Distributed training under DeepSpeed ZeRO: ``python -m accord.train --config ...``."""

@@ -1,0 +1,5 @@
+import sys
+
+from accord.train.main import main
+
+sys.exit(main())

@@ -1,0 +1,287 @@
+"""Train accord under DeepSpeed ZeRO (stages 0-3) on CPU or GPU, one or many nodes.
+
+    deepspeed --num_gpus 8 --module accord.train --config configs/vit_b16_text.yaml [key=value ...]
+    torchrun --nproc_per_node 8 -m accord.train --config ...
+    accord train --config configs/tiny.yaml            # one process
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from accord.config import ConfigError, load_config, to_dict
+from accord.data.loader import Loader
+from accord.losses import ContrastiveLoss
+from accord.models import AccordModel
+from accord.train import checkpoint
+from accord.train.batches import lockstep, real_samples, to_device
+from accord.train.config import TrainConfig
+from accord.train.evaluate import embed_all, retrieval
+from accord.train.metrics import MetricLogger
+from accord.train.optim import lr_at, param_groups
+from accord.train.step import contrastive_step
+
+
+def init_distributed() -> None:
+    """Use the launcher's environment, or set up a one-process group when started plainly."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+    deepspeed.init_distributed(dist_backend=backend)
+
+
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    optim_params = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
+                    "weight_decay": cfg.optim.weight_decay}
+    if not ds.offload_optimizer:
+        optim_params["torch_adam"] = True  # no fused_adam JIT build
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": cfg.accum_steps,
+        "optimizer": {"type": "AdamW", "params": optim_params},
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.optim.grad_clip:
+        config["gradient_clipping"] = cfg.optim.grad_clip
+    return {**config, **ds.extra}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="accord train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML training config")
+    p.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (stepNNNNNNNN) in output_dir")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key.path=value, e.g. optim.lr=1e-3 deepspeed.zero_stage=3")
+    return p.parse_args(argv)
+
+
+class Trainer:
+    """Owns the engine, the loaders and the step counter; ``fit()`` reads top to bottom."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+
+        self.cfg = cfg
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.device = torch.device(get_accelerator().current_device_name())
+        cfg.check_device(self.device.type)
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = AccordModel(cfg.model)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim),
+                                               config=deepspeed_config(cfg))
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+        self.modalities = tuple(cfg.model.towers)
+        self.loss_fn = ContrastiveLoss(cfg.loss)
+        self.loader = Loader(cfg.data, self.modalities, train=True)
+        self.val_loader = None
+        if cfg.data.val:
+            self.val_loader = Loader(dataclasses.replace(cfg.data, persistent_workers=False), self.modalities,
+                                     train=False)
+        per_step = self.world * cfg.data.batch_size * cfg.accum_steps
+        self.steps_per_epoch = max(1, math.ceil(self.loader.num_samples / per_step))
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.step = 0
+        self.logger = MetricLogger(cfg.log, self.out, self.rank, to_dict(cfg))
+        if resume:
+            self._resume(resume)
+        torch.manual_seed(cfg.seed + 1000 * self.rank + self.step)  # per-rank dropout streams
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+    def _resume(self, tag: str) -> None:
+        client, mine = checkpoint.load(self.engine, self.ckpt_dir, None if tag == "latest" else tag)
+        self.step = client["step"]
+        self.loader.load_state_dict(mine["loader"])
+        self._rng_after_resume = mine["rng"]
+        self.logger.truncate_after(self.step)
+        if self.rank == 0:
+            print(f"resumed from {self.ckpt_dir} at step {self.step} (epoch {self.loader.epoch})", flush=True)
+
+    def save(self) -> None:
+        mine = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_states()}
+        client = {"step": self.step, "epoch": self.loader.epoch, "config": to_dict(self.cfg)}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, mine, self.cfg.checkpoint.keep_last)
+        if self.rank == 0:
+            print(f"saved checkpoint {self.ckpt_dir / tag}", flush=True)
+
+    # ------------------------------------------------------------------------------------------------ steps
+    def _backward(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
+        flags = [torch.zeros(1) for _ in range(self.world)]
+        dist.all_gather(flags, bad)
+        if any(f.item() for f in flags):
+            ranks = [r for r, f in enumerate(flags) if f.item()]
+            raise FloatingPointError(
+                f"non-finite loss at step {self.step} on rank(s) {ranks} (this rank: "
+                f"{ {k: float(v) for k, v in parts.items()} }); lower optim.lr or check the data")
+        self.engine.backward(loss, scale_wrt_gas=False)  # the step function already sums micro-batches
+        self.engine.step()
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        lr = lr_at(self.step, self.total_steps, self.cfg.optim)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        batches = [to_device(b, self.device, self.dtype) for b in micro_batches]
+        holder: dict[str, Any] = {}
+
+        def loss_fn(out):
+            loss, parts = self.loss_fn(out)
+            holder["parts"] = parts
+            return loss, parts
+
+        loss, parts = contrastive_step(self.engine, loss_fn, batches,
+                                       backward=lambda loss: self._backward(loss, holder["parts"]))
+        self.step += 1
+        return loss, parts
+
+    # ------------------------------------------------------------------------------------------------- loop
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if getattr(self, "_rng_after_resume", None) is not None:
+            checkpoint.set_rng_states(self._rng_after_resume)
+        window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "loss": [], "parts": {}}
+        last_eval: dict[str, float] = {}
+        while self.step < self.total_steps and (cfg.max_steps is not None or self.loader.epoch < cfg.epochs):
+            epoch_batches = lockstep(iter(self.loader), self.modalities, cfg.data.batch_size)
+            exhausted = False
+            while self.step < self.total_steps and not exhausted:
+                group = []
+                t0 = time.perf_counter()
+                for _ in range(cfg.accum_steps):
+                    batch = next(epoch_batches, None)
+                    if batch is None:
+                        exhausted = True
+                        break
+                    group.append(batch)
+                window["wait"] += time.perf_counter() - t0
+                if not group:
+                    break
+                while len(group) < cfg.accum_steps:  # the epoch's last step: keep DeepSpeed's GAS aligned
+                    group.append({"present": {m: torch.zeros(cfg.data.batch_size, dtype=torch.bool)
+                                              for m in self.modalities}})
+                loss, parts = self.train_step(group)
+                window["samples"] += sum(real_samples(b) for b in group)
+                window["loss"].append(float(loss))
+                for k, v in parts.items():
+                    window["parts"].setdefault(k, []).append(float(v))
+                if self.step % cfg.log.every == 0 or self.step == self.total_steps:
+                    self._log(window)
+                    window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "loss": [], "parts": {}}
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.val_loader is not None:
+                    last_eval = self.evaluate()
+                if self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
+                    self.save()
+            if exhausted:
+                for _ in epoch_batches:  # let the loader close its epoch (counts it, resets positions)
+                    pass
+            if cfg.max_steps is None and self.loader.epoch >= cfg.epochs:
+                break
+        if self.val_loader is not None and (not cfg.eval.every or self.step % cfg.eval.every):
+            last_eval = self.evaluate()
+        self.save()
+        self.logger.close()
+        return {"step": self.step, "epoch": self.loader.epoch, "eval": last_eval}
+
+    def _log(self, window: dict[str, Any]) -> None:
+        elapsed = time.perf_counter() - window["start"]
+        stats = torch.tensor([window["samples"], window["wait"], elapsed], dtype=torch.float64)
+        per_rank = [torch.zeros_like(stats) for _ in range(self.world)]
+        dist.all_gather(per_rank, stats)
+        parts = {}
+        for k, vs in window["parts"].items():  # each rank's loss share; their mean is the global-batch loss
+            t = torch.tensor(sum(vs) / len(vs), dtype=torch.float64)
+            dist.all_reduce(t)
+            parts[f"loss/{k}"] = float(t) / self.world
+        skips = self.loader.skip_stats()
+        skipped = torch.tensor([sum(v for k, v in skips.items() if k.startswith("bad: "))], dtype=torch.float64)
+        dist.all_reduce(skipped)
+        temps = {f"temperature/{k}": v for k, v in self._temperatures().items()}
+        grad_norm = self.engine.get_global_grad_norm()
+        metrics = {
+            "epoch": self.loader.epoch,
+            "loss": sum(parts.values()) if parts else float("nan"),
+            **parts, **temps,
+            "lr": self.engine.optimizer.param_groups[0]["lr"],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "samples_per_s": float(sum(r[0] for r in per_rank) / max(r[2] for r in per_rank)),
+            "samples_per_s_per_rank": [round(float(r[0] / r[2]), 2) for r in per_rank],
+            "data_wait_s_per_rank": [round(float(r[1]), 3) for r in per_rank],
+            "skipped_samples": int(skipped.item()),
+        }
+        pairs = " ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items())
+        self.logger.log(self.step, metrics, console=(
+            f"step {self.step}/{self.total_steps} epoch {self.loader.epoch} loss {metrics['loss']:.4f} ({pairs}) "
+            f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s"))
+
+    def _temperatures(self) -> dict[str, float]:
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.logit_scale.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.deepspeed.zero_stage == 3):
+            return {k: float(1.0 / v.detach().float()) for k, v in module.temperatures().items()}
+
+    def evaluate(self) -> dict[str, float]:
+        self.engine.eval()
+        emb = embed_all(self.engine, self.val_loader, self.device, self.dtype, self.cfg.data.batch_size,
+                        self.cfg.eval.max_samples)
+        self.engine.train()
+        metrics = retrieval(emb, self.engine.module.pairs)
+        self.logger.log(self.step, {f"eval/{k}": v for k, v in metrics.items()}, console="eval " + " ".join(
+            f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("R@1")))
+        return metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(TrainConfig, args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"accord train: config error: {e}", file=sys.stderr)
+        return 2
+    init_distributed()
+    try:
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"accord train: error: {e}", file=sys.stderr)
+        return 2
+    result = trainer.fit()
+    if dist.get_rank() == 0:
+        print(json.dumps({"done": result}, default=str), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0

@@ -1,0 +1,45 @@
+"""Training logs: a console line, ``metrics.jsonl`` and (optionally) wandb, written by rank 0."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from accord.train.config import LogConfig
+
+
+class MetricLogger:
+    def __init__(self, cfg: LogConfig, output_dir: Path, rank: int, run_config: dict[str, Any]):
+        self.cfg, self.rank = cfg, rank
+        self.path = output_dir / "metrics.jsonl"
+        self.wandb = None
+        if rank == 0 and cfg.wandb:
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=run_config,
+                                    dir=str(output_dir), mode="online" if cfg.wandb_online else "offline")
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop lines of steps the killed run logged after its last checkpoint."""
+        if self.rank != 0 or not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, step: int, metrics: dict[str, Any], console: str | None = None) -> None:
+        if self.rank != 0:
+            return
+        row = {"step": step, **metrics}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if console:
+            print(console, flush=True)
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

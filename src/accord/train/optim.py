@@ -1,0 +1,37 @@
+"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from accord.train.config import OptimConfig
+
+
+def no_decay(name: str, param: nn.Parameter) -> bool:
+    """Norms, biases, embeddings and temperatures are not weight-decayed (as in CLIP / open_clip)."""
+    lowered = name.lower()
+    return (param.ndim < 2 or "norm" in lowered or lowered.endswith(".bias") or "embedding" in lowered
+            or "logit_scale" in lowered or "logit_bias" in lowered or lowered.endswith((".pos", ".query")))
+
+
+def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
+    decay, plain = [], []
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:  # shared backbones appear under two names
+            continue
+        seen.add(id(p))
+        (plain if no_decay(name, p) else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))

