@@ -55,6 +55,32 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     assert evals and evals[-1]["eval/text-image/n"] == 32  # retrieval on the held-out set, all ranks gathered
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000048"
 
+    # Export from this stage's checkpoint: the exported towers reproduce the trained model's final evaluation.
+    backbone = tmp_path / "backbone"
+    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "export", str(out / "checkpoints"),
+                           "--out", str(backbone)], capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from accord.consistency.commands import evaluate_backbone
+
+    exported = evaluate_backbone(str(backbone), str(shards))
+    logged = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")}
+    assert exported.keys() == logged.keys()
+    for k, v in logged.items():
+        assert exported[k] == pytest.approx(v, abs=1e-6), k
+    assert "Zero-shot retrieval" in (backbone / "README.md").read_text()
+    # Trained on colour/pitch captions: matched captions score higher than mismatched ones.
+    from accord.consistency import ConsistencyScorer
+    from accord.consistency.commands import _shard_items
+
+    items = [i for i in _shard_items(str(shards)) if "image" in i and "audio" not in i]
+    scorer = ConsistencyScorer.from_pretrained(backbone)
+    texts = [i["text"] for i in items]
+    rolled = texts[6:] + texts[:6]  # neighbouring groups of 6 have another colour
+    with torch.no_grad():
+        matched = scorer.score(text=texts, image=[i["image"] for i in items], mode="cosine").aggregate
+        mismatched = scorer.score(text=rolled, image=[i["image"] for i in items], mode="cosine").aggregate
+    assert matched.mean() > mismatched.mean() + 0.05, (matched.mean(), mismatched.mean())
+
 
 def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, tmp_path: Path) -> None:
     shards, _ = mixed_shards

@@ -9,6 +9,9 @@ COMMANDS = {
     "build-shards": ("accord.shards.build", "raw media + captions -> WebDataset shards"),
     "verify-shards": ("accord.shards.verify", "check shards, counts and decoding"),
     "train": ("accord.train.main", "train the towers (one process; use deepspeed/torchrun for more)"),
+    "export": ("accord.consistency.export", "DeepSpeed checkpoint (any ZeRO stage) -> backbone directory"),
+    "score": ("accord.consistency.commands:main_score", "consistency scores of a manifest or shard set"),
+    "eval": ("accord.consistency.commands:main_eval", "zero-shot retrieval R@1/5/10 + similarity plot"),
 }
 
 
@@ -22,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\naccord: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:])
+    module_name, _, function = COMMANDS[argv[0]][0].partition(":")
+    return getattr(importlib.import_module(module_name), function or "main")(argv[1:])
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ class BadSample(Exception):
         self.bad = bad  # False: filtered on purpose (e.g. none of the trained modalities), not an error
 
 
-def _normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """float [..., 3, H, W] in [0, 1] -> normalised."""
     m = torch.tensor(mean, dtype=x.dtype).view(3, 1, 1)
     s = torch.tensor(std, dtype=x.dtype).view(3, 1, 1)
@@ -63,7 +63,7 @@ def image_to_tensor(img: torch.Tensor, cfg: ImageConfig, train: bool, rng: rando
         img = TF.resized_crop(img, top, left, ch, cw, [s, s], interpolation=bicubic, antialias=True)
     else:
         img = TF.center_crop(TF.resize(img, s, interpolation=bicubic, antialias=True), [s, s])
-    return _normalize(img.float() / 255.0, cfg.mean, cfg.std)
+    return normalize(img.float() / 255.0, cfg.mean, cfg.std)
 
 
 def frame_sampler(cfg: VideoConfig, train: bool, rng: random.Random):
@@ -96,7 +96,7 @@ def video_to_tensor(frames: torch.Tensor, cfg: VideoConfig, mean, std, train: bo
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top = rng.randint(0, nh - s) if train else (nh - s) // 2
     left = rng.randint(0, nw - s) if train else (nw - s) // 2
-    return _normalize(x[..., top : top + s, left : left + s].clamp(0, 1), mean, std)
+    return normalize(x[..., top : top + s, left : left + s].clamp(0, 1), mean, std)
 
 
 def audio_features(wav: torch.Tensor, rate: int, cfg: AudioConfig, train: bool, rng: random.Random) -> torch.Tensor:

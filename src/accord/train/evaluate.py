@@ -13,9 +13,12 @@ from accord.train.batches import lockstep, to_device
 
 
 def recall_at_k(queries: torch.Tensor, targets: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
-    """Query i's match is target i; R@k = share of queries whose match ranks in the top k by cosine."""
+    """Query i's match is target i; R@k = share of queries whose match ranks in the top k by cosine.
+
+    Targets within 1e-5 of the match's similarity count as ties in its favour: identical captions embed to the same
+    vector up to float noise (which depends on batch padding), and must not make the metric flip."""
     sims = queries.float() @ targets.float().T
-    rank = (sims > sims.diagonal()[:, None]).sum(dim=1)  # targets strictly better than the match
+    rank = (sims > sims.diagonal()[:, None] + 1e-5).sum(dim=1)  # targets clearly better than the match
     return {f"R@{k}": float((rank < k).float().mean()) for k in ks}
 
 

@@ -1,0 +1,7 @@
+"""Export of trained encoders and the cross-modal consistency score."""
+
+from accord.consistency.backbone import Backbone, HFClipBackbone, load_backbone
+from accord.consistency.scorer import ConsistencyLoss, ConsistencyScorer, ScoreResult, torchmetrics_aggregate
+
+__all__ = ["Backbone", "ConsistencyLoss", "ConsistencyScorer", "HFClipBackbone", "ScoreResult", "load_backbone",
+           "torchmetrics_aggregate"]

@@ -1,0 +1,206 @@
+"""Load aligned encoders for scoring: an exported accord backbone, or a plain HF CLIPModel directory.
+
+``Backbone.embed(modality, inputs)`` takes raw inputs and returns L2-normalised embeddings [B, D]:
+
+- text: a list of strings, or ``{"inputs_embeds": [B, L, H], "attention_mask": [B, L]}`` (soft tokens; BERT towers)
+- image: paths, bytes, PIL images, uint8 [B, 3, H, W] / [3, H, W] tensors, or float tensors in [0, 1]
+- video: paths or bytes, or float frames [B, T, 3, H, W] in [0, 1]
+- audio: paths or bytes, or float waveforms [B, samples] at the backbone's sample rate
+
+Float tensors go through differentiable torch ops only (resize, crop, normalise, fbank), so gradients reach the
+pixels, frames and waveforms.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from accord.config import from_dict
+from accord.data.config import AudioConfig, ImageConfig, VideoConfig
+from accord.data.decode import decode_audio, decode_image, decode_video
+from accord.data.transforms import audio_features, normalize, video_to_tensor
+from accord.models import AccordModel, ModelConfig
+
+
+def _read(item: Any) -> bytes:
+    if isinstance(item, bytes):
+        return item
+    return Path(item).read_bytes()
+
+
+def _image_batch(images: Any, cfg: ImageConfig) -> torch.Tensor:
+    """Raw images -> normalised [B, 3, S, S]; float tensors stay differentiable."""
+    import torchvision.transforms.v2.functional as TF
+    from PIL import Image
+
+    if torch.is_tensor(images) and images.dim() == 3:
+        images = images[None]
+    if torch.is_tensor(images) and images.dim() == 4:
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+        x = TF.center_crop(TF.resize(x, cfg.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
+                           [cfg.size, cfg.size])
+        return normalize(x, cfg.mean, cfg.std)
+    out = []
+    for item in images:
+        if isinstance(item, Image.Image):
+            item = torch.from_numpy(__import__("numpy").array(item.convert("RGB"))).permute(2, 0, 1)
+        elif not torch.is_tensor(item):
+            item = decode_image(_read(item), min_size=cfg.size)
+        out.append(_image_batch(item, cfg))
+    return torch.cat(out)
+
+
+class Backbone(nn.Module):
+    """Towers + preprocessing of an exported accord backbone."""
+
+    def __init__(self, model: AccordModel, preprocess: dict[str, Any], tokenizer: Any | None, path: Path):
+        super().__init__()
+        self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
+        self.image_cfg = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in preprocess.get("image", {}).items()})
+        self.video_cfg = VideoConfig(**preprocess.get("video", {}))
+        self.audio_cfg = AudioConfig(**preprocess.get("audio", {}))
+        self.max_length = preprocess.get("text", {}).get("max_length", 77)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.model.towers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def temperature(self, a: str, b: str) -> float:
+        temps = self.model.temperatures()
+        return float(1.0 / temps.get(f"{a}-{b}", temps.get(f"{b}-{a}", next(iter(temps.values())))))
+
+    def prepare(self, modality: str, inputs: Any) -> dict[str, torch.Tensor]:
+        """Raw inputs -> the tower's input tensors (see the module docstring)."""
+        if modality == "text":
+            if isinstance(inputs, dict):
+                return inputs
+            enc = self.tokenizer(list(inputs), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt")
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if modality == "image":
+            return {"pixel_values": _image_batch(inputs, self.image_cfg)}
+        if modality == "video":
+            if torch.is_tensor(inputs):  # [B, T, 3, H, W] in [0, 1]
+                frames = [video_to_tensor((v.permute(0, 2, 3, 1) * 255.0), self.video_cfg, self.image_cfg.mean,
+                                          self.image_cfg.std, False, random.Random(0)) for v in inputs]
+            else:
+                frames = [video_to_tensor(decode_video(_read(v), self.video_cfg.num_frames, self.video_cfg.backend),
+                                          self.video_cfg, self.image_cfg.mean, self.image_cfg.std, False,
+                                          random.Random(0)) for v in inputs]
+            return {"pixel_values": torch.stack(frames)}
+        rate = self.audio_cfg.sample_rate
+        if torch.is_tensor(inputs):
+            waves = [w[None] if w.dim() == 1 else w for w in (inputs if inputs.dim() > 1 else inputs[None])]
+        else:
+            waves = [decode_audio(_read(a), rate)[0] for a in inputs]
+        feats = [audio_features(w, rate, self.audio_cfg, False, random.Random(0)) for w in waves]
+        return {"features": torch.stack(feats)}
+
+    def embed(self, modality: str, inputs: Any) -> torch.Tensor:
+        if modality not in self.model.towers:
+            raise ValueError(f"this backbone has no {modality} tower (it has {', '.join(self.modalities)})")
+        dtype = next(self.parameters()).dtype
+        prepared = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
+                    for k, v in self.prepare(modality, inputs).items()}
+        if modality == "text" and "inputs_embeds" in prepared:
+            tower = self.model.towers["text"]
+            out = tower.backbone(inputs_embeds=prepared["inputs_embeds"], attention_mask=prepared["attention_mask"])
+            m = prepared["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1)
+            return F.normalize(tower.proj(pooled), dim=-1)
+        return self.model.towers[modality](prepared)
+
+
+class HFClipBackbone(nn.Module):
+    """A plain transformers CLIPModel directory (text + image), with its own tokenizer and image processor."""
+
+    modalities = ("text", "image")
+
+    def __init__(self, path: Path):
+        super().__init__()
+        from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+        self.path = path
+        self.clip = CLIPModel.from_pretrained(path).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.processor = CLIPImageProcessor.from_pretrained(path)
+        size = self.processor.crop_size["height"] if isinstance(self.processor.crop_size, dict) else \
+            self.processor.crop_size
+        self.image_cfg = ImageConfig(size=size, mean=tuple(self.processor.image_mean),
+                                     std=tuple(self.processor.image_std))
+        self.max_length = self.clip.config.text_config.max_position_embeddings
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def temperature(self, a: str, b: str) -> float:
+        return float(1.0 / self.clip.logit_scale.exp())
+
+    def embed(self, modality: str, inputs: Any) -> torch.Tensor:
+        def features(out: Any) -> torch.Tensor:
+            return out if torch.is_tensor(out) else out.pooler_output
+
+        if modality == "text":
+            enc = self.tokenizer(list(inputs), padding=True, truncation=True, max_length=self.max_length,
+                                 return_tensors="pt").to(self.device)
+            emb = features(self.clip.get_text_features(input_ids=enc["input_ids"],
+                                                       attention_mask=enc["attention_mask"]))
+        elif modality == "image":
+            if torch.is_tensor(inputs) and inputs.is_floating_point():
+                pixels = _image_batch(inputs, self.image_cfg)  # differentiable path
+            else:
+                from PIL import Image
+
+                items = list(inputs) if not torch.is_tensor(inputs) else list(inputs)
+                items = [Image.open(io.BytesIO(_read(i))) if isinstance(i, (str, Path, bytes)) else i for i in items]
+                pixels = self.processor(images=items, return_tensors="pt")["pixel_values"]
+            emb = features(self.clip.get_image_features(pixel_values=pixels.to(self.device)))
+        else:
+            raise ValueError(f"a CLIP backbone has no {modality} tower (it has text, image)")
+        return F.normalize(emb, dim=-1)
+
+
+def load_backbone(path: str | Path, device: str | torch.device | None = None) -> Backbone | HFClipBackbone:
+    """An exported accord backbone directory, or a HF CLIPModel directory (``config.json`` of model_type clip)."""
+    path = Path(path)
+    if (path / "backbone.json").exists():
+        meta = json.loads((path / "backbone.json").read_text())
+        model_cfg = meta["model"]
+        for tower in model_cfg["towers"].values():
+            tower["pretrained"] = str(path / tower["pretrained"])
+        model = AccordModel(from_dict(ModelConfig, model_cfg, "model"))
+        heads = load_file(str(path / "heads.safetensors"))
+        state = {}
+        for key, value in heads.items():
+            head, _, rest = key.partition(".")
+            state[key if head in ("logit_scale", "logit_bias") else f"towers.{head}.{rest}"] = value
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        bad = [k for k in missing if ".backbone." not in k]
+        if bad or unexpected:
+            raise ValueError(f"{path}: heads do not match the towers (missing {bad[:5]}, unexpected {unexpected[:5]})")
+        tokenizer = None
+        if (path / "tokenizer").is_dir():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
+        backbone: nn.Module = Backbone(model, meta["preprocess"], tokenizer, path)
+    elif (path / "config.json").exists() and json.loads((path / "config.json").read_text()).get("model_type") == "clip":
+        backbone = HFClipBackbone(path)
+    else:
+        raise FileNotFoundError(f"{path}: neither an accord backbone (backbone.json) nor a HF CLIPModel directory")
+    return backbone.to(device) if device is not None else backbone

@@ -1,0 +1,148 @@
+"""Export trained towers from a DeepSpeed checkpoint (any ZeRO stage) into a self-contained backbone directory.
+
+    accord export runs/tiny/checkpoints --out backbone/ [--tag step00000100] [--dtype bf16]
+
+Layout of the backbone directory::
+
+    backbone.json             format, embed_dim, pairs, model config, preprocessing per modality, source
+    towers/<modality>/        a transformers ``save_pretrained`` directory per tower
+    heads.safetensors         projections, temporal pooling, temperatures (and logit biases)
+    tokenizer/                the text tokenizer (when there is a text tower)
+    README.md                 model card: data, steps, last evaluation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from accord.config import from_dict, to_dict
+from accord.models import AccordModel
+from accord.train.config import TrainConfig
+
+FORMAT = "accord-backbone"
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """fp32 weights of any ZeRO stage (stage 0: the module state itself) and the client state."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    tag = tag or (checkpoint_dir / "latest").read_text().strip()
+    folder = checkpoint_dir / tag
+    model_states = sorted(folder.glob("*model_states.pt"))
+    if not model_states:
+        raise FileNotFoundError(f"{folder}: no DeepSpeed model states (is this a checkpoint folder?)")
+    client = torch.load(model_states[0], map_location="cpu", weights_only=False)
+    if list(folder.glob("*optim_states.pt")) and client.get("ds_config", {}).get("zero_optimization", {}).get(
+            "stage", 0) > 0:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    else:
+        state = {k: v.float() for k, v in client["module"].items()}
+    return state, client
+
+
+def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "fp32") -> Path:
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    state, client = consolidated_state_dict(checkpoint_dir, tag)
+    if "config" not in client:
+        raise ValueError(f"{checkpoint_dir}: the checkpoint carries no accord config (not written by accord train)")
+    cfg = from_dict(TrainConfig, client["config"])
+    model = AccordModel(cfg.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.startswith("towers.video.backbone.")} if cfg.model.towers.get(
+        "video") and cfg.model.towers["video"].share_image_backbone else set()
+    if set(missing) - tied or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    save_backbone(model, cfg, out, dtype=dtype, source={"checkpoint": str(checkpoint_dir.resolve()),
+                                                        "tag": tag or (checkpoint_dir / "latest").read_text().strip(),
+                                                        "step": client.get("step")})
+    return out
+
+
+def save_backbone(model: AccordModel, cfg: TrainConfig, out: Path, dtype: str = "fp32",
+                  source: dict[str, Any] | None = None) -> None:
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    heads: dict[str, torch.Tensor] = {}
+    towers_cfg = {}
+    for modality, tower in model.towers.items():
+        tcfg = cfg.model.towers[modality]
+        if not tcfg.share_image_backbone:
+            tower.backbone.to(torch_dtype).save_pretrained(out / "towers" / modality)
+            tower.backbone.float()
+        for name, t in tower.state_dict().items():
+            if not name.startswith("backbone."):
+                heads[f"{modality}.{name}"] = t.detach().to(torch_dtype).contiguous()
+        pretrained = f"towers/{'image' if tcfg.share_image_backbone else modality}"
+        towers_cfg[modality] = {**to_dict(tcfg), "pretrained": pretrained, "freeze": False, "unfreeze_last_n": None,
+                                "gradient_checkpointing": False}
+    for kind in ("logit_scale", "logit_bias"):
+        params = getattr(model, kind)
+        if params is not None:
+            for name, p in params.items():
+                heads[f"{kind}.{name}"] = p.detach().float().contiguous()
+    save_file(heads, str(out / "heads.safetensors"))
+    if "text" in model.towers and cfg.data.text.tokenizer:
+        from transformers import AutoTokenizer
+
+        from accord.models.towers import resolve_local_dir
+
+        AutoTokenizer.from_pretrained(resolve_local_dir(cfg.data.text.tokenizer)).save_pretrained(out / "tokenizer")
+    model_cfg = {**to_dict(cfg.model), "towers": towers_cfg}
+    preprocess = {m: to_dict(getattr(cfg.data, m)) for m in ("image", "video", "audio") if m in model.towers}
+    if "text" in model.towers:
+        preprocess["text"] = {"tokenizer": "tokenizer", "max_length": cfg.data.text.max_length}
+    meta = {"format": FORMAT, "version": 1, "dtype": dtype, "embed_dim": cfg.model.embed_dim,
+            "modalities": list(model.towers), "pairs": [list(p) for p in model.pairs], "model": model_cfg,
+            "preprocess": preprocess, "source": source or {}}
+    (out / "backbone.json").write_text(json.dumps(meta, indent=1, default=str))
+    (out / "README.md").write_text(model_card(cfg, meta))
+
+
+def model_card(cfg: TrainConfig, meta: dict[str, Any]) -> str:
+    last_eval: dict[str, Any] = {}
+    metrics = Path(cfg.output_dir) / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            if any(k.startswith("eval/") for k in row):
+                last_eval = row
+    towers = ", ".join(f"{m} ({meta['model']['towers'][m]['kind']})" for m in meta["modalities"])
+    lines = [
+        "# accord backbone", "",
+        f"Towers: {towers}; "
+        f"embedding size {meta['embed_dim']}; pairs {', '.join('-'.join(p) for p in meta['pairs'])}.", "",
+        f"Trained by `accord train` on `{cfg.data.train}` for {meta['source'].get('step')} steps "
+        f"({cfg.loss.kind} loss, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}).", "",
+        "Load with `accord.load_backbone(DIR)` or `ConsistencyScorer.from_pretrained(DIR)`.", "",
+    ]
+    if last_eval:
+        lines += [f"## Zero-shot retrieval at step {last_eval['step']} on `{cfg.data.val}`", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {k[5:]} | {v:.4f} |" for k, v in last_eval.items() if k.startswith("eval/") and "/R@" in k]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="accord export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint_dir", help="the run's checkpoints/ folder (with 'latest' and stepNNNNNNNN/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint_dir, args.out, args.tag, args.dtype)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"accord export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint_dir} -> {out}")
+    return 0
+
