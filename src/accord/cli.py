@@ -6,6 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "demo": ("accord.demo.run", "the whole chain on embedded data (--quick: 3 minutes)"),
     "build-shards": ("accord.shards.build", "raw media + captions -> WebDataset shards"),
     "verify-shards": ("accord.shards.verify", "check shards, counts and decoding"),
     "train": ("accord.train.main", "train the towers (one process; use deepspeed/torchrun for more)"),

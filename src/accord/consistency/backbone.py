@@ -38,21 +38,28 @@ def _read(item: Any) -> bytes:
 
 
 def _image_batch(images: Any, cfg: ImageConfig) -> torch.Tensor:
-    """Raw images -> normalised [B, 3, S, S]; float tensors stay differentiable."""
+    """Raw images -> normalised [B, 3, S, S] (resize shorter side, centre crop, as the eval transform).
+
+    uint8 tensors are resized as uint8 (as torchvision-backed HF image processors do, so CLIP directories give
+    their own preprocessing's numbers), same-size images in one batched call; float tensors in [0, 1] take a
+    differentiable float path."""
+    import numpy as np
     import torchvision.transforms.v2.functional as TF
     from PIL import Image
 
+    if isinstance(images, (list, tuple)) and images and all(torch.is_tensor(i) for i in images) and len(
+            {(i.dtype, tuple(i.shape)) for i in images}) == 1:
+        images = torch.stack(list(images))
     if torch.is_tensor(images) and images.dim() == 3:
         images = images[None]
     if torch.is_tensor(images) and images.dim() == 4:
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images
-        x = TF.center_crop(TF.resize(x, cfg.size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True),
-                           [cfg.size, cfg.size])
-        return normalize(x, cfg.mean, cfg.std)
+        bicubic = TF.InterpolationMode.BICUBIC
+        x = TF.center_crop(TF.resize(images, cfg.size, interpolation=bicubic, antialias=True), [cfg.size, cfg.size])
+        return normalize(x.float() / 255.0 if x.dtype == torch.uint8 else x, cfg.mean, cfg.std)
     out = []
     for item in images:
         if isinstance(item, Image.Image):
-            item = torch.from_numpy(__import__("numpy").array(item.convert("RGB"))).permute(2, 0, 1)
+            item = torch.from_numpy(np.array(item.convert("RGB"))).permute(2, 0, 1)
         elif not torch.is_tensor(item):
             item = decode_image(_read(item), min_size=cfg.size)
         out.append(_image_batch(item, cfg))
@@ -138,8 +145,8 @@ class HFClipBackbone(nn.Module):
         self.clip = CLIPModel.from_pretrained(path).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.processor = CLIPImageProcessor.from_pretrained(path)
-        size = self.processor.crop_size["height"] if isinstance(self.processor.crop_size, dict) else \
-            self.processor.crop_size
+        crop = self.processor.crop_size
+        size = crop if isinstance(crop, int) else (getattr(crop, "height", None) or crop["height"])
         self.image_cfg = ImageConfig(size=size, mean=tuple(self.processor.image_mean),
                                      std=tuple(self.processor.image_std))
         self.max_length = self.clip.config.text_config.max_position_embeddings
@@ -166,8 +173,7 @@ class HFClipBackbone(nn.Module):
             else:
                 from PIL import Image
 
-                items = list(inputs) if not torch.is_tensor(inputs) else list(inputs)
-                items = [Image.open(io.BytesIO(_read(i))) if isinstance(i, (str, Path, bytes)) else i for i in items]
+                items = [Image.open(io.BytesIO(_read(i))) if isinstance(i, (str, Path, bytes)) else i for i in inputs]
                 pixels = self.processor(images=items, return_tensors="pt")["pixel_values"]
             emb = features(self.clip.get_image_features(pixel_values=pixels.to(self.device)))
         else:

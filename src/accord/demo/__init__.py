@@ -1,0 +1,1 @@
+"""accord demo: the whole chain on embedded data."""

