@@ -39,7 +39,8 @@ def make_clip(folder: Path, size: str) -> None:
     from accord.models.towers import resolve_local_dir
 
     spec = SIZES[size]
-    cfg = tr.CLIPConfig(text_config=dict(vocab_size=30522, max_position_embeddings=77, **spec["text"]),
+    cfg = tr.CLIPConfig(text_config=dict(vocab_size=30522, max_position_embeddings=77, bos_token_id=101,
+                                          eos_token_id=102, pad_token_id=0, **spec["text"]),
                         vision_config=spec["vision"], projection_dim=spec["proj"])
     torch.manual_seed(0)
     tr.CLIPModel(cfg).save_pretrained(folder)

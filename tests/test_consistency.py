@@ -35,7 +35,8 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     cfg = tr.CLIPConfig(
         text_config=dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32),
+                         intermediate_size=64, max_position_embeddings=32, bos_token_id=101, eos_token_id=102,
+                         pad_token_id=0),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                            intermediate_size=64), projection_dim=16)
     tr.CLIPModel(cfg).save_pretrained(out)

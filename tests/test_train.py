@@ -160,3 +160,19 @@ def test_bad_configs_fail_at_start_naming_the_key(mixed_shards, tmp_path: Path, 
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
+
+
+def test_deepspeed_accumulation_equals_the_larger_batch(mixed_shards, tmp_path: Path) -> None:
+    """2 ranks: 2 micro-batches of 4 per step give the losses of one batch of 8 (same samples, same updates)."""
+    shards, _ = mixed_shards
+    runs = {}
+    for name, batch, accum in (("big", 8, 1), ("accum", 4, 2)):
+        out = tmp_path / name
+        proc = subprocess.run(launch(shards, out, "max_steps=3", "log.every=1", f"data.batch_size={batch}",
+                                     f"accum_steps={accum}", "data.shuffle=false"),
+                              capture_output=True, text=True, env=ENV, timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        runs[name] = [r for r in metrics(out) if "loss" in r]
+    for big, acc in zip(runs["big"], runs["accum"], strict=True):
+        for key in ("loss", "loss/text-image", "loss/text-video", "loss/text-audio", "grad_norm"):
+            assert acc[key] == pytest.approx(big[key], rel=1e-5, abs=1e-6), (big["step"], key)

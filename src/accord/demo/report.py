@@ -86,9 +86,10 @@ def write_report(out: Path, counts: dict[str, int], train_stats: dict, val_stats
     heldout = {}
     for pair in pairs:
         a, b = pair.split("-")
+        # R@5 is left out: captions repeat across samples, so a wrong caption pushes the match down by all its
+        # copies at once and R@k (k > 1) says little more than R@1 here.
         heldout[pair] = {"n": retrieval[f"{pair}/n"], f"{b}->{a} R@1": retrieval.get(f"{pair}/{b}->{a}/R@1"),
-                         f"{b}->{a} R@5": retrieval.get(f"{pair}/{b}->{a}/R@5"), "chance R@1": chance[pair],
-                         f"{a}->{b} R@1": retrieval.get(f"{pair}/{a}->{b}/R@1")}
+                         "chance R@1": chance[pair], f"{a}->{b} R@1": retrieval.get(f"{pair}/{a}->{b}/R@1")}
     score_summary = {m: {"matched_mean": sum(s["matched_scores"]) / len(s["matched_scores"]),
                          "mismatched_mean": sum(s["mismatched_scores"]) / len(s["mismatched_scores"]),
                          "matched_wins": s["wins"], "n": len(s["matched_scores"])} for m, s in scores.items()}
