@@ -48,7 +48,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     first = sum(r["loss"] for r in rows[:6]) / 6
     last = sum(r["loss"] for r in rows[-6:]) / 6
     assert last < 0.8 * first, (first, last)
-    assert set(rows[-1]) >= {"loss/text-image", "loss/text-audio", "loss/text-video", "temperature/text-image",
+    assert set().union(*rows) >= {"loss/text-image", "loss/text-audio", "loss/text-video", "temperature/text-image",
                              "lr", "grad_norm", "samples_per_s", "samples_per_s_per_rank", "data_wait_s_per_rank",
                              "skipped_samples"}
     evals = [r for r in metrics(out) if "eval/text-image/text->image/R@1" in r]
@@ -110,8 +110,10 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, t
     got = {r["step"]: r for r in metrics(out) if "loss" in r}
     assert sorted(got) == list(range(1, 31))
     for step in range(1, 31):
+        assert got[step].keys() == ref[step].keys()
         for key in ("loss", "loss/text-image", "loss/text-audio", "loss/text-video", "lr"):
-            assert got[step][key] == pytest.approx(ref[step][key], rel=1e-6, abs=1e-7), (step, key)
+            if key in ref[step]:  # a pair without samples in the step is not logged
+                assert got[step][key] == pytest.approx(ref[step][key], rel=1e-6, abs=1e-7), (step, key)
     assert len(list((out / "checkpoints").glob("step*"))) == 2  # keep_last
 
 
@@ -174,5 +176,7 @@ def test_deepspeed_accumulation_equals_the_larger_batch(mixed_shards, tmp_path: 
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         runs[name] = [r for r in metrics(out) if "loss" in r]
     for big, acc in zip(runs["big"], runs["accum"], strict=True):
+        assert acc.keys() == big.keys()
         for key in ("loss", "loss/text-image", "loss/text-video", "loss/text-audio", "grad_norm"):
-            assert acc[key] == pytest.approx(big[key], rel=1e-5, abs=1e-6), (big["step"], key)
+            if key in big:
+                assert acc[key] == pytest.approx(big[key], rel=1e-5, abs=1e-6), (big["step"], key)

@@ -26,7 +26,8 @@ def _loss_plot(metrics: list[dict[str, Any]]) -> str:
     rows = [r for r in metrics if "loss" in r]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key[5:])
+        have = [r for r in rows if key in r]  # a pair is logged only when the window had samples for it
+        ax.plot([r["step"] for r in have], [r[key] for r in have], label=key[5:], alpha=0.7)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], "k", lw=2, label="total")
     ax.set_xlabel("step")
     ax.set_ylabel("contrastive loss")

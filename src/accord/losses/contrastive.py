@@ -112,7 +112,8 @@ class LossConfig:
 
 
 class ContrastiveLoss(nn.Module):
-    """Sum over trained pairs of ``weight * pair_loss``; returns (total, {pair: detached loss of this rank})."""
+    """Sum over trained pairs of ``weight * pair_loss``; returns (total, {pair: detached loss of this rank}) where
+    the dict leaves out pairs that have no sample with both modalities in the (global) batch."""
 
     def __init__(self, cfg: LossConfig):
         super().__init__()
@@ -142,6 +143,13 @@ class ContrastiveLoss(nn.Module):
         per_row = torch.where(row_valid, per_row, torch.zeros_like(per_row))
         return factor * per_row.sum() / n_valid.to(per_row.dtype)
 
+    @staticmethod
+    def _any_valid(valid: torch.Tensor) -> bool:
+        count = valid.sum().reshape(1).to(torch.long)
+        if world()[1] > 1:
+            dist.all_reduce(count)
+        return bool(count.item())
+
     def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cfg.kind == "siglip" and out.logit_bias is None:
             raise ValueError("the sigmoid loss needs a logit bias: set model.init_logit_bias (e.g. -10)")
@@ -152,6 +160,7 @@ class ContrastiveLoss(nn.Module):
             valid = out.present[a] & out.present[b]
             bias = out.logit_bias[name] if out.logit_bias is not None else None
             loss = self.pair_loss(out.embeddings[a], out.embeddings[b], valid, out.logit_scale[name], bias)
-            parts[name] = loss.detach()
+            if self._any_valid(valid):  # same answer on every rank: pairs without samples are not reported
+                parts[name] = loss.detach()
             total = total + self.cfg.pair_weights.get(name, 1.0) * loss
         return total, parts
