@@ -179,3 +179,24 @@ def test_score_cli_on_a_manifest(accord_dir: Path, tmp_path: Path) -> None:
     assert "missing.png" in lines[2]["error"]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert summary["scored"] == 2 and summary["errors"] == 1 and "text-image" in summary
+
+
+def test_onnx_export_gives_the_same_embeddings(accord_dir: Path, tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    from accord.consistency.export import export_onnx
+
+    backbone = load_backbone(accord_dir)
+    paths = export_onnx(backbone.model, tmp_path)
+    assert set(paths) == {"text", "image", "video", "audio"}
+    for modality, path in paths.items():
+        tower = backbone.model.towers[modality]
+        inputs = tower.dummy_inputs(3, torch.device("cpu"), torch.float32)
+        if modality == "text":
+            ids = torch.randint(1, 1000, (3, 11))
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            inputs = {k: torch.randn_like(v) for k, v in inputs.items()}
+        got = ort.InferenceSession(str(path)).run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+        with torch.no_grad():
+            expected = tower(inputs).numpy()
+        assert got.shape == (3, 32) and abs(got - expected).max() < 1e-4, modality

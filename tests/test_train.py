@@ -57,9 +57,11 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
 
     # Export from this stage's checkpoint: the exported towers reproduce the trained model's final evaluation.
     backbone = tmp_path / "backbone"
+    onnx = ["--onnx"] if stage == 2 else []
     proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "export", str(out / "checkpoints"),
-                           "--out", str(backbone)], capture_output=True, text=True, env=ENV, timeout=300)
+                           "--out", str(backbone), *onnx], capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(list(backbone.glob("onnx/*.onnx"))) == (4 if onnx else 0)
     from accord.consistency.commands import evaluate_backbone
 
     exported = evaluate_backbone(str(backbone), str(shards))

@@ -9,6 +9,7 @@ Layout of the backbone directory::
     heads.safetensors         projections, temporal pooling, temperatures (and logit biases)
     tokenizer/                the text tokenizer (when there is a text tower)
     README.md                 model card: data, steps, last evaluation
+    onnx/<modality>.onnx      with --onnx: each tower (inputs as in accord.models.towers, output "embedding")
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str | None) -> tuple[dict
     return state, client
 
 
-def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "fp32") -> Path:
+def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "fp32",
+           onnx: bool = False) -> Path:
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     state, client = consolidated_state_dict(checkpoint_dir, tag)
     if "config" not in client:
@@ -63,7 +65,41 @@ def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, 
     save_backbone(model, cfg, out, dtype=dtype, source={"checkpoint": str(checkpoint_dir.resolve()),
                                                         "tag": tag or (checkpoint_dir / "latest").read_text().strip(),
                                                         "step": client.get("step")})
+    if onnx:
+        export_onnx(model, out / "onnx")
     return out
+
+
+class _TowerWithNamedInputs(torch.nn.Module):
+    def __init__(self, tower: torch.nn.Module, names: list[str]):
+        super().__init__()
+        self.tower, self.names = tower, names
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.tower(dict(zip(self.names, inputs, strict=True)))
+
+
+def export_onnx(model: AccordModel, out: Path, opset: int = 17) -> dict[str, Path]:
+    """One ONNX graph per tower with a dynamic batch axis (and sequence axis for text); needs ``onnx``."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise RuntimeError("--onnx needs the onnx package: pip install onnx") from None
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    model = model.float().eval()
+    for modality, tower in model.towers.items():
+        inputs = tower.dummy_inputs(2, torch.device("cpu"), torch.float32)
+        if modality == "text":
+            ids = torch.ones(2, 8, dtype=torch.long)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        names = list(inputs)
+        axes = {n: ({0: "batch", 1: "sequence"} if modality == "text" else {0: "batch"}) for n in names}
+        paths[modality] = out / f"{modality}.onnx"
+        torch.onnx.export(_TowerWithNamedInputs(tower, names), tuple(inputs.values()), str(paths[modality]),
+                          input_names=names, output_names=["embedding"],
+                          dynamic_axes={**axes, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False)
+    return paths
 
 
 def save_backbone(model: AccordModel, cfg: TrainConfig, out: Path, dtype: str = "fp32",
@@ -137,10 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--onnx", action="store_true", help="also write onnx/<modality>.onnx per tower (fp32)")
     args = p.parse_args(argv)
     try:
-        out = export(args.checkpoint_dir, args.out, args.tag, args.dtype)
-    except (FileNotFoundError, ValueError) as e:
+        out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"accord export: error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint_dir} -> {out}")
