@@ -72,9 +72,9 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     assert "Zero-shot retrieval" in (backbone / "README.md").read_text()
     # Trained on colour/pitch captions: matched captions score higher than mismatched ones.
     from accord.consistency import ConsistencyScorer
-    from accord.consistency.commands import _shard_items
+    from accord.consistency.commands import shard_items
 
-    items = [i for i in _shard_items(str(shards)) if "image" in i and "audio" not in i]
+    items = [i for i in shard_items(str(shards)) if "image" in i and "audio" not in i]
     scorer = ConsistencyScorer.from_pretrained(backbone)
     texts = [i["text"] for i in items]
     rolled = texts[6:] + texts[:6]  # neighbouring groups of 6 have another colour

@@ -6,6 +6,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,25 +19,24 @@ MEDIA_BY_EXT = {"jpg": "image", "jpeg": "image", "png": "image", "webp": "image"
                 "mkv": "video", "mov": "video", "flac": "audio", "wav": "audio", "ogg": "audio", "mp3": "audio"}
 
 
-def _manifest_items(path: str) -> list[dict[str, Any]]:
+MODS = ("text", "image", "video", "audio")
+
+
+def manifest_items(path: str) -> Iterator[dict[str, Any]]:
     from accord.shards.sources import read_sources
 
-    items = []
     for src in read_sources(path):
-        if src.error:
-            items.append({"id": src.origin, "error": src.error})
-        else:
-            items.append({"id": src.origin, "text": src.text, **src.media})
-    return items
+        yield {"id": src.origin, "error": src.error} if src.error else {"id": src.origin, "text": src.text,
+                                                                        **src.media}
 
 
-def _shard_items(folder: str) -> list[dict[str, Any]]:
+def shard_items(folder: str) -> Iterator[dict[str, Any]]:
+    """Samples of every shard in a folder, streamed (one sample in memory at a time)."""
     import fsspec
 
     from accord.shards.tario import read_tar
 
     fs, root = fsspec.core.url_to_fs(folder)
-    items = []
     for tar in sorted(fs.glob(f"{root.rstrip('/')}/*.tar")):
         for key, members in read_tar(fs, tar):
             m = dict(members)
@@ -44,41 +44,46 @@ def _shard_items(folder: str) -> list[dict[str, Any]]:
             for ext, data in m.items():
                 if ext in MEDIA_BY_EXT:
                     item[MEDIA_BY_EXT[ext]] = data
-            items.append(item)
-    return items
+            yield item
 
 
-def score_items(scorer: ConsistencyScorer, items: list[dict[str, Any]], mode: str, batch_size: int,
-                progress: bool = True) -> list[dict[str, Any]]:
-    """Scores every item; consecutive items with the same modalities are scored as one batch."""
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(total=len(items), desc="score", unit="sample", disable=not progress)
-    i = 0
-    while i < len(items):
-        item = items[i]
-        mods = tuple(m for m in ("text", "image", "video", "audio") if item.get(m) is not None)
-        if item.get("error") or len(mods) < 2:
-            rows.append({"id": item["id"], "error": item.get("error") or "fewer than two modalities"})
-            i += 1
-            bar.update()
-            continue
-        j = i
-        while j < len(items) and j - i < batch_size and not items[j].get("error") and tuple(
-                m for m in ("text", "image", "video", "audio") if items[j].get(m) is not None) == mods:
-            j += 1
-        chunk = items[i:j]
+def _modalities(item: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(m for m in MODS if item.get(m) is not None)
+
+
+def score_items(scorer: ConsistencyScorer, items: Iterable[dict[str, Any]], mode: str, batch_size: int,
+                progress: bool = True, total: int | None = None) -> Iterator[dict[str, Any]]:
+    """Score a stream of items; consecutive items with the same modalities form one batch. Yields one row per
+    item: its per-pair scores and aggregate, or the error that kept it from being scored."""
+    bar = tqdm(total=total, desc="score", unit="sample", disable=not progress)
+    chunk: list[dict[str, Any]] = []
+
+    def flush() -> Iterator[dict[str, Any]]:
+        if not chunk:
+            return
+        mods = _modalities(chunk[0])
         try:
-            rows.extend(_score_chunk(scorer, chunk, mods, mode))
+            yield from _score_chunk(scorer, chunk, mods, mode)
         except Exception:  # one bad input must not lose the batch: score one by one, naming the failures
             for c in chunk:
                 try:
-                    rows.extend(_score_chunk(scorer, [c], mods, mode))
+                    yield from _score_chunk(scorer, [c], mods, mode)
                 except Exception as e:
-                    rows.append({"id": c["id"], "error": f"{type(e).__name__}: {e}"})
+                    yield {"id": c["id"], "error": f"{type(e).__name__}: {e}"}
         bar.update(len(chunk))
-        i = j
+        chunk.clear()
+
+    for item in items:
+        if item.get("error") or len(_modalities(item)) < 2:
+            yield from flush()
+            yield {"id": item["id"], "error": item.get("error") or "fewer than two modalities"}
+            bar.update()
+            continue
+        if chunk and (_modalities(chunk[0]) != _modalities(item) or len(chunk) >= batch_size):
+            yield from flush()
+        chunk.append(item)
+    yield from flush()
     bar.close()
-    return rows
 
 
 def _score_chunk(scorer: ConsistencyScorer, chunk: list[dict[str, Any]], mods: tuple[str, ...], mode: str
@@ -111,12 +116,16 @@ def main_score(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     scorer = ConsistencyScorer.from_pretrained(args.backbone, device=args.device)
     path = Path(args.input)
-    items = _shard_items(args.input) if path.is_dir() else _manifest_items(args.input)
-    rows = score_items(scorer, items, args.mode, args.batch_size)
+    items = shard_items(args.input) if path.is_dir() else manifest_items(args.input)
+    total = None
+    if path.is_dir() and (path / "sizes.json").exists():
+        total = sum(json.loads((path / "sizes.json").read_text()).values())
+    summary_rows = []
     with open(args.out, "w") as f:
-        for r in rows:
+        for r in score_items(scorer, items, args.mode, args.batch_size, total=total):
             f.write(json.dumps(r) + "\n")
-    summary = summarize(rows, args.mode)
+            summary_rows.append({k: v for k, v in r.items() if k != "id"})
+    summary = summarize(summary_rows, args.mode)
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -67,9 +67,9 @@ def _thumb(medium: str, data: bytes) -> str:
 
 def _chance(val_dir: Path, pairs: list[str]) -> dict[str, float]:
     """R@1 of a random model for medium->text: 1 / number of distinct captions among the pair's samples."""
-    from accord.consistency.commands import _shard_items
+    from accord.consistency.commands import shard_items
 
-    items = _shard_items(str(val_dir))
+    items = list(shard_items(str(val_dir)))
     out = {}
     for pair in pairs:
         medium = pair.split("-")[1]

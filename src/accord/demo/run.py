@@ -77,11 +77,11 @@ def train(shards: Path, val: Path, run: Path, epochs: int, port: int) -> None:
 def score_examples(backbone: Path, val: Path, seed: int = 0) -> dict[str, Any]:
     """Matched vs one-attribute-mismatched captions for every held-out sample, per medium."""
     from accord.consistency import ConsistencyScorer
-    from accord.consistency.commands import _shard_items
+    from accord.consistency.commands import shard_items
 
     rng = np.random.default_rng(seed)
     scorer = ConsistencyScorer.from_pretrained(backbone)
-    items = _shard_items(str(val))
+    items = list(shard_items(str(val)))
     out: dict[str, Any] = {}
     for medium in ("image", "video", "audio"):
         chosen = [i for i in items if medium in i and sum(m in i for m in ("image", "video", "audio")) == 1]

@@ -1,0 +1,1 @@
+"""Shard building: raw media + captions -> validated WebDataset tar shards."""

@@ -1,0 +1,516 @@
+"""Build WebDataset shards from raw media + captions.
+
+The build runs in two phases, which is what makes it reproducible, resumable and splittable across machines:
+
+1. *Process* (parallel over ``--workers`` processes and ``--num-nodes`` machines): the ordered inputs are cut into
+   fixed blocks; each block is validated/converted and written to ``OUT/_staging/block-N.tar`` plus a
+   ``block-N.json`` commit record (written last). A resumed build skips blocks whose record exists.
+2. *Pack* (node 0, sequential, no re-encoding): blocks are read in order, exact duplicates dropped, and samples
+   packed into ``PREFIX-NNNNNN.tar`` by count and bytes; then ``sizes.json``, ``stats.json``, ``failures.jsonl`` and
+   ``duplicates.jsonl`` are written and the staging folder removed.
+
+Since every block's bytes depend only on its inputs and the options, the output is byte-identical whatever the
+number of workers or nodes, and after any crash + ``--resume``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import os
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+from tqdm import tqdm
+
+from accord.shards.media import (
+    IMAGE_FORMATS,
+    RESIZE_MODES,
+    AudioOptions,
+    ImageOptions,
+    MediaError,
+    VideoOptions,
+    extract_audio_track,
+    ffmpeg_binary,
+    process_audio,
+    process_image,
+    process_video,
+    process_waveform,
+)
+from accord.shards.sources import MODALITIES, SampleSource, read_sources
+from accord.shards.tario import TarWriter, read_tar, tar_size, write_tar
+
+STAGING = "_staging"
+PLAN_VERSION = 1
+
+
+@dataclass
+class BuildConfig:
+    input: str
+    output: str
+    prefix: str = "shard"
+    samples_per_shard: int = 1000
+    max_shard_bytes: int | None = None
+    dedupe: str = "none"  # none | media | sample
+    shuffle_seed: int | None = None
+    text_column: str = "text"
+    image: ImageOptions = field(default_factory=ImageOptions)
+    video: VideoOptions = field(default_factory=VideoOptions)
+    audio: AudioOptions = field(default_factory=AudioOptions)
+    extract_audio: bool = False
+    workers: int = 1
+    num_nodes: int = 1
+    node_rank: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    keep_staging: bool = False
+    expect_workers: int | None = None
+    expect_world_size: int | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        def bad(option: str, why: str) -> None:
+            raise ValueError(f"{option}: {why}")
+
+        if self.samples_per_shard < 1:
+            bad("--samples-per-shard", "must be >= 1")
+        if self.max_shard_bytes is not None and self.max_shard_bytes < 1024:
+            bad("--max-shard-bytes", "must be >= 1024")
+        if self.dedupe not in ("none", "media", "sample"):
+            bad("--dedupe", f"must be none, media or sample, not {self.dedupe!r}")
+        if not 0 <= self.node_rank < self.num_nodes:
+            bad("--node-rank", f"must be in [0, --num-nodes={self.num_nodes}), not {self.node_rank}")
+        if self.workers < 1:
+            bad("--workers", "must be >= 1")
+        if self.resume and self.overwrite:
+            bad("--resume", "cannot be combined with --overwrite")
+        if self.image.resize_mode not in RESIZE_MODES:
+            bad("--resize-mode", f"must be one of {RESIZE_MODES}")
+        if self.image.format not in IMAGE_FORMATS:
+            bad("--image-format", f"must be one of {IMAGE_FORMATS}")
+        if self.image.size < 1:
+            bad("--image-size", "must be >= 1")
+        if not 1 <= self.image.quality <= 100:
+            bad("--image-quality", "must be in [1, 100]")
+        if "/" in self.prefix or not self.prefix:
+            bad("--prefix", "must be a non-empty file name prefix without '/'")
+        if self.video.mode == "transcode":
+            ffmpeg_binary()  # fail now, not in every sample
+
+    def output_options(self) -> dict[str, Any]:
+        """Options that change the bytes written; a resumed build must use the same ones."""
+        skip = {"input", "output", "workers", "num_nodes", "node_rank", "resume", "overwrite", "keep_staging",
+                "expect_workers", "expect_world_size", "progress"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+# ------------------------------------------------------------------------------------------ phase 1: process
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_bytes(url: str) -> bytes:
+    with fsspec.open(url, "rb") as f:
+        return f.read()
+
+
+def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+    """Validate and convert one input into its shard members and its json; raises MediaError to reject it."""
+    if src.error:
+        raise MediaError(src.error)
+    meta: dict[str, Any] = {**src.extra, "key": src.key, "origin": src.origin, "text": src.text,
+                            "source": dict(src.media)}
+    members: list[tuple[str, bytes]] = []
+    video_bytes = b""
+    for modality in MODALITIES:
+        url = src.media.get(modality)
+        if url is None:
+            continue
+        try:
+            data = _read_bytes(url)
+        except (FileNotFoundError, IsADirectoryError):
+            raise MediaError(f"{modality} file not found: {url}") from None
+        if modality == "video":
+            video_bytes = data
+        if modality == "image":
+            out, ext, info = process_image(data, cfg.image)
+        elif modality == "video":
+            out, ext, info = process_video(data, url.rsplit(".", 1)[-1], cfg.video)
+        else:
+            out, ext, info = process_audio(data, cfg.audio)
+        meta[modality] = {**info, "sha256": _sha256(data)}
+        members.append((ext, out))
+    if cfg.extract_audio and "video" in meta and "audio" not in meta and meta["video"].get("has_audio"):
+        wav, rate = extract_audio_track(video_bytes)
+        out, ext, info = process_waveform(wav, rate, cfg.audio)
+        meta["audio"] = {**info, "sha256": meta["video"]["sha256"], "from": "video"}
+        members.append((ext, out))
+    digests = [f"{m}:{meta[m]['sha256']}" for m in MODALITIES if m in meta and "from" not in meta[m]]
+    if cfg.dedupe == "sample":
+        digests.append(f"text:{_sha256(src.text.encode())}")
+    members.append(("txt", src.text.encode("utf-8")))
+    members.append(("json", json.dumps(meta, sort_keys=True, default=str).encode("utf-8")))
+    record = {
+        "key": src.key,
+        "index": src.index,
+        "origin": src.origin,
+        "hash": _sha256("|".join(digests).encode()),
+        "modalities": [m for m in MODALITIES if m in meta],
+    }
+    return members, record
+
+
+def _process_block(task: tuple[BuildConfig, str, int, list[SampleSource]]) -> tuple[int, int, int]:
+    """Worker: process one block into staging; returns (block, inputs, rejected)."""
+    cfg, staging, block, sources = task
+    fs, root = fsspec.core.url_to_fs(staging)
+    samples, records, failures = [], [], []
+    for src in sources:
+        try:
+            members, record = process_sample(src, cfg)
+        except MediaError as e:
+            failures.append({"index": src.index, "key": src.key, "origin": src.origin, "reason": str(e),
+                             "source": src.media})
+            continue
+        except Exception as e:  # a bug or an unexpected library error must not kill the build either
+            failures.append({"index": src.index, "key": src.key, "origin": src.origin,
+                             "reason": f"unexpected error: {type(e).__name__}: {e}", "source": src.media})
+            continue
+        samples.append((src.key, members))
+        records.append(record)
+    write_tar(fs, f"{root}/block-{block:06d}.tar", samples)
+    _write_json(fs, f"{root}/block-{block:06d}.json", {"block": block, "samples": records, "failures": failures})
+    return block, len(sources), len(failures)
+
+
+def _init_worker() -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+
+        torch.set_num_threads(1)
+    except ImportError:
+        pass
+
+
+def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
+    with fs.open(f"{path}.tmp", "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    fs.mv(f"{path}.tmp", path)
+
+
+def _write_jsonl(fs: fsspec.AbstractFileSystem, path: str, rows: list[dict[str, Any]]) -> None:
+    with fs.open(f"{path}.tmp", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+    fs.mv(f"{path}.tmp", path)
+
+
+def _block_size(n_inputs: int) -> int:
+    """Depends on the input count only, so every node and every resume cuts the same blocks."""
+    return max(1, min(256, math.ceil(n_inputs / 64)))
+
+
+# ------------------------------------------------------------------------------------------------ output dir
+def _finished(fs: fsspec.AbstractFileSystem, out: str) -> bool:
+    return fs.exists(f"{out}/stats.json") and fs.exists(f"{out}/sizes.json")
+
+
+def _remove_outputs(fs: fsspec.AbstractFileSystem, out: str, prefix: str) -> None:
+    for path in fs.glob(f"{out}/{prefix}-*.tar*"):
+        fs.rm(path)
+    for name in ("sizes.json", "stats.json", "failures.jsonl", "duplicates.jsonl"):
+        if fs.exists(f"{out}/{name}"):
+            fs.rm(f"{out}/{name}")
+    if fs.exists(f"{out}/{STAGING}"):
+        fs.rm(f"{out}/{STAGING}", recursive=True)
+
+
+def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+
+
+def _prepare(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, plan: dict[str, Any]) -> bool:
+    """Check the output folder against this build; returns True when the build is already complete."""
+    staging = f"{out}/{STAGING}"
+    if cfg.overwrite:
+        _remove_outputs(fs, out, cfg.prefix)
+    if _finished(fs, out):
+        with fs.open(f"{out}/stats.json") as f:
+            done = json.load(f)
+        if not cfg.resume:
+            raise FileExistsError(f"{cfg.output} already holds a finished build; pass --overwrite to rebuild it")
+        diff = _differences(done.get("plan", {}), plan)
+        if diff:
+            raise ValueError(f"--resume: {cfg.output} was built with different {', '.join(diff)}")
+        return True
+    if fs.exists(f"{staging}/plan.json"):
+        with fs.open(f"{staging}/plan.json") as f:
+            old = json.load(f)
+        if not (cfg.resume or cfg.num_nodes > 1):
+            raise FileExistsError(
+                f"{cfg.output} holds an unfinished build ({STAGING}/); pass --resume to continue it "
+                "or --overwrite to start over"
+            )
+        diff = _differences(old, plan)
+        if diff:
+            raise ValueError(f"--resume: the unfinished build in {cfg.output} used different {', '.join(diff)}")
+    else:
+        fs.makedirs(staging, exist_ok=True)
+        _write_json(fs, f"{staging}/plan.json", plan)
+    return False
+
+
+# --------------------------------------------------------------------------------------------- phase 2: pack
+def check_shard_count(n_shards: int, workers: int | None, world_size: int | None) -> str | None:
+    """Warning text when shards are too few for every (rank, worker) to get one in a finite epoch."""
+    need = (workers or 1) * (world_size or 1)
+    if workers is None and world_size is None or n_shards >= need:
+        return None
+    return (f"{n_shards} shards < workers x world size = {workers or 1} x {world_size or 1} = {need}: "
+            "some data-loader workers would get no shard; use fewer samples per shard")
+
+
+def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: int) -> dict[str, Any]:
+    staging = f"{out}/{STAGING}"
+    seen: dict[str, str] = {}
+    failures: list[dict[str, Any]] = []
+    duplicates: list[dict[str, Any]] = []
+    sizes: dict[str, int] = {}
+    modalities: Counter[str] = Counter()
+    total_bytes = 0
+    writer: TarWriter | None = None
+
+    def close() -> None:
+        nonlocal writer, total_bytes
+        if writer is not None:
+            writer.close()
+            sizes[writer.path.rsplit("/", 1)[-1]] = writer.count
+            total_bytes += writer.bytes
+            writer = None
+
+    bar = tqdm(total=n_blocks, desc="pack", unit="block", disable=not cfg.progress)
+    for block in range(n_blocks):
+        with fs.open(f"{staging}/block-{block:06d}.json") as f:
+            info = json.load(f)
+        failures.extend(info["failures"])
+        records = {r["key"]: r for r in info["samples"]}
+        for key, members in read_tar(fs, f"{staging}/block-{block:06d}.tar"):
+            rec = records[key]
+            if cfg.dedupe != "none":
+                if rec["hash"] in seen:
+                    duplicates.append({"index": rec["index"], "key": key, "origin": rec["origin"],
+                                       "duplicate_of": seen[rec["hash"]]})
+                    continue
+                seen[rec["hash"]] = key
+            size = tar_size(members)
+            if writer is not None and (
+                writer.count >= cfg.samples_per_shard
+                or (cfg.max_shard_bytes is not None and writer.bytes + size > cfg.max_shard_bytes)
+            ):
+                close()
+            if writer is None:
+                writer = TarWriter(fs, f"{out}/{cfg.prefix}-{len(sizes):06d}.tar")
+            writer.add(key, members)
+            modalities.update(rec["modalities"])
+        bar.update()
+    close()
+    bar.close()
+    for stale in fs.glob(f"{out}/{cfg.prefix}-*.tar"):
+        if stale.rsplit("/", 1)[-1] not in sizes:
+            fs.rm(stale)
+    failures.sort(key=lambda r: r["index"])
+    _write_json(fs, f"{out}/sizes.json", sizes)
+    _write_jsonl(fs, f"{out}/failures.jsonl", failures)
+    _write_jsonl(fs, f"{out}/duplicates.jsonl", duplicates)
+    reasons = Counter(r["reason"].split(":")[0] for r in failures)
+    return {
+        "written": sum(sizes.values()),
+        "rejected": len(failures),
+        "duplicates": len(duplicates),
+        "shards": len(sizes),
+        "bytes": total_bytes,
+        "modalities": {m: modalities.get(m, 0) for m in MODALITIES},
+        "reasons": dict(reasons.most_common()),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- driver
+def build(cfg: BuildConfig) -> dict[str, Any]:
+    """Run (or resume) a build; returns the stats written to ``stats.json`` (or this node's part of them)."""
+    cfg.validate()
+    start = time.perf_counter()
+    sources = read_sources(cfg.input, text_column=cfg.text_column)
+    order = list(range(len(sources)))
+    if cfg.shuffle_seed is not None:
+        random.Random(cfg.shuffle_seed).shuffle(order)
+    n = len(order)
+    bs = _block_size(n)
+    blocks = [[sources[i] for i in order[b : b + bs]] for b in range(0, n, bs)]
+    listing = json.dumps([dataclasses.asdict(s) for s in sources], sort_keys=True, default=str)
+    plan = {"version": PLAN_VERSION, "inputs": n, "block_size": bs, "input_digest": _sha256(listing.encode()),
+            **cfg.output_options()}
+    plan = json.loads(json.dumps(plan, default=str))
+    fs, out = fsspec.core.url_to_fs(cfg.output)
+    fs.makedirs(out, exist_ok=True)
+    if _prepare(fs, out, cfg, plan):
+        with fs.open(f"{out}/stats.json") as f:
+            stats = json.load(f)
+        if cfg.progress:
+            print(f"{cfg.output}: build already complete ({stats['written']} samples in {stats['shards']} shards)")
+        return stats
+    staging = f"{out}/{STAGING}"
+    mine = [b for b in range(len(blocks)) if b % cfg.num_nodes == cfg.node_rank]
+    todo = [b for b in mine if not fs.exists(f"{staging}/block-{b:06d}.json")]
+    tasks = [(cfg, f"{cfg.output.rstrip('/')}/{STAGING}", b, blocks[b]) for b in todo]
+    done_inputs = sum(len(blocks[b]) for b in mine) - sum(len(blocks[b]) for b in todo)
+    bar = tqdm(total=sum(len(blocks[b]) for b in mine), initial=done_inputs, desc="process", unit="sample",
+               disable=not cfg.progress)
+    rejected = 0
+    if cfg.workers == 1:
+        _init_worker()
+        results = map(_process_block, tasks)
+        for _, n_in, n_bad in results:
+            bar.update(n_in)
+            rejected += n_bad
+            bar.set_postfix(rejected=rejected)
+    else:
+        with mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker) as pool:
+            for _, n_in, n_bad in pool.imap_unordered(_process_block, tasks):
+                bar.update(n_in)
+                rejected += n_bad
+                bar.set_postfix(rejected=rejected)
+    bar.close()
+    if cfg.node_rank != 0:
+        if cfg.progress:
+            print(f"node {cfg.node_rank}/{cfg.num_nodes}: processed {len(mine)} blocks; node 0 packs the shards")
+        return {"node_rank": cfg.node_rank, "blocks": len(mine), "inputs": done_inputs + sum(len(t[3]) for t in tasks)}
+    _wait_for_blocks(fs, staging, len(blocks), cfg.progress)
+    stats = {"inputs": n, **_pack(fs, out, cfg, len(blocks))}
+    stats["seconds"] = round(time.perf_counter() - start, 3)
+    stats["samples_per_second"] = round(n / stats["seconds"], 2) if stats["seconds"] else None
+    stats["plan"] = plan
+    if stats["inputs"] != stats["written"] + stats["rejected"] + stats["duplicates"]:
+        raise RuntimeError(f"accounting mismatch: {stats}")  # cannot happen; never write a wrong summary
+    _write_json(fs, f"{out}/stats.json", stats)
+    if not cfg.keep_staging:
+        fs.rm(staging, recursive=True)
+    if cfg.progress:
+        _print_summary(cfg, stats)
+    return stats
+
+
+def _wait_for_blocks(fs: fsspec.AbstractFileSystem, staging: str, n_blocks: int, progress: bool) -> None:
+    """Node 0 waits for the other nodes' blocks (shared output folder) before packing."""
+    missing = [b for b in range(n_blocks) if not fs.exists(f"{staging}/block-{b:06d}.json")]
+    if not missing:
+        return
+    bar = tqdm(total=n_blocks, initial=n_blocks - len(missing), desc="waiting for other nodes", unit="block",
+               disable=not progress)
+    while missing:
+        time.sleep(1.0)
+        fs.invalidate_cache()
+        still = [b for b in missing if not fs.exists(f"{staging}/block-{b:06d}.json")]
+        bar.update(len(missing) - len(still))
+        missing = still
+    bar.close()
+
+
+def _print_summary(cfg: BuildConfig, stats: dict[str, Any]) -> None:
+    mods = ", ".join(f"{m} {c}" for m, c in stats["modalities"].items() if c)
+    print(f"\n{cfg.output}: {stats['written']} samples in {stats['shards']} shards "
+          f"({stats['bytes'] / 2**20:.1f} MiB) from {stats['inputs']} inputs in {stats['seconds']:.1f} s "
+          f"({stats['samples_per_second']} inputs/s)")
+    print(f"  modalities: {mods or 'none'}")
+    print(f"  rejected: {stats['rejected']} (see failures.jsonl)  duplicates: {stats['duplicates']}")
+    for reason, count in list(stats["reasons"].items())[:8]:
+        print(f"    {count:6d}  {reason}")
+    warning = check_shard_count(stats["shards"], cfg.expect_workers, cfg.expect_world_size)
+    if warning:
+        print(f"  WARNING: {warning}")
+
+
+# ------------------------------------------------------------------------------------------------------- CLI
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="build_shards", description="Turn raw media + captions into validated WebDataset tar shards."
+    )
+    p.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.tsv/.parquet) or directory; fsspec URLs ok")
+    p.add_argument("--output", required=True, help="output folder (local path or fsspec URL)")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--max-shard-bytes", type=int, default=None, help="also close a shard before it exceeds this")
+    p.add_argument("--dedupe", nargs="?", const="media", default="none", choices=("none", "media", "sample"),
+                   help="drop exact duplicates by content hash of the media (or media+caption with 'sample')")
+    p.add_argument("--shuffle-seed", type=int, default=None, help="write samples in a seeded random order")
+    p.add_argument("--text-column", default="text", help="caption column of a manifest")
+    g = p.add_argument_group("images")
+    g.add_argument("--resize-mode", default="keep_ratio", choices=RESIZE_MODES)
+    g.add_argument("--image-size", type=int, default=256)
+    g.add_argument("--max-side", type=int, default=None, help="cap the longer side after resizing")
+    g.add_argument("--resize-only-if-bigger", action="store_true")
+    g.add_argument("--min-image-size", type=int, default=0, help="reject images whose shorter side is smaller")
+    g.add_argument("--image-format", default="jpg", choices=IMAGE_FORMATS)
+    g.add_argument("--image-quality", type=int, default=95)
+    g = p.add_argument_group("video")
+    g.add_argument("--video-mode", default="keep", choices=("keep", "transcode"))
+    g.add_argument("--video-max-side", type=int, default=None)
+    g.add_argument("--video-fps", type=float, default=None)
+    g.add_argument("--video-max-seconds", type=float, default=None)
+    g.add_argument("--video-crf", type=int, default=23)
+    g.add_argument("--video-keep-audio", action="store_true", help="keep the audio track when transcoding")
+    g.add_argument("--extract-audio", action="store_true",
+                   help="store a video's audio track as the sample's audio when it has none of its own")
+    g = p.add_argument_group("audio")
+    g.add_argument("--sample-rate", type=int, default=None, help="resample (default: keep the input rate)")
+    g.add_argument("--keep-channels", action="store_true", help="keep all channels (default: downmix to mono)")
+    g.add_argument("--audio-max-seconds", type=float, default=None)
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
+    g.add_argument("--num-nodes", type=int, default=1, help="machines sharing the build (shared output folder)")
+    g.add_argument("--node-rank", type=int, default=0)
+    g.add_argument("--resume", action="store_true", help="continue an interrupted build")
+    g.add_argument("--overwrite", action="store_true", help="delete a previous build in --output first")
+    g.add_argument("--keep-staging", action="store_true")
+    g.add_argument("--expect-workers", type=int, default=None, help="warn if shards < workers x world size")
+    g.add_argument("--expect-world-size", type=int, default=None)
+    g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> BuildConfig:
+    return BuildConfig(
+        input=args.input, output=args.output, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes, dedupe=args.dedupe, shuffle_seed=args.shuffle_seed,
+        text_column=args.text_column,
+        image=ImageOptions(resize_mode=args.resize_mode, size=args.image_size, max_side=args.max_side,
+                           resize_only_if_bigger=args.resize_only_if_bigger, min_size=args.min_image_size,
+                           format=args.image_format, quality=args.image_quality),
+        video=VideoOptions(mode=args.video_mode, max_side=args.video_max_side, fps=args.video_fps,
+                           max_seconds=args.video_max_seconds, crf=args.video_crf,
+                           keep_audio=args.video_keep_audio),
+        audio=AudioOptions(sample_rate=args.sample_rate, mono=not args.keep_channels,
+                           max_seconds=args.audio_max_seconds),
+        extract_audio=args.extract_audio, workers=args.workers, num_nodes=args.num_nodes,
+        node_rank=args.node_rank, resume=args.resume, overwrite=args.overwrite, keep_staging=args.keep_staging,
+        expect_workers=args.expect_workers, expect_world_size=args.expect_world_size, progress=not args.quiet,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        build(config_from_args(args))
+    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
+        print(f"build_shards: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,297 @@
+"""Validate and convert one medium (image, video, audio) from raw bytes to the bytes stored in a shard.
+
+Each ``process_*`` function is pure: the same input bytes and options give the same output bytes. Any input that
+cannot be used raises :class:`MediaError` with a short reason; the builder records it and moves on.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps
+
+Image.MAX_IMAGE_PIXELS = 16384 * 16384  # larger inputs are rejected as decompression bombs
+
+ResizeMode = Literal["no", "keep_ratio", "center_crop", "border"]
+RESIZE_MODES: tuple[str, ...] = ("no", "keep_ratio", "center_crop", "border")
+IMAGE_FORMATS = ("jpg", "png", "webp")
+VIDEO_CONTAINERS = {"mp4": "mp4", "m4v": "mp4", "webm": "webm", "mkv": "mkv", "mov": "mov", "avi": "avi"}
+
+
+class MediaError(ValueError):
+    """An input medium that cannot be used; the message is the reason recorded in failures.jsonl."""
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    resize_mode: ResizeMode = "keep_ratio"
+    size: int = 256
+    max_side: int | None = None
+    resize_only_if_bigger: bool = False
+    min_size: int = 0
+    format: str = "jpg"
+    quality: int = 95
+
+
+@dataclass(frozen=True)
+class VideoOptions:
+    mode: Literal["keep", "transcode"] = "keep"
+    max_side: int | None = None
+    fps: float | None = None
+    max_seconds: float | None = None
+    crf: int = 23
+    keep_audio: bool = False
+
+
+@dataclass(frozen=True)
+class AudioOptions:
+    sample_rate: int | None = None
+    mono: bool = True
+    max_seconds: float | None = None
+
+
+Processed = tuple[bytes, str, dict[str, Any]]  # stored bytes, member extension, metadata
+
+
+# ---------------------------------------------------------------------------------------------------- images
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB: alpha composited on white, 16/32-bit scaled, CMYK/palette/grey converted."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img).astype(np.float64)
+        peak = 255.0 if arr.max(initial=0) <= 255 else (65535.0 if arr.max() <= 65535 else float(arr.max()))
+        arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _target_scale(w: int, h: int, opts: ImageOptions) -> float:
+    """Scale factor applied to the (orientation-independent) input size, before cropping or padding."""
+    if opts.resize_mode == "no":
+        scale = 1.0
+    elif opts.resize_mode in ("keep_ratio", "center_crop"):
+        scale = opts.size / min(w, h)
+    else:  # border
+        scale = opts.size / max(w, h)
+    if opts.max_side is not None:
+        scale = min(scale, opts.max_side / (max(w, h) * 1.0))
+    if opts.resize_only_if_bigger:
+        scale = min(scale, 1.0)
+    return scale
+
+
+def process_image(data: bytes, opts: ImageOptions) -> Processed:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w0, h0 = img.size
+            scale = _target_scale(w0, h0, opts)
+            if scale < 1.0 and img.format == "JPEG":
+                # Decode at 1/2, 1/4 or 1/8 scale directly when the target is that small (never below target).
+                img.draft("RGB", (math.ceil(w0 * scale), math.ceil(h0 * scale)))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            img = _to_rgb(img)
+    except MediaError:
+        raise
+    except Exception as e:  # PIL raises many types for bad input
+        raise MediaError(f"undecodable image: {type(e).__name__}: {e}") from None
+    # Original (oriented) size: the draft scale is uniform, so recover it from the exif-transposed ratio.
+    rotated = img.size[0] != img.size[1] and (img.size[0] > img.size[1]) != (w0 > h0)
+    orig_w, orig_h = (h0, w0) if rotated else (w0, h0)
+    if min(orig_w, orig_h) < opts.min_size:
+        raise MediaError(f"image too small: {orig_w}x{orig_h} < --min-image-size {opts.min_size}")
+    new_w, new_h = max(1, round(orig_w * scale)), max(1, round(orig_h * scale))
+    if (new_w, new_h) != img.size:
+        img = img.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    if opts.resize_mode == "center_crop" and (new_w, new_h) != (opts.size, opts.size) and scale * min(orig_w, orig_h) >= opts.size - 0.5:
+        left, top = (new_w - opts.size) // 2, (new_h - opts.size) // 2
+        img = img.crop((left, top, left + opts.size, top + opts.size))
+    elif opts.resize_mode == "border" and scale * max(orig_w, orig_h) >= opts.size - 0.5:
+        canvas = Image.new("RGB", (opts.size, opts.size), (0, 0, 0))
+        canvas.paste(img, ((opts.size - img.size[0]) // 2, (opts.size - img.size[1]) // 2))
+        img = canvas
+    out = io.BytesIO()
+    if opts.format == "jpg":
+        img.save(out, format="JPEG", quality=opts.quality, optimize=False)
+    elif opts.format == "png":
+        img.save(out, format="PNG", compress_level=6)
+    else:
+        img.save(out, format="WEBP", quality=opts.quality, method=4)
+    meta = {"width": img.size[0], "height": img.size[1], "original_width": orig_w, "original_height": orig_h}
+    return out.getvalue(), opts.format, meta
+
+
+# ---------------------------------------------------------------------------------------------------- video
+def _probe_video(data: bytes) -> dict[str, Any]:
+    """Open with PyAV, decode the first frame, and read size, fps, duration and whether audio is present."""
+    import av
+
+    if not data:
+        raise MediaError("undecodable video: empty file")
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise MediaError("undecodable video: no video stream")
+            stream = container.streams.video[0]
+            frame = next(container.decode(stream), None)
+            if frame is None:
+                raise MediaError("undecodable video: no decodable frame")
+            fps = float(stream.average_rate) if stream.average_rate else None
+            if stream.duration is not None and stream.time_base is not None:
+                duration = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                duration = container.duration / 1_000_000
+            else:
+                duration = None
+            return {
+                "width": frame.width,
+                "height": frame.height,
+                "fps": fps,
+                "duration": duration,
+                "frames": stream.frames or None,
+                "codec": stream.codec_context.name,
+                "has_audio": bool(container.streams.audio),
+            }
+    except MediaError:
+        raise
+    except Exception as e:
+        raise MediaError(f"undecodable video: {type(e).__name__}: {e}") from None
+
+
+def ffmpeg_binary() -> str:
+    """System ffmpeg, else the static binary of imageio-ffmpeg if installed."""
+    found = shutil.which("ffmpeg")
+    if found:
+        return found
+    try:
+        import imageio_ffmpeg
+
+        return imageio_ffmpeg.get_ffmpeg_exe()
+    except ImportError:
+        raise RuntimeError("video transcoding needs ffmpeg: apt-get install -y ffmpeg") from None
+
+
+def _even_scale_filter(max_side: int) -> str:
+    # Long side capped at max_side, aspect kept, both sides even (yuv420p needs it).
+    return (
+        f"scale='if(gte(iw,ih),min({max_side},iw),-2)':'if(gte(iw,ih),-2,min({max_side},ih))',"
+        "scale=trunc(iw/2)*2:trunc(ih/2)*2"
+    )
+
+
+def process_video(data: bytes, ext: str, opts: VideoOptions) -> Processed:
+    info = _probe_video(data)
+    if opts.mode == "keep":
+        container = VIDEO_CONTAINERS.get(ext.lower())
+        if container is None:
+            raise MediaError(f"unsupported video container {ext!r}")
+        return data, container, info
+    filters = []
+    if opts.fps:
+        filters.append(f"fps={opts.fps}")
+    filters.append(_even_scale_filter(opts.max_side) if opts.max_side else "scale=trunc(iw/2)*2:trunc(ih/2)*2")
+    with tempfile.TemporaryDirectory(prefix="accord-video-") as tmp:
+        src, dst = os.path.join(tmp, f"in.{ext or 'bin'}"), os.path.join(tmp, "out.mp4")
+        with open(src, "wb") as f:
+            f.write(data)
+        cmd = [ffmpeg_binary(), "-nostdin", "-v", "error", "-i", src]
+        if opts.max_seconds:
+            cmd += ["-t", str(opts.max_seconds)]
+        cmd += ["-vf", ",".join(filters), "-c:v", "libx264", "-preset", "veryfast", "-crf", str(opts.crf)]
+        cmd += ["-pix_fmt", "yuv420p", "-threads", "1", "-map_metadata", "-1", "-fflags", "+bitexact"]
+        cmd += ["-flags:v", "+bitexact", "-movflags", "+faststart"]
+        cmd += ["-c:a", "aac", "-flags:a", "+bitexact"] if opts.keep_audio and info["has_audio"] else ["-an"]
+        proc = subprocess.run(cmd + [dst], capture_output=True, text=True)
+        if proc.returncode != 0:
+            msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
+            raise MediaError(f"video transcode failed: {msg}")
+        with open(dst, "rb") as f:
+            out = f.read()
+    meta = _probe_video(out)
+    meta.update(original_width=info["width"], original_height=info["height"], original_fps=info["fps"])
+    meta["original_duration"] = info["duration"]
+    return out, "mp4", meta
+
+
+def extract_audio_track(data: bytes) -> tuple[np.ndarray, int]:
+    """Decode the first audio stream of a video container to float32 [frames, channels]."""
+    return _decode_audio_av(data)
+
+
+# ---------------------------------------------------------------------------------------------------- audio
+def _decode_audio_av(data: bytes) -> tuple[np.ndarray, int]:
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        if not container.streams.audio:
+            raise MediaError("no audio stream")
+        stream = container.streams.audio[0]
+        rate = stream.codec_context.sample_rate
+        to_planar_float = av.AudioResampler(format="fltp", layout=stream.codec_context.layout, rate=rate)
+        chunks = [f.to_ndarray() for frame in container.decode(stream) for f in to_planar_float.resample(frame)]
+        chunks += [f.to_ndarray() for f in to_planar_float.resample(None)]
+    if not chunks:
+        raise MediaError("no decodable audio frames")
+    return np.ascontiguousarray(np.concatenate(chunks, axis=1).T, dtype=np.float32), int(rate)
+
+
+def decode_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
+    """Waveform float32 [frames, channels] and sample rate; soundfile first, PyAV for other codecs."""
+    import soundfile as sf
+
+    if not data:
+        raise MediaError("undecodable audio: empty file")
+    try:
+        wav, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        return wav, int(rate)
+    except Exception as sf_error:
+        try:
+            return _decode_audio_av(data)
+        except Exception:
+            # soundfile's message embeds the BytesIO repr (an address): keep only the stable part
+            reason = str(sf_error).rsplit(": ", 1)[-1].strip().rstrip(".")
+            raise MediaError(f"undecodable audio: {reason}") from None
+
+
+def process_waveform(wav: np.ndarray, rate: int, opts: AudioOptions) -> Processed:
+    import soundfile as sf
+
+    original = {"original_sample_rate": rate, "original_channels": int(wav.shape[1])}
+    if wav.shape[0] == 0:
+        raise MediaError("empty audio: no samples")
+    if opts.max_seconds:
+        wav = wav[: int(round(opts.max_seconds * rate))]
+    if opts.mono and wav.shape[1] > 1:
+        wav = wav.mean(axis=1, keepdims=True)
+    if opts.sample_rate and opts.sample_rate != rate:
+        import torch
+        import torchaudio.functional as AF
+
+        wav = AF.resample(torch.from_numpy(np.ascontiguousarray(wav.T)), rate, opts.sample_rate).T.numpy()
+        rate = opts.sample_rate
+    out = io.BytesIO()
+    sf.write(out, np.clip(wav, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
+    meta = {"sample_rate": rate, "channels": int(wav.shape[1]), "duration": wav.shape[0] / rate, **original}
+    return out.getvalue(), "flac", meta
+
+
+def process_audio(data: bytes, opts: AudioOptions) -> Processed:
+    wav, rate = decode_audio_bytes(data)
+    return process_waveform(wav, rate, opts)

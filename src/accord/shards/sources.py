@@ -1,0 +1,200 @@
+"""Enumerate raw inputs (a manifest or a directory) into an ordered list of sample sources.
+
+Every input becomes exactly one :class:`SampleSource`. Inputs that are already known to be unusable at
+enumeration time (no caption, unsupported file type, ...) carry an ``error`` and are rejected downstream with
+that reason, so that they are accounted for like any other rejected input.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import posixpath
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+MODALITIES = ("image", "video", "audio")
+EXTENSIONS: dict[str, frozenset[str]] = {
+    "image": frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}),
+    "video": frozenset({"mp4", "m4v", "webm", "mkv", "mov", "avi"}),
+    "audio": frozenset({"wav", "flac", "ogg", "oga", "mp3", "opus", "m4a", "aac"}),
+}
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
+# Fields accord writes into each sample's json; manifest columns may not reuse them.
+RESERVED_FIELDS = frozenset({"key", "source", "text", "sha256", *MODALITIES})
+
+
+@dataclass
+class SampleSource:
+    """One input: a caption plus paths (or URLs) of its media, in a fixed position of the build order."""
+
+    index: int
+    origin: str  # human-readable location, e.g. "captions.csv:row 12" or "animals/koala"
+    text: str | None = None
+    media: dict[str, str] = field(default_factory=dict)  # modality -> path/URL
+    extra: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None  # set when the input is rejected at enumeration time
+
+    @property
+    def key(self) -> str:
+        return f"{self.index:09d}"
+
+
+def modality_of(path: str) -> str | None:
+    ext = path.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(path) else ""
+    for modality, exts in EXTENSIONS.items():
+        if ext in exts:
+            return modality
+    return None
+
+
+def read_sources(
+    src: str,
+    text_column: str = "text",
+    media_columns: dict[str, str] | None = None,
+) -> list[SampleSource]:
+    """Read a manifest file or scan a directory (local path or any fsspec URL)."""
+    fs, path = fsspec.core.url_to_fs(src)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"--input {src!r} does not exist")
+    if fs.isdir(path):
+        return _scan_directory(fs, path, src)
+    if not path.lower().endswith(MANIFEST_SUFFIXES):
+        raise ValueError(
+            f"--input {src!r} is neither a directory nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
+        )
+    return _read_manifest(fs, path, src, text_column, media_columns or {m: m for m in MODALITIES})
+
+
+def _join(base_url: str, rel: str) -> str:
+    """Resolve a manifest path relative to the manifest's folder, leaving absolute paths and URLs alone."""
+    if "://" in rel or rel.startswith("/"):
+        return rel
+    parent = base_url.rsplit("/", 1)[0] if "/" in base_url else "."
+    return f"{parent}/{rel}"
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def _rows(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    lower = path.lower()
+    if lower.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        with fs.open(path, "rb") as f:
+            return pq.read_table(f).to_pylist()
+    with fs.open(path, "rb") as f:
+        data = f.read().decode("utf-8-sig")
+    if lower.endswith(".jsonl"):
+        rows = []
+        for lineno, line in enumerate(data.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {lineno} is not a JSON object")
+            rows.append(row)
+        return rows
+    delimiter = "\t" if lower.endswith(".tsv") else ","
+    return list(csv.DictReader(io.StringIO(data), delimiter=delimiter))
+
+
+def _read_manifest(
+    fs: fsspec.AbstractFileSystem,
+    path: str,
+    url: str,
+    text_column: str,
+    media_columns: dict[str, str],
+) -> list[SampleSource]:
+    rows = _rows(fs, path)
+    name = posixpath.basename(path)
+    if rows:
+        columns = set().union(*(r.keys() for r in rows))
+        if text_column not in columns:
+            raise ValueError(f"{url}: no caption column {text_column!r} (columns: {sorted(columns)})")
+        if not columns & set(media_columns.values()):
+            raise ValueError(f"{url}: needs at least one media column of {sorted(media_columns.values())}")
+        used = {text_column, *media_columns.values()}
+        clash = sorted((columns - used) & RESERVED_FIELDS)
+        if clash:
+            raise ValueError(f"{url}: extra columns {clash} clash with fields accord writes; rename them")
+    out = []
+    for i, row in enumerate(rows):
+        origin = f"{name}:row {i + 1}"
+        src = SampleSource(index=i, origin=origin)
+        for modality, column in media_columns.items():
+            if not _missing(row.get(column)):
+                src.media[modality] = _join(url, str(row[column]))
+        src.extra = {k: v for k, v in row.items() if k not in (text_column, *media_columns.values())}
+        text = row.get(text_column)
+        if _missing(text):
+            src.error = "missing caption"
+        else:
+            src.text = str(text).strip()
+        if src.error is None and not src.media:
+            src.error = "no media: needs an image, video or audio path"
+        out.append(src)
+    return out
+
+
+def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[SampleSource]:
+    """Files sharing a stem (relative path without extension) form one sample."""
+    root = root.rstrip("/")
+    groups: dict[str, list[str]] = {}
+    for full in sorted(fs.find(root)):
+        rel = full[len(root) + 1 :]
+        if any(part.startswith(".") or part.startswith("_") for part in rel.split("/")):
+            continue  # hidden files, our own staging, OS litter
+        stem = rel.rsplit(".", 1)[0] if "." in posixpath.basename(rel) else rel
+        groups.setdefault(stem, []).append(rel)
+    base = url.rstrip("/")
+    out = []
+    for i, stem in enumerate(sorted(groups)):
+        src = SampleSource(index=i, origin=stem)
+        problems = []
+        for rel in groups[stem]:
+            ext = rel.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(rel) else ""
+            modality = modality_of(rel)
+            if modality is not None:
+                if modality in src.media:
+                    problems.append(f"several {modality} files ({posixpath.basename(rel)})")
+                src.media[modality] = f"{base}/{rel}"
+            elif ext == "txt":
+                with fs.open(f"{root}/{rel}", "rb") as f:
+                    lines = f.read().decode("utf-8", errors="replace").splitlines()
+                src.text = lines[0].strip() if lines and lines[0].strip() else None
+                if src.text is None:
+                    problems.append("empty caption")
+            elif ext == "json":
+                src.extra.update(_side_json(fs, f"{root}/{rel}", problems))
+            else:
+                problems.append(f"unsupported file type {posixpath.basename(rel)!r}")
+        if not problems and src.text is None:
+            problems.append("missing caption (no .txt)")
+        if not problems and not src.media:
+            problems.append("no media: needs an image, video or audio file")
+        src.error = "; ".join(problems) or None
+        out.append(src)
+    return out
+
+
+def _side_json(fs: fsspec.AbstractFileSystem, path: str, problems: list[str]) -> dict[str, Any]:
+    try:
+        with fs.open(path, "rb") as f:
+            meta = json.loads(f.read())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        problems.append(f"invalid json {posixpath.basename(path)!r}")
+        return {}
+    if not isinstance(meta, dict):
+        problems.append(f"json {posixpath.basename(path)!r} is not an object")
+        return {}
+    return {k: v for k, v in meta.items() if k not in RESERVED_FIELDS}

@@ -1,0 +1,132 @@
+"""Verify a shard folder: read every shard with webdataset, check members and counts, optionally decode all.
+
+Prints a JSON summary and exits non-zero on any problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+import fsspec
+import webdataset as wds
+from tqdm import tqdm
+
+from accord.data.decode import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, decode_audio, decode_image, decode_video
+from accord.shards.build import check_shard_count
+
+MEDIA = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}
+MAX_LISTED = 50
+
+
+def _decode(modality: str, data: bytes) -> None:
+    if modality == "image":
+        decode_image(data)
+    elif modality == "video":
+        decode_video(data, num_frames=2)
+    else:
+        wav, _ = decode_audio(data)
+        if wav.numel() == 0:
+            raise ValueError("no audio samples")
+
+
+def verify(folder: str, decode: bool = False, prefix: str = "shard", workers: int | None = None,
+           world_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Check every shard in ``folder``; returns the summary whose ``problems`` list is empty when all is well."""
+    fs, root = fsspec.core.url_to_fs(folder)
+    base = folder.rstrip("/")
+    problems: list[str] = []
+    warnings: list[str] = []
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/{prefix}-*.tar"))
+    if not names:
+        problems.append(f"no {prefix}-*.tar shards in {folder}")
+    sizes: dict[str, int] = {}
+    if fs.exists(f"{root}/sizes.json"):
+        with fs.open(f"{root}/sizes.json") as f:
+            sizes = json.load(f)
+    else:
+        problems.append("sizes.json is missing")
+    leftovers = [p.rsplit("/", 1)[-1] for p in fs.glob(f"{root}/{prefix}-*.tar.tmp")]
+    if leftovers:
+        problems.append(f"unfinished shards (a build was interrupted): {leftovers}")
+    counts: dict[str, int] = {}
+    modalities: Counter[str] = Counter()
+    keys: set[str] = set()
+    n_bad = 0
+
+    def problem(text: str) -> None:
+        nonlocal n_bad
+        n_bad += 1
+        if n_bad <= MAX_LISTED:
+            problems.append(text)
+
+    for name in tqdm(names, desc="verify", unit="shard", disable=not progress):
+        ds = wds.WebDataset(f"{base}/{name}", shardshuffle=False, handler=wds.reraise_exception, empty_check=False)
+        count = 0
+        try:
+            for sample in ds:
+                count += 1
+                where = f"{name}:{sample['__key__']}"
+                if sample["__key__"] in keys:
+                    problem(f"{where}: key appears twice in the dataset")
+                keys.add(sample["__key__"])
+                text = sample.get("txt")
+                if not text or not text.decode("utf-8", errors="strict").strip():
+                    problem(f"{where}: missing or empty caption (.txt)")
+                try:
+                    json.loads(sample.get("json", b""))
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    problem(f"{where}: missing or invalid .json")
+                present = [(m, ext) for m, exts in MEDIA.items() for ext in exts if ext in sample]
+                if not present:
+                    problem(f"{where}: no image, video or audio member")
+                for modality, ext in present:
+                    modalities[modality] += 1
+                    if decode:
+                        try:
+                            _decode(modality, sample[ext])
+                        except Exception as e:
+                            problem(f"{where}.{ext}: cannot decode {modality}: {type(e).__name__}: {e}")
+        except Exception as e:
+            problem(f"{name}: unreadable tar after {count} samples: {type(e).__name__}: {e}")
+        counts[name] = count
+        if name in sizes and sizes[name] != count:
+            problem(f"{name}: {count} samples but sizes.json says {sizes[name]}")
+        if sizes and name not in sizes:
+            problem(f"{name}: not listed in sizes.json")
+    for name in sorted(set(sizes) - set(counts)):
+        problem(f"{name}: listed in sizes.json but missing")
+    if n_bad > MAX_LISTED:
+        problems.append(f"... and {n_bad - MAX_LISTED} more problems")
+    warning = check_shard_count(len(names), workers, world_size)
+    if warning:
+        warnings.append(warning)
+    return {
+        "folder": folder,
+        "ok": not problems,
+        "shards": len(names),
+        "samples": sum(counts.values()),
+        "modalities": dict(modalities),
+        "decoded": decode,
+        "problems": problems,
+        "warnings": warnings,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="verify_shards", description=__doc__)
+    p.add_argument("folder", help="shard folder written by build_shards")
+    p.add_argument("--decode", action="store_true", help="decode every media member with the training decoders")
+    p.add_argument("--prefix", default="shard")
+    p.add_argument("--workers", type=int, default=None, help="data-loader workers per rank, for the shard check")
+    p.add_argument("--world-size", type=int, default=None, help="training ranks, for the shard check")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+    summary = verify(args.folder, args.decode, args.prefix, args.workers, args.world_size, not args.quiet)
+    print(json.dumps(summary, indent=2))
+    for w in summary["warnings"]:
+        print(f"verify_shards: warning: {w}", file=sys.stderr)
+    return 0 if summary["ok"] else 1
