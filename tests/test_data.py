@@ -144,3 +144,27 @@ def test_weighted_sources_and_brace_patterns(mixed_shards) -> None:
     keys = flat([b["__key__"] for b in loader])
     assert len(keys) == 20 and set(keys) <= allowed  # weight 0: the second source is never drawn
     assert torch.is_tensor(next(iter(Loader(data_config(a, workers=0), MODALITIES, rank=0, world=1)))["text"]["input_ids"])
+
+
+def test_pipe_urls_are_read(mixed_shards) -> None:
+    shards, _ = mixed_shards
+    names = sorted(p.name for p in shards.glob("*.tar"))[:2]
+    spec = "::".join(f"pipe:cat {shards / n}" for n in names)
+    keys = flat([b["__key__"] for b in Loader(data_config(spec, workers=0), MODALITIES, rank=0, world=1)])
+    expected = set()
+    for n in names:
+        with tarfile.open(shards / n) as t:
+            expected |= {m.split(".")[0] for m in t.getnames()}
+    assert sorted(keys) == sorted(expected)
+
+
+def test_persistent_workers_do_not_grow_across_epochs(mixed_shards) -> None:
+    psutil = pytest.importorskip("psutil")
+    shards, _ = mixed_shards
+    loader = Loader(data_config(str(shards), workers=2, batch_size=4), MODALITIES, rank=0, world=1)
+    me = psutil.Process()
+    rss = []
+    for _ in range(6):
+        assert len(flat([b["__key__"] for b in loader])) == 48
+        rss.append(sum(c.memory_info().rss for c in me.children(recursive=True)))
+    assert rss[-1] - rss[1] < 30 * 2**20, [r // 2**20 for r in rss]  # MiB; epoch 0 warms caches up
