@@ -16,6 +16,11 @@ class Shard:
     size: int | None  # samples, from sizes.json
     source: int  # index of the '::'-joined source it came from
 
+    @property
+    def name(self) -> str:
+        """Location-independent identity (source index + file name): seeds do not change when data moves."""
+        return f"{self.source}:{posixpath.basename(self.url)}"
+
 
 def _fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(url)

@@ -98,7 +98,7 @@ class ShardStream(IterableDataset):
             finally:
                 stream.close()
 
-        rng = random.Random(seed_of(self.cfg.seed, epoch, shard.url))
+        rng = random.Random(seed_of(self.cfg.seed, epoch, shard.name))
         buffer: list[dict[str, Any]] = []
         size = self.cfg.shuffle_buffer if self.train and self.cfg.shuffle else 1
         try:
@@ -162,7 +162,7 @@ class ShardStream(IterableDataset):
                 if isinstance(raw, str):
                     counters[f"bad: {raw}"] += 1
                     continue
-                rng = random.Random(seed_of(self.cfg.seed, epoch, shard.url, raw["__key__"]))
+                rng = random.Random(seed_of(self.cfg.seed, epoch, shard.name, raw["__key__"]))
                 try:
                     batch.append(self.decoder(raw, rng))
                 except BadSample as e:
