@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 
 from accord.data.config import AudioConfig, DataConfig, ImageConfig, VideoConfig
-from accord.data.decode import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, decode_audio, decode_image, decode_video
+from accord.data.decode import (
+    AUDIO_EXTS,
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    decode_audio,
+    decode_image,
+    decode_video,
+    uniform_indices,
+)
 
 MEDIA_EXTS = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}
 
@@ -74,7 +82,7 @@ def frame_sampler(cfg: VideoConfig, train: bool, rng: random.Random):
         if total <= 0:
             raise ValueError("video has no frames")
         if not train or cfg.sampling == "uniform":
-            return [min(total - 1, int((i + 0.5) * total / n)) for i in range(n)]
+            return uniform_indices(total, n)
         if cfg.sampling == "random_segment":
             return [min(total - 1, int(rng.uniform(i * total / n, (i + 1) * total / n))) for i in range(n)]
         step = max(1.0, (fps or cfg.fps) / cfg.fps)

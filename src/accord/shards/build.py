@@ -39,7 +39,7 @@ from accord.shards.media import (
     ImageOptions,
     MediaError,
     VideoOptions,
-    extract_audio_track,
+    decode_audio_track,
     ffmpeg_binary,
     process_audio,
     process_image,
@@ -150,7 +150,7 @@ def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str,
         meta[modality] = {**info, "sha256": _sha256(data)}
         members.append((ext, out))
     if cfg.extract_audio and "video" in meta and "audio" not in meta and meta["video"].get("has_audio"):
-        wav, rate = extract_audio_track(video_bytes)
+        wav, rate = decode_audio_track(video_bytes)
         out, ext, info = process_waveform(wav, rate, cfg.audio)
         meta["audio"] = {**info, "sha256": meta["video"]["sha256"], "from": "video"}
         members.append((ext, out))

@@ -230,13 +230,9 @@ def process_video(data: bytes, ext: str, opts: VideoOptions) -> Processed:
     return out, "mp4", meta
 
 
-def extract_audio_track(data: bytes) -> tuple[np.ndarray, int]:
-    """Decode the first audio stream of a video container to float32 [frames, channels]."""
-    return _decode_audio_av(data)
-
-
 # ---------------------------------------------------------------------------------------------------- audio
-def _decode_audio_av(data: bytes) -> tuple[np.ndarray, int]:
+def decode_audio_track(data: bytes) -> tuple[np.ndarray, int]:
+    """The first audio stream of any container (a video's sound track too) as float32 [frames, channels]."""
     import av
 
     with av.open(io.BytesIO(data)) as container:
@@ -263,7 +259,7 @@ def decode_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
         return wav, int(rate)
     except Exception as sf_error:
         try:
-            return _decode_audio_av(data)
+            return decode_audio_track(data)
         except Exception:
             # soundfile's message embeds the BytesIO repr (an address): keep only the stable part
             reason = str(sf_error).rsplit(": ", 1)[-1].strip().rstrip(".")
