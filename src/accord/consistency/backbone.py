@@ -86,10 +86,6 @@ class Backbone(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def temperature(self, a: str, b: str) -> float:
-        temps = self.model.temperatures()
-        return float(1.0 / temps.get(f"{a}-{b}", temps.get(f"{b}-{a}", next(iter(temps.values())))))
-
     def prepare(self, modality: str, inputs: Any) -> dict[str, torch.Tensor]:
         """Raw inputs -> the tower's input tensors (see the module docstring)."""
         if modality == "text":
@@ -154,9 +150,6 @@ class HFClipBackbone(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
-
-    def temperature(self, a: str, b: str) -> float:
-        return float(1.0 / self.clip.logit_scale.exp())
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
         def features(out: Any) -> torch.Tensor:

@@ -120,14 +120,15 @@ class ContrastiveLoss(nn.Module):
         self.cfg = cfg
 
     def pair_loss(self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> torch.Tensor:
-        """Loss of one pair; ``a``, ``b`` [n, D] local features, ``valid`` bool [n] (both present)."""
+                  bias: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Loss of one pair and the global count of samples that have both modalities; ``a``, ``b`` [n, D] local
+        features, ``valid`` bool [n]."""
         rank, size = world()
         all_a, all_b = gather_with_grad(a), gather_with_grad(b)
         all_valid = gather_nograd(valid)
         n_valid = all_valid.sum()
         if n_valid == 0:  # keep the graph (zero gradients), no NaN
-            return 0.0 * (a.sum() + b.sum() + scale.sum() + (bias.sum() if bias is not None else 0.0))
+            return 0.0 * (a.sum() + b.sum() + scale.sum() + (bias.sum() if bias is not None else 0.0)), 0
         if self.cfg.gather == "global":
             rows_a, rows_b, row_valid, offset, factor = all_a, all_b, all_valid, 0, 1.0
         else:
@@ -141,14 +142,7 @@ class ContrastiveLoss(nn.Module):
         else:  # sigmoid: every (i, j) pair once; the a->b direction covers them all
             per_row = _sigmoid_terms(logits_ab + bias, labels, all_valid)
         per_row = torch.where(row_valid, per_row, torch.zeros_like(per_row))
-        return factor * per_row.sum() / n_valid.to(per_row.dtype)
-
-    @staticmethod
-    def _any_valid(valid: torch.Tensor) -> bool:
-        count = valid.sum().reshape(1).to(torch.long)
-        if world()[1] > 1:
-            dist.all_reduce(count)
-        return bool(count.item())
+        return factor * per_row.sum() / n_valid.to(per_row.dtype), int(n_valid)
 
     def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cfg.kind == "siglip" and out.logit_bias is None:
@@ -159,8 +153,8 @@ class ContrastiveLoss(nn.Module):
             name = pair_name(a, b)
             valid = out.present[a] & out.present[b]
             bias = out.logit_bias[name] if out.logit_bias is not None else None
-            loss = self.pair_loss(out.embeddings[a], out.embeddings[b], valid, out.logit_scale[name], bias)
-            if self._any_valid(valid):  # same answer on every rank: pairs without samples are not reported
+            loss, n_valid = self.pair_loss(out.embeddings[a], out.embeddings[b], valid, out.logit_scale[name], bias)
+            if n_valid:  # a global count, so every rank reports the same pairs
                 parts[name] = loss.detach()
             total = total + self.cfg.pair_weights.get(name, 1.0) * loss
         return total, parts
