@@ -53,6 +53,31 @@ class TowerConfig:
 
 
 @dataclass
+class FusionConfig:
+    """Cross-attention fusion head (image-text matching as in ALBEF/BLIP) over the towers' token features.
+
+    Text tokens are the queries and attend to the other modality's tokens (``symmetric``: the other modality's
+    tokens also attend to the text); one module serves every text pair, told apart by a modality embedding.
+    """
+
+    dim: int = 256
+    layers: int = 2
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    symmetric: bool = False
+    dropout: float = 0.0
+
+    def validate(self, prefix: str = "") -> None:
+        dot = f"{prefix}." if prefix else ""
+        if self.dim < 1 or self.layers < 1 or self.heads < 1:
+            raise ConfigError(f"{dot}dim/layers/heads: must be >= 1")
+        if self.dim % self.heads:
+            raise ConfigError(f"{dot}heads: dim {self.dim} is not divisible by {self.heads} heads")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{dot}dropout: must be in [0, 1)")
+
+
+@dataclass
 class ModelConfig:
     """Towers per modality, the shared embedding size, which pairs are trained, and the temperatures."""
 
@@ -63,6 +88,7 @@ class ModelConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # set (e.g. -10) for the sigmoid loss
+    fusion: FusionConfig | None = None  # optional cross-attention match head over text pairs
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
@@ -80,6 +106,9 @@ class ModelConfig:
             raise ConfigError(f"{dot}embed_dim: must be >= 1")
         if not 0 < self.init_temperature < 1:
             raise ConfigError(f"{dot}init_temperature: must be in (0, 1)")
+        if self.fusion is not None and not self.fusion_pairs():
+            raise ConfigError(f"{dot}fusion: needs a trained pair with text (pairs: "
+                              f"{', '.join(pair_name(*p) for p in self.pair_list()) or 'none'})")
 
     def pair_list(self) -> list[tuple[str, str]]:
         """Trained pairs, each ordered by MODALITIES (so 'text-image', never 'image-text')."""
@@ -88,6 +117,11 @@ class ModelConfig:
             return [(a, b) for i, a in enumerate(present) for b in present[i + 1 :]]
         anchor = "text" if self.pairs == "text_anchored" else "image"
         return [tuple(sorted((anchor, m), key=MODALITIES.index)) for m in present if m != anchor]
+
+
+    def fusion_pairs(self) -> list[tuple[str, str]]:
+        """Trained pairs the fusion head scores: those with text (text tokens are its queries)."""
+        return [p for p in self.pair_list() if p[0] == "text"] if self.fusion is not None else []
 
 
 def pair_name(a: str, b: str) -> str:

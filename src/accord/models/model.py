@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from accord.models.config import MODALITIES, ModelConfig, pair_name
-from accord.models.towers import Tower
+from accord.models.fusion import FusionHead
+from accord.models.towers import Tower, TowerOutput, backbone_width
 
 Batch = dict  # {modality: {input name: tensor}, "present": {modality: bool[B]}}
 
@@ -21,10 +22,14 @@ class ModelOutput:
     logit_scale: dict[str, torch.Tensor]  # pair name -> [1], already exp'd and clamped
     logit_bias: dict[str, torch.Tensor] | None  # pair name -> [1] (sigmoid loss)
     pairs: list[tuple[str, str]]
+    tokens: dict[str, torch.Tensor] | None = None  # modality -> [B, L, W] token features (with a fusion head)
+    token_mask: dict[str, torch.Tensor] | None = None  # modality -> bool [B, L]
+    token_rows: slice | None = None  # rows of ``embeddings`` the tokens belong to (accumulation); None = all
 
 
 class AccordModel(nn.Module):
-    """Towers per configured modality; ``forward(batch)`` embeds every modality, running every tower every step."""
+    """Towers per configured modality; ``forward(batch)`` embeds every modality, running every tower every step.
+    With ``cfg.fusion`` it also returns token features and owns the fusion head (run by the matching loss)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -44,6 +49,10 @@ class AccordModel(nn.Module):
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.ParameterDict(
                 {n: nn.Parameter(torch.full([1], float(cfg.init_logit_bias))) for n in names})
+        self.fusion = None
+        if cfg.fusion is not None:
+            used = {"text"} | {m for _, m in cfg.fusion_pairs()}
+            self.fusion = FusionHead(cfg.fusion, {m: backbone_width(self.towers[m].backbone) for m in sorted(used)})
 
     def _param_key(self, pair: tuple[str, str]) -> str:
         return "shared" if self.cfg.temperature == "shared" else pair_name(*pair)
@@ -55,11 +64,12 @@ class AccordModel(nn.Module):
         return {pair_name(*p): self.logit_scale[self._param_key(p)].clamp(0, top).exp() for p in self.pairs}
 
     def embed(self, modality: str, inputs: dict[str, torch.Tensor] | None, present: torch.Tensor | None,
-              batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings [B, D] computed on present rows only (zeros elsewhere) and the presence mask [B].
+              batch_size: int) -> tuple[TowerOutput, torch.Tensor]:
+        """The tower's output on present rows only (zeros elsewhere) and the presence mask [B].
 
         With no present row the tower still runs on a dummy input whose output joins the graph with weight 0,
-        so that every rank calls every tower (ZeRO-3) and every parameter receives a (zero) gradient.
+        so that every rank calls every tower (ZeRO-3) and every parameter receives a (zero) gradient. Absent rows
+        get zero tokens whose mask keeps only the first one (never all-masked, so attention stays finite).
         """
         tower = self.towers[modality]
         ref = next(self.parameters())
@@ -70,13 +80,18 @@ class AccordModel(nn.Module):
         present = present.to(torch.bool)
         idx = present.nonzero(as_tuple=True)[0]
         if len(idx) == batch_size:
-            return tower(inputs), present
-        out = torch.zeros(batch_size, self.cfg.embed_dim, device=ref.device, dtype=ref.dtype)
+            return tower.encode(inputs), present
+        live = tower.encode({k: v[idx] for k, v in inputs.items()} if len(idx) else
+                            tower.dummy_inputs(1, ref.device, ref.dtype))
+        emb = torch.zeros(batch_size, self.cfg.embed_dim, device=ref.device, dtype=ref.dtype)
+        tokens = live.tokens.new_zeros((batch_size, *live.tokens.shape[1:]))
+        mask = torch.zeros(batch_size, live.tokens.shape[1], dtype=torch.bool, device=ref.device)
+        mask[:, 0] = True
         if len(idx) > 0:
-            emb = tower({k: v[idx] for k, v in inputs.items()})
-            return out.index_copy(0, idx, emb.to(out.dtype)), present
-        dummy = tower(tower.dummy_inputs(1, ref.device, ref.dtype))
-        return out + 0.0 * dummy.sum(), present
+            return TowerOutput(emb.index_copy(0, idx, live.embedding.to(emb.dtype)), tokens.index_copy(0, idx, live.tokens),
+                               mask.index_copy(0, idx, live.mask)), present
+        zero = 0.0 * live.embedding.sum() + 0.0 * live.tokens.sum()
+        return TowerOutput(emb + zero, tokens + zero, mask), present
 
     def forward(self, batch: Batch) -> ModelOutput:
         present = batch.get("present", {})
@@ -85,12 +100,17 @@ class AccordModel(nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"inconsistent batch sizes across modalities: {sorted(sizes)}")
         batch_size = sizes.pop()
-        embeddings, masks = {}, {}
+        outputs, masks = {}, {}
         for modality in self.towers:
-            embeddings[modality], masks[modality] = self.embed(
+            outputs[modality], masks[modality] = self.embed(
                 modality, batch.get(modality), present.get(modality), batch_size)
         bias = None
         if self.logit_bias is not None:
             bias = {pair_name(*p): self.logit_bias[self._param_key(p)] for p in self.pairs}
-        return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs)
+        embeddings = {m: o.embedding for m, o in outputs.items()}
+        if self.fusion is None:
+            return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs)
+        return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs,
+                           tokens={m: o.tokens for m, o in outputs.items()},
+                           token_mask={m: o.mask for m, o in outputs.items()})
 

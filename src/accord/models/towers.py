@@ -11,6 +11,7 @@ Inputs per modality (what the data pipeline's collate produces):
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +98,15 @@ def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tenso
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
 
 
+class TowerOutput(NamedTuple):
+    embedding: torch.Tensor  # [B, embed_dim], L2-normalised
+    tokens: torch.Tensor  # [B, L, width]: the backbone's last hidden states (video: all frames' patches)
+    mask: torch.Tensor  # bool [B, L]: real tokens
+
+
 class Tower(nn.Module):
-    """One modality's encoder; ``forward(inputs)`` returns L2-normalised embeddings [B, embed_dim]."""
+    """One modality's encoder; ``forward(inputs)`` returns L2-normalised embeddings [B, embed_dim],
+    ``encode(inputs)`` also the token features."""
 
     def __init__(self, modality: str, cfg: TowerConfig, embed_dim: int, shared_backbone: nn.Module | None = None):
         super().__init__()
@@ -115,31 +123,44 @@ class Tower(nn.Module):
         if cfg.freeze and shared_backbone is None:
             freeze_backbone(self.backbone, cfg.unfreeze_last_n or 0)
 
-    def _pool(self, inputs: dict[str, torch.Tensor], **kwargs: torch.Tensor) -> torch.Tensor:
+    def _run(self, mask: torch.Tensor | None, **kwargs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [B, W] and the last hidden states [B, L, W]."""
         out = self.backbone(**kwargs)
         pooling = self.cfg.pooling if self.cfg.pooling != "default" else _DEFAULT_POOLING[self.backbone_kind]
+        hidden = out.last_hidden_state
         if pooling == "pooler":
-            return out.pooler_output
+            return out.pooler_output, hidden
         if pooling == "cls":
-            return out.last_hidden_state[:, 0]
-        return _masked_mean(out.last_hidden_state, inputs.get("attention_mask"))
+            return hidden[:, 0], hidden
+        return _masked_mean(hidden, mask), hidden
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    def encode(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
+        """The embedding and the token features (for the fusion head)."""
         kind = self.cfg.kind
+        mask = None
         if kind in ("bert", "clip_text"):
-            pooled = self._pool(inputs, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            mask = inputs["attention_mask"]
+            pooled, tokens = self._run(mask, input_ids=inputs["input_ids"], attention_mask=mask)
         elif kind in ("vit", "clip_vision", "videomae"):
-            pooled = self._pool(inputs, pixel_values=inputs["pixel_values"])
+            pooled, tokens = self._run(None, pixel_values=inputs["pixel_values"])
         elif kind == "frames":
             video = inputs["pixel_values"]
             b, t = video.shape[:2]
-            frames = self._pool({}, pixel_values=video.flatten(0, 1)).view(b, t, -1)
-            pooled = self.temporal(frames)
+            per_frame, patches = self._run(None, pixel_values=video.flatten(0, 1))
+            pooled = self.temporal(per_frame.view(b, t, -1))
+            # every frame's patch tokens, each tagged with its frame's temporal position
+            patches = patches.view(b, t, patches.shape[1], -1) + self.temporal.pos[:, :t, None, :]
+            tokens = patches.flatten(1, 2)
         elif kind == "ast":
-            pooled = self._pool({}, input_values=inputs["features"])
+            pooled, tokens = self._run(None, input_values=inputs["features"])
         else:  # whisper: [B, n_mels, T]
-            pooled = self._pool({}, input_features=inputs["features"].transpose(1, 2))
-        return F.normalize(self.proj(pooled), dim=-1)
+            pooled, tokens = self._run(None, input_features=inputs["features"].transpose(1, 2))
+        if mask is None:
+            mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return TowerOutput(F.normalize(self.proj(pooled), dim=-1), tokens, mask.to(torch.bool))
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.encode(inputs).embedding
 
     def dummy_inputs(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A minimal valid input, run when a rank's batch lacks this modality (ZeRO-3 needs every tower run)."""

@@ -1,0 +1,98 @@
+"""Cross-attention fusion head: does this text match this image / clip / sound? (ALBEF/BLIP image-text matching)
+
+Text tokens (projected to ``dim``) are the queries; each layer runs self-attention over the text, cross-attention
+from the text to the other modality's tokens and an MLP. With ``symmetric`` the other modality's tokens also attend
+to the text in every layer. One module serves every modality: a per-modality input projection (tower widths
+differ) and a learned modality embedding tell them apart; the layers and the match head are shared.
+``forward`` returns one match logit per (text, other) row; ``sigmoid(logit)`` is the match probability.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from accord.models.config import MODALITIES, FusionConfig
+
+
+class _Attention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        b, lq, d = x.shape
+        h = self.heads
+        q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
+        k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, None, :],
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out(y.transpose(1, 2).reshape(b, lq, d))
+
+
+class _Block(nn.Module):
+    """Pre-norm: x += attn(x -> context); x += mlp(x)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm_q(x), self.norm_kv(context), context_mask)
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class _FusionLayer(nn.Module):
+    def __init__(self, cfg: FusionConfig):
+        super().__init__()
+        args = (cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.self_attn = _Block(*args)
+        self.cross = _Block(*args)
+        self.cross_back = _Block(*args) if cfg.symmetric else None
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, other_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.self_attn(text, text, text_mask)
+        new_text = self.cross(text, other, other_mask)
+        if self.cross_back is not None:
+            other = self.cross_back(other, text, text_mask)
+        return new_text, other
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class FusionHead(nn.Module):
+    """Match logits of (text tokens, other tokens) rows; ``widths`` are the towers' token widths by modality."""
+
+    def __init__(self, cfg: FusionConfig, widths: dict[str, int]):
+        super().__init__()
+        self.cfg = cfg
+        self.inputs = nn.ModuleDict({m: nn.Linear(w, cfg.dim) for m, w in widths.items()})
+        self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), cfg.dim) * 0.02)
+        self.layers = nn.ModuleList(_FusionLayer(cfg) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.norm_other = nn.LayerNorm(cfg.dim)
+        self.head = nn.Sequential(nn.Linear(3 * cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, 1))
+
+    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, other_mask: torch.Tensor,
+                modality: str) -> torch.Tensor:
+        """``text`` [B, Lt, Wt], ``other`` [B, Lo, Wo] token features with bool masks -> match logits [B]."""
+        if modality not in self.inputs or modality == "text":
+            raise ValueError(f"the fusion head scores text against {', '.join(m for m in self.inputs if m != 'text')}"
+                             f", not {modality!r}")
+        x = self.inputs["text"](text) + self.modality_embedding[MODALITIES.index("text")]
+        y = self.inputs[modality](other.to(x.dtype)) + self.modality_embedding[MODALITIES.index(modality)]
+        text_mask, other_mask = text_mask.to(torch.bool), other_mask.to(torch.bool)
+        for layer in self.layers:
+            x, y = layer(x, text_mask, y, other_mask)
+        t = _masked_mean(self.norm(x), text_mask)
+        o = _masked_mean(self.norm_other(y), other_mask)
+        return self.head(torch.cat([t, o, t * o], dim=-1))[:, 0]
