@@ -100,6 +100,13 @@ class LossConfig:
     gather: Literal["global", "local"] = "local"
     label_smoothing: float = 0.0
     pair_weights: dict[str, float] = field(default_factory=dict)  # pair name ("text-image") -> weight (1.0)
+    match_weight: float = 1.0  # weight of the fusion head's matching loss (with model.fusion)
+    match_negatives: Literal["hard", "random"] = "hard"  # mined by similarity, or uniform (ablation)
+    # sampling temperature of hard negatives, p ~ exp(cos / T); null: the pair's learned temperature (ALBEF),
+    # much peakier, which small models trained from scratch do not learn from
+    match_temperature: float | None = 1.0
+    # anneal the sampling temperature geometrically to this value over the run (easy -> hard negatives)
+    match_temperature_end: float | None = None
 
     def validate(self, prefix: str = "") -> None:
         from accord.config import ConfigError
@@ -107,6 +114,12 @@ class LossConfig:
         dot = f"{prefix}." if prefix else ""
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"{dot}label_smoothing: must be in [0, 1)")
+        if self.match_weight < 0:
+            raise ConfigError(f"{dot}match_weight: must be >= 0")
+        if self.match_temperature is not None and self.match_temperature <= 0:
+            raise ConfigError(f"{dot}match_temperature: must be > 0 (or null for the learned temperature)")
+        if self.match_temperature_end is not None and (self.match_temperature is None or self.match_temperature_end <= 0):
+            raise ConfigError(f"{dot}match_temperature_end: must be > 0, with a fixed match_temperature to start from")
         if self.kind == "siglip" and self.label_smoothing:
             raise ConfigError(f"{dot}label_smoothing: only for kind 'infonce'")
 

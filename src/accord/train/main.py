@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from accord.config import ConfigError, load_config, to_dict
 from accord.data.loader import Loader
-from accord.losses import ContrastiveLoss
+from accord.losses import ContrastiveLoss, MatchingLoss
 from accord.models import AccordModel
 from accord.train import checkpoint
 from accord.train.batches import lockstep, real_samples, to_device
@@ -107,6 +107,9 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
         self.modalities = tuple(cfg.model.towers)
         self.loss_fn = ContrastiveLoss(cfg.loss)
+        self.fusion_pairs = cfg.model.fusion_pairs()
+        self.match_loss = MatchingLoss(cfg.loss.match_negatives == "hard",
+                                                                  cfg.loss.match_temperature) if self.fusion_pairs else None
         self.loader = Loader(cfg.data, self.modalities, train=True)
         self.val_loader = None
         if cfg.data.val:
@@ -119,6 +122,8 @@ class Trainer:
         self.logger = MetricLogger(cfg.log, self.out, self.rank, to_dict(cfg))
         if resume:
             self._resume(resume)
+        else:
+            self.logger.truncate_after(0)  # a fresh run into an old output_dir starts a fresh log
         torch.manual_seed(cfg.seed + 1000 * self.rank + self.step)  # per-rank dropout streams
 
     # ------------------------------------------------------------------------------------------ checkpoints
@@ -155,11 +160,18 @@ class Trainer:
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
+        if self.match_loss is not None and self.cfg.loss.match_temperature_end is not None:
+            start, end = self.cfg.loss.match_temperature, self.cfg.loss.match_temperature_end
+            self.match_loss.temperature = start * (end / start) ** (self.step / max(1, self.total_steps - 1))
         batches = [to_device(b, self.device, self.dtype) for b in micro_batches]
         holder: dict[str, Any] = {}
 
         def loss_fn(out):
             loss, parts = self.loss_fn(out)
+            if self.match_loss is not None:
+                match, match_parts = self.match_loss(out, self.engine.module.fusion, self.fusion_pairs)
+                loss = loss + self.cfg.loss.match_weight * match
+                parts = {**parts, **match_parts}
             holder["parts"] = parts
             return loss, parts
 
@@ -233,7 +245,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
             "epoch": self.loader.epoch,
-            "loss": sum(parts.values()) if parts else float("nan"),
+            "loss": sum(self._weight(k[5:]) * v for k, v in parts.items()) if parts else float("nan"),
             **parts, **temps,
             "lr": self.engine.optimizer.param_groups[0]["lr"],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
@@ -246,6 +258,12 @@ class Trainer:
         self.logger.log(self.step, metrics, console=(
             f"step {self.step}/{self.total_steps} epoch {self.loader.epoch} loss {metrics['loss']:.4f} ({pairs}) "
             f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s"))
+
+    def _weight(self, part: str) -> float:
+        """The weight of a logged loss part ("text-image" or "match/text-image") in the optimised loss."""
+        if part.startswith("match/"):
+            return self.cfg.loss.match_weight
+        return self.cfg.loss.pair_weights.get(part, 1.0)
 
     def _temperatures(self) -> dict[str, float]:
         import deepspeed

@@ -4,7 +4,8 @@ With k > 1 the contrastive batch is kept large as in GradCache / open_clip's acc
 micro-batch without gradient, remembering the RNG state; (2) for each micro-batch, re-embed it with gradient under
 the same RNG state, compute the loss over *all* micro-batches' embeddings (the others detached), and backpropagate.
 Each pass sends gradient only into its own micro-batch's rows, so the k passes add up to the full gradient; the
-temperatures (used by every pass) take gradient from the first pass only.
+temperatures (used by every pass) take gradient from the first pass only. A fusion head's matching loss sees the
+token features of the live micro-batch only: it is the mean of the micro-batches' matching losses.
 """
 
 from __future__ import annotations
@@ -40,14 +41,17 @@ def as_fp32(out: ModelOutput) -> ModelOutput:
 
 
 def _merge(outs: list[ModelOutput], live: ModelOutput, i: int) -> ModelOutput:
-    """Embeddings of all micro-batches (only the i-th with gradient); temperatures live in pass 0 only."""
+    """Embeddings of all micro-batches (only the i-th with gradient); temperatures live in pass 0 only; token
+    features (fusion head) of the i-th only."""
     emb = {m: torch.cat([live.embeddings[m] if j == i else o.embeddings[m] for j, o in enumerate(outs)])
            for m in live.embeddings}
     present = {m: torch.cat([o.present[m] for o in outs]) for m in live.present}
     keep = (lambda t: t) if i == 0 else (lambda t: t.detach())
     scale = {k: keep(v) for k, v in live.logit_scale.items()}
     bias = {k: keep(v) for k, v in live.logit_bias.items()} if live.logit_bias is not None else None
-    return ModelOutput(emb, present, scale, bias, live.pairs)
+    n = len(next(iter(live.present.values())))
+    return ModelOutput(emb, present, scale, bias, live.pairs, tokens=live.tokens, token_mask=live.token_mask,
+                       token_rows=slice(i * n, (i + 1) * n))
 
 
 def contrastive_step(model: Callable, loss_fn: Callable, micro_batches: list[dict], backward: Backward
@@ -61,7 +65,7 @@ def contrastive_step(model: Callable, loss_fn: Callable, micro_batches: list[dic
     with torch.no_grad():
         for mb in micro_batches:
             states.append(_rng_state())
-            cached.append(as_fp32(model(mb)))
+            cached.append(replace(as_fp32(model(mb)), tokens=None, token_mask=None))
     after = _rng_state()
     for i, mb in enumerate(micro_batches):
         _set_rng_state(states[i])
