@@ -7,6 +7,9 @@
 - video: paths or bytes, or float frames [B, T, 3, H, W] in [0, 1]
 - audio: paths or bytes, or float waveforms [B, samples] at the backbone's sample rate
 
+``Backbone.encode`` also returns token features, and ``match_logits`` runs the fusion head on them (when the
+backbone was trained with one).
+
 Float tensors go through differentiable torch ops only (resize, crop, normalise, fbank), so gradients reach the
 pixels, frames and waveforms.
 """
@@ -29,6 +32,7 @@ from accord.data.config import AudioConfig, ImageConfig, VideoConfig
 from accord.data.decode import decode_audio, decode_image, decode_video
 from accord.data.transforms import audio_features, normalize, video_to_tensor
 from accord.models import AccordModel, ModelConfig
+from accord.models.towers import TowerOutput
 
 
 def _read(item: Any) -> bytes:
@@ -113,7 +117,8 @@ class Backbone(nn.Module):
         feats = [audio_features(w, rate, self.audio_cfg, False, random.Random(0)) for w in waves]
         return {"features": torch.stack(feats)}
 
-    def embed(self, modality: str, inputs: Any) -> torch.Tensor:
+    def encode(self, modality: str, inputs: Any) -> TowerOutput:
+        """Embeddings [B, D] and token features (for the fusion head) of raw inputs."""
         if modality not in self.model.towers:
             raise ValueError(f"this backbone has no {modality} tower (it has {', '.join(self.modalities)})")
         dtype = next(self.parameters()).dtype
@@ -121,17 +126,40 @@ class Backbone(nn.Module):
                     for k, v in self.prepare(modality, inputs).items()}
         if modality == "text" and "inputs_embeds" in prepared:
             tower = self.model.towers["text"]
-            out = tower.backbone(inputs_embeds=prepared["inputs_embeds"], attention_mask=prepared["attention_mask"])
-            m = prepared["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+            mask = prepared["attention_mask"]
+            out = tower.backbone(inputs_embeds=prepared["inputs_embeds"], attention_mask=mask)
+            m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
             pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1)
-            return F.normalize(tower.proj(pooled), dim=-1)
-        return self.model.towers[modality](prepared)
+            return TowerOutput(F.normalize(tower.proj(pooled), dim=-1), out.last_hidden_state, mask.to(torch.bool))
+        return self.model.towers[modality].encode(prepared)
+
+    def embed(self, modality: str, inputs: Any) -> torch.Tensor:
+        return self.encode(modality, inputs).embedding
+
+    def encode_all(self, modality: str, inputs: list[Any], chunk: int = 64) -> TowerOutput:
+        """``encode`` in chunks; tokens padded to the longest chunk (mask False on the padding)."""
+        outs = [self.encode(modality, inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)]
+        length = max(o.tokens.shape[1] for o in outs)
+        return TowerOutput(torch.cat([o.embedding for o in outs]),
+                           torch.cat([F.pad(o.tokens, (0, 0, 0, length - o.tokens.shape[1])) for o in outs]),
+                           torch.cat([F.pad(o.mask, (0, length - o.mask.shape[1])) for o in outs]))
+
+    @property
+    def has_fusion(self) -> bool:
+        return self.model.fusion is not None
+
+    def match_logits(self, text: TowerOutput, other: TowerOutput, modality: str) -> torch.Tensor:
+        """Fusion-head match logits [B] of encoded text and encoded ``modality`` rows."""
+        if self.model.fusion is None:
+            raise ValueError(f"{self.path}: this backbone has no fusion head (train with model.fusion set)")
+        return self.model.fusion(text.tokens, text.mask, other.tokens, other.mask, modality)
 
 
 class HFClipBackbone(nn.Module):
     """A plain transformers CLIPModel directory (text + image), with its own tokenizer and image processor."""
 
     modalities = ("text", "image")
+    has_fusion = False
 
     def __init__(self, path: Path):
         super().__init__()
@@ -187,7 +215,7 @@ def load_backbone(path: str | Path, device: str | torch.device | None = None) ->
         state = {}
         for key, value in heads.items():
             head, _, rest = key.partition(".")
-            state[key if head in ("logit_scale", "logit_bias") else f"towers.{head}.{rest}"] = value
+            state[key if head in ("logit_scale", "logit_bias", "fusion") else f"towers.{head}.{rest}"] = value
         missing, unexpected = model.load_state_dict(state, strict=False)
         bad = [k for k in missing if ".backbone." not in k]
         if bad or unexpected:

@@ -110,7 +110,7 @@ def main_score(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", required=True, help="exported accord backbone or HF CLIPModel directory")
     p.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.tsv/.parquet) or folder of shards")
     p.add_argument("--out", required=True, help="scores.jsonl")
-    p.add_argument("--mode", default="clipscore", choices=("clipscore", "torchmetrics", "cosine"))
+    p.add_argument("--mode", default="clipscore", choices=("clipscore", "torchmetrics", "cosine", "fused"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
     args = p.parse_args(argv)
@@ -137,15 +137,18 @@ def main_eval(argv: list[str] | None = None) -> int:
     p.add_argument("--plot", default=None, help="similarity-matrix PNG (first pair, first 32 samples)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--rerank", type=int, default=0, metavar="K",
+                   help="also report R@1 after reranking the cosine top-K by the fusion head (text pairs)")
     args = p.parse_args(argv)
-    metrics = evaluate_backbone(args.backbone, args.data, args.batch_size, args.workers, args.plot)
+    metrics = evaluate_backbone(args.backbone, args.data, args.batch_size, args.workers, args.plot, args.rerank)
     print(json.dumps(metrics, indent=2))
     return 0
 
 
 def evaluate_backbone(backbone_dir: str, data: str, batch_size: int = 32, workers: int = 0,
-                      plot: str | None = None) -> dict[str, float]:
-    """Retrieval metrics of an exported backbone on held-out shards (eval transforms)."""
+                      plot: str | None = None, rerank: int = 0) -> dict[str, float]:
+    """Retrieval metrics of an exported backbone on held-out shards (eval transforms); ``rerank`` = k adds R@1
+    after reranking the cosine top-k by the fusion head."""
     from accord.consistency.backbone import Backbone, load_backbone
     from accord.data.config import DataConfig, TextConfig
     from accord.data.loader import Loader
@@ -157,9 +160,21 @@ def evaluate_backbone(backbone_dir: str, data: str, batch_size: int = 32, worker
     cfg = DataConfig(val=data, batch_size=batch_size, workers=workers, persistent_workers=False,
                      text=TextConfig(tokenizer=str(Path(backbone_dir) / "tokenizer"), max_length=backbone.max_length),
                      image=backbone.image_cfg, video=backbone.video_cfg, audio=backbone.audio_cfg)
+    if rerank and not backbone.has_fusion:
+        raise SystemExit(f"accord eval: --rerank needs a fusion head; {backbone_dir} has none")
     loader = Loader(cfg, backbone.modalities, train=False, rank=0, world=1)
-    emb = embed_all(backbone.model, loader, backbone.device, next(backbone.parameters()).dtype, batch_size)
-    metrics = retrieval(emb, backbone.model.pairs)
+    tokens: dict[str, Any] | None = {} if rerank else None
+    dtype = next(backbone.parameters()).dtype
+    with torch.no_grad():
+        emb = embed_all(backbone.model, loader, backbone.device, dtype, batch_size, tokens=tokens)
+
+    def match_fn(*args: Any) -> torch.Tensor:
+        *tensors, modality = args
+        tt, tm, ot, om = (t.to(backbone.device) for t in tensors)
+        with torch.no_grad():
+            return backbone.model.fusion(tt, tm, ot, om, modality)
+
+    metrics = retrieval(emb, backbone.model.pairs, rerank, match_fn if rerank else None, tokens)
     if plot:
         similarity_plot(emb, backbone.model.pairs, plot)
     return metrics

@@ -6,7 +6,7 @@ Layout of the backbone directory::
 
     backbone.json             format, embed_dim, pairs, model config, preprocessing per modality, source
     towers/<modality>/        a transformers ``save_pretrained`` directory per tower
-    heads.safetensors         projections, temporal pooling, temperatures (and logit biases)
+    heads.safetensors         projections, temporal pooling, temperatures (and logit biases), the fusion head
     tokenizer/                the text tokenizer (when there is a text tower)
     README.md                 model card: data, steps, last evaluation
     onnx/<modality>.onnx      with --onnx: each tower (inputs as in accord.models.towers, output "embedding")
@@ -119,6 +119,9 @@ def save_backbone(model: AccordModel, cfg: TrainConfig, out: Path, dtype: str = 
         pretrained = f"towers/{'image' if tcfg.share_image_backbone else modality}"
         towers_cfg[modality] = {**to_dict(tcfg), "pretrained": pretrained, "freeze": False, "unfreeze_last_n": None,
                                 "gradient_checkpointing": False}
+    if model.fusion is not None:
+        for name, t in model.fusion.state_dict().items():
+            heads[f"fusion.{name}"] = t.detach().to(torch_dtype).contiguous()
     for kind in ("logit_scale", "logit_bias"):
         params = getattr(model, kind)
         if params is not None:

@@ -9,6 +9,9 @@ For two modalities a, b of the same sample with embeddings e_a, e_b (L2-normalis
 - ``refclip``:     harmonic mean of clipscore(candidate text, medium) and max(max_r cos(candidate, r), 0) over the
   reference texts r (RefCLIPScore)
 
+- ``fused``:       sigmoid of the fusion head's match logit (text tokens attending to the other modality's tokens):
+  the probability that the pair matches; text pairs only, needs a backbone trained with ``model.fusion``
+
 With more than two modalities every pair is scored and ``aggregate`` is their weighted mean (weights per pair name,
 default 1). Everything is batched tensor maths, so gradients flow to the inputs and the towers.
 """
@@ -26,7 +29,7 @@ from torch import nn
 from accord.consistency.backbone import load_backbone
 from accord.models.config import MODALITIES
 
-Mode = Literal["clipscore", "torchmetrics", "cosine", "refclip"]
+Mode = Literal["clipscore", "torchmetrics", "cosine", "refclip", "fused"]
 CLIPSCORE_W = 2.5
 
 
@@ -49,6 +52,12 @@ def _key(item: Any) -> str | None:
     if isinstance(item, bytes):
         return "b:" + hashlib.sha256(item).hexdigest()
     return None
+
+
+def _aggregate(pairs: dict[str, torch.Tensor], weights: dict[str, float] | None) -> ScoreResult:
+    w = weights or {}
+    total = sum(w.get(k, 1.0) for k in pairs)
+    return ScoreResult(pairs, sum(w.get(k, 1.0) * v for k, v in pairs.items()) / total)
 
 
 class ConsistencyScorer(nn.Module):
@@ -85,6 +94,8 @@ class ConsistencyScorer(nn.Module):
               ) -> ScoreResult:
         """Per-sample scores of every pair of the given modalities and their weighted aggregate."""
         given = {"text": text, "image": image, "video": video, "audio": audio}
+        if mode == "fused":
+            return self._fused(given, weights, embeddings)
         emb = {m: self.embed(m, v) for m, v in given.items() if v is not None}
         for m, e in (embeddings or {}).items():
             emb[m] = torch.nn.functional.normalize(e, dim=-1)
@@ -101,10 +112,26 @@ class ConsistencyScorer(nn.Module):
             for b in present[i + 1 :]:
                 cos = (emb[a] * emb[b]).sum(dim=-1)
                 pairs[f"{a}-{b}"] = self._apply(mode, cos, emb, references, a, b)
-        w = weights or {}
-        total = sum(w.get(k, 1.0) for k in pairs)
-        aggregate = sum(w.get(k, 1.0) * v for k, v in pairs.items()) / total
-        return ScoreResult(pairs, aggregate)
+        return _aggregate(pairs, weights)
+
+    def _fused(self, given: dict[str, Any], weights: dict[str, float] | None,
+               embeddings: dict[str, torch.Tensor] | None) -> ScoreResult:
+        if embeddings:
+            raise ValueError("mode 'fused' needs token features: pass raw inputs, not embeddings=")
+        if not getattr(self.backbone, "has_fusion", False):
+            raise ValueError(f"mode 'fused': the backbone {getattr(self.backbone, 'path', '')} has no fusion head "
+                             "(train with model.fusion set)")
+        others = [m for m in MODALITIES[1:] if given[m] is not None]
+        if given["text"] is None or not others:
+            raise ValueError("mode 'fused' scores text against another modality: give text and at least one more")
+        text = self.backbone.encode("text", given["text"])
+        pairs = {}
+        for m in others:
+            other = self.backbone.encode(m, given[m])
+            if other.embedding.shape[0] != text.embedding.shape[0]:
+                raise ValueError(f"batch sizes differ: text {text.embedding.shape[0]}, {m} {other.embedding.shape[0]}")
+            pairs[f"text-{m}"] = torch.sigmoid(self.backbone.match_logits(text, other, m).float())
+        return _aggregate(pairs, weights)
 
     def _apply(self, mode: Mode, cos: torch.Tensor, emb: dict[str, torch.Tensor],
                references: list[list[str]] | None, a: str, b: str) -> torch.Tensor:
@@ -116,7 +143,7 @@ class ConsistencyScorer(nn.Module):
         if mode == "clipscore":
             return clip_s
         if mode != "refclip":
-            raise ValueError(f"unknown mode {mode!r} (clipscore, torchmetrics, cosine, refclip)")
+            raise ValueError(f"unknown mode {mode!r} (clipscore, torchmetrics, cosine, refclip, fused)")
         if "text" not in (a, b):
             return clip_s
         if len(references) != len(cos):
