@@ -1,0 +1,12 @@
+"""Consistency-guided captioning: a small caption decoder on accord tower features, decoding strategies (greedy,
+beam, nucleus, N-best reranking, consistency-guided beam) and training strategies (MLE, MLE + differentiable
+consistency loss, self-critical sequence training with the consistency score as reward)."""
+
+from accord.captioning.decode import DecodeConfig, generate
+from accord.captioning.model import Captioner, CaptionerConfig
+from accord.captioning.reward import CaptionConsistency
+from accord.captioning.train import CaptionTrainConfig, train_captioner
+from accord.captioning.vocab import CaptionVocab
+
+__all__ = ["CaptionConsistency", "CaptionTrainConfig", "Captioner", "CaptionerConfig", "CaptionVocab",
+           "DecodeConfig", "generate", "train_captioner"]

@@ -1,0 +1,42 @@
+"""A small transformer decoder that cross-attends to a tower's token features (any modality)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class CaptionerConfig:
+    dim: int = 128
+    layers: int = 2
+    heads: int = 4
+    dropout: float = 0.1
+    max_len: int = 16  # words per caption (without BOS/EOS)
+
+
+class Captioner(nn.Module):
+    """``forward(tokens [B, T], memory [B, L, W], memory_mask bool [B, L])`` -> next-token logits [B, T, V]."""
+
+    def __init__(self, cfg: CaptionerConfig, vocab_size: int, memory_width: int):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(vocab_size, cfg.dim)
+        self.pos = nn.Parameter(torch.zeros(1, cfg.max_len + 2, cfg.dim))
+        nn.init.normal_(self.pos, std=0.02)
+        self.memory_proj = nn.Sequential(nn.Linear(memory_width, cfg.dim), nn.LayerNorm(cfg.dim))
+        layer = nn.TransformerDecoderLayer(cfg.dim, cfg.heads, 4 * cfg.dim, cfg.dropout, batch_first=True,
+                                           norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, cfg.layers)
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.out = nn.Linear(cfg.dim, vocab_size)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        x = self.embed(tokens) + self.pos[:, :t]
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tokens.device), diagonal=1)
+        y = self.decoder(x, self.memory_proj(memory), tgt_mask=causal, memory_key_padding_mask=~memory_mask,
+                         tgt_is_causal=True)
+        return self.out(self.norm(y))

