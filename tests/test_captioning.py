@@ -179,9 +179,9 @@ def test_bench_captioning_writes_the_table(setup, tmp_path: Path) -> None:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "captioning.json").read_text())
-    assert len(result["rows"]) == 4 * 5 and result["val_items"] == 18
+    assert len(result["rows"]) == 5 * 7 and result["val_items"] == 18  # 5 trainings x 7 decodings (2 betas)
     for row in result["rows"]:
         assert {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "consistency", "RefCLIP-S", "distinct-1", "distinct-2",
                 "mean_length"} <= set(row)
     assert result["references"]["METEOR"] == pytest.approx(1.0, abs=1e-3)  # references score perfectly
-    assert (out / "captioning.png").stat().st_size > 0 and "| MLE | guided |" in (out / "captioning.md").read_text()
+    assert (out / "captioning.png").stat().st_size > 0 and "| MLE | guided β=5 |" in (out / "captioning.md").read_text()

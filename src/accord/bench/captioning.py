@@ -4,8 +4,9 @@
 
 The backbone stays frozen: its ``--modality`` tower's token features condition a small caption decoder, its text
 tower scores captions. Trains one decoder per training strategy (MLE; MLE + soft consistency loss with expected
-embeddings and with Gumbel-softmax; SCST with the consistency reward, started from the MLE decoder), decodes the
-validation media with every decoding strategy (greedy, beam, nucleus, N-best rerank, consistency-guided beam), and
+embeddings and with Gumbel-softmax; SCST with the consistency reward, started from the MLE decoder, without and
+with an MLE term), decodes the validation media with every decoding strategy (greedy, beam, nucleus, N-best rerank
+and consistency-guided beam at each ``--beta``), and
 scores every variant: BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), the consistency score (CLIPScore mode),
 RefCLIPScore-style score, distinct-1/2 and mean length. Writes ``OUT/captioning.md``, ``.json`` and ``.png``.
 Items used: shard samples with text and the chosen modality and no other medium.
@@ -41,6 +42,7 @@ TRAININGS = {  # name -> (strategy overrides, start from)
     "MLE + consistency (expected)": ({"strategy": "consistency", "soft": "expected"}, None),
     "MLE + consistency (Gumbel)": ({"strategy": "consistency", "soft": "gumbel"}, None),
     "SCST (consistency reward)": ({"strategy": "scst"}, "MLE"),
+    "SCST + MLE term (0.5)": ({"strategy": "scst", "scst_mle_weight": 0.5}, "MLE"),
 }
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "consistency", "RefCLIP-S", "distinct-1", "distinct-2",
            "mean_length")
@@ -73,8 +75,8 @@ def consistency_scores(captions: list[str], data: CaptionData, backbone: Any, mo
     return {"consistency": float(clip_s.mean()), "RefCLIP-S": float(ref_s.mean())}
 
 
-def run(backbone_dir: str, data: str, val: str, modality: str = "image", epochs: int = 40, scst_epochs: int = 10,
-        beta: float = 1.0, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def run(backbone_dir: str, data: str, val: str, modality: str = "image", epochs: int = 15, scst_epochs: int = 5,
+        betas: tuple[float, ...] = (1.0, 5.0), seed: int = 0, progress: bool = True) -> dict[str, Any]:
     from accord.consistency import load_backbone
 
     backbone = load_backbone(backbone_dir).eval()
@@ -90,8 +92,8 @@ def run(backbone_dir: str, data: str, val: str, modality: str = "image", epochs:
         "greedy": DecodeConfig("greedy"),
         "beam": DecodeConfig("beam", beam=4),
         "sample": DecodeConfig("sample", top_p=0.9, seed=seed),
-        "rerank": DecodeConfig("rerank", candidates=8, beta=beta, seed=seed),
-        "guided": DecodeConfig("guided", beam=4, guide_top_k=8, beta=beta),
+        **{f"rerank β={b:g}": DecodeConfig("rerank", candidates=8, beta=b, seed=seed) for b in betas},
+        **{f"guided β={b:g}": DecodeConfig("guided", beam=4, guide_top_k=8, beta=b) for b in betas},
     }
     models: dict[str, Captioner] = {}
     rows, histories, captions = [], {}, {}
@@ -111,7 +113,7 @@ def run(backbone_dir: str, data: str, val: str, modality: str = "image", epochs:
                      **consistency_scores(caps, val_data, backbone, modality), "examples": caps[:5]})
     references = rows.pop()
     return {"rows": rows, "references": references, "history": histories, "modality": modality,
-            "train_items": len(train_data), "val_items": len(val_data), "vocab": len(vocab), "beta": beta,
+            "train_items": len(train_data), "val_items": len(val_data), "vocab": len(vocab), "betas": list(betas),
             "epochs": epochs, "scst_epochs": scst_epochs, "val_examples": val_data.captions[:5]}
 
 
@@ -157,9 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--val", required=True, help="evaluation shards")
     p.add_argument("--modality", default="image", choices=("image", "video", "audio"))
     p.add_argument("--out", default="bench_out/captioning")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--scst-epochs", type=int, default=10)
-    p.add_argument("--beta", type=float, default=1.0, help="weight of the consistency score in rerank / guided")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--scst-epochs", type=int, default=5)
+    p.add_argument("--beta", type=float, nargs="+", default=[1.0, 5.0],
+                   help="weights of the consistency score in rerank / guided (one row each)")
     p.add_argument("--quick", action="store_true", help="few epochs (a smoke run)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -168,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = run(args.backbone, args.data, args.val, args.modality, epochs, scst, args.beta, args.seed)
+    result = run(args.backbone, args.data, args.val, args.modality, epochs, scst, tuple(args.beta), args.seed)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["command"] = "accord bench captioning " + " ".join(argv if argv is not None else [])
     (out / "captioning.json").write_text(json.dumps(result, indent=1))

@@ -162,6 +162,11 @@ def model_card(cfg: TrainConfig, meta: dict[str, Any]) -> str:
         f"({cfg.loss.kind} loss, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}).", "",
         "Load with `accord.load_backbone(DIR)` or `ConsistencyScorer.from_pretrained(DIR)`.", "",
     ]
+    fusion = meta["model"].get("fusion")
+    if fusion:
+        lines += [f"Fusion head: {fusion['layers']} cross-attention layers of width {fusion['dim']}"
+                  f"{' (symmetric)' if fusion['symmetric'] else ''}, trained with mined hard negatives; "
+                  "`scorer.score(..., mode=\"fused\")` gives the match probability of text pairs.", ""]
     if last_eval:
         lines += [f"## Zero-shot retrieval at step {last_eval['step']} on `{cfg.data.val}`", "",
                   "| metric | value |", "|---|---|"]
