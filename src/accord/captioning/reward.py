@@ -37,7 +37,7 @@ class CaptionConsistency:
     def text_embedding(self, seqs: torch.Tensor) -> torch.Tensor:
         inputs = self._to_tokenizer(seqs.cpu())
         return self.backbone.model.towers["text"](
-            {k: v.to(self.backbone.device) for k, v in inputs.items()})
+            {k: v.to(self.backbone.device) for k, v in inputs.items()}).embedding
 
     def score(self, seqs: torch.Tensor, media: torch.Tensor) -> torch.Tensor:
         """Cosine of hard captions [M, T] (generator indices, no BOS) with media embeddings [M, D]."""

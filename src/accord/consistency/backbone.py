@@ -131,7 +131,7 @@ class Backbone(nn.Module):
             m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
             pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1)
             return TowerOutput(F.normalize(tower.proj(pooled), dim=-1), out.last_hidden_state, mask.to(torch.bool))
-        return self.model.towers[modality].encode(prepared)
+        return self.model.towers[modality](prepared)
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
         return self.encode(modality, inputs).embedding

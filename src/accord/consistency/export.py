@@ -76,7 +76,7 @@ class _TowerWithNamedInputs(torch.nn.Module):
         self.tower, self.names = tower, names
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return self.tower(dict(zip(self.names, inputs, strict=True)))
+        return self.tower(dict(zip(self.names, inputs, strict=True))).embedding
 
 
 def export_onnx(model: AccordModel, out: Path, opset: int = 17) -> dict[str, Path]:

@@ -50,9 +50,11 @@ class AccordModel(nn.Module):
             self.logit_bias = nn.ParameterDict(
                 {n: nn.Parameter(torch.full([1], float(cfg.init_logit_bias))) for n in names})
         self.fusion = None
+        self.token_modalities: set[str] = set()  # whose token features a loss uses (the fusion head's)
         if cfg.fusion is not None:
-            used = {"text"} | {m for _, m in cfg.fusion_pairs()}
-            self.fusion = FusionHead(cfg.fusion, {m: backbone_width(self.towers[m].backbone) for m in sorted(used)})
+            self.token_modalities = {"text"} | {m for _, m in cfg.fusion_pairs()}
+            self.fusion = FusionHead(cfg.fusion, {m: backbone_width(self.towers[m].backbone)
+                                                  for m in sorted(self.token_modalities)})
 
     def _param_key(self, pair: tuple[str, str]) -> str:
         return "shared" if self.cfg.temperature == "shared" else pair_name(*pair)
@@ -80,9 +82,9 @@ class AccordModel(nn.Module):
         present = present.to(torch.bool)
         idx = present.nonzero(as_tuple=True)[0]
         if len(idx) == batch_size:
-            return tower.encode(inputs), present
-        live = tower.encode({k: v[idx] for k, v in inputs.items()} if len(idx) else
-                            tower.dummy_inputs(1, ref.device, ref.dtype))
+            return tower(inputs), present
+        live = tower({k: v[idx] for k, v in inputs.items()} if len(idx) else
+                     tower.dummy_inputs(1, ref.device, ref.dtype))
         emb = torch.zeros(batch_size, self.cfg.embed_dim, device=ref.device, dtype=ref.dtype)
         tokens = live.tokens.new_zeros((batch_size, *live.tokens.shape[1:]))
         mask = torch.zeros(batch_size, live.tokens.shape[1], dtype=torch.bool, device=ref.device)
@@ -90,7 +92,11 @@ class AccordModel(nn.Module):
         if len(idx) > 0:
             return TowerOutput(emb.index_copy(0, idx, live.embedding.to(emb.dtype)), tokens.index_copy(0, idx, live.tokens),
                                mask.index_copy(0, idx, live.mask)), present
-        zero = 0.0 * live.embedding.sum() + 0.0 * live.tokens.sum()
+        # the dummy joins the graph through what the losses use on ranks that have data (ZeRO-3 traces the
+        # modules of forward and backward and needs the same ones on every rank): tokens only with a fusion head
+        zero = 0.0 * live.embedding.sum()
+        if modality in self.token_modalities:
+            zero = zero + 0.0 * live.tokens.sum()
         return TowerOutput(emb + zero, tokens + zero, mask), present
 
     def forward(self, batch: Batch) -> ModelOutput:

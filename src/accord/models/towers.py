@@ -81,14 +81,17 @@ class TemporalPool(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, D]
+    def forward(self, frames: torch.Tensor, patches: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-frame features [B, T, D] -> pooled [B, D]; every frame's patches [B, T, P, D] -> tokens
+        [B, T * P, D] tagged with their frame's temporal position (all parameters used inside this forward, as
+        ZeRO-3 gathers a module's parameters for its own forward only)."""
         t = frames.shape[1]
         if t > self.pos.shape[1]:
             raise ValueError(f"video has {t} frames, the tower was built for at most {self.pos.shape[1]} "
                              "(towers.video.num_frames)")
         x = self.norm(frames + self.pos[:, :t])
         pooled, _ = self.attn(self.query.expand(frames.shape[0], -1, -1), x, x, need_weights=False)
-        return pooled[:, 0] + frames.mean(dim=1)
+        return pooled[:, 0] + frames.mean(dim=1), (patches + self.pos[:, :t, None, :]).flatten(1, 2)
 
 
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -105,8 +108,8 @@ class TowerOutput(NamedTuple):
 
 
 class Tower(nn.Module):
-    """One modality's encoder; ``forward(inputs)`` returns L2-normalised embeddings [B, embed_dim],
-    ``encode(inputs)`` also the token features."""
+    """One modality's encoder; ``forward(inputs)`` returns the L2-normalised embeddings [B, embed_dim] and the
+    token features (:class:`TowerOutput`)."""
 
     def __init__(self, modality: str, cfg: TowerConfig, embed_dim: int, shared_backbone: nn.Module | None = None):
         super().__init__()
@@ -134,8 +137,7 @@ class Tower(nn.Module):
             return hidden[:, 0], hidden
         return _masked_mean(hidden, mask), hidden
 
-    def encode(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
-        """The embedding and the token features (for the fusion head)."""
+    def forward(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
         kind = self.cfg.kind
         mask = None
         if kind in ("bert", "clip_text"):
@@ -147,10 +149,7 @@ class Tower(nn.Module):
             video = inputs["pixel_values"]
             b, t = video.shape[:2]
             per_frame, patches = self._run(None, pixel_values=video.flatten(0, 1))
-            pooled = self.temporal(per_frame.view(b, t, -1))
-            # every frame's patch tokens, each tagged with its frame's temporal position
-            patches = patches.view(b, t, patches.shape[1], -1) + self.temporal.pos[:, :t, None, :]
-            tokens = patches.flatten(1, 2)
+            pooled, tokens = self.temporal(per_frame.view(b, t, -1), patches.view(b, t, patches.shape[1], -1))
         elif kind == "ast":
             pooled, tokens = self._run(None, input_values=inputs["features"])
         else:  # whisper: [B, n_mels, T]
@@ -158,9 +157,6 @@ class Tower(nn.Module):
         if mask is None:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return TowerOutput(F.normalize(self.proj(pooled), dim=-1), tokens, mask.to(torch.bool))
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.encode(inputs).embedding
 
     def dummy_inputs(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A minimal valid input, run when a rank's batch lacks this modality (ZeRO-3 needs every tower run)."""
