@@ -175,3 +175,25 @@ def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Pa
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert {"text-image/text->image/R@1+rerank5", "text-video/video->text/R@1+rerank5"} <= set(metrics)
+
+
+def test_accumulation_runs_the_head_on_every_micro_batch() -> None:
+    from loss_worker import global_batch, slice_batch, tiny_model
+
+    from accord.losses import ContrastiveLoss, LossConfig
+    from accord.train.step import contrastive_step
+
+    model = tiny_model(fusion={"dim": 16, "layers": 1, "heads": 2})
+    matching, seen = MatchingLoss(), []
+
+    def loss_fn(out):
+        loss, parts = ContrastiveLoss(LossConfig())(out)
+        match, match_parts = matching(out, model.fusion, model.cfg.fusion_pairs())
+        seen.append((out.token_rows, out.tokens["text"].shape[0], out.embeddings["text"].shape[0]))
+        return loss + match, {**parts, **match_parts}
+
+    micro = [slice_batch(global_batch(True), i * 4, (i + 1) * 4) for i in range(2)]
+    _, parts = contrastive_step(model, loss_fn, micro, backward=lambda loss: loss.backward())
+    assert seen == [(slice(0, 4), 4, 8), (slice(4, 8), 4, 8)]  # each pass: its own tokens, all embeddings
+    assert any(k.startswith("match/") for k in parts)
+    assert all(p.grad is not None for p in model.fusion.parameters())

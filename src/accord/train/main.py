@@ -108,8 +108,9 @@ class Trainer:
         self.modalities = tuple(cfg.model.towers)
         self.loss_fn = ContrastiveLoss(cfg.loss)
         self.fusion_pairs = cfg.model.fusion_pairs()
-        self.match_loss = MatchingLoss(cfg.loss.match_negatives == "hard",
-                                                                  cfg.loss.match_temperature) if self.fusion_pairs else None
+        self.match_loss = None
+        if self.fusion_pairs:
+            self.match_loss = MatchingLoss(cfg.loss.match_negatives == "hard", cfg.loss.match_temperature)
         self.loader = Loader(cfg.data, self.modalities, train=True)
         self.val_loader = None
         if cfg.data.val:
