@@ -62,11 +62,9 @@ def decode_all(model: Captioner, data: CaptionData, cfg: DecodeConfig, consisten
     return [c for s in seqs for c in consistency.vocab.decode(s)]
 
 
-def consistency_scores(captions: list[str], data: CaptionData, backbone: Any, modality: str) -> dict[str, float]:
-    """Mean CLIPScore-mode consistency and RefCLIPScore-style score of captions for ``data``'s media."""
-    from accord.consistency import ConsistencyScorer
-
-    scorer = ConsistencyScorer(backbone)
+def consistency_scores(captions: list[str], data: CaptionData, scorer: Any, modality: str) -> dict[str, float]:
+    """Mean CLIPScore-mode consistency and RefCLIPScore-style score of captions for ``data``'s media (a caching
+    scorer embeds each distinct caption and reference once across modes and variants)."""
     refs = [[c] for c in data.captions]
     with torch.no_grad():
         clip_s = scorer.score(text=captions, embeddings={modality: data.media}, mode="clipscore").aggregate
@@ -77,7 +75,7 @@ def consistency_scores(captions: list[str], data: CaptionData, backbone: Any, mo
 
 def run(backbone_dir: str, data: str, val: str, modality: str = "image", epochs: int = 15, scst_epochs: int = 5,
         betas: tuple[float, ...] = (1.0, 5.0), seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    from accord.consistency import load_backbone
+    from accord.consistency import ConsistencyScorer, load_backbone
 
     backbone = load_backbone(backbone_dir).eval()
     for p in backbone.parameters():
@@ -108,9 +106,10 @@ def run(backbone_dir: str, data: str, val: str, modality: str = "image", epochs:
             captions[(name, dec_name)] = decode_all(model, val_data, dec, consistency)
     captions[("references", "-")] = val_data.captions
     quality = caption_metrics({f"{t}|{d}": c for (t, d), c in captions.items()}, [[c] for c in val_data.captions])
+    scorer = ConsistencyScorer(backbone, cache=True)
     for (name, dec_name), caps in captions.items():
         rows.append({"training": name, "decoding": dec_name, **quality[f"{name}|{dec_name}"],
-                     **consistency_scores(caps, val_data, backbone, modality), "examples": caps[:5]})
+                     **consistency_scores(caps, val_data, scorer, modality), "examples": caps[:5]})
     references = rows.pop()
     return {"rows": rows, "references": references, "history": histories, "modality": modality,
             "train_items": len(train_data), "val_items": len(val_data), "vocab": len(vocab), "betas": list(betas),

@@ -26,6 +26,7 @@ import torch
 
 from accord.demo.world import ATTRIBUTES, generate_attributes, wrong_attribute
 from accord.models.towers import TowerOutput
+from accord.train.evaluate import rerank_topk
 
 SIZES = {  # (train images, train videos, val images, val videos, epochs)
     "quick": (360, 288, 72, 72, 12),
@@ -61,12 +62,10 @@ def _retrieval(backbone: Any, captions: list[str], media: TowerOutput, modality:
     for direction, s, q_label, t_label in ((f"{modality}->text", sims, label, torch.arange(len(unique))),
                                            (f"text->{modality}", sims.T, torch.arange(len(unique)), label)):
         out[f"{direction}/R@1"] = float((t_label[s.argmax(1)] == q_label).float().mean())
+        to_text = direction.endswith("->text")
         for k in ks:
-            top = s.topk(min(k, s.shape[1]), dim=1).indices
-            q = torch.arange(s.shape[0])[:, None].expand_as(top).reshape(-1)
-            t = top.reshape(-1)
-            t_idx, o_idx = (t, q) if direction.endswith("->text") else (q, t)
-            fused = _fused(backbone, text, media, modality, t_idx, o_idx).view_as(top)
+            top, fused = rerank_topk(s, k, lambda q, t, to_text=to_text: _fused(
+                backbone, text, media, modality, *((t, q) if to_text else (q, t))))
             best = top.gather(1, fused.argmax(1, keepdim=True))[:, 0]
             out[f"{direction}/R@1+rerank{k}"] = float((t_label[best] == q_label).float().mean())
     out["captions"] = len(unique)

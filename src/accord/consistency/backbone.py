@@ -32,7 +32,7 @@ from accord.data.config import AudioConfig, ImageConfig, VideoConfig
 from accord.data.decode import decode_audio, decode_image, decode_video
 from accord.data.transforms import audio_features, normalize, video_to_tensor
 from accord.models import AccordModel, ModelConfig
-from accord.models.towers import TowerOutput
+from accord.models.towers import TowerOutput, cat_tokens
 
 
 def _read(item: Any) -> bytes:
@@ -124,13 +124,6 @@ class Backbone(nn.Module):
         dtype = next(self.parameters()).dtype
         prepared = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
                     for k, v in self.prepare(modality, inputs).items()}
-        if modality == "text" and "inputs_embeds" in prepared:
-            tower = self.model.towers["text"]
-            mask = prepared["attention_mask"]
-            out = tower.backbone(inputs_embeds=prepared["inputs_embeds"], attention_mask=mask)
-            m = mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
-            pooled = (out.last_hidden_state * m).sum(1) / m.sum(1).clamp(min=1)
-            return TowerOutput(F.normalize(tower.proj(pooled), dim=-1), out.last_hidden_state, mask.to(torch.bool))
         return self.model.towers[modality](prepared)
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
@@ -139,10 +132,7 @@ class Backbone(nn.Module):
     def encode_all(self, modality: str, inputs: list[Any], chunk: int = 64) -> TowerOutput:
         """``encode`` in chunks; tokens padded to the longest chunk (mask False on the padding)."""
         outs = [self.encode(modality, inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)]
-        length = max(o.tokens.shape[1] for o in outs)
-        return TowerOutput(torch.cat([o.embedding for o in outs]),
-                           torch.cat([F.pad(o.tokens, (0, 0, 0, length - o.tokens.shape[1])) for o in outs]),
-                           torch.cat([F.pad(o.mask, (0, length - o.mask.shape[1])) for o in outs]))
+        return TowerOutput(torch.cat([o.embedding for o in outs]), *cat_tokens([(o.tokens, o.mask) for o in outs]))
 
     @property
     def has_fusion(self) -> bool:

@@ -91,15 +91,15 @@ class MatchingLoss(torch.nn.Module):
             text_mask = F.pad(text_mask, (0, length - text_mask.shape[1]))
         all_text, all_other = gather_with_grad(text), gather_with_grad(other)
         all_text_mask, all_other_mask = gather_nograd(text_mask), gather_nograd(other_mask)
-        all_te, all_oe = gather_nograd(text_emb.float()), gather_nograd(other_emb.float())
-        all_valid = gather_nograd(valid)
+        te, oe = text_emb.float(), other_emb.float()
+        all_te, all_oe, all_valid = gather_nograd(te), gather_nograd(oe), gather_nograd(valid)
 
         mine = torch.arange(n, device=text.device) + rank * n  # this rank's rows in the global batch
-        same = ((all_te[mine] @ all_te.T) > DUPLICATE_COS) | ((all_oe[mine] @ all_oe.T) > DUPLICATE_COS)
+        same = ((te @ all_te.T) > DUPLICATE_COS) | ((oe @ all_oe.T) > DUPLICATE_COS)
         same[torch.arange(n, device=text.device), mine] = True  # never the positive itself
         allowed = all_valid[None, :] & ~same & valid[:, None]
-        sims = scale * (all_te[mine] @ all_oe.T)  # text_i vs medium_j
-        sims_t = scale * (all_oe[mine] @ all_te.T)  # medium_i vs text_k
+        sims = scale * (te @ all_oe.T)  # text_i vs medium_j
+        sims_t = scale * (oe @ all_te.T)  # medium_i vs text_k
         if not self.hard:
             sims, sims_t = torch.zeros_like(sims), torch.zeros_like(sims_t)
         neg_other = sample_negatives(sims, allowed)

@@ -22,7 +22,7 @@ class ModelOutput:
     logit_scale: dict[str, torch.Tensor]  # pair name -> [1], already exp'd and clamped
     logit_bias: dict[str, torch.Tensor] | None  # pair name -> [1] (sigmoid loss)
     pairs: list[tuple[str, str]]
-    tokens: dict[str, torch.Tensor] | None = None  # modality -> [B, L, W] token features (with a fusion head)
+    tokens: dict[str, torch.Tensor] | None = None  # fusion head's modalities -> [B, L, W] token features
     token_mask: dict[str, torch.Tensor] | None = None  # modality -> bool [B, L]
     token_rows: slice | None = None  # rows of ``embeddings`` the tokens belong to (accumulation); None = all
 
@@ -70,8 +70,9 @@ class AccordModel(nn.Module):
         """The tower's output on present rows only (zeros elsewhere) and the presence mask [B].
 
         With no present row the tower still runs on a dummy input whose output joins the graph with weight 0,
-        so that every rank calls every tower (ZeRO-3) and every parameter receives a (zero) gradient. Absent rows
-        get zero tokens whose mask keeps only the first one (never all-masked, so attention stays finite).
+        so that every rank calls every tower (ZeRO-3) and every parameter receives a (zero) gradient. For the
+        fusion head's modalities, absent rows get zero tokens whose mask keeps only the first one (never
+        all-masked, so attention stays finite); other modalities' tokens are the live rows' only (unused).
         """
         tower = self.towers[modality]
         ref = next(self.parameters())
@@ -86,18 +87,19 @@ class AccordModel(nn.Module):
         live = tower({k: v[idx] for k, v in inputs.items()} if len(idx) else
                      tower.dummy_inputs(1, ref.device, ref.dtype))
         emb = torch.zeros(batch_size, self.cfg.embed_dim, device=ref.device, dtype=ref.dtype)
+        if len(idx) > 0:
+            emb = emb.index_copy(0, idx, live.embedding.to(emb.dtype))
+        else:  # the dummy joins the graph through what the losses use on ranks that have data (ZeRO-3 traces the
+            # modules of forward and backward and needs the same ones on every rank): tokens only with a fusion head
+            emb = emb + 0.0 * live.embedding.sum()
+        if modality not in self.token_modalities:  # no loss reads them: no per-step copies
+            return TowerOutput(emb, live.tokens, live.mask), present
         tokens = live.tokens.new_zeros((batch_size, *live.tokens.shape[1:]))
         mask = torch.zeros(batch_size, live.tokens.shape[1], dtype=torch.bool, device=ref.device)
         mask[:, 0] = True
         if len(idx) > 0:
-            return TowerOutput(emb.index_copy(0, idx, live.embedding.to(emb.dtype)), tokens.index_copy(0, idx, live.tokens),
-                               mask.index_copy(0, idx, live.mask)), present
-        # the dummy joins the graph through what the losses use on ranks that have data (ZeRO-3 traces the
-        # modules of forward and backward and needs the same ones on every rank): tokens only with a fusion head
-        zero = 0.0 * live.embedding.sum()
-        if modality in self.token_modalities:
-            zero = zero + 0.0 * live.tokens.sum()
-        return TowerOutput(emb + zero, tokens + zero, mask), present
+            return TowerOutput(emb, tokens.index_copy(0, idx, live.tokens), mask.index_copy(0, idx, live.mask)), present
+        return TowerOutput(emb + 0.0 * live.tokens.sum(), tokens, mask), present
 
     def forward(self, batch: Batch) -> ModelOutput:
         present = batch.get("present", {})
@@ -117,6 +119,6 @@ class AccordModel(nn.Module):
         if self.fusion is None:
             return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs)
         return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs,
-                           tokens={m: o.tokens for m, o in outputs.items()},
-                           token_mask={m: o.mask for m, o in outputs.items()})
+                           tokens={m: outputs[m].tokens for m in self.token_modalities},
+                           token_mask={m: outputs[m].mask for m in self.token_modalities})
 

@@ -107,6 +107,14 @@ class TowerOutput(NamedTuple):
     mask: torch.Tensor  # bool [B, L]: real tokens
 
 
+def cat_tokens(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate (tokens [b, L_i, W], mask [b, L_i]) chunks along the batch, padding to the longest L_i (mask
+    False on the padding): text chunks are padded to their own longest caption."""
+    length = max(t.shape[1] for t, _ in parts)
+    return (torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in parts]),
+            torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in parts]))
+
+
 class Tower(nn.Module):
     """One modality's encoder; ``forward(inputs)`` returns the L2-normalised embeddings [B, embed_dim] and the
     token features (:class:`TowerOutput`)."""
@@ -142,7 +150,10 @@ class Tower(nn.Module):
         mask = None
         if kind in ("bert", "clip_text"):
             mask = inputs["attention_mask"]
-            pooled, tokens = self._run(mask, input_ids=inputs["input_ids"], attention_mask=mask)
+            # soft tokens (a generator's expected embeddings) instead of ids: differentiable in the tokens
+            text = {"inputs_embeds": inputs["inputs_embeds"]} if "inputs_embeds" in inputs else {
+                "input_ids": inputs["input_ids"]}
+            pooled, tokens = self._run(mask, attention_mask=mask, **text)
         elif kind in ("vit", "clip_vision", "videomae"):
             pooled, tokens = self._run(None, pixel_values=inputs["pixel_values"])
         elif kind == "frames":

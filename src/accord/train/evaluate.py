@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from accord.data.loader import Loader
 from accord.models.config import pair_name
+from accord.models.towers import cat_tokens
 from accord.train.batches import lockstep, to_device
 
 
@@ -65,7 +66,7 @@ def embed_all(model, loader: Loader, device: torch.device, dtype: torch.dtype, b
         for m in modalities:
             chunks[m].append(out.embeddings[m].float().cpu())
             present[m].append(out.present[m].cpu())
-            if tokens is not None:
+            if tokens is not None and m in out.tokens:
                 token_chunks[m].append((out.tokens[m].cpu(), out.token_mask[m].cpu()))
         seen += batch_size
         if max_samples is not None and seen * (dist.get_world_size() if dist.is_initialized() else 1) >= max_samples:
@@ -74,10 +75,7 @@ def embed_all(model, loader: Loader, device: torch.device, dtype: torch.dtype, b
     if tokens is not None:
         if dist.is_initialized() and dist.get_world_size() > 1:
             raise ValueError("embed_all(tokens=...) runs in one process")
-        for m, parts in token_chunks.items():
-            length = max(t.shape[1] for t, _ in parts)  # text batches are padded to their own longest caption
-            tokens[m] = (torch.cat([torch.nn.functional.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in parts]),
-                         torch.cat([torch.nn.functional.pad(k, (0, length - k.shape[1])) for _, k in parts]))
+        tokens.update({m: cat_tokens(parts) for m, parts in token_chunks.items() if parts})
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return local
     parts: list[Any] = [None] * dist.get_world_size()
