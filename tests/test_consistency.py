@@ -147,6 +147,10 @@ def test_raw_inputs_from_files_and_cache(accord_dir: Path, tmp_path: Path) -> No
     for k, v in first.pairs.items():
         assert torch.allclose(again.pairs[k], v.expand(2), atol=1e-6), k
     assert all((v >= 0).all() and (v <= 2.5).all() for v in first.pairs.values())
+    # captions that happen to name a folder ("" and "." are the working directory) are text, not files
+    with torch.no_grad():
+        odd = scorer.score(text=["", "."], image=[str(tmp_path / "red.png")] * 2)
+    assert odd.aggregate.shape == (2,)
 
 
 def test_load_backbone_rejects_other_folders(tmp_path: Path) -> None:

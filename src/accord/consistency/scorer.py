@@ -45,7 +45,7 @@ def torchmetrics_aggregate(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _key(item: Any) -> str | None:
-    if isinstance(item, str) and not Path(item).exists():
+    if isinstance(item, str) and not Path(item).is_file():  # "" or "." name the working directory, not a file
         return "s:" + hashlib.sha256(item.encode()).hexdigest()
     if isinstance(item, (str, Path)):
         return "f:" + hashlib.sha256(Path(item).read_bytes()).hexdigest()

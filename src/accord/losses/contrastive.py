@@ -64,6 +64,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(f"local batch sizes differ across ranks ({[int(s) for s in sizes]}); "
                          "use drop_last so that every rank has the same micro-batch size")
+    if torch.is_grad_enabled() and not x.requires_grad:
+        # the backward all-reduces, so every rank must run it: also one whose rows are constants (absent samples)
+        x = x.detach().requires_grad_()
     return _GatherWithGrad.apply(x)
 
 
