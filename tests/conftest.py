@@ -76,6 +76,20 @@ def make_raw_corpus(root: Path) -> Path:
     return root
 
 
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_shm_workspace():
+    """Every multi-rank run must release DeepSpeed's 66 MB /dev/shm all-reduce files (RAM until reboot otherwise)."""
+    before = set(SHM.glob("deepspeed_allreduce_buffer_*"))
+    yield
+    leaked = set(SHM.glob("deepspeed_allreduce_buffer_*")) - before
+    for f in leaked:
+        f.unlink(missing_ok=True)  # one failure must not fill the machine's RAM for the tests after it
+    assert not leaked, f"DeepSpeed shm files left in /dev/shm: {sorted(f.name for f in leaked)}"
+
+
 @pytest.fixture(scope="session")
 def raw_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_raw_corpus(tmp_path_factory.mktemp("raw"))

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from loss_worker import tiny_model
 
 from accord.losses import ContrastiveLoss, LossConfig
+from accord.train.distributed import init_distributed
 
 
 def batch(rank: int, step: int, n: int = 4) -> dict:
@@ -38,7 +39,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--stage", type=int, default=3)
     args = p.parse_args()
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()
     model = tiny_model().float().train()
     config = {
         "train_micro_batch_size_per_gpu": 4,

@@ -11,8 +11,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -28,24 +26,11 @@ from accord.models import AccordModel
 from accord.train import checkpoint
 from accord.train.batches import lockstep, real_samples, to_device
 from accord.train.config import TrainConfig
+from accord.train.distributed import init_distributed
 from accord.train.evaluate import embed_all, retrieval
 from accord.train.metrics import MetricLogger
 from accord.train.optim import lr_at, param_groups
 from accord.train.step import contrastive_step
-
-
-def init_distributed() -> None:
-    """Use the launcher's environment, or set up a one-process group when started plainly."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
