@@ -88,6 +88,36 @@ def test_torchmetrics_mode_equals_torchmetrics_clipscore(clip_dir: Path) -> None
     assert torchmetrics_aggregate(per_sample).item() == pytest.approx(expected.item(), abs=1e-4)
 
 
+def test_device_side_image_path_equals_the_clip_processor(clip_dir: Path) -> None:
+    """On an accelerator uint8 images skip the host processor: that path must give the processor's pixels."""
+    from transformers import CLIPImageProcessor
+
+    from accord.consistency.backbone import HFClipBackbone, _image_batch
+
+    images = [torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(5)]  # one size: the batched call an accelerator gets
+    expected = CLIPImageProcessor.from_pretrained(clip_dir)(images=images, return_tensors="pt")["pixel_values"]
+    got = _image_batch(images, HFClipBackbone(clip_dir).image_cfg, torch.device("cpu"))
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["clip", "accord"])
+def test_half_precision_towers_score_in_fp32_close_to_full_precision(kind: str, clip_dir: Path, accord_dir: Path
+                                                                     ) -> None:
+    folder = clip_dir if kind == "clip" else accord_dir
+    full = ConsistencyScorer.from_pretrained(folder)
+    half = ConsistencyScorer.from_pretrained(folder, dtype=torch.bfloat16)
+    assert next(half.backbone.parameters()).dtype == torch.bfloat16
+    images = _images(4)
+    with torch.no_grad():
+        a = full.score(text=CAPTIONS[:4], image=images, mode="cosine").pairs["text-image"]
+        b = half.score(text=CAPTIONS[:4], image=images, mode="cosine").pairs["text-image"]
+    assert b.dtype == torch.float32
+    assert torch.allclose(a, b, atol=0.03), (a, b)
+    assert not torch.equal(a, b)  # the towers really ran in bf16
+
+
 def test_clipscore_and_refclip_match_hand_computation(clip_dir: Path) -> None:
     scorer = ConsistencyScorer.from_pretrained(clip_dir)
     images = _images(4)

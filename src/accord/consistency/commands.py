@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from accord.consistency.backbone import DTYPES
 from accord.consistency.scorer import ConsistencyScorer, torchmetrics_aggregate
 
 MEDIA_BY_EXT = {"jpg": "image", "jpeg": "image", "png": "image", "webp": "image", "mp4": "video", "webm": "video",
@@ -113,8 +114,10 @@ def main_score(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="clipscore", choices=("clipscore", "torchmetrics", "cosine", "fused"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
+                   help="tower precision (bf16/fp16 for GPUs); scores are computed in fp32")
     args = p.parse_args(argv)
-    scorer = ConsistencyScorer.from_pretrained(args.backbone, device=args.device)
+    scorer = ConsistencyScorer.from_pretrained(args.backbone, device=args.device, dtype=DTYPES[args.dtype])
     path = Path(args.input)
     items = shard_items(args.input) if path.is_dir() else manifest_items(args.input)
     total = None

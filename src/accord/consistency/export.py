@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from accord.config import from_dict, to_dict
+from accord.consistency.backbone import DTYPES
 from accord.models import AccordModel
 from accord.train.config import TrainConfig
 
@@ -104,7 +105,7 @@ def export_onnx(model: AccordModel, out: Path, opset: int = 17) -> dict[str, Pat
 
 def save_backbone(model: AccordModel, cfg: TrainConfig, out: Path, dtype: str = "fp32",
                   source: dict[str, Any] | None = None) -> None:
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    torch_dtype = DTYPES[dtype]
     out.mkdir(parents=True, exist_ok=True)
     heads: dict[str, torch.Tensor] = {}
     towers_cfg = {}
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint_dir", help="the run's checkpoints/ folder (with 'latest' and stepNNNNNNNN/)")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.add_argument("--onnx", action="store_true", help="also write onnx/<modality>.onnx per tower (fp32)")
     args = p.parse_args(argv)
     try:

@@ -70,9 +70,10 @@ class ConsistencyScorer(nn.Module):
         self.cache: dict[str, torch.Tensor] | None = {} if cache else None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, cache: bool = False
-                        ) -> ConsistencyScorer:
-        return cls(load_backbone(path, device), cache=cache)
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, cache: bool = False,
+                        dtype: torch.dtype | None = None) -> ConsistencyScorer:
+        """Load a backbone directory (see :func:`load_backbone`) onto ``device``, towers cast to ``dtype``."""
+        return cls(load_backbone(path, device, dtype), cache=cache)
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
         if self.cache is None or torch.is_tensor(inputs) or isinstance(inputs, dict):
