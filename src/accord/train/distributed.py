@@ -29,7 +29,8 @@ def init_distributed() -> None:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
     deepspeed.init_distributed(dist_backend=backend)
-    release_shm_workspace()
+    if get_accelerator().device_name() == "cpu":  # the shm all-reduce is DeepSpeed's CPU backend only
+        release_shm_workspace()
 
 
 def shm_workspace_path(rank: int | None = None) -> Path:
