@@ -33,11 +33,10 @@ def init_distributed() -> None:
         release_shm_workspace()
 
 
-def shm_workspace_path(rank: int | None = None) -> Path:
-    """The /dev/shm file DeepSpeed's CPU all-reduce creates for `rank` (default: this process) in this job."""
-    rank = dist.get_rank() if rank is None else rank
+def shm_workspace_path() -> Path:
+    """The /dev/shm file DeepSpeed's CPU all-reduce creates for this rank of this job (named as in its shm.cpp)."""
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return SHM_DIR / f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{rank}"
+    return SHM_DIR / f"{SHM_PREFIX}_{os.getuid()}_{addr}_{port}_{dist.get_rank()}"
 
 
 def release_shm_workspace() -> None:
