@@ -12,7 +12,7 @@ The script prints pairs/s of each tool and the ratio. ``--device cuda --dtype bf
 GPU at that precision (torchmetrics through its callable route); torchmetrics still preprocesses images on the host
 with the CLIP processor, accord sends uint8 and resizes on the device.
 
-    python bench/score.py --pairs 512 --batch-size 64
+    python bench/score.py --pairs 512 --batch-size 64 [--breakdown]
     python bench/score.py --pairs 8192 --batch-size 256 --device cuda --dtype bf16
 """
 
@@ -123,6 +123,49 @@ def rerank_accord(folder: Path, images, texts, batch: int, device: str, dtype: t
     return time.perf_counter() - start, value
 
 
+def _ms(fn, repeat: int = 3) -> tuple[float, object]:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        out = fn()
+    return (time.perf_counter() - start) / repeat * 1000, out
+
+
+def breakdown(folder: Path, images, texts) -> dict[str, float]:
+    """Where one batch's time goes on the host, and how close the image tower runs to the machine's fp32 GEMM rate
+    (FLOPs counted by torch's FlopCounterMode); also int8 dynamic quantisation of its Linear layers."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    from accord.consistency.backbone import HFClipBackbone, _image_batch
+
+    clip = CLIPModel.from_pretrained(folder).eval()
+    proc, tok = CLIPImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    cfg = HFClipBackbone(folder).image_cfg
+    with torch.inference_mode():
+        proc_ms, pixels = _ms(lambda: proc(images=images, return_tensors="pt")["pixel_values"])
+        resize_ms, same = _ms(lambda: _image_batch(images, cfg, torch.device("cpu")))
+        enc = tok(texts, padding=True, return_tensors="pt")
+        image_ms, emb = _ms(lambda: clip.get_image_features(pixel_values=pixels).pooler_output)
+        text_ms, _ = _ms(lambda: clip.get_text_features(**enc))
+        with FlopCounterMode(display=False) as counter:
+            clip.get_image_features(pixel_values=pixels)
+        vc = clip.config.vision_config
+        rows = len(images) * ((vc.image_size // vc.patch_size) ** 2 + 1)
+        a, b = torch.randn(rows, vc.hidden_size), torch.randn(vc.hidden_size, vc.intermediate_size)
+        gemm_ms, _ = _ms(lambda: a @ b, repeat=10)
+        q = torch.ao.quantization.quantize_dynamic(clip, {torch.nn.Linear}, dtype=torch.qint8)
+        int8_ms, emb8 = _ms(lambda: q.get_image_features(pixel_values=pixels).pooler_output)
+    return {"processor_ms": round(proc_ms, 1), "torchvision_uint8_resize_ms": round(resize_ms, 1),
+            "resize_max_abs_diff": float((same - pixels).abs().max()),
+            "image_tower_ms": round(image_ms, 1), "text_tower_ms": round(text_ms, 1),
+            "image_tower_gflop_per_s": round(counter.get_total_flops() / image_ms / 1e6, 1),
+            "fp32_gemm_gflop_per_s": round(2 * rows * vc.hidden_size * vc.intermediate_size / gemm_ms / 1e6, 1),
+            "int8_image_tower_speedup": round(image_ms / int8_ms, 2),
+            "int8_min_cosine_to_fp32": round(float(F.cosine_similarity(emb, emb8).min()), 5)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=512)
@@ -130,6 +173,8 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["small", "base"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time one batch's parts on the CPU (processor, towers, GEMM rate, int8)")
     args = p.parse_args()
     from accord.consistency.backbone import DTYPES
 
@@ -143,6 +188,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             make_clip(Path(tmp), size)
             warm = images[: args.batch_size], texts[: args.batch_size]
+            if args.breakdown:
+                results[f"{size}/breakdown"] = breakdown(Path(tmp), *warm)
+                print(f"{size}/breakdown", json.dumps(results[f"{size}/breakdown"]), flush=True)
             run_accord(Path(tmp), *warm, **run)
             run_torchmetrics(Path(tmp), *warm, **run)
             k = 8

@@ -187,7 +187,8 @@ class HFClipBackbone(nn.Module):
                                                   and all(torch.is_tensor(i) for i in inputs))
             if tensors and (self.device.type != "cpu" or _is_float(inputs)):
                 # float: the differentiable path; uint8 on an accelerator: resized there (same numbers as the
-                # processor to 1e-5, tested). On CPU the processor's PIL resize is faster (50 vs 83 ms / 64 images).
+                # processor to 1e-5, tested). On CPU the processor's PIL resize is faster
+                # (44 vs 69 ms per 64 images: bench/score.py --breakdown).
                 pixels = _image_batch(inputs, self.image_cfg, self.device)
             else:
                 from PIL import Image
