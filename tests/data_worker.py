@@ -40,8 +40,10 @@ def main(shards: str, out: str) -> None:
             state = first.state_dict()
             break
     first.close()
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, json.loads(json.dumps(state)))  # as they come back from a checkpoint
     resumed = Loader(data_config(shards), MODALITIES)
-    resumed.load_state_dict(json.loads(json.dumps(state)))  # as it would come back from a checkpoint
+    resumed.load_state_dict(states)
     result["resumed_head"] = head
     result["resumed"] = epochs(resumed, 2)
     # Resampled: same seed twice, then another seed.

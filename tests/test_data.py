@@ -168,3 +168,87 @@ def test_persistent_workers_do_not_grow_across_epochs(mixed_shards) -> None:
         assert len(flat([b["__key__"] for b in loader])) == 48
         rss.append(sum(c.memory_info().rss for c in me.children(recursive=True)))
     assert rss[-1] - rss[1] < 30 * 2**20, [r // 2**20 for r in rss]  # MiB; epoch 0 warms caches up
+
+
+def _take(loader: Loader, batches: int) -> tuple[list[str], dict]:
+    """The keys of the first ``batches`` batches of the epoch, and the state right after them."""
+    keys: list[str] = []
+    for i, batch in enumerate(loader):
+        keys += batch["__key__"]
+        if i + 1 == batches:
+            break
+    state = json.loads(json.dumps(loader.state_dict()))  # as it comes back from a checkpoint
+    loader.close()
+    return keys, state
+
+
+def _rest_of_epoch(states: list[dict], shards: Path, world: int, workers: int, **kw) -> list[list[str]]:
+    """Each new rank's keys for the rest of the epoch after resuming from ``states``, then its next epoch."""
+    out = []
+    for rank in range(world):
+        loader = Loader(data_config(str(shards), workers=workers, **kw), MODALITIES, rank=rank, world=world)
+        loader.load_state_dict(states)
+        out.append((flat([b["__key__"] for b in loader]), flat([b["__key__"] for b in loader])))
+    return out
+
+
+@pytest.mark.parametrize("before,after", [((2, 2), (1, 1)), ((1, 1), (2, 1)), ((2, 1), (1, 2)), ((2, 1), (3, 1))],
+                         ids=lambda layout: f"{layout[0]}x{layout[1]}")
+def test_elastic_resume_sees_every_remaining_sample_exactly_once(mixed_shards, before, after) -> None:
+    """Saved by W ranks x k workers after a few batches each, resumed on W' x k': the rest of the epoch covers
+    exactly the samples not yet consumed (no repeat, no skip), and the next epoch is whole again."""
+    shards, media = mixed_shards
+    consumed, states = [], []
+    for rank in range(before[0]):  # ranks stop at different points, as at any checkpoint (1 or 2 batches)
+        loader = Loader(data_config(str(shards), workers=before[1]), MODALITIES, rank=rank, world=before[0])
+        keys, state = _take(loader, batches=1 + rank % 2)
+        consumed += keys
+        states.append(state)
+    assert len(set(consumed)) == len(consumed) > 0
+    resumed = _rest_of_epoch(states, shards, *after)
+    rest = [k for rank_keys, _ in resumed for k in rank_keys]
+    assert len(rest) == len(set(rest)), "a sample repeated after the resume"
+    assert not set(rest) & set(consumed), "a consumed sample came again"
+    assert sorted(consumed + rest) == sorted(media), "a sample was skipped"
+    if after[0] > 1:
+        assert all(rank_keys for rank_keys, _ in resumed), "a new rank got nothing to read"
+    assert sorted(k for _, next_epoch in resumed for k in next_epoch) == sorted(media)
+
+
+def test_elastic_resume_twice_in_one_epoch(mixed_shards) -> None:
+    """2 ranks -> 1 rank -> 3 ranks within one epoch: the consumed counts carry over both resumes."""
+    shards, media = mixed_shards
+    consumed, states = [], []
+    for rank in range(2):
+        keys, state = _take(Loader(data_config(str(shards), workers=1), MODALITIES, rank=rank, world=2), 2)
+        consumed += keys
+        states.append(state)
+    middle = Loader(data_config(str(shards), workers=2), MODALITIES, rank=0, world=1)
+    middle.load_state_dict(states)
+    keys, state = _take(middle, 3)
+    consumed += keys
+    rest = [k for rank_keys, _ in _rest_of_epoch([state], shards, 3, 1) for k in rank_keys]
+    assert sorted(consumed + rest) == sorted(media) and len(set(consumed + rest)) == len(media)
+
+
+def test_resume_needs_every_rank_and_the_same_seed(mixed_shards) -> None:
+    shards, _ = mixed_shards
+    states = [_take(Loader(data_config(str(shards), workers=0), MODALITIES, rank=r, world=2), 1)[1] for r in (0, 1)]
+    loader = Loader(data_config(str(shards), workers=0), MODALITIES, rank=0, world=1)
+    with pytest.raises(ValueError, match=r"every rank of the saved run \(ranks 0\.\.1\), got ranks \[1\]"):
+        loader.load_state_dict(states[1:])
+    with pytest.raises(ValueError, match=r"saved data.seed=0, now 5"):
+        Loader(data_config(str(shards), workers=0, seed=5), MODALITIES, rank=0, world=1).load_state_dict(states)
+
+
+def test_resampled_elastic_resume_keeps_the_epoch_length(mixed_shards) -> None:
+    shards, media = mixed_shards
+    kw = dict(mode="resampled", epoch_samples=30)
+    states, seen = [], 0
+    for rank in range(2):
+        keys, state = _take(Loader(data_config(str(shards), workers=1, **kw), MODALITIES, rank=rank, world=2), 2)
+        seen += len(keys)
+        states.append(state)
+    rest = _rest_of_epoch(states, shards, 1, 2, **kw)
+    assert seen + len(rest[0][0]) == 30 and set(rest[0][0]) <= set(media)
+    assert len(rest[0][1]) == 30

@@ -1,10 +1,15 @@
 """The training/eval loader: a DataLoader over the shard stream, with resumable state and skip accounting.
 
     loader = Loader(cfg, modalities=("text", "image"), train=True)
-    loader.load_state_dict(saved)          # optional, before iterating
+    loader.load_state_dict(saved)          # optional, before iterating: every rank's saved state (a list)
     for batch in loader:                   # one epoch per iteration
         ...
-        state = loader.state_dict()        # exactly where the next batch will come from
+        state = loader.state_dict()        # this rank's part of where the next batches come from
+
+A resume needs the states of *all* ranks of the saved run (they are merged). With the same layout (world size and
+data.workers) every slot continues exactly where it stopped. With another layout, finite mode deals the shards not
+yet consumed, each from its first unconsumed sample, to the new slots: the rest of the epoch still sees every
+sample exactly once. Resampled mode draws the samples left in the epoch afresh for the new slots.
 """
 
 from __future__ import annotations
@@ -39,10 +44,11 @@ class Loader:
         self.decoder = SampleDecoder(cfg, modalities, train)
         self.dataset = ShardStream(expand_sources(spec), cfg, self.decoder, train, rank, world,
                                    cfg.weights if train else None)
-        self.epoch = 0
-        self.positions: dict[int, int] = {}  # slot -> raw samples consumed this epoch
+        self._epoch = 0  # the epoch being read (or last read, when self._done)
+        self._done = False  # this rank's part of self._epoch has been read to the end
+        self.progress: dict[int, dict[str, Any]] = {}  # slot -> progress of its last batch this epoch
         self.last_local: int | None = None  # local slot of the last batch (next epoch's rotation)
-        self._resume: dict[str, Any] | None = None
+        self._start: dict[str, Any] = {}  # where this epoch started: consumed / positions / elastic / rotation
         self._counters: dict[int, dict[str, int]] = {}  # slot -> cumulative counters of this run
         self._loader: DataLoader | None = None
 
@@ -63,47 +69,93 @@ class Loader:
             prefetch_factor=2 if workers > 0 else None, in_order=True,
         )
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next batch belongs to; after an epoch's last batch, the next one's index."""
+        return self._epoch + self._done
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._done:  # a new epoch: nothing of it consumed yet
+            self._epoch, self._done, self.progress, self.last_local = self._epoch + 1, False, {}, None
+            self._start = {}
         persistent = self._loader is not None and self.cfg.persistent_workers and self.cfg.workers > 0
         if not persistent:
-            # Fresh workers get this epoch and (when resuming) positions; persistent ones count epochs themselves.
-            resume = self._resume or {}
-            self.dataset.start_epoch = self.epoch
-            self.dataset.start_positions = {int(k): v for k, v in resume.get("positions", {}).items()}
-            self.dataset.rotation = resume.get("rotation", 0)
+            # Fresh workers get this epoch and (when resuming) where to start; persistent ones count epochs.
+            self.dataset.start_epoch = self._epoch
+            self.dataset.start_consumed = self._start.get("consumed", {})
+            self.dataset.start_positions = self._start.get("positions", {})
+            self.dataset.elastic = self._start.get("elastic")
+            self.dataset.rotation = self._start.get("rotation", 0)
             self.dataset._iterations = 0
         if self._loader is None or not persistent:
             self._loader = self._make_loader()
-        self._resume = None
         for batch in self._loader:
             meta = batch.pop("__meta__")
-            self.positions[meta["slot"]] = meta["position"]
+            self.progress[meta["slot"]] = meta
             self.last_local = meta["local"]
             self._counters[meta["slot"]] = meta["counters"]
             self._check_bad()
             if batch:  # the stream's last item may carry counters only
                 yield batch
-        self.epoch += 1
-        self.positions, self.last_local = {}, None
+        self._done = True
 
     # ------------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
+        """This rank's part: per shard of its slots, the samples consumed this epoch (finite mode; None = all),
+        and per slot the samples consumed (resampled mode)."""
         workers = max(1, self.cfg.workers)
         rotation = 0 if self.last_local is None else (self.last_local + 1) % workers
-        return {"epoch": self.epoch, "positions": dict(self.positions), "rotation": rotation,
-                "world": self.world, "workers": self.cfg.workers, "seed": self.cfg.seed, "mode": self.cfg.mode}
+        consumed: dict[str, int | None] = {}
+        positions: dict[int, int] = {}
+        for slot in range(self.rank * workers, (self.rank + 1) * workers):
+            meta = self.progress.get(slot)
+            positions[slot] = meta["position"] if meta else self._start.get("positions", {}).get(slot, 0)
+            if self.cfg.mode != "finite":
+                continue
+            items = self.dataset.slot_items(self._epoch, slot, self._start.get("consumed", {}))
+            for j, (shard, before) in enumerate(items):
+                if self._done or (meta is not None and j < meta["item"]):
+                    consumed[shard.name] = None
+                elif meta is not None and j == meta["item"]:
+                    consumed[shard.name] = meta["offset"]
+                else:
+                    consumed[shard.name] = before
+        return {"version": 2, "rank": self.rank, "world": self.world, "workers": workers, "seed": self.cfg.seed,
+                "mode": self.cfg.mode, "epoch": self._epoch, "done": self._done, "consumed": consumed,
+                "positions": positions, "rotation": rotation, "elastic": self._start.get("elastic")}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key, mine in (("world", self.world), ("workers", self.cfg.workers), ("seed", self.cfg.seed),
-                          ("mode", self.cfg.mode)):
-            if state.get(key) != mine:
-                raise ValueError(f"cannot resume the data loader: saved {key}={state.get(key)!r}, now {mine!r} "
-                                 "(an exact resume needs the same world size, data.workers, data.seed, data.mode)")
+    def load_state_dict(self, states: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """Resume from the states of every rank of a saved run (a dict when it had one rank), on any layout."""
+        states = sorted([states] if isinstance(states, dict) else list(states), key=lambda st: st.get("rank", 0))
+        if not states or any(st.get("version") != 2 for st in states):
+            raise ValueError("cannot resume the data loader: no state, or a state saved by an older accord")
+        first = states[0]
+        for key, mine in (("seed", self.cfg.seed), ("mode", self.cfg.mode)):
+            if first[key] != mine:
+                raise ValueError(f"cannot resume the data loader: saved data.{key}={first[key]!r}, now {mine!r}")
+        if [st["rank"] for st in states] != list(range(first["world"])):
+            raise ValueError(f"cannot resume the data loader: it needs the state of every rank of the saved run "
+                             f"(ranks 0..{first['world'] - 1}), got ranks {[st['rank'] for st in states]}")
         if self._loader is not None and self.cfg.persistent_workers and self.cfg.workers > 0:
             raise RuntimeError("load_state_dict must be called before the first iteration")
-        self.epoch = state["epoch"]
-        self.positions = {int(k): v for k, v in state["positions"].items()}
-        self._resume = {"positions": self.positions, "rotation": state.get("rotation", 0)}
+        # Ranks advance in lock-step, so at a checkpoint some may have finished their part of the epoch (done).
+        epoch = min(st["epoch"] + st["done"] for st in states)
+        inside = [st for st in states if st["epoch"] == epoch]  # empty when every rank had finished
+        same_layout = (first["world"], first["workers"]) == (self.world, max(1, self.cfg.workers))
+        start: dict[str, Any] = {}
+        if inside and same_layout:
+            start["rotation"] = states[self.rank]["rotation"]
+        if inside and self.cfg.mode == "finite":
+            start["consumed"] = {name: n for st in inside for name, n in st["consumed"].items()}  # disjoint
+        elif inside:
+            positions = {int(k): v for st in inside for k, v in st["positions"].items()}
+            elastic = inside[0]["elastic"]
+            if same_layout:
+                start.update(positions=positions, elastic=elastic)
+            else:  # draw what is left of the epoch afresh for the new slots
+                left = (elastic[0] if elastic else self.num_samples) - sum(positions.values())
+                start["elastic"] = (max(0, left), first["world"] * first["workers"])
+        self._epoch, self._done, self.progress, self._start = epoch, False, {}, start
 
     # ---------------------------------------------------------------------------------------- bad samples
     def skip_stats(self) -> dict[str, int]:

@@ -2,15 +2,19 @@
 
 Every data-loader worker of every rank is a *slot* ``g = rank * workers + local``. Per epoch:
 
-- finite mode: the shard list is shuffled with (seed, epoch) and slot g reads shards ``g, g + S, g + 2S, ...``
-  (S = world x workers), so each sample is read exactly once per epoch across all ranks and workers;
+- finite mode: the shard list is shuffled with (seed, epoch) into the epoch's *global order*, which does not depend
+  on the number of ranks or workers. Each shard carries how many of its samples are already *consumed* this epoch
+  (0 at the start; set when resuming), and slot g reads the items ``g, g + S, g + 2S, ...`` of that list
+  (S = world x workers), skipping each shard's consumed samples: every sample is read exactly once per epoch across
+  all ranks and workers, also after a resume on another world size (the consumed counts are global);
 - resampled mode: slot g draws shards with replacement (per-source weights) from an RNG seeded with
   (seed, epoch, g), and reads ``epoch_samples / S`` samples.
 
-Within a shard, samples pass through a shuffle buffer seeded with (seed, epoch, shard). A slot's *position* is the
-number of raw samples it has consumed in the epoch (bad ones included); each batch carries it. Resuming from a
-position skips whole shards by their ``sizes.json`` counts and replays the partial shard without decoding, so the
-resumed stream continues with exactly the samples an uninterrupted run would have produced.
+Within a shard, samples pass through a shuffle buffer seeded with (seed, epoch, shard), so a shard's sample order is
+the same whichever slot reads it. Each batch carries its slot's progress: the index of the shard it is reading in
+its list and how many of that shard's samples are consumed (bad ones included), plus (resampled) the slot's
+*position*, its raw samples consumed. Resuming skips whole shards by their ``sizes.json`` counts and replays a
+partial shard without decoding, so the resumed stream continues with exactly the samples not yet consumed.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import hashlib
 import random
 import tarfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -58,27 +62,42 @@ class ShardStream(IterableDataset):
             raise ValueError(f"resampled mode needs sample counts: no sizes.json entry for {missing}")
         total = sum(s.size or 0 for s in self.shards)
         self.epoch_samples = cfg.epoch_samples or total
-        # Set by the loader before each epoch's iterator is created (see Loader.__iter__).
-        self.start_epoch, self.start_positions, self.rotation, self._iterations = 0, {}, 0, 0
+        # Set by the loader before each epoch's iterator is created (see Loader.__iter__): where the first epoch
+        # of this iterator starts. consumed: finite mode, shard name -> samples consumed (None: all of them);
+        # positions: resampled mode, slot -> samples consumed; elastic: resampled mode after a change of layout,
+        # (samples left in the epoch, the saved layout) - fresh draws for the rest of the epoch.
+        self.start_epoch, self.rotation, self._iterations = 0, 0, 0
+        self.start_consumed: dict[str, int | None] = {}
+        self.start_positions: dict[int, int] = {}
+        self.elastic: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------------------------------- epoch plan
-    def slot_shards(self, epoch: int, slot: int) -> Iterator[Shard]:
-        if self.cfg.mode == "finite":
-            order = list(self.shards)
-            if self.train and self.cfg.shuffle:
-                random.Random(seed_of(self.cfg.seed, epoch)).shuffle(order)
-            yield from order[slot :: self.slots]
-            return
-        rng = random.Random(seed_of(self.cfg.seed, epoch, slot))
+    def epoch_order(self, epoch: int) -> list[Shard]:
+        """Finite mode: the epoch's global shard order (independent of world size and workers)."""
+        order = list(self.shards)
+        if self.train and self.cfg.shuffle:
+            random.Random(seed_of(self.cfg.seed, epoch)).shuffle(order)
+        return order
+
+    def slot_items(self, epoch: int, slot: int, consumed: dict[str, int | None]) -> list[tuple[Shard, int | None]]:
+        """Finite mode: the (shard, samples already consumed) items slot ``slot`` reads this epoch."""
+        return [(s, consumed.get(s.name, 0)) for s in self.epoch_order(epoch)][slot :: self.slots]
+
+    def resampled_shards(self, epoch: int, slot: int, elastic: bool) -> Iterator[Shard]:
+        """Resampled mode: the shards slot ``slot`` draws (after a change of layout, fresh draws for it)."""
+        seed = seed_of(self.cfg.seed, epoch, slot)
+        if elastic and self.elastic is not None:
+            seed = seed_of(self.cfg.seed, epoch, slot, "elastic", *self.elastic, self.slots)
+        rng = random.Random(seed)
         while True:
             src = rng.choices(range(len(self.sources)), weights=self.weights)[0]
             yield rng.choice(self.sources[src])
 
-    def slot_quota(self, slot: int) -> int | None:
-        """Samples a slot reads per epoch in resampled mode (None: the whole assigned shards)."""
-        if self.cfg.mode == "finite":
-            return None
-        base, extra = divmod(self.epoch_samples, self.slots)
+    def slot_quota(self, slot: int, elastic: bool) -> int:
+        """Samples a slot reads in resampled mode: its share of the epoch (or of what is left of it after a change
+        of layout)."""
+        total = self.elastic[0] if elastic and self.elastic is not None else self.epoch_samples
+        base, extra = divmod(total, self.slots)
         return base + (1 if slot < extra else 0)
 
     # --------------------------------------------------------------------------------------------- reading
@@ -129,10 +148,22 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         epoch = self.start_epoch + self._iterations
         local, slot = self._slot()
-        skip = self.start_positions.get(slot, 0) if self._iterations == 0 else 0
+        first = self._iterations == 0
         self._iterations += 1
-        quota = self.slot_quota(slot)
-        position = 0
+        if self.cfg.mode == "finite":
+            items = self.slot_items(epoch, slot, self.start_consumed if first else {})
+            yield from self._read(epoch, local, slot, items, quota=None, skip=0)
+        else:
+            elastic = first and self.elastic is not None
+            shards = ((s, 0) for s in self.resampled_shards(epoch, slot, elastic))
+            skip = self.start_positions.get(slot, 0) if first else 0
+            yield from self._read(epoch, local, slot, shards, quota=self.slot_quota(slot, elastic), skip=skip)
+
+    def _read(self, epoch: int, local: int, slot: int, items: Iterable[tuple[Shard, int | None]],
+              quota: int | None, skip: int) -> Iterator[dict[str, Any]]:
+        """Decode and batch the samples of ``items`` (shard, samples of it to skip); resampled mode stops after
+        ``quota`` samples and first replays ``skip`` of them without decoding."""
+        position, item, offset = 0, 0, 0
         counters: Counter = Counter()
         batch: list[dict[str, Any]] = []
         pad_id = 0
@@ -141,23 +172,30 @@ class ShardStream(IterableDataset):
 
         def emit() -> dict[str, Any]:
             out = collate(batch, self.decoder, pad_id) if batch else {}  # {}: end-of-stream counters only
-            out["__meta__"] = {"slot": slot, "local": local, "position": position, "epoch": epoch,
-                               "counters": dict(counters)}
+            out["__meta__"] = {"slot": slot, "local": local, "epoch": epoch, "position": position, "item": item,
+                               "offset": offset, "counters": dict(counters)}
             batch.clear()
             return out
 
-        for shard in self.slot_shards(epoch, slot):
+        for item, (shard, consumed) in enumerate(items):  # noqa: B007 (emit() reports item)
+            offset = consumed
             if quota is not None and position >= quota:
                 break
+            if consumed is None or (shard.size is not None and consumed >= shard.size):
+                continue  # resume: a shard consumed before, not opened
             if shard.size is not None and position + shard.size <= skip:
-                position += shard.size  # resume: skip a whole shard without opening it
+                position += shard.size  # resume (resampled): skip a whole shard without opening it
                 continue
+            offset = 0
             for raw in self.raw_samples(shard, epoch):
                 if quota is not None and position >= quota:
                     break
+                offset += 1
+                if offset <= consumed:
+                    continue  # resume (finite): replayed without decoding
                 position += 1
                 if position <= skip:
-                    continue  # resume: replayed without decoding
+                    continue  # resume (resampled): replayed without decoding
                 counters["seen"] += 1
                 if isinstance(raw, str):
                     counters[f"bad: {raw}"] += 1
@@ -170,7 +208,9 @@ class ShardStream(IterableDataset):
                     continue
                 if len(batch) == self.cfg.batch_size:
                     yield emit()
-        yield emit()  # the last partial batch, or just the final position and counters
+            else:
+                offset = None  # the whole shard is consumed (also when sizes.json does not know its size)
+        yield emit()  # the last partial batch, or just the final progress and counters
 
 
 def _drain(buffer: list[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
