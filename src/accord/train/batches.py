@@ -14,7 +14,8 @@ def pad_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
     n = len(next(iter(batch["present"].values())))
     if n == size:
         return batch
-    out: dict[str, Any] = {"present": {m: torch.cat([p, p.new_zeros(size - n)]) for m, p in batch["present"].items()}}
+    out: dict[str, Any] = {"present": {m: torch.cat([p, p.new_zeros(size - n)]) for m, p in batch["present"].items()},
+                           "__key__": batch.get("__key__", [])}
     for key, value in batch.items():
         if isinstance(value, dict) and key != "present":
             out[key] = {k: torch.cat([t, t.new_zeros((size - n, *t.shape[1:]))]) for k, t in value.items()}
@@ -23,7 +24,7 @@ def pad_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
 
 def empty_batch(modalities: tuple[str, ...], size: int) -> dict[str, Any]:
     """No samples at all: every tower still runs (on a dummy input), every loss term is masked out."""
-    return {"present": {m: torch.zeros(size, dtype=torch.bool) for m in modalities}}
+    return {"present": {m: torch.zeros(size, dtype=torch.bool) for m in modalities}, "__key__": []}
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
@@ -53,5 +54,4 @@ def lockstep(batches: Iterator[dict[str, Any]], modalities: tuple[str, ...], siz
         if batch is None:
             yield empty_batch(modalities, size)
         else:
-            batch.pop("__key__", None)
             yield pad_batch(batch, size)

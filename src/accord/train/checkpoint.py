@@ -1,16 +1,33 @@
-"""Checkpoints: the DeepSpeed checkpoint (weights, optimiser, any ZeRO stage) plus, per rank, the data-loader
-state and RNG states, so that a resumed run continues with the same samples and the same randomness."""
+"""Checkpoints: the DeepSpeed checkpoint (weights, optimiser, any ZeRO stage) plus, per rank, the data-loader state
+and RNG states, so that a resumed run continues with the same samples and the same randomness.
+
+A checkpoint counts only once it is whole: every rank writes its files, then rank 0 writes ``accord.json`` (what
+the run looked like: step, world size, data workers, ZeRO stage) into the tag's folder and only then moves the
+``latest`` pointer, each by an atomic rename. A run killed while writing leaves ``latest`` on the previous
+checkpoint, and a folder without ``accord.json`` is never loaded.
+
+Resuming on another world size (or ZeRO stage) goes through DeepSpeed's universal checkpoint: rank 0 converts the
+tag once (``ds_to_universal``, into ``universal/<tag>``) and every rank loads its new partition of the weights and
+the optimiser moments from it. The data loader merges the states of all saved ranks (see ``accord.data.loader``).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+MARKER = "accord.json"
+UNIVERSAL = "universal"
 
 
 def rng_states() -> dict[str, Any]:
@@ -32,20 +49,69 @@ def tag_of(step: int) -> str:
     return f"step{step:08d}"
 
 
-def save(engine, folder: Path, step: int, client: dict[str, Any], rank_state: dict[str, Any], keep_last: int) -> str:
-    """All ranks call this. Rank files go in first; DeepSpeed writes the ``latest`` pointer last."""
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save(engine, folder: Path, step: int, client: dict[str, Any], rank_state: dict[str, Any],
+         meta: dict[str, Any], keep_last: int) -> str:
+    """All ranks call this. Rank files and DeepSpeed's files first; then rank 0 commits (marker, ``latest``)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
     tag = tag_of(step)
     rank = dist.get_rank()
-    (folder / tag).mkdir(parents=True, exist_ok=True)
+    if rank == 0:  # a tag written again (a run resumed from an earlier one) starts empty: no stale rank files
+        shutil.rmtree(folder / tag, ignore_errors=True)
+        shutil.rmtree(folder / UNIVERSAL / tag, ignore_errors=True)
+        (folder / tag).mkdir(parents=True)
+    dist.barrier()
     torch.save(rank_state, folder / tag / f"accord_rank{rank:05d}.pt")
+    client = {**client, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)  # ends in a barrier
+    if rank == 0:
+        _write_atomic(folder / tag / MARKER, json.dumps({"tag": tag, "step": step, **meta}, indent=1))
+        _write_atomic(folder / "latest", tag)
+        if keep_last > 0:
+            committed = sorted(p.name for p in folder.glob("step*") if (p / MARKER).exists())
+            stale = committed[:-keep_last] + [p.name for p in folder.glob("step*")
+                                              if p.is_dir() and not (p / MARKER).exists() and p.name < tag]
+            for old in stale:
+                shutil.rmtree(folder / old, ignore_errors=True)
+                shutil.rmtree(folder / UNIVERSAL / old, ignore_errors=True)
     dist.barrier()
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client)
-    dist.barrier()
-    if rank == 0 and keep_last > 0:
-        tags = sorted(p.name for p in folder.glob("step*") if p.is_dir())
-        for old in tags[:-keep_last]:
-            shutil.rmtree(folder / old, ignore_errors=True)
     return tag
+
+
+def resolve(folder: Path, tag: str | None) -> dict[str, Any]:
+    """The metadata (``accord.json``) of ``tag``, or of the ``latest`` one; errors name what is missing."""
+    if tag is None or tag == "latest":
+        tag = latest_tag(folder)
+        if tag is None:
+            raise FileNotFoundError(f"{folder / 'latest'}: no such file, so no checkpoint to resume "
+                                    "(is output_dir right?)")
+    marker = folder / tag / MARKER
+    if not (folder / tag).is_dir():
+        raise FileNotFoundError(f"no checkpoint {tag} in {folder}")
+    if not marker.exists():
+        raise FileNotFoundError(f"checkpoint {folder / tag} is incomplete (no {MARKER}): it was being written "
+                                "when its run stopped; resume from an earlier tag")
+    return json.loads(marker.read_text())
+
+
+def point_latest_at(folder: Path, tag: str) -> None:
+    """Rank 0, on resume: the run continues from ``tag``, so ``latest`` names it until the next save (a later tag
+    of the abandoned run may be rewritten, and must not stay ``latest`` meanwhile)."""
+    if dist.get_rank() == 0 and latest_tag(folder) != tag:
+        _write_atomic(folder / "latest", tag)
 
 
 def latest_tag(folder: Path) -> str | None:
@@ -53,15 +119,43 @@ def latest_tag(folder: Path) -> str | None:
     return pointer.read_text().strip() if pointer.exists() else None
 
 
-def load(engine, folder: Path, tag: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load ``tag`` (default: latest) into the engine; returns (client state, this rank's state)."""
-    tag = tag or latest_tag(folder)
-    if tag is None or not (folder / tag).is_dir():
-        raise FileNotFoundError(f"no checkpoint {tag or 'latest'} in {folder}")
-    path, client = engine.load_checkpoint(str(folder), tag=tag)
+def prepare_universal(folder: Path, tag: str) -> Path:
+    """All ranks call this: rank 0 converts ``tag`` to a universal checkpoint once (kept for later resumes);
+    returns the folder to pass to ``engine.load_checkpoint`` with that tag."""
+    target = folder / UNIVERSAL
+    error = None
+    if dist.get_rank() == 0 and not (target / tag / MARKER).exists():
+        tmp = target / f".{tag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder / tag),
+               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            error = f"converting {folder / tag} to a universal checkpoint failed: {last}"
+        else:
+            shutil.rmtree(target / tag, ignore_errors=True)
+            os.replace(tmp, target / tag)
+            shutil.copy(folder / tag / MARKER, target / tag / MARKER)
+    message = [error]
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise RuntimeError(message[0])
+    return target
+
+
+def load(engine, folder: Path, meta: dict[str, Any], universal: bool) -> tuple[dict[str, Any], list[dict]]:
+    """Load the checkpoint ``meta`` describes into the engine (through its universal form when ``universal``);
+    returns (client state, the per-rank states of *every* saved rank, in rank order)."""
+    tag = meta["tag"]
+    load_dir = prepare_universal(folder, tag) if universal else folder
+    path, client = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {folder / tag}")
-    rank_file = folder / tag / f"accord_rank{dist.get_rank():05d}.pt"
-    if not rank_file.exists():
-        raise FileNotFoundError(f"{rank_file} is missing: resume needs the same world size as the saved run")
-    return client, torch.load(rank_file, weights_only=False)
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
+    point_latest_at(folder, tag)
+    files = [folder / tag / f"accord_rank{r:05d}.pt" for r in range(meta["world"])]
+    missing = [f.name for f in files if not f.exists()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {folder / tag} lacks {', '.join(missing)} (saved by {meta['world']} "
+                                "ranks): the folder must be shared by all nodes")
+    return client, [torch.load(f, weights_only=False) for f in files]

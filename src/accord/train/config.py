@@ -38,6 +38,7 @@ class LogConfig:
     wandb_online: bool = False
     wandb_project: str = "accord"
     run_name: str | None = None
+    sample_keys: bool = False  # write samples/rank<R>.jsonl: the sample keys of every step, per rank
 
 
 @dataclass
@@ -67,10 +68,13 @@ class TrainConfig:
     max_steps: int | None = None  # optimiser steps; overrides epochs
     accum_steps: int = 1  # micro-batches per optimiser step (features cached, so the contrastive batch is k x)
     seed: int = 0
+    dist_timeout_s: float = 1800.0  # bound on every collective: a lost or stalled rank ends the run after this
 
     def validate(self, prefix: str = "") -> None:
         if self.accum_steps < 1:
             raise ConfigError("accum_steps: must be >= 1")
+        if self.dist_timeout_s <= 0:
+            raise ConfigError("dist_timeout_s: must be > 0 (seconds)")
         if self.epochs < 1 and self.max_steps is None:
             raise ConfigError("epochs: must be >= 1 (or set max_steps)")
         if self.max_steps is not None and self.max_steps < 1:

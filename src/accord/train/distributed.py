@@ -1,10 +1,15 @@
-"""Process-group setup for training: the launcher's environment, or one process when started plainly."""
+"""Process-group setup for training: the launcher's environment (or one process when started plainly), where each
+rank runs (node facts), and a heartbeat that names the rank that was lost or stalled when a collective fails."""
 
 from __future__ import annotations
 
 import os
 import socket
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 
@@ -12,8 +17,11 @@ SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_s: float = 1800.0) -> None:
     """Join the process group the launcher describes (or a one-process group) through DeepSpeed.
+
+    ``timeout_s`` bounds every collective (gloo and NCCL alike): a rank that dies or stalls makes the others fail
+    after at most that long instead of waiting forever.
 
     On CPU, DeepSpeed's shared-memory all-reduce maps a 66 MB file per rank in /dev/shm and never unlinks it, so
     every multi-rank run would leave RAM behind for good. Once every rank has mapped its peers' files, each rank
@@ -28,7 +36,7 @@ def init_distributed() -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
     if get_accelerator().device_name() == "cpu":  # the shm all-reduce is DeepSpeed's CPU backend only
         release_shm_workspace()
 
@@ -46,3 +54,74 @@ def release_shm_workspace() -> None:
     if dist.get_world_size() > 1:
         dist.barrier()  # DeepSpeed maps the peers' files inside init; after this barrier every rank has done so
     shm_workspace_path().unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------- node facts
+def node_info() -> dict[str, Any]:
+    """Where this rank runs, from the launcher's variables (deepspeed: CROSS_RANK; torchrun: GROUP_RANK; SLURM)."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+    node = os.environ.get("CROSS_RANK") or os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID")
+    return {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+            "node_rank": int(node) if node is not None else rank // local_world, "local_world_size": local_world,
+            "host": socket.gethostname(), "pid": os.getpid()}
+
+
+def gather_node_info() -> list[dict[str, Any]]:
+    """Every rank's :func:`node_info`, in rank order (a collective)."""
+    infos: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(infos, node_info())
+    return infos
+
+
+def describe_rank(info: dict[str, Any]) -> str:
+    return f"rank {info['rank']} (node {info['node_rank']}, local rank {info['local_rank']}, {info['host']} " \
+           f"pid {info['pid']})"
+
+
+# ----------------------------------------------------------------------------------------------------- heartbeat
+class Heartbeat:
+    """A thread that counts up ``accord/heartbeat/<rank>`` in the rendezvous store once per ``interval_s``.
+
+    It runs beside the training thread, so a rank blocked in a collective still beats, while a rank that died or
+    was stopped (SIGSTOP, a hung file system) does not. When a collective fails, :meth:`silent_ranks` tells which
+    ranks stopped beating; counters need no synchronised clocks across nodes.
+    """
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self._stop = threading.Event()
+        self._store = self._connect()
+        self._thread = threading.Thread(target=self._run, name="accord-heartbeat", daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _connect(timeout_s: float = 5.0) -> dist.TCPStore:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+
+    def _run(self) -> None:
+        key = f"accord/heartbeat/{self.rank}"
+        while not self._stop.is_set():
+            try:
+                self._store.add(key, 1)
+            except Exception:  # the store's host is gone: nothing left to report to
+                return
+            self._stop.wait(self.interval_s)
+
+    def silent_ranks(self) -> list[int] | None:
+        """Ranks whose counter did not move over three intervals; None when the store itself does not answer
+        (it lives with rank 0 under the deepspeed launcher, with the node-0 agent under torchrun)."""
+        try:
+            store = self._connect()
+            keys = [f"accord/heartbeat/{r}" for r in range(self.world)]
+            before = [store.add(k, 0) for k in keys]
+            time.sleep(3 * self.interval_s)
+            after = [store.add(k, 0) for k in keys]
+        except Exception:
+            return None
+        return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a == b and r != self.rank]
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -26,9 +27,9 @@ from accord.models import AccordModel
 from accord.train import checkpoint
 from accord.train.batches import lockstep, real_samples, to_device
 from accord.train.config import TrainConfig
-from accord.train.distributed import init_distributed
+from accord.train.distributed import Heartbeat, describe_rank, gather_node_info, init_distributed
 from accord.train.evaluate import embed_all, retrieval
-from accord.train.metrics import MetricLogger
+from accord.train.metrics import MetricLogger, SampleLog
 from accord.train.optim import lr_at, param_groups
 from accord.train.step import contrastive_step
 
@@ -72,7 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 class Trainer:
     """Owns the engine, the loaders and the step counter; ``fit()`` reads top to bottom."""
 
-    def __init__(self, cfg: TrainConfig, resume: str | None = None):
+    def __init__(self, cfg: TrainConfig, resume: str | None = None, nodes: list[dict[str, Any]] | None = None):
         import deepspeed
         from deepspeed.accelerator import get_accelerator
 
@@ -82,13 +83,32 @@ class Trainer:
         cfg.check_device(self.device.type)
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        self.nodes = nodes or gather_node_info()
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
+            (self.out / "ranks.json").write_text(json.dumps(self.nodes, indent=1))
+            per_node = {}
+            for info in self.nodes:
+                per_node.setdefault(info["node_rank"], []).append(str(info["rank"]))
+            print(f"{self.world} rank(s) on {len(per_node)} node(s): " + "; ".join(
+                f"node {n}: rank {', '.join(r)}" for n, r in sorted(per_node.items())), flush=True)
+        # A resume on another world size loads DeepSpeed's universal form of the checkpoint (ZeRO 1-3; stage 0
+        # keeps whole weights and moments in one file, which loads on any world size as it is).
+        self.resume_meta = checkpoint.resolve(self.ckpt_dir, resume) if resume else None
+        ds_config = deepspeed_config(cfg)
+        self.universal = False
+        if self.resume_meta is not None:
+            if self.resume_meta["zero_stage"] != cfg.deepspeed.zero_stage:
+                raise ConfigError(f"deepspeed.zero_stage: the checkpoint was saved at stage "
+                                  f"{self.resume_meta['zero_stage']}; resume it at the same stage")
+            self.universal = self.resume_meta["world"] != self.world and cfg.deepspeed.zero_stage > 0
+            if self.universal:
+                ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = AccordModel(cfg.model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim),
-                                               config=deepspeed_config(cfg))
+                                               config=ds_config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
         self.modalities = tuple(cfg.model.towers)
         self.loss_fn = ContrastiveLoss(cfg.loss)
@@ -106,26 +126,45 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.step = 0
         self.logger = MetricLogger(cfg.log, self.out, self.rank, to_dict(cfg))
-        if resume:
-            self._resume(resume)
-        else:
-            self.logger.truncate_after(0)  # a fresh run into an old output_dir starts a fresh log
+        self.samples = SampleLog(self.out, self.rank) if cfg.log.sample_keys else None
+        if self.resume_meta is not None:
+            self._resume(self.resume_meta)
+        else:  # a fresh run into an old output_dir starts fresh logs
+            self.logger.truncate_after(0)
+            if self.samples is not None:
+                self.samples.truncate_after(0)
         torch.manual_seed(cfg.seed + 1000 * self.rank + self.step)  # per-rank dropout streams
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _resume(self, tag: str) -> None:
-        client, mine = checkpoint.load(self.engine, self.ckpt_dir, None if tag == "latest" else tag)
+    def _resume(self, meta: dict[str, Any]) -> None:
+        client, states = checkpoint.load(self.engine, self.ckpt_dir, meta, universal=self.universal)
         self.step = client["step"]
-        self.loader.load_state_dict(mine["loader"])
-        self._rng_after_resume = mine["rng"]
+        self.loader.load_state_dict([st["loader"] for st in states])
+        # The same ranks continue their own random streams; on another world size they start fresh ones.
+        self._rng_after_resume = states[self.rank]["rng"] if meta["world"] == self.world else None
         self.logger.truncate_after(self.step)
+        if self.samples is not None:
+            self.samples.truncate_after(self.step)
+        dist.barrier()  # rank 0 truncated the logs before anyone appends
         if self.rank == 0:
-            print(f"resumed from {self.ckpt_dir} at step {self.step} (epoch {self.loader.epoch})", flush=True)
+            workers = max(1, self.cfg.data.workers)
+            change = ""
+            if (meta["world"], meta["workers"]) != (self.world, workers):
+                batch = self.cfg.data.batch_size * self.cfg.accum_steps
+                change = (f"; elastic: {meta['world']} rank(s) x {meta['workers']} worker(s) -> {self.world} x "
+                          f"{workers}, global batch {meta['global_batch']} -> {self.world * batch}"
+                          + (" (weights and optimiser through the universal checkpoint)" if self.universal else ""))
+            print(f"resumed from {self.ckpt_dir / meta['tag']} at step {self.step} (epoch {self.loader.epoch})"
+                  f"{change}", flush=True)
 
     def save(self) -> None:
         mine = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_states()}
         client = {"step": self.step, "epoch": self.loader.epoch, "config": to_dict(self.cfg)}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, mine, self.cfg.checkpoint.keep_last)
+        meta = {"world": self.world, "workers": max(1, self.cfg.data.workers),
+                "zero_stage": self.cfg.deepspeed.zero_stage, "nodes": len({n["node_rank"] for n in self.nodes}),
+                "global_batch": self.world * self.cfg.data.batch_size * self.cfg.accum_steps}
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, mine, meta,
+                              self.cfg.checkpoint.keep_last)
         if self.rank == 0:
             print(f"saved checkpoint {self.ckpt_dir / tag}", flush=True)
 
@@ -173,10 +212,14 @@ class Trainer:
             checkpoint.set_rng_states(self._rng_after_resume)
         window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "loss": [], "parts": {}}
         last_eval: dict[str, float] = {}
-        while self.step < self.total_steps and (cfg.max_steps is not None or self.loader.epoch < cfg.epochs):
+        saved_at = None
+        # max_steps counts steps; epochs count data: an epoch ends when every rank is out of samples, which can take
+        # a step or two more than total_steps estimates when ranks hold uneven shares (bad samples, a resume).
+        by_steps = cfg.max_steps is not None
+        while self.step < self.total_steps if by_steps else self.loader.epoch < cfg.epochs:
             epoch_batches = lockstep(iter(self.loader), self.modalities, cfg.data.batch_size)
             exhausted = False
-            while self.step < self.total_steps and not exhausted:
+            while not exhausted and (self.step < self.total_steps or not by_steps):
                 group = []
                 t0 = time.perf_counter()
                 for _ in range(cfg.accum_steps):
@@ -191,18 +234,22 @@ class Trainer:
                 while len(group) < cfg.accum_steps:  # the epoch's last step: keep DeepSpeed's GAS aligned
                     group.append({"present": {m: torch.zeros(cfg.data.batch_size, dtype=torch.bool)
                                               for m in self.modalities}})
+                if self.samples is not None:
+                    keys = [k for b in group for k in b.get("__key__", [])]
+                    self.samples.write(self.step + 1, self.loader.epoch, keys)
                 loss, parts = self.train_step(group)
                 window["samples"] += sum(real_samples(b) for b in group)
                 window["loss"].append(float(loss))
                 for k, v in parts.items():
                     window["parts"].setdefault(k, []).append(float(v))
-                if self.step % cfg.log.every == 0 or self.step == self.total_steps:
+                if self.step % cfg.log.every == 0 or self.step >= self.total_steps:
                     self._log(window)
                     window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "loss": [], "parts": {}}
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.val_loader is not None:
                     last_eval = self.evaluate()
                 if self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
                     self.save()
+                    saved_at = self.step
             if exhausted:
                 for _ in epoch_batches:  # let the loader close its epoch (counts it, resets positions)
                     pass
@@ -210,7 +257,8 @@ class Trainer:
                 break
         if self.val_loader is not None and (not cfg.eval.every or self.step % cfg.eval.every):
             last_eval = self.evaluate()
-        self.save()
+        if saved_at != self.step:
+            self.save()
         self.logger.close()
         return {"step": self.step, "epoch": self.loader.epoch, "eval": last_eval}
 
@@ -270,6 +318,34 @@ class Trainer:
         return metrics
 
 
+LOST_RANK_EXIT = 3  # exit status of a rank whose collective failed because another rank died or stalled
+
+
+def is_comm_failure(error: BaseException) -> bool:
+    """A collective that failed or timed out (gloo / NCCL), as opposed to an error in accord's own code."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))
+
+
+def report_lost_ranks(error: BaseException, heartbeat: Heartbeat, nodes: list[dict[str, Any]], step: int,
+                      timeout_s: float) -> str:
+    """One line: this rank, the failed collective, and which ranks stopped beating (lost or stalled)."""
+    me = describe_rank(nodes[heartbeat.rank])
+    cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    silent = heartbeat.silent_ranks()
+    if silent is None:
+        culprit = f"{describe_rank(nodes[0])} holds the rendezvous store and does not answer: lost or stalled"
+    elif silent:
+        culprit = "not responding (lost or stalled): " + "; ".join(describe_rank(nodes[r]) for r in silent)
+    else:
+        culprit = "every rank still responds: the network between them failed"
+    return (f"accord train: {me}: a collective failed at step {step + 1} (timeout {timeout_s:g} s: {cause}); "
+            f"{culprit}. Continue the run with --resume latest.")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -277,15 +353,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"accord train: config error: {e}", file=sys.stderr)
         return 2
-    init_distributed()
+    init_distributed(cfg.dist_timeout_s)
+    nodes = gather_node_info()
+    heartbeat = Heartbeat() if dist.get_world_size() > 1 else None
+    trainer = None
     try:
-        trainer = Trainer(cfg, resume=args.resume)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"accord train: error: {e}", file=sys.stderr)
-        return 2
-    result = trainer.fit()
-    if dist.get_rank() == 0:
-        print(json.dumps({"done": result}, default=str), flush=True)
-    dist.barrier()
+        try:
+            trainer = Trainer(cfg, resume=args.resume, nodes=nodes)
+        except (ConfigError, ValueError, FileNotFoundError) as e:
+            print(f"accord train: error: {e}", file=sys.stderr)
+            return 2
+        result = trainer.fit()
+        if dist.get_rank() == 0:
+            print(json.dumps({"done": result}, default=str), flush=True)
+        dist.barrier()
+    except Exception as e:
+        if heartbeat is None or not is_comm_failure(e):
+            raise
+        step = trainer.step if trainer is not None else 0
+        print(report_lost_ranks(e, heartbeat, nodes, step, cfg.dist_timeout_s), file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(LOST_RANK_EXIT)  # no clean-up: collectives with the lost rank would block again
+    if heartbeat is not None:
+        heartbeat.stop()
     dist.destroy_process_group()
     return 0

@@ -43,3 +43,25 @@ class MetricLogger:
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+
+
+class SampleLog:
+    """``samples/rank<R>.jsonl``: the sample keys of every optimiser step, one file per rank (its only writer). An
+    audit trail of what each step trained on: which samples a run saw, and exactly-once checks across resumes."""
+
+    def __init__(self, output_dir: Path, rank: int):
+        self.folder, self.rank = output_dir / "samples", rank
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / f"rank{rank:05d}.jsonl"
+
+    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
+
+    def truncate_after(self, step: int) -> None:
+        """Rank 0, on resume: drop every rank's lines past ``step`` (also of ranks a smaller world no longer has)."""
+        if self.rank != 0:
+            return
+        for path in self.folder.glob("rank*.jsonl"):
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in keep))

