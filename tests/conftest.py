@@ -90,6 +90,41 @@ def no_leaked_shm_workspace():
     assert not leaked, f"DeepSpeed shm files left in /dev/shm: {sorted(f.name for f in leaked)}"
 
 
+def _forkservers() -> set[int]:
+    """PIDs of running multiprocessing forkservers (the parents of the loaders' data workers) but the one of this
+    pytest process, which serves its in-process loaders for the whole session."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and b"multiprocessing.forkserver" in (proc / "cmdline").read_bytes():
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                if ppid != os.getpid():
+                    pids.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            pass
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def no_orphaned_data_workers():
+    """A run that ends, however it ends (SIGKILL included), must not leave data workers running: they keep CPU,
+    memory and /dev/shm tensors, and hold the output pipes of whoever started the run."""
+    import signal
+    import time
+
+    before = _forkservers()
+    yield
+    deadline = time.time() + 10  # the workers notice a lost owner within a second or two
+    while (left := _forkservers() - before) and time.time() < deadline:
+        time.sleep(0.2)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert not left, f"forkserver processes left running: {sorted(left)}"
+
+
 @pytest.fixture(scope="session")
 def raw_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_raw_corpus(tmp_path_factory.mktemp("raw"))

@@ -1,4 +1,4 @@
-"""Captioning: decoding strategies, training strategies and ``accord bench captioning`` on a tiny backbone."""
+"""Captioning: decoding strategies, training strategies and ``accord experiment captioning`` on a tiny backbone."""
 
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def test_bench_captioning_writes_the_table(setup, tmp_path: Path) -> None:
                   [(f"{int(i['id']):09d}", [("txt", i["text"].encode()), ("png", i["image"])])
                    for i in _items(18, seed)])
     out = tmp_path / "out"
-    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "bench", "captioning", "--backbone",
+    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "experiment", "captioning", "--backbone",
                            str(backbone_dir), "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
                            "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -13,7 +13,7 @@ COMMANDS = {
     "export": ("accord.consistency.export", "DeepSpeed checkpoint (any ZeRO stage) -> backbone directory"),
     "score": ("accord.consistency.commands:main_score", "consistency scores of a manifest or shard set"),
     "eval": ("accord.consistency.commands:main_eval", "zero-shot retrieval R@1/5/10 + similarity plot"),
-    "bench": ("accord.bench", "experiments with a table and a plot: fusion, captioning"),
+    "experiment": ("accord.experiments", "experiments with a table and a plot: fusion, captioning"),
 }
 
 

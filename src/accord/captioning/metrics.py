@@ -26,7 +26,7 @@ def coco_metrics(variants: dict[str, list[str]], references: list[list[str]]) ->
         from pycocoevalcap.rouge.rouge import Rouge
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     except ImportError:
-        raise RuntimeError("caption metrics need pycocoevalcap: pip install 'accord[bench]'") from None
+        raise RuntimeError("caption metrics need pycocoevalcap: pip install 'accord[experiments]'") from None
     for name, candidates in variants.items():
         if len(candidates) != len(references):
             raise ValueError(f"{name}: {len(candidates)} candidates for {len(references)} reference lists")

@@ -14,6 +14,10 @@ sample exactly once. Resampled mode draws the samples left in the epoch afresh f
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +32,24 @@ from accord.data.transforms import SampleDecoder
 
 class TooManyBadSamples(RuntimeError):
     pass
+
+
+def exit_with_owner(owner_pid: int, _worker_id: int, interval_s: float = 1.0) -> None:
+    """DataLoader ``worker_init_fn``: end this worker once the process that owns the loader is gone.
+
+    PyTorch's own check watches the worker's parent, which for forkserver workers is the forkserver; and every
+    worker keeps the forkserver alive. So a SIGKILLed rank (a lost node, the launcher ending a failed job) would
+    leave its workers and their shared memory behind for good.
+    """
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            try:
+                os.kill(owner_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=watch, name="accord-owner-watch", daemon=True).start()
 
 
 class Loader:
@@ -67,6 +89,7 @@ class Loader:
             persistent_workers=self.cfg.persistent_workers and workers > 0,
             multiprocessing_context=method if workers > 0 else None,
             prefetch_factor=2 if workers > 0 else None, in_order=True,
+            worker_init_fn=functools.partial(exit_with_owner, os.getpid()) if workers > 0 else None,
         )
 
     @property

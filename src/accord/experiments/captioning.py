@@ -1,6 +1,6 @@
-"""``accord bench captioning``: does a consistency score beat decoding and training without it?
+"""``accord experiment captioning``: does a consistency score beat decoding and training without it?
 
-    accord bench captioning --backbone DIR --data TRAIN_SHARDS --val VAL_SHARDS [--modality image] [--quick]
+    accord experiment captioning --backbone DIR --data TRAIN_SHARDS --val VAL_SHARDS [--modality image] [--quick]
 
 The backbone stays frozen: its ``--modality`` tower's token features condition a small caption decoder, its text
 tower scores captions. Trains one decoder per training strategy (MLE; MLE + soft consistency loss with expected
@@ -151,7 +151,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accord bench captioning", description=__doc__,
+    p = argparse.ArgumentParser(prog="accord experiment captioning", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", required=True, help="exported accord backbone directory")
     p.add_argument("--data", required=True, help="training shards")
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     result = run(args.backbone, args.data, args.val, args.modality, epochs, scst, tuple(args.beta), args.seed)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    result["command"] = "accord bench captioning " + " ".join(argv if argv is not None else [])
+    result["command"] = "accord experiment captioning " + " ".join(argv if argv is not None else [])
     (out / "captioning.json").write_text(json.dumps(result, indent=1))
     md = table(result)
     (out / "captioning.md").write_text(md + "\n")

@@ -1,4 +1,4 @@
-"""``accord bench fusion``: does the cross-attention fusion head catch one-attribute-wrong captions that the cosine
+"""``accord experiment fusion``: does the cross-attention fusion head catch one-attribute-wrong captions that the cosine
 between pooled embeddings misses?
 
 render images ("a red circle on the left") and clips ("a blue square moving up") -> shards -> train tiny text, image
@@ -159,7 +159,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accord bench fusion", description=__doc__,
+    p = argparse.ArgumentParser(prog="accord experiment fusion", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="bench_out/fusion")
     p.add_argument("--quick", action="store_true", help="smaller world, fewer epochs (a few minutes)")

@@ -1,0 +1,24 @@
+"""``accord experiment NAME``: experiments that train, decode and score, and write a table (markdown + JSON) and a plot.
+
+    accord experiment fusion [--quick]       cosine vs fused consistency score on one-attribute-wrong captions
+    accord experiment captioning --backbone DIR --data SHARDS --val SHARDS
+                                        caption decoding / training strategies with and without consistency
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+EXPERIMENTS = {"fusion": "accord.experiments.fusion", "captioning": "accord.experiments.captioning"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in EXPERIMENTS:
+        print(__doc__)
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"accord experiment: unknown experiment {argv[0]!r} (valid: {', '.join(EXPERIMENTS)})", file=sys.stderr)
+            return 2
+        return 0
+    return importlib.import_module(EXPERIMENTS[argv[0]]).main(argv[1:])
