@@ -20,8 +20,9 @@ SHM_PREFIX = "deepspeed_allreduce_buffer"
 def init_distributed(timeout_s: float = 1800.0) -> None:
     """Join the process group the launcher describes (or a one-process group) through DeepSpeed.
 
-    ``timeout_s`` bounds every collective (gloo and NCCL alike): a rank that dies or stalls makes the others fail
-    after at most that long instead of waiting forever.
+    ``timeout_s`` bounds every collective (gloo and NCCL alike), in the default group and in every group made
+    later (DeepSpeed runs ZeRO's reductions in its own groups, which ``new_group`` would give torch's 30-minute
+    default): a rank that dies or stalls makes the others fail after at most that long instead of waiting.
 
     On CPU, DeepSpeed's shared-memory all-reduce maps a 66 MB file per rank in /dev/shm and never unlinks it, so
     every multi-rank run would leave RAM behind for good. Once every rank has mapped its peers' files, each rank
@@ -36,7 +37,10 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s), verbose=False)
+    timeout = timedelta(seconds=timeout_s)
+    c10d = dist.distributed_c10d  # new_group(timeout=None) reads these defaults at call time
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
     if get_accelerator().device_name() == "cpu":  # the shm all-reduce is DeepSpeed's CPU backend only
         release_shm_workspace()
 
@@ -125,3 +129,4 @@ class Heartbeat:
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread.join(timeout=10)

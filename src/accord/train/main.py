@@ -357,16 +357,18 @@ def main(argv: list[str] | None = None) -> int:
     nodes = gather_node_info()
     heartbeat = Heartbeat() if dist.get_world_size() > 1 else None
     trainer = None
+    code = 0
     try:
-        try:
-            trainer = Trainer(cfg, resume=args.resume, nodes=nodes)
-        except (ConfigError, ValueError, FileNotFoundError) as e:
-            print(f"accord train: error: {e}", file=sys.stderr)
-            return 2
+        trainer = Trainer(cfg, resume=args.resume, nodes=nodes)
         result = trainer.fit()
         if dist.get_rank() == 0:
             print(json.dumps({"done": result}, default=str), flush=True)
         dist.barrier()
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        if trainer is not None:  # the run had started: a bug, not an input
+            raise
+        print(f"accord train: error: {e}", file=sys.stderr)  # every rank finds the same bad input
+        code = 2
     except Exception as e:
         if heartbeat is None or not is_comm_failure(e):
             raise
@@ -374,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         print(report_lost_ranks(e, heartbeat, nodes, step, cfg.dist_timeout_s), file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(LOST_RANK_EXIT)  # no clean-up: collectives with the lost rank would block again
-    if heartbeat is not None:
-        heartbeat.stop()
+    finally:
+        if heartbeat is not None:
+            heartbeat.stop()
     dist.destroy_process_group()
-    return 0
+    return code
