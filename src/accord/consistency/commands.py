@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from accord.consistency.backbone import DTYPES
 from accord.consistency.scorer import ConsistencyScorer, torchmetrics_aggregate
+from accord.errors import InputError, command
 
 MEDIA_BY_EXT = {"jpg": "image", "jpeg": "image", "png": "image", "webp": "image", "mp4": "video", "webm": "video",
                 "mkv": "video", "mov": "video", "flac": "audio", "wav": "audio", "ogg": "audio", "mp3": "audio"}
@@ -24,28 +25,48 @@ MODS = ("text", "image", "video", "audio")
 
 
 def manifest_items(path: str) -> Iterator[dict[str, Any]]:
+    """Items of a manifest; the manifest is read (and its errors raised) now, its media later."""
     from accord.shards.sources import read_sources
 
-    for src in read_sources(path):
-        yield {"id": src.origin, "error": src.error} if src.error else {"id": src.origin, "text": src.text,
-                                                                        **src.media}
+    sources = read_sources(path)
+    return ({"id": src.origin, "error": src.error} if src.error else {"id": src.origin, "text": src.text, **src.media}
+            for src in sources)
 
 
 def shard_items(folder: str) -> Iterator[dict[str, Any]]:
-    """Samples of every shard in a folder, streamed (one sample in memory at a time)."""
+    """Samples of every shard in a folder, streamed (one sample in memory at a time). A shard that yields fewer
+    samples than its sizes.json entry (truncated, corrupt) adds one error item naming it and the samples lost."""
+    import tarfile
+
     import fsspec
 
     from accord.shards.tario import read_tar
 
     fs, root = fsspec.core.url_to_fs(folder)
+    sizes = json.loads(fs.cat(f"{root.rstrip('/')}/sizes.json")) if fs.exists(f"{root.rstrip('/')}/sizes.json") \
+        else {}
     for tar in sorted(fs.glob(f"{root.rstrip('/')}/*.tar")):
-        for key, members in read_tar(fs, tar):
-            m = dict(members)
-            item: dict[str, Any] = {"id": key, "text": m["txt"].decode("utf-8") if "txt" in m else None}
-            for ext, data in m.items():
-                if ext in MEDIA_BY_EXT:
-                    item[MEDIA_BY_EXT[ext]] = data
-            yield item
+        name, read, problem = tar.rsplit("/", 1)[-1], 0, None
+        try:
+            for key, members in read_tar(fs, tar):
+                read += 1
+                m = dict(members)
+                try:
+                    text = m["txt"].decode("utf-8") if "txt" in m else None
+                except UnicodeDecodeError:
+                    yield {"id": key, "error": f"{name}: the caption of {key} is not UTF-8"}
+                    continue
+                item: dict[str, Any] = {"id": key, "text": text}
+                for ext, data in m.items():
+                    if ext in MEDIA_BY_EXT:
+                        item[MEDIA_BY_EXT[ext]] = data
+                yield item
+        except (tarfile.TarError, OSError) as e:
+            problem = f"unreadable after {read} samples ({type(e).__name__}: {e})"
+        expected = sizes.get(name)
+        if problem or (expected is not None and read < expected):
+            lost = f"{expected - read} of {expected} samples lost" if expected is not None else "samples lost"
+            yield {"id": name, "error": f"{name}: {problem or 'truncated'}; {lost} (sizes.json)"}
 
 
 def _modalities(item: dict[str, Any]) -> tuple[str, ...]:
@@ -106,6 +127,7 @@ def summarize(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
     return out
 
 
+@command("accord score")
 def main_score(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord score", description="Score every sample of a manifest or shard set.")
     p.add_argument("--backbone", required=True, help="exported accord backbone or HF CLIPModel directory")
@@ -117,8 +139,10 @@ def main_score(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
                    help="tower precision (bf16/fp16 for GPUs); scores are computed in fp32")
     args = p.parse_args(argv)
-    scorer = ConsistencyScorer.from_pretrained(args.backbone, device=args.device, dtype=DTYPES[args.dtype])
     path = Path(args.input)
+    if "://" not in args.input and not path.exists():
+        raise InputError(f"--input {args.input}: no such file or directory")
+    scorer = ConsistencyScorer.from_pretrained(args.backbone, device=args.device, dtype=DTYPES[args.dtype])
     items = shard_items(args.input) if path.is_dir() else manifest_items(args.input)
     total = None
     if path.is_dir() and (path / "sizes.json").exists():
@@ -133,6 +157,7 @@ def main_score(argv: list[str] | None = None) -> int:
     return 0
 
 
+@command("accord eval")
 def main_eval(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord eval", description="Zero-shot retrieval R@1/5/10 per pair on shards.")
     p.add_argument("--backbone", required=True)
@@ -143,15 +168,24 @@ def main_eval(argv: list[str] | None = None) -> int:
     p.add_argument("--rerank", type=int, default=0, metavar="K",
                    help="also report R@1 after reranking the cosine top-K by the fusion head (text pairs)")
     args = p.parse_args(argv)
-    metrics = evaluate_backbone(args.backbone, args.data, args.batch_size, args.workers, args.plot, args.rerank)
-    print(json.dumps(metrics, indent=2))
+    report: dict[str, Any] = {}
+    metrics = evaluate_backbone(args.backbone, args.data, args.batch_size, args.workers, args.plot, args.rerank,
+                                report=report)
+    print(json.dumps({**metrics, "samples": report}, indent=2))
+    if report["skipped"] or (report["expected"] is not None and report["read"] != report["expected"]):
+        reasons = ", ".join(f"{k}: {v}" for k, v in report["skipped"].items()) or "none"
+        print(f"accord eval: warning: read {report['read']} of {report['expected']} samples that sizes.json "
+              f"promises in {args.data} (skipped: {reasons}); the retrieval figures cover the samples read",
+              file=sys.stderr)
     return 0
 
 
 def evaluate_backbone(backbone_dir: str, data: str, batch_size: int = 32, workers: int = 0,
-                      plot: str | None = None, rerank: int = 0) -> dict[str, float]:
+                      plot: str | None = None, rerank: int = 0, report: dict[str, Any] | None = None
+                      ) -> dict[str, float]:
     """Retrieval metrics of an exported backbone on held-out shards (eval transforms); ``rerank`` = k adds R@1
-    after reranking the cosine top-k by the fusion head."""
+    after reranking the cosine top-k by the fusion head; ``report`` receives the loader's read / skipped /
+    expected sample counts."""
     from accord.consistency.backbone import Backbone, load_backbone
     from accord.data.config import DataConfig, TextConfig
     from accord.data.loader import Loader
@@ -159,12 +193,12 @@ def evaluate_backbone(backbone_dir: str, data: str, batch_size: int = 32, worker
 
     backbone = load_backbone(backbone_dir)
     if not isinstance(backbone, Backbone):
-        raise SystemExit("accord eval: needs an exported accord backbone (shards carry its preprocessing)")
+        raise InputError(f"{backbone_dir}: accord eval needs an exported accord backbone (not a CLIP directory)")
     cfg = DataConfig(val=data, batch_size=batch_size, workers=workers, persistent_workers=False,
                      text=TextConfig(tokenizer=str(Path(backbone_dir) / "tokenizer"), max_length=backbone.max_length),
                      image=backbone.image_cfg, video=backbone.video_cfg, audio=backbone.audio_cfg)
     if rerank and not backbone.has_fusion:
-        raise SystemExit(f"accord eval: --rerank needs a fusion head; {backbone_dir} has none")
+        raise InputError(f"--rerank needs a fusion head; {backbone_dir} has none")
     loader = Loader(cfg, backbone.modalities, train=False, rank=0, world=1)
     tokens: dict[str, Any] | None = {} if rerank else None
     dtype = next(backbone.parameters()).dtype
@@ -177,6 +211,8 @@ def evaluate_backbone(backbone_dir: str, data: str, batch_size: int = 32, worker
         with torch.no_grad():
             return backbone.model.fusion(tt, tm, ot, om, modality)
 
+    if report is not None:
+        report.update(loader.report())
     metrics = retrieval(emb, backbone.model.pairs, rerank, match_fn if rerank else None, tokens)
     if plot:
         similarity_plot(emb, backbone.model.pairs, plot)

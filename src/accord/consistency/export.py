@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 
 from accord.config import from_dict, to_dict
 from accord.consistency.backbone import DTYPES
+from accord.errors import command
 from accord.models import AccordModel
 from accord.train.config import TrainConfig
 
@@ -175,6 +175,7 @@ def model_card(cfg: TrainConfig, meta: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@command("accord export", also=(ValueError, RuntimeError))
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -184,11 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.add_argument("--onnx", action="store_true", help="also write onnx/<modality>.onnx per tower (fp32)")
     args = p.parse_args(argv)
-    try:
-        out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"accord export: error: {e}", file=sys.stderr)
-        return 2
+    out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx)
     print(f"exported {args.checkpoint_dir} -> {out}")
     return 0
 

@@ -188,6 +188,15 @@ class Loader:
             total.update(counters)
         return dict(total)
 
+    def report(self) -> dict[str, Any]:
+        """What this rank read since the start of the run: samples read, skipped per reason, and the samples
+        sizes.json promises for one epoch of the whole data set (None where it does not know every shard)."""
+        stats = self.skip_stats()
+        skipped = {k: v for k, v in sorted(stats.items()) if k != "seen"}
+        known = all(s.size is not None for s in self.dataset.shards)
+        return {"read": stats.get("seen", 0) - sum(skipped.values()), "skipped": skipped,
+                "expected": self.num_samples if known and self.cfg.mode == "finite" else None}
+
     def _check_bad(self) -> None:
         stats = self.skip_stats()
         seen = stats.get("seen", 0)

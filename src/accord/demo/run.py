@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from accord.demo.world import WorldSize, generate, mismatch
+from accord.errors import command
 
 ROOT = Path(__file__).resolve().parents[3]
 SIZES = {
@@ -101,6 +102,7 @@ def score_examples(backbone: Path, val: Path, seed: int = 0) -> dict[str, Any]:
     return out
 
 
+@command("accord demo")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord demo", description=__doc__)
     p.add_argument("--quick", action="store_true", help="the 3-minute version")

@@ -23,7 +23,6 @@ import math
 import multiprocessing as mp
 import os
 import random
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import fsspec
 from tqdm import tqdm
 
+from accord.errors import command
 from accord.shards.media import (
     IMAGE_FORMATS,
     RESIZE_MODES,
@@ -506,11 +506,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
     )
 
 
+@command("build_shards", also=(ValueError, FileExistsError, RuntimeError))
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        build(config_from_args(args))
-    except (ValueError, FileExistsError, FileNotFoundError, RuntimeError) as e:
-        print(f"build_shards: error: {e}", file=sys.stderr)
-        return 2
+    build(config_from_args(parser().parse_args(argv)))
     return 0

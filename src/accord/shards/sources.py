@@ -17,6 +17,8 @@ from typing import Any
 
 import fsspec
 
+from accord.errors import InputError
+
 MODALITIES = ("image", "video", "audio")
 EXTENSIONS: dict[str, frozenset[str]] = {
     "image": frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}),
@@ -64,7 +66,7 @@ def read_sources(
     if fs.isdir(path):
         return _scan_directory(fs, path, src)
     if not path.lower().endswith(MANIFEST_SUFFIXES):
-        raise ValueError(
+        raise InputError(
             f"--input {src!r} is neither a directory nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
         )
     return _read_manifest(fs, path, src, text_column, media_columns or {m: m for m in MODALITIES})
@@ -90,7 +92,13 @@ def _rows(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
         with fs.open(path, "rb") as f:
             return pq.read_table(f).to_pylist()
     with fs.open(path, "rb") as f:
-        data = f.read().decode("utf-8-sig")
+        raw = f.read()
+    try:
+        data = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}); "
+                         "re-encode the manifest as UTF-8") from None
     if lower.endswith(".jsonl"):
         rows = []
         for lineno, line in enumerate(data.splitlines(), 1):
@@ -99,9 +107,9 @@ def _rows(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+                raise InputError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {lineno} is not a JSON object")
+                raise InputError(f"{path}: line {lineno} is not a JSON object")
             rows.append(row)
         return rows
     delimiter = "\t" if lower.endswith(".tsv") else ","
@@ -120,13 +128,13 @@ def _read_manifest(
     if rows:
         columns = set().union(*(r.keys() for r in rows))
         if text_column not in columns:
-            raise ValueError(f"{url}: no caption column {text_column!r} (columns: {sorted(columns)})")
+            raise InputError(f"{url}: no caption column {text_column!r} (columns: {sorted(columns)})")
         if not columns & set(media_columns.values()):
-            raise ValueError(f"{url}: needs at least one media column of {sorted(media_columns.values())}")
+            raise InputError(f"{url}: needs at least one media column of {sorted(media_columns.values())}")
         used = {text_column, *media_columns.values()}
         clash = sorted((columns - used) & RESERVED_FIELDS)
         if clash:
-            raise ValueError(f"{url}: extra columns {clash} clash with fields accord writes; rename them")
+            raise InputError(f"{url}: extra columns {clash} clash with fields accord writes; rename them")
     out = []
     for i, row in enumerate(rows):
         origin = f"{name}:row {i + 1}"

@@ -16,6 +16,7 @@ import webdataset as wds
 from tqdm import tqdm
 
 from accord.data.decode import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, decode_audio, decode_image, decode_video
+from accord.errors import InputError, command
 from accord.shards.build import check_shard_count
 
 MEDIA = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}
@@ -37,6 +38,8 @@ def verify(folder: str, decode: bool = False, prefix: str = "shard", workers: in
            world_size: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Check every shard in ``folder``; returns the summary whose ``problems`` list is empty when all is well."""
     fs, root = fsspec.core.url_to_fs(folder)
+    if not fs.isdir(root):
+        raise InputError(f"{folder}: {'not a directory' if fs.exists(root) else 'no such directory'}")
     base = folder.rstrip("/")
     problems: list[str] = []
     warnings: list[str] = []
@@ -116,6 +119,7 @@ def verify(folder: str, decode: bool = False, prefix: str = "shard", workers: in
     }
 
 
+@command("verify_shards")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="verify_shards", description=__doc__)
     p.add_argument("folder", help="shard folder written by build_shards")

