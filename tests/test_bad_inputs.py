@@ -127,3 +127,54 @@ def test_commands_as_users_run_them_print_no_traceback(mixed_shards, tmp_path: P
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
     assert "no such file, so no checkpoint to resume" in proc.stderr
+
+
+def _bomb_png(path: Path, side: int = 40000) -> None:
+    """A 118-byte PNG whose header claims side x side pixels (1.6 G): a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1)))
+                     + chunk(b"IEND", b""))
+
+
+def test_build_shards_rejects_hostile_media_with_reasons(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    _bomb_png(raw / "bomb.png")
+    (raw / "empty.wav").write_bytes(b"")
+    (raw / "one_sample.wav").write_bytes(b"RIFF$\0\0\0WAVEfmt \x10\0\0\0\x01\0\x01\0\x80>\0\0\0}\0\0\x02\0\x10\0data\x02\0\0\0\0\0")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=0.3",
+                    "-c:a", "aac", str(raw / "sound_only.mp4")], check=True)
+    for stem in ("bomb", "empty", "one_sample", "sound_only"):
+        (raw / f"{stem}.txt").write_text(f"a caption for {stem}")
+    out = tmp_path / "out"
+    assert main_build(["--input", str(raw), "--output", str(out), "--quiet"]) == 0
+    reasons = {json.loads(line)["origin"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").open()}
+    assert reasons["bomb"].startswith("undecodable image: DecompressionBombError")
+    assert reasons["empty"] == "undecodable audio: empty file"
+    assert reasons["sound_only"] == "undecodable video: no video stream"
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["inputs"] == 4 == stats["written"] + stats["rejected"] + stats["duplicates"]
+    assert "one_sample" in reasons or stats["written"] == 1  # a one-sample sound: written or rejected, never lost
+
+
+def test_verify_names_unsafe_member_names_and_non_utf8_captions(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    with tarfile.open(tmp_path / "shard-000000.tar", "w") as tar:
+        for name, data in (("../../etc/000.txt", b"a caption"), ("/abs/001.txt", b"x"), ("002.txt", b"caf\xe9")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (tmp_path / "sizes.json").write_text('{"shard-000000.tar": 3}')
+    from accord.shards.verify import verify
+
+    problems = "\n".join(verify(str(tmp_path), progress=False)["problems"])
+    assert "../../etc/000: unsafe member name" in problems and "/abs/001: unsafe member name" in problems
+    assert "002: caption is not UTF-8 (byte 3" in problems

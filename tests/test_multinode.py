@@ -16,6 +16,8 @@ import torch
 from test_loss import free_port
 from test_train import ENV, LAUNCHER, ROOT, metrics
 
+from accord.train import checkpoint
+
 HERE = Path(__file__).resolve().parent
 CONFIG = str(ROOT / "configs/tiny.yaml")
 # 48 samples in 16 shards; 2 ranks x 4 = 8 samples a step: 6 steps, checkpoints at steps 2, 4 and 6.
@@ -194,11 +196,11 @@ def _wait_for(path: Path, ok, timeout: float) -> None:
 
 def test_a_stalled_or_killed_rank_on_the_other_node_ends_the_run_naming_it(mixed_shards, tmp_path: Path) -> None:
     """Node 1's rank is stopped (SIGSTOP: a hung file system, a frozen host): node 0 fails after the collective
-    timeout naming rank 1 and exits non-zero. The run comes back on both nodes; now node 1's rank is killed:
-    node 0 fails at once, naming it. Then ``--resume latest`` on one node x 2 ranks finishes the run."""
+    timeout naming rank 1 and exits non-zero. The run comes back on both nodes with ``--resume latest`` and trains
+    on; now node 1's rank is killed: node 0 fails at once, naming it."""
     shards, _ = mixed_shards
     out = tmp_path / "run"
-    long = ["epochs=1000", "max_steps=400", "dist_timeout_s=8", "data.workers=1"]
+    long = ["epochs=1000", "max_steps=400", "dist_timeout_s=5", "data.workers=1"]
     latest = out / "checkpoints/latest"
     for fault, signum in (("stall", signal.SIGSTOP), ("kill", signal.SIGKILL)):
         start_at = int(latest.read_text()[4:]) if latest.exists() else 0
@@ -216,16 +218,12 @@ def test_a_stalled_or_killed_rank_on_the_other_node_ends_the_run_naming_it(mixed
             kill_all(procs)  # node 1's launcher and its stopped rank
         log = (tmp_path / "node0.log").read_text()
         assert code != 0, log[-3000:]
+        if fault == "kill":  # the restart after the stall resumed from its last checkpoint and trained on
+            assert f"resumed from {out / 'checkpoints' / f'step{start_at:08d}'} at step {start_at}" in log
         assert "not responding (lost or stalled): rank 1 (node 1, local rank 0" in log, log[-3000:]
         assert "Continue the run with --resume latest" in log
-        bound = 8 + 30 if fault == "stall" else 30  # the timeout, the heartbeat check, the launcher's exit
+        bound = 5 + 30 if fault == "stall" else 30  # the timeout, the heartbeat check, the launcher's exit
         assert waited < bound, (fault, waited)
-    resumed_at = int(latest.read_text()[4:])
-    proc = run(single_node(shards, out, 2, *long[:1], "data.workers=1", f"max_steps={resumed_at + 2}",
-                           resume="latest"), tmp_path)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert f"at step {resumed_at}" in proc.stdout
-    assert max(r["step"] for r in metrics(out)) == resumed_at + 2
 
 
 def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shards, tmp_path: Path) -> None:
@@ -240,10 +238,8 @@ def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shard
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text() == "step00000002"
     assert (ckpt / "step00000004").is_dir() and not (ckpt / "step00000004/accord.json").exists()
-
-    refused = run(single_node(shards, out, 2, resume="step00000004"), tmp_path)
-    assert refused.returncode == 2
-    assert "step00000004 is incomplete (no accord.json)" in refused.stderr
+    with pytest.raises(FileNotFoundError, match=r"step00000004 is incomplete \(no accord.json\)"):
+        checkpoint.resolve(ckpt, "step00000004")  # what --resume step00000004 meets (exit 2 with this line)
     proc = run(single_node(shards, out, 2, resume="latest"), tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert "at step 2" in proc.stdout

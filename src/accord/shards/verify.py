@@ -76,9 +76,15 @@ def verify(folder: str, decode: bool = False, prefix: str = "shard", workers: in
                 if sample["__key__"] in keys:
                     problem(f"{where}: key appears twice in the dataset")
                 keys.add(sample["__key__"])
+                if sample["__key__"].startswith("/") or ".." in sample["__key__"].split("/"):
+                    problem(f"{where}: unsafe member name (absolute or '..': extracting the tar would write outside "
+                            "its folder)")
                 text = sample.get("txt")
-                if not text or not text.decode("utf-8", errors="strict").strip():
-                    problem(f"{where}: missing or empty caption (.txt)")
+                try:
+                    if not text or not text.decode("utf-8", errors="strict").strip():
+                        problem(f"{where}: missing or empty caption (.txt)")
+                except UnicodeDecodeError as e:
+                    problem(f"{where}: caption is not UTF-8 (byte {e.start}: {e.reason})")
                 try:
                     json.loads(sample.get("json", b""))
                 except (json.JSONDecodeError, UnicodeDecodeError):

@@ -6,7 +6,7 @@ the run looked like: step, world size, data workers, ZeRO stage) into the tag's 
 ``latest`` pointer, each by an atomic rename. A run killed while writing leaves ``latest`` on the previous
 checkpoint, and a folder without ``accord.json`` is never loaded.
 
-Resuming on another world size (or ZeRO stage) goes through DeepSpeed's universal checkpoint: rank 0 converts the
+Resuming on another world size (same ZeRO stage, 1 or 2) goes through DeepSpeed's universal checkpoint: rank 0 converts the
 tag once (``ds_to_universal``, into ``universal/<tag>``) and every rank loads its new partition of the weights and
 the optimiser moments from it. The data loader merges the states of all saved ranks (see ``accord.data.loader``).
 """
