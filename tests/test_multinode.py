@@ -158,7 +158,7 @@ def test_elastic_resume_2x2_to_1x1_to_2x1_sees_every_sample_once(reference, mixe
 
 def test_weights_and_adam_moments_survive_a_change_of_world_size(reference, mixed_shards, tmp_path: Path) -> None:
     """The step-2 checkpoint of 2 ranks at ZeRO-2, loaded by 2 ranks (plain) and by 1 rank (through the universal
-    checkpoint): every parameter's fp32 value and both Adam moments are the same; a change of stage is refused."""
+    checkpoint): every parameter's fp32 value and both Adam moments are the same. What is not supported is refused."""
     dumps = {}
     for ranks in (2, 1):
         run_dir = tmp_path / f"run{ranks}"
@@ -172,10 +172,18 @@ def test_weights_and_adam_moments_survive_a_change_of_world_size(reference, mixe
     plain, universal = (torch.load(dumps[r], weights_only=False) for r in (2, 1))
     assert plain["step"] == universal["step"] == 2
     assert plain["state"].keys() == universal["state"].keys() and len(plain["state"]) > 50
-    refused = run(single_node(mixed_shards[0], tmp_path / "run1", 1, "deepspeed.zero_stage=3",
-                              resume="step00000002"), tmp_path)
-    assert refused.returncode == 2
-    assert "deepspeed.zero_stage: the checkpoint was saved at stage 2; resume it at the same stage" in refused.stderr
+    # Refused at start, one line each: a change of ZeRO stage, and ZeRO-3 on another world size.
+    run_dir = tmp_path / "run1"
+    marker = run_dir / "checkpoints/step00000002/accord.json"
+    meta = json.loads(marker.read_text())
+    for saved_stage, message in ((2, "the checkpoint was saved at stage 2; resume it at the same stage"),
+                                 (3, "a resume of a ZeRO-3 checkpoint on another world size is not supported")):
+        marker.write_text(json.dumps({**meta, "zero_stage": saved_stage}))
+        cmd = [str(Path(LAUNCHER).parent / "accord"), "train", "--config", CONFIG, f"data.train={mixed_shards[0]}",
+               f"output_dir={run_dir}", *OPTS, "deepspeed.zero_stage=3", "--resume", "step00000002"]
+        refused = run(cmd, tmp_path)
+        assert refused.returncode == 2, refused.stderr[-2000:]
+        assert f"accord train: error: deepspeed.zero_stage: {message}" in refused.stderr
     moved = 0
     for name, (value, m, v) in plain["state"].items():
         u_value, u_m, u_v = universal["state"][name]
