@@ -107,6 +107,23 @@ def resolve(folder: Path, tag: str | None) -> dict[str, Any]:
     return json.loads(marker.read_text())
 
 
+def needs_universal(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
+    """Whether resuming the checkpoint ``meta`` describes on ``world`` ranks at ``zero_stage`` loads its universal
+    form; raises ConfigError for what DeepSpeed 0.19.8 cannot do here."""
+    from accord.config import ConfigError
+
+    if meta["zero_stage"] != zero_stage:
+        raise ConfigError(f"deepspeed.zero_stage: the checkpoint was saved at stage {meta['zero_stage']}; resume it "
+                          "at the same stage")
+    elastic = meta["world"] != world and zero_stage > 0  # stage 0 holds whole weights and moments: loads as is
+    if elastic and zero_stage == 3:
+        raise ConfigError(
+            f"deepspeed.zero_stage: a resume of a ZeRO-3 checkpoint on another world size is not supported (with "
+            f"DeepSpeed 0.19.8 its parameter tracing fails a few steps after the universal load); resume it on "
+            f"{meta['world']} ranks (ZeRO 0-2 resume on any world size)")
+    return elastic
+
+
 def point_latest_at(folder: Path, tag: str) -> None:
     """Rank 0, on resume: the run continues from ``tag``, so ``latest`` names it until the next save (a later tag
     of the abandoned run may be rewritten, and must not stay ``latest`` meanwhile)."""

@@ -93,23 +93,13 @@ class Trainer:
                 per_node.setdefault(info["node_rank"], []).append(str(info["rank"]))
             print(f"{self.world} rank(s) on {len(per_node)} node(s): " + "; ".join(
                 f"node {n}: rank {', '.join(r)}" for n, r in sorted(per_node.items())), flush=True)
-        # A resume on another world size loads DeepSpeed's universal form of the checkpoint (ZeRO 1-2; stage 0
-        # keeps whole weights and moments in one file, which loads on any world size as it is).
+        # A resume on another world size loads DeepSpeed's universal form of the checkpoint.
         self.resume_meta = checkpoint.resolve(self.ckpt_dir, resume) if resume else None
         ds_config = deepspeed_config(cfg)
-        self.universal = False
-        if self.resume_meta is not None:
-            if self.resume_meta["zero_stage"] != cfg.deepspeed.zero_stage:
-                raise ConfigError(f"deepspeed.zero_stage: the checkpoint was saved at stage "
-                                  f"{self.resume_meta['zero_stage']}; resume it at the same stage")
-            self.universal = self.resume_meta["world"] != self.world and cfg.deepspeed.zero_stage > 0
-            if self.universal and cfg.deepspeed.zero_stage == 3:
-                raise ConfigError(
-                    f"deepspeed.zero_stage: a resume of a ZeRO-3 checkpoint on another world size is not supported "
-                    f"(with DeepSpeed 0.19.8 its parameter tracing fails a few steps after the universal load); "
-                    f"resume it on {self.resume_meta['world']} ranks (ZeRO 0-2 resume on any world size)")
-            if self.universal:
-                ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+        self.universal = self.resume_meta is not None and checkpoint.needs_universal(
+            self.resume_meta, self.world, cfg.deepspeed.zero_stage)
+        if self.universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = AccordModel(cfg.model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim),
