@@ -1,4 +1,4 @@
-"""A tiny random accord backbone exported with save_backbone, from a shipped config."""
+"""Tiny random accord models and backbones from the shipped configs."""
 
 from __future__ import annotations
 
@@ -7,18 +7,30 @@ from pathlib import Path
 import torch
 import yaml
 
-from accord.config import from_dict
+from accord.config import apply_overrides, from_dict
 from accord.consistency.export import save_backbone
 from accord.models import AccordModel
 from accord.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+# configs/tiny.yaml with CLIP-kind text and image towers (the sizes of tiny.yaml's towers)
+CLIP_TOWERS = ["model.towers.text.kind=clip_text", "model.towers.text.hf.eos_token_id=102",
+               "model.towers.text.hf.pad_token_id=0",
+               "model.towers.text.hf.bos_token_id=101", "model.towers.image.kind=clip_vision"]
 
 
-def random_backbone(config: str, out: Path, seed: int = 0) -> Path:
+def tiny_config(config: str = "tiny.yaml", overrides: list[str] | None = None) -> TrainConfig:
     data = yaml.safe_load((ROOT / "configs" / config).read_text())
     data["data"]["train"] = "unused"
-    cfg = from_dict(TrainConfig, data)
+    return from_dict(TrainConfig, apply_overrides(data, overrides or []))
+
+
+def random_model(cfg: TrainConfig, seed: int = 0) -> AccordModel:
     torch.manual_seed(seed)
-    save_backbone(AccordModel(cfg.model), cfg, out)
+    return AccordModel(cfg.model)
+
+
+def random_backbone(config: str, out: Path, seed: int = 0, overrides: list[str] | None = None) -> Path:
+    cfg = tiny_config(config, overrides)
+    save_backbone(random_model(cfg, seed), cfg, out)
     return out

@@ -94,8 +94,9 @@ def test_device_side_image_path_equals_the_clip_processor(clip_dir: Path) -> Non
 
     from accord.consistency.backbone import HFClipBackbone, _image_batch
 
-    images = [torch.randint(0, 256, (3, 40, 48), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-              for i in range(5)]  # one size: the batched call an accelerator gets
+    # one size: the batched call an accelerator gets; 64 -> 51 px leaves a margin of 19 to crop (9.5 on each side)
+    images = [torch.randint(0, 256, (3, 40, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+              for i in range(5)]
     expected = CLIPImageProcessor.from_pretrained(clip_dir)(images=images, return_tensors="pt")["pixel_values"]
     got = _image_batch(images, HFClipBackbone(clip_dir).image_cfg, torch.device("cpu"))
     assert got.shape == expected.shape

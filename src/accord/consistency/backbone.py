@@ -30,7 +30,7 @@ from torch import nn
 from accord.config import from_dict
 from accord.data.config import AudioConfig, ImageConfig, VideoConfig
 from accord.data.decode import decode_audio, decode_image, decode_video
-from accord.data.transforms import audio_features, normalize, video_to_tensor
+from accord.data.transforms import audio_features, normalize, resize_center_crop, video_to_tensor
 from accord.models import AccordModel, ModelConfig
 from accord.models.towers import TowerOutput, cat_tokens
 
@@ -51,7 +51,6 @@ def _image_batch(images: Any, cfg: ImageConfig, device: torch.device | None = No
     differentiable float path. Tensors move to ``device`` first, so an accelerator does the resizing and the
     host sends uint8."""
     import numpy as np
-    import torchvision.transforms.v2.functional as TF
     from PIL import Image
 
     if isinstance(images, (list, tuple)) and images and all(torch.is_tensor(i) for i in images) and len(
@@ -61,8 +60,7 @@ def _image_batch(images: Any, cfg: ImageConfig, device: torch.device | None = No
         images = images[None]
     if torch.is_tensor(images) and images.dim() == 4:
         images = images.to(device) if device is not None else images
-        bicubic = TF.InterpolationMode.BICUBIC
-        x = TF.center_crop(TF.resize(images, cfg.size, interpolation=bicubic, antialias=True), [cfg.size, cfg.size])
+        x = resize_center_crop(images, cfg.size)
         return normalize(x.float() / 255.0 if x.dtype == torch.uint8 else x, cfg.mean, cfg.std)
     out = []
     for item in images:

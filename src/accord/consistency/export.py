@@ -1,8 +1,9 @@
 """Export trained towers from a DeepSpeed checkpoint (any ZeRO stage) into a self-contained backbone directory.
 
     accord export runs/tiny/checkpoints --out backbone/ [--tag step00000100] [--dtype bf16]
+    accord export runs/clip/checkpoints --out clip/ --format hf-clip    # a transformers CLIPModel directory
 
-Layout of the backbone directory::
+Layout of the (default) accord backbone directory::
 
     backbone.json             format, embed_dim, pairs, model config, preprocessing per modality, source
     towers/<modality>/        a transformers ``save_pretrained`` directory per tower
@@ -24,11 +25,13 @@ from safetensors.torch import save_file
 
 from accord.config import from_dict, to_dict
 from accord.consistency.backbone import DTYPES
+from accord.consistency.hf_clip import hf_clip_problems, save_hf_clip
 from accord.errors import command
 from accord.models import AccordModel
 from accord.train.config import TrainConfig
 
 FORMAT = "accord-backbone"
+FORMATS = ("accord", "hf-clip")
 
 
 def consolidated_state_dict(checkpoint_dir: Path, tag: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -50,12 +53,19 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str | None) -> tuple[dict
 
 
 def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "fp32",
-           onnx: bool = False) -> Path:
+           onnx: bool = False, format: str = "accord") -> Path:
+    """Export the checkpoint as an accord backbone directory, or (``format="hf-clip"``) a CLIPModel directory
+    (see :mod:`accord.consistency.hf_clip`; refused before the model is built when the towers have no such form)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if format not in FORMATS:
+        raise ValueError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
     state, client = consolidated_state_dict(checkpoint_dir, tag)
     if "config" not in client:
         raise ValueError(f"{checkpoint_dir}: the checkpoint carries no accord config (not written by accord train)")
     cfg = from_dict(TrainConfig, client["config"])
+    if format == "hf-clip" and (problems := hf_clip_problems(cfg)):
+        raise ValueError(f"{checkpoint_dir}: --format hf-clip needs clip_text + clip_vision towers: "
+                         + "; ".join(problems))
     model = AccordModel(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.startswith("towers.video.backbone.")} if cfg.model.towers.get(
@@ -63,6 +73,11 @@ def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, 
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}")
+    if format == "hf-clip":
+        skipped = save_hf_clip(model, cfg, out, DTYPES[dtype])
+        if skipped:
+            print(f"hf-clip: not exported (a CLIPModel has no place for them): {', '.join(skipped)}")
+        return out
     save_backbone(model, cfg, out, dtype=dtype, source={"checkpoint": str(checkpoint_dir.resolve()),
                                                         "tag": tag or (checkpoint_dir / "latest").read_text().strip(),
                                                         "step": client.get("step")})
@@ -184,8 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.add_argument("--onnx", action="store_true", help="also write onnx/<modality>.onnx per tower (fp32)")
+    p.add_argument("--format", default="accord", choices=FORMATS,
+                   help="accord: the backbone directory (every tower); hf-clip: a transformers CLIPModel "
+                        "directory (clip_text + clip_vision towers)")
     args = p.parse_args(argv)
-    out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx)
+    if args.onnx and args.format != "accord":
+        raise ValueError("--onnx: only with --format accord")
+    out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx, args.format)
     print(f"exported {args.checkpoint_dir} -> {out}")
     return 0
 

@@ -58,19 +58,31 @@ def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: ran
     return (w - side) // 2, (h - side) // 2, side, side
 
 
+def resize_center_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """[..., H, W] -> [..., S, S]: resize the shorter side to S (bicubic, antialiased), then centre crop with the
+    offset rounded down, as transformers' image processors crop (torchvision's center_crop rounds half to even,
+    which shifts some odd-margin images by a pixel): accord's eval, its scorer and an exported CLIP processor see
+    the same pixels."""
+    import torchvision.transforms.v2.functional as TF
+
+    img = TF.resize(img, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    h, w = img.shape[-2:]
+    return TF.crop(img, (h - size) // 2, (w - size) // 2, size, size)
+
+
 def image_to_tensor(img: torch.Tensor, cfg: ImageConfig, train: bool, rng: random.Random) -> torch.Tensor:
     """uint8 [3, H, W] -> normalised float [3, S, S]. Train: random resized crop; eval: resize the shorter side
-    to S and centre crop. Bicubic with antialiasing, on the tensor (faster than PIL)."""
+    to S and centre crop (:func:`resize_center_crop`). Bicubic with antialiasing, on the tensor (faster than PIL)."""
     import torchvision.transforms.v2.functional as TF
 
     s = cfg.size
     h, w = img.shape[-2:]
-    bicubic = TF.InterpolationMode.BICUBIC
     if train:
         left, top, cw, ch = random_resized_crop_box(w, h, cfg.train_scale, rng)
-        img = TF.resized_crop(img, top, left, ch, cw, [s, s], interpolation=bicubic, antialias=True)
+        img = TF.resized_crop(img, top, left, ch, cw, [s, s], interpolation=TF.InterpolationMode.BICUBIC,
+                              antialias=True)
     else:
-        img = TF.center_crop(TF.resize(img, s, interpolation=bicubic, antialias=True), [s, s])
+        img = resize_center_crop(img, s)
     return normalize(img.float() / 255.0, cfg.mean, cfg.std)
 
 
