@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 need=()
 for tool in ffmpeg sox espeak-ng g++; do command -v "$tool" >/dev/null || need+=("$tool"); done
 command -v java >/dev/null || need+=(default-jre-headless)  # pycocoevalcap's METEOR and PTB tokenizer
+ldconfig -p | grep -q 'libcairo\.so\.2' || need+=(libcairo2)  # cairosvg: SVG inputs to build-shards
 if [ ${#need[@]} -gt 0 ]; then
   pkgs="${need[*]}"
   echo "setup: installing system packages: $pkgs"

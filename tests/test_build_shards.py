@@ -355,3 +355,40 @@ def test_audio_resample_mono_and_crop(tmp_path: Path) -> None:
     assert meta["duration"] == pytest.approx(0.5)
     stereo, _, meta = process_audio(src, AudioOptions(mono=False))
     assert sf.read(io.BytesIO(stereo))[0].shape == (22050, 2) and meta["sample_rate"] == 22050
+
+
+SVG = ('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+       'width="{w}" height="{h}">{body}</svg>')
+
+
+def test_svg_inputs_are_rasterised_at_the_requested_size(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "circle.svg").write_text(SVG.format(w=120, h=80, body='<circle cx="60" cy="40" r="30" fill="red"/>'))
+    (raw / "tiny_viewbox.svg").write_text(  # 12 x 8 units: drawn at 96 x 64 px, not drawn small and upscaled
+        '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 12 8"><rect x="6" width="6" height="8" fill="blue"/>'
+        '</svg>')
+    (raw / "remote.svg").write_text(SVG.format(w=10, h=10, body='<image xlink:href="http://example.com/a.png" '
+                                                                 'width="10" height="10"/>'))
+    (raw / "sizeless.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
+    for stem in ("circle", "tiny_viewbox", "remote", "sizeless"):
+        (raw / f"{stem}.txt").write_text(f"a drawing: {stem}")
+    out = tmp_path / "out"
+    build(BuildConfig(input=str(raw), output=str(out), samples_per_shard=10, progress=False,
+                      image=ImageOptions(size=64, resize_mode="keep_ratio")))
+    samples = {json.loads(m["json"])["origin"]: m for m in samples_of(out).values()}
+    assert set(samples) == {"circle", "tiny_viewbox"}
+    circle = Image.open(io.BytesIO(samples["circle"]["jpg"]))
+    assert circle.size == (96, 64)
+    assert circle.getpixel((48, 32))[0] > 200 > max(circle.getpixel((48, 32))[1:])  # red centre
+    assert min(circle.getpixel((2, 2))) > 240  # transparent background composited on white
+    meta = json.loads(samples["circle"]["json"])
+    image = meta["image"]
+    assert (image["original_width"], image["original_height"], image["source_format"]) == (120, 80, "svg")
+    halves = np.asarray(Image.open(io.BytesIO(samples["tiny_viewbox"]["jpg"])).convert("RGB")).astype(int)
+    assert halves.shape == (64, 96, 3)
+    assert halves[:, :44].min() > 240 and halves[:, 52:, 2].min() > 200 and halves[:, 52:, 0].max() < 40  # sharp edge
+    reasons = {json.loads(line)["origin"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").open()}
+    assert reasons == {"remote": "SVG references an external resource (http://example.com/a.png); only inline "
+                                 "data: URLs are read",
+                       "sizeless": "SVG without a size: needs width and height in absolute units, or a viewBox"}

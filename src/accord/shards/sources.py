@@ -21,7 +21,7 @@ from accord.errors import InputError
 
 MODALITIES = ("image", "video", "audio")
 EXTENSIONS: dict[str, frozenset[str]] = {
-    "image": frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff"}),
+    "image": frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "svg"}),
     "video": frozenset({"mp4", "m4v", "webm", "mkv", "mov", "avi"}),
     "audio": frozenset({"wav", "flac", "ogg", "oga", "mp3", "opus", "m4a", "aac"}),
 }

@@ -38,6 +38,7 @@ class LogConfig:
     wandb_online: bool = False
     wandb_project: str = "accord"
     run_name: str | None = None
+    tensorboard: bool = False  # event files in <output_dir>/tensorboard, the metric names of metrics.jsonl
     sample_keys: bool = False  # write samples/rank<R>.jsonl: the sample keys of every step, per rank
 
 

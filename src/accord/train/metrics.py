@@ -1,4 +1,4 @@
-"""Training logs: a console line, ``metrics.jsonl`` and (optionally) wandb, written by rank 0."""
+"""Training logs: a console line, ``metrics.jsonl`` and (optionally) wandb and TensorBoard, written by rank 0."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ class MetricLogger:
         self.cfg, self.rank = cfg, rank
         self.path = output_dir / "metrics.jsonl"
         self.wandb = None
+        self.tensorboard = None
+        self._purge_step: int | None = None
         if rank == 0 and cfg.wandb:
             import wandb
 
@@ -28,6 +30,14 @@ class MetricLogger:
             return
         keep = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
         self.path.write_text("".join(line + "\n" for line in keep))
+        self._purge_step = step + 1  # TensorBoard hides the killed run's events from this step on
+
+    def _tensorboard(self):
+        if self.tensorboard is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"), purge_step=self._purge_step)
+        return self.tensorboard
 
     def log(self, step: int, metrics: dict[str, Any], console: str | None = None) -> None:
         if self.rank != 0:
@@ -37,12 +47,20 @@ class MetricLogger:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))}, step=step)
+        if self.cfg.tensorboard:
+            writer = self._tensorboard()
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    writer.add_scalar(k, v, global_step=step)
+            writer.flush()
         if console:
             print(console, flush=True)
 
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 class SampleLog:
