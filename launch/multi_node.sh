@@ -16,7 +16,11 @@ NUM_NODES=${NUM_NODES:-$(grep -cv '^\s*\(#\|$\)' "$HOSTFILE")}
 MASTER_ADDR=${MASTER_ADDR:-$(hostname -I | awk '{print $1}')}
 resume=(); [ -n "${RESUME:-}" ] && resume=(--resume "$RESUME")
 no_ssh=(); [ -n "${NODE_RANK:-}" ] && no_ssh=(--no_ssh --node_rank "$NODE_RANK")
+quiet=(--log_level error)  # the launcher's info lines; --verbose (or ACCORD_VERBOSE=1) keeps them
+{ [[ " $* " == *" --verbose "* ]] || [ "${ACCORD_VERBOSE:-0}" != 0 ]; } && quiet=()
+# no NVIDIA GPU: say CPU, rather than have DeepSpeed warn in every process that it found no accelerator
+command -v nvidia-smi >/dev/null || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
-exec .venv/bin/deepspeed --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" "${no_ssh[@]}" \
+exec .venv/bin/deepspeed "${quiet[@]}" --hostfile "$HOSTFILE" --num_nodes "$NUM_NODES" "${no_ssh[@]}" \
   --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
   --module accord.train --config "$config" "${resume[@]}" "$@"

@@ -10,6 +10,10 @@ if [ -z "${GPUS:-}" ]; then
   GPUS=$(command -v nvidia-smi >/dev/null && nvidia-smi -L | wc -l || echo 2)
 fi
 resume=(); [ -n "${RESUME:-}" ] && resume=(--resume "$RESUME")
+quiet=(--log_level error)  # the launcher's info lines; --verbose (or ACCORD_VERBOSE=1) keeps them
+{ [[ " $* " == *" --verbose "* ]] || [ "${ACCORD_VERBOSE:-0}" != 0 ]; } && quiet=()
+# no NVIDIA GPU: say CPU, rather than have DeepSpeed warn in every process that it found no accelerator
+command -v nvidia-smi >/dev/null || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
-exec .venv/bin/deepspeed --num_gpus "$GPUS" --master_port "${MASTER_PORT:-29500}" \
+exec .venv/bin/deepspeed "${quiet[@]}" --num_gpus "$GPUS" --master_port "${MASTER_PORT:-29500}" \
   --module accord.train --config "$config" "${resume[@]}" "$@"

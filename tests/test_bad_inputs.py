@@ -129,6 +129,17 @@ def test_commands_as_users_run_them_print_no_traceback(mixed_shards, tmp_path: P
     assert "no such file, so no checkpoint to resume" in proc.stderr
 
 
+def test_commands_are_quiet_unless_verbose(backbone: Path, mixed_shards) -> None:
+    shards, _ = mixed_shards
+    cmd = [str(BIN / "accord"), "eval", "--backbone", str(backbone), "--data", str(shards)]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-2000:]  # no bars, no library warnings
+    assert json.loads(quiet.stdout)["samples"]["read"] == 48
+    verbose = subprocess.run([*cmd, "--verbose"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert verbose.returncode == 0 and "Loading weights" in verbose.stderr
+    assert json.loads(verbose.stdout) == json.loads(quiet.stdout)
+
+
 def _bomb_png(path: Path, side: int = 40000) -> None:
     """A 118-byte PNG whose header claims side x side pixels (1.6 G): a decompression bomb."""
     import struct

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from backbones import CLIP_TOWERS
 from loss_worker import GLOBAL_BATCH, global_batch, slice_batch, tiny_model
 from test_loss import free_port
 
@@ -37,10 +39,12 @@ def metrics(out: Path) -> list[dict]:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int) -> None:
+    """ZeRO-1 trains CLIP-kind text and image towers (exported also as a transformers CLIPModel), 2 and 3 BERT/ViT."""
     shards, _ = mixed_shards
     out = tmp_path / f"zero{stage}"
+    towers = CLIP_TOWERS if stage == 1 else []
     proc = subprocess.run(launch(shards, out, f"deepspeed.zero_stage={stage}", "epochs=8", "log.every=1",
-                                 "data.batch_size=4", f"data.val={shards}"),
+                                 "data.batch_size=4", f"data.val={shards}", *towers),
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     rows = [r for r in metrics(out) if "loss" in r]
@@ -83,11 +87,32 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
         mismatched = scorer.score(text=rolled, image=[i["image"] for i in items], mode="cosine").aggregate
     assert matched.mean() > mismatched.mean() + 0.05, (matched.mean(), mismatched.mean())
 
+    # --format hf-clip: a transformers CLIPModel directory with the scorer's embeddings, or a refusal naming why
+    clip_dir = tmp_path / "clip"
+    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "export", str(out / "checkpoints"),
+                           "--out", str(clip_dir), "--format", "hf-clip"], capture_output=True, text=True, env=ENV,
+                          timeout=300)
+    if stage != 1:
+        assert proc.returncode == 2 and not (clip_dir / "config.json").exists()
+        assert proc.stderr.strip().splitlines() == [
+            f"accord export: error: {out / 'checkpoints'}: --format hf-clip needs clip_text + clip_vision towers: "
+            "the text tower is 'bert', not 'clip_text'; the image tower is 'vit', not 'clip_vision'"]
+        return
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "not exported (a CLIPModel has no place for them): video tower, audio tower" in proc.stdout
+    from transformers import AutoProcessor, CLIPModel
+
+    clip, processor = CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        enc = processor(text=texts, return_tensors="pt", padding=True, truncation=True)
+        hf = F.normalize(clip.get_text_features(**enc).pooler_output, dim=-1)
+        assert (hf - scorer.embed("text", texts)).abs().max() < 1e-5
+
 
 def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, tmp_path: Path) -> None:
     shards, _ = mixed_shards
-    opts = ["max_steps=30", "log.every=1", "checkpoint.every=4", "checkpoint.keep_last=2", "data.batch_size=4",
-            "data.workers=2", "data.mode=resampled", "data.epoch_samples=40"]
+    opts = ["max_steps=16", "log.every=1", "checkpoint.every=4", "checkpoint.keep_last=2", "data.batch_size=4",
+            "data.workers=2", "data.mode=resampled", "data.epoch_samples=40", "log.tensorboard=true"]
     reference = tmp_path / "reference"
     proc = subprocess.run(launch(shards, reference, *opts), capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -97,26 +122,38 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, t
                            stderr=subprocess.DEVNULL, start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
-    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step00000012"):
+    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step00000008"):
         time.sleep(0.05)
     assert run.poll() is None, "run ended before it could be killed"
     os.killpg(run.pid, signal.SIGKILL)  # the launcher and both ranks, no clean-up
     run.wait()
     killed_at = max(r["step"] for r in metrics(out))
-    assert killed_at < 30
+    assert killed_at < 16
     proc = subprocess.run(launch(shards, out, *opts, resume=True), capture_output=True, text=True, env=ENV,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout
     ref = {r["step"]: r for r in metrics(reference) if "loss" in r}
     got = {r["step"]: r for r in metrics(out) if "loss" in r}
-    assert sorted(got) == list(range(1, 31))
-    for step in range(1, 31):
+    assert sorted(got) == list(range(1, 17))
+    for step in range(1, 17):
         assert got[step].keys() == ref[step].keys()
         for key in ("loss", "loss/text-image", "loss/text-audio", "loss/text-video", "lr"):
             if key in ref[step]:  # a pair without samples in the step is not logged
                 assert got[step][key] == pytest.approx(ref[step][key], rel=1e-6, abs=1e-7), (step, key)
     assert len(list((out / "checkpoints").glob("step*"))) == 2  # keep_last
+    # TensorBoard: the killed run's steps after its checkpoint are purged, every step's loss shows once
+    board = tensorboard_scalars(out / "tensorboard", "loss")
+    assert [s for s, _ in board] == list(range(1, 17))
+    assert [v for _, v in board] == pytest.approx([got[s]["loss"] for s in range(1, 17)], rel=1e-6)
+
+
+def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder))
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
 def test_accumulation_equals_the_k_times_batch() -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from accord import verbosity
+
 COMMANDS = {
     "demo": ("accord.demo.run", "the whole chain on embedded data (--quick: 3 minutes)"),
     "build-shards": ("accord.shards.build", "raw media + captions -> WebDataset shards"),
@@ -18,11 +20,14 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, verbose = verbosity.take_flag(list(sys.argv[1:] if argv is None else argv))
+    verbosity.configure(verbose or None)  # before the command's imports (DeepSpeed logs at import time)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: accord COMMAND [options]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: accord COMMAND [options] [--verbose]\n\ncommands:\n" + "\n".join(lines) +
+              "\n\nOutput is one line per stage; --verbose (or ACCORD_VERBOSE=1) adds the libraries' logs and "
+              "progress bars.")
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\naccord: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

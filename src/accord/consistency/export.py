@@ -34,38 +34,40 @@ FORMAT = "accord-backbone"
 FORMATS = ("accord", "hf-clip")
 
 
-def consolidated_state_dict(checkpoint_dir: Path, tag: str | None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """fp32 weights of any ZeRO stage (stage 0: the module state itself) and the client state."""
+def read_client_state(checkpoint_dir: Path, tag: str | None) -> tuple[str, dict[str, Any]]:
+    """The tag (default: ``latest``) and the client state of rank 0's model-states file: step, accord config."""
+    tag = tag or (checkpoint_dir / "latest").read_text().strip()
+    model_states = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
+    if not model_states:
+        raise FileNotFoundError(f"{checkpoint_dir / tag}: no DeepSpeed model states (is this a checkpoint folder?)")
+    return tag, torch.load(model_states[0], map_location="cpu", weights_only=False)
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str, client: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """fp32 weights of any ZeRO stage (stage 0: the module state itself)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    tag = tag or (checkpoint_dir / "latest").read_text().strip()
-    folder = checkpoint_dir / tag
-    model_states = sorted(folder.glob("*model_states.pt"))
-    if not model_states:
-        raise FileNotFoundError(f"{folder}: no DeepSpeed model states (is this a checkpoint folder?)")
-    client = torch.load(model_states[0], map_location="cpu", weights_only=False)
-    if list(folder.glob("*optim_states.pt")) and client.get("ds_config", {}).get("zero_optimization", {}).get(
-            "stage", 0) > 0:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    else:
-        state = {k: v.float() for k, v in client["module"].items()}
-    return state, client
+    if list((checkpoint_dir / tag).glob("*optim_states.pt")) and client.get("ds_config", {}).get(
+            "zero_optimization", {}).get("stage", 0) > 0:
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    return {k: v.float() for k, v in client["module"].items()}
 
 
 def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "fp32",
            onnx: bool = False, format: str = "accord") -> Path:
     """Export the checkpoint as an accord backbone directory, or (``format="hf-clip"``) a CLIPModel directory
-    (see :mod:`accord.consistency.hf_clip`; refused before the model is built when the towers have no such form)."""
+    (see :mod:`accord.consistency.hf_clip`; refused before the weights are read when the towers have no such form)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if format not in FORMATS:
         raise ValueError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
-    state, client = consolidated_state_dict(checkpoint_dir, tag)
+    tag, client = read_client_state(checkpoint_dir, tag)
     if "config" not in client:
         raise ValueError(f"{checkpoint_dir}: the checkpoint carries no accord config (not written by accord train)")
     cfg = from_dict(TrainConfig, client["config"])
     if format == "hf-clip" and (problems := hf_clip_problems(cfg)):
         raise ValueError(f"{checkpoint_dir}: --format hf-clip needs clip_text + clip_vision towers: "
                          + "; ".join(problems))
+    state = consolidated_state_dict(checkpoint_dir, tag, client)
     model = AccordModel(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.startswith("towers.video.backbone.")} if cfg.model.towers.get(
@@ -79,7 +81,7 @@ def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, 
             print(f"hf-clip: not exported (a CLIPModel has no place for them): {', '.join(skipped)}")
         return out
     save_backbone(model, cfg, out, dtype=dtype, source={"checkpoint": str(checkpoint_dir.resolve()),
-                                                        "tag": tag or (checkpoint_dir / "latest").read_text().strip(),
+                                                        "tag": tag,
                                                         "step": client.get("step")})
     if onnx:
         export_onnx(model, out / "onnx")

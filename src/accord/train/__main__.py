@@ -1,5 +1,10 @@
 import sys
 
-from accord.train.main import main
+from accord import verbosity
 
-sys.exit(main())
+argv, verbose = verbosity.take_flag(sys.argv[1:])
+verbosity.configure(verbose or None)  # before DeepSpeed is imported
+
+from accord.train.main import main  # noqa: E402
+
+sys.exit(main(argv))

@@ -3,6 +3,8 @@ rank runs (node facts), and a heartbeat that names the rank that was lost or sta
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import socket
 import threading
@@ -12,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+
+from accord import verbosity
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"
@@ -40,7 +44,8 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
     timeout = timedelta(seconds=timeout_s)
     c10d = dist.distributed_c10d  # new_group(timeout=None) reads these defaults at call time
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
-    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
+    with contextlib.redirect_stdout(io.StringIO()) if not verbosity.is_verbose() else contextlib.nullcontext():
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)  # prints "... built"
     if get_accelerator().device_name() == "cpu":  # the shm all-reduce is DeepSpeed's CPU backend only
         release_shm_workspace()
 

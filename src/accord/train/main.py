@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML training config")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (stepNNNNNNNN) in output_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--verbose", action="store_true",
+                   help="the libraries' logs too (taken off argv by the entry points, listed here for --help)")
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. optim.lr=1e-3 deepspeed.zero_stage=3")
     return p.parse_args(argv)
 
