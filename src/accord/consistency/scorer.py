@@ -54,6 +54,16 @@ def _key(item: Any) -> str | None:
     return None
 
 
+def _check_finite(emb: dict[str, torch.Tensor], passed: set[str]) -> None:
+    """A NaN or inf embedding would give a NaN score that looks like a number in a mean: refuse, naming the rows."""
+    for m, e in emb.items():
+        bad = (~torch.isfinite(e).all(dim=-1)).nonzero().flatten()
+        if len(bad):
+            source = "embeddings[" + repr(m) + "]" if m in passed else f"the {m} tower's output"
+            raise ValueError(f"{source}: rows {bad[:10].tolist()}{' ...' if len(bad) > 10 else ''} are not finite "
+                             "(NaN or inf); a score of them would be NaN")
+
+
 def _aggregate(pairs: dict[str, torch.Tensor], weights: dict[str, float] | None) -> ScoreResult:
     w = weights or {}
     total = sum(w.get(k, 1.0) for k in pairs)
@@ -100,6 +110,7 @@ class ConsistencyScorer(nn.Module):
         emb = {m: self.embed(m, v) for m, v in given.items() if v is not None}
         for m, e in (embeddings or {}).items():
             emb[m] = torch.nn.functional.normalize(e, dim=-1)
+        _check_finite(emb, passed=set(embeddings or {}))
         present = [m for m in MODALITIES if m in emb]
         if len(present) < 2:
             raise ValueError(f"need at least two modalities to score, got {present}")

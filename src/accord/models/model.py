@@ -74,6 +74,11 @@ class AccordModel(nn.Module):
         fusion head's modalities, absent rows get zero tokens whose mask keeps only the first one (never
         all-masked, so attention stays finite); other modalities' tokens are the live rows' only (unused).
         """
+        with torch.profiler.record_function(f"accord/forward/{modality}"):  # a stage of accord.train.profile
+            return self._embed(modality, inputs, present, batch_size)
+
+    def _embed(self, modality: str, inputs: dict[str, torch.Tensor] | None, present: torch.Tensor | None,
+               batch_size: int) -> tuple[TowerOutput, torch.Tensor]:
         tower = self.towers[modality]
         ref = next(self.parameters())
         if inputs is None:

@@ -56,7 +56,14 @@ def build_backbone(kind: str, hf: dict, pretrained: str | None) -> transformers.
     config_name, model_name, init_kwargs = _BACKBONES[kind]
     model_cls = getattr(transformers, model_name)
     if pretrained:
-        model = model_cls.from_pretrained(resolve_local_dir(pretrained), **init_kwargs)
+        folder = resolve_local_dir(pretrained)
+        model, info = model_cls.from_pretrained(folder, output_loading_info=True, **init_kwargs)
+        # transformers fills what the files lack with random values and only warns: a tower whose config.json no
+        # longer matches its weights (or a checkpoint of another architecture) would silently be noise
+        missing = sorted(info.get("missing_keys", [])) + sorted(str(k) for k in info.get("mismatched_keys", []))
+        if missing:
+            raise ValueError(f"{folder}: {len(missing)} weights of the {model_name} that config.json describes are "
+                             f"missing from the files or have another shape (e.g. {missing[0]}); they would be random")
         return model.get_encoder() if kind == "whisper" else model
     config = getattr(transformers, config_name)(**hf)
     if kind == "whisper":

@@ -40,6 +40,14 @@ class LogConfig:
     run_name: str | None = None
     tensorboard: bool = False  # event files in <output_dir>/tensorboard, the metric names of metrics.jsonl
     sample_keys: bool = False  # write samples/rank<R>.jsonl: the sample keys of every step, per rank
+    profile_start: int | None = None  # torch.profiler over steps [start, start + profile_steps): traces + stage table
+    profile_steps: int = 5
+
+    def validate(self, prefix: str = "") -> None:
+        if self.every < 1:
+            raise ConfigError("log.every: must be >= 1")
+        if self.profile_start is not None and (self.profile_start < 1 or self.profile_steps < 1):
+            raise ConfigError("log.profile_start / log.profile_steps: must be >= 1")
 
 
 @dataclass

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import math
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from accord.train.distributed import Heartbeat, describe_rank, gather_node_info,
 from accord.train.evaluate import embed_all, retrieval
 from accord.train.metrics import MetricLogger, SampleLog
 from accord.train.optim import lr_at, param_groups
+from accord.train.profile import StepProfiler, stage
 from accord.train.step import contrastive_step
 
 
@@ -124,6 +126,7 @@ class Trainer:
         self.step = 0
         self.logger = MetricLogger(cfg.log, self.out, self.rank, to_dict(cfg))
         self.samples = SampleLog(self.out, self.rank) if cfg.log.sample_keys else None
+        self.profiler = StepProfiler(cfg.log.profile_start, cfg.log.profile_steps, self.out, self.rank)
         if self.resume_meta is not None:
             self._resume(self.resume_meta)
         else:  # a fresh run into an old output_dir starts fresh logs
@@ -175,8 +178,10 @@ class Trainer:
             raise FloatingPointError(
                 f"non-finite loss at step {self.step} on rank(s) {ranks} (this rank: "
                 f"{ {k: float(v) for k, v in parts.items()} }); lower optim.lr or check the data")
-        self.engine.backward(loss, scale_wrt_gas=False)  # the step function already sums micro-batches
-        self.engine.step()
+        with stage("backward"):
+            self.engine.backward(loss, scale_wrt_gas=False)  # the step function already sums micro-batches
+        with stage("optimizer_step"):
+            self.engine.step()
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
@@ -189,11 +194,12 @@ class Trainer:
         holder: dict[str, Any] = {}
 
         def loss_fn(out):
-            loss, parts = self.loss_fn(out)
-            if self.match_loss is not None:
-                match, match_parts = self.match_loss(out, self.engine.module.fusion, self.fusion_pairs)
-                loss = loss + self.cfg.loss.match_weight * match
-                parts = {**parts, **match_parts}
+            with stage("loss"):
+                loss, parts = self.loss_fn(out)
+                if self.match_loss is not None:
+                    match, match_parts = self.match_loss(out, self.engine.module.fusion, self.fusion_pairs)
+                    loss = loss + self.cfg.loss.match_weight * match
+                    parts = {**parts, **match_parts}
             holder["parts"] = parts
             return loss, parts
 
@@ -218,13 +224,15 @@ class Trainer:
             exhausted = False
             while not exhausted and (self.step < self.total_steps or not by_steps):
                 group = []
+                self.profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
-                for _ in range(cfg.accum_steps):
-                    batch = next(epoch_batches, None)
-                    if batch is None:
-                        exhausted = True
-                        break
-                    group.append(batch)
+                with stage("data_wait"):
+                    for _ in range(cfg.accum_steps):
+                        batch = next(epoch_batches, None)
+                        if batch is None:
+                            exhausted = True
+                            break
+                        group.append(batch)
                 window["wait"] += time.perf_counter() - t0
                 if not group:
                     break
@@ -240,8 +248,14 @@ class Trainer:
                 for k, v in parts.items():
                     window["parts"].setdefault(k, []).append(float(v))
                 if self.step % cfg.log.every == 0 or self.step >= self.total_steps:
-                    self._log(window)
+                    with stage("log"):
+                        self._log(window)
                     window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "loss": [], "parts": {}}
+                stages = self.profiler.after_step(self.step)
+                if stages is not None and self.rank == 0:
+                    print(f"profile of steps {cfg.log.profile_start}-{self.step} (ms per step, rank 0; traces in "
+                          f"{self.profiler.folder}): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()),
+                          flush=True)
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.val_loader is not None:
                     last_eval = self.evaluate()
                 if self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
@@ -261,7 +275,8 @@ class Trainer:
 
     def _log(self, window: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - window["start"]
-        stats = torch.tensor([window["samples"], window["wait"], elapsed], dtype=torch.float64)
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        stats = torch.tensor([window["samples"], window["wait"], elapsed, peak_rss_mib], dtype=torch.float64)
         per_rank = [torch.zeros_like(stats) for _ in range(self.world)]
         dist.all_gather(per_rank, stats)
         parts = {}
@@ -283,6 +298,7 @@ class Trainer:
             "samples_per_s": float(sum(r[0] for r in per_rank) / max(r[2] for r in per_rank)),
             "samples_per_s_per_rank": [round(float(r[0] / r[2]), 2) for r in per_rank],
             "data_wait_s_per_rank": [round(float(r[1]), 3) for r in per_rank],
+            "peak_rss_mib_per_rank": [round(float(r[3])) for r in per_rank],  # the rank's process, not its workers
             "skipped_samples": int(skipped.item()),
         }
         pairs = " ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items())
