@@ -36,12 +36,28 @@ from loader import TOKENIZER, ensure_peer  # noqa: E402
 
 WRAP = ("import json, resource, subprocess, sys; rc = subprocess.run(sys.argv[1:]).returncode; "
         "print(json.dumps({'rc': rc, 'peak_rss_mib': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+# open_clip_train 3.3.0 gives DDP device_ids=[cpu] on CPU, which torch 2.11 refuses; this shim drops device_ids for
+# CPU devices (the only change) and runs open_clip_train.main as torchrun would.
+CPU_DDP_SHIM = """import sys
+import torch
+
+class CpuDDP(torch.nn.parallel.DistributedDataParallel):
+    def __init__(self, module, device_ids=None, **kwargs):
+        if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+            device_ids = None
+        super().__init__(module, device_ids=device_ids, **kwargs)
+
+torch.nn.parallel.DistributedDataParallel = CpuDDP
+from open_clip_train.main import main
+main(sys.argv[1:])
+"""
 WORDS = ("red green blue small large round square bright dark photo of a the with near under striped dotted "
          "wooden metal glass street field sky river house tree dog cat car boat bird").split()
 
 
 def make_shards(n: int, image_px: int) -> Path:
-    """n photo-like JPEGs (about 1.5x the model's image size) with captions of 6-24 words, in shards of 128."""
+    """n photo-like JPEGs (about 1.5x the model's image size) with captions of 6-24 words, in shards of 64 (an even
+    number of equal shards: both ranks get the same number of samples)."""
     from PIL import Image
 
     shards = WORK / f"train-shards-{n}-{image_px}"
@@ -59,7 +75,7 @@ def make_shards(n: int, image_px: int) -> Path:
         Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(raw / f"{i:06d}.jpg", quality=90)
         (raw / f"{i:06d}.txt").write_text(" ".join(rng.choice(WORDS, size=int(rng.integers(6, 25)))))
     subprocess.run([sys.executable, str(ROOT / "data_tools/build_shards.py"), "--input", str(raw), "--output",
-                    str(shards), "--image-size", str(side), "--samples-per-shard", "128", "--workers", "2",
+                    str(shards), "--image-size", str(side), "--samples-per-shard", "64", "--workers", "2",
                     "--quiet"], check=True)
     return shards
 
@@ -122,11 +138,11 @@ def open_clip_model_dir(args: argparse.Namespace, folder: Path) -> Path:
     return model
 
 
-def run_wrapped(cmd: list[str], env: dict[str, str], log: Path) -> float:
+def run_wrapped(cmd: list[str], env: dict[str, str], log: Path, cwd: Path | None = None) -> float:
     """Run ``cmd`` (its output to ``log``); the peak RSS in MiB of its largest process."""
     with log.open("w") as f:
         proc = subprocess.run([sys.executable, "-c", WRAP, *cmd], stdout=subprocess.PIPE, stderr=f, text=True,
-                              env=env)
+                              env=env, cwd=cwd)
     lines = proc.stdout.strip().splitlines()
     result = json.loads(lines[-1])
     log.write_text(log.read_text() + "\n".join(lines[:-1]))
@@ -145,16 +161,19 @@ def run_open_clip(args: argparse.Namespace, shards: Path, folder: Path, env: dic
     model = open_clip_model_dir(args, folder)
     n = len(list(shards.glob("*.tar")))
     logs = folder / f"open_clip-logs-{len(list(folder.glob('open_clip-logs-*')))}"
+    shim = folder / "open_clip_cpu_ddp.py"
+    shim.write_text(CPU_DDP_SHIM)
     cmd = [str(python), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(args.port), "-m", "open_clip_train.main", "--model", f"local-dir:{model}",
+           "--master_port", str(args.port), str(shim), "--model", f"local-dir:{model}",
            "--train-data", str(shards / f"shard-{{000000..{n - 1:06d}}}.tar"), "--dataset-type", "webdataset",
            "--train-num-samples", str(args.samples), "--batch-size", str(args.batch_size), "--epochs", "1",
            "--workers", "1", "--precision", "fp32", "--device", "cpu", "--lr", "5e-4", "--wd", "0.2",
            "--warmup", "10", "--local-loss", "--gather-with-grad", "--log-every-n-steps", str(args.log_every),
            "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0", "--report-to", "",
-           "--logs", str(logs), "--name", "bench", "--seed", "0"]
-    rss = run_wrapped(cmd, env, folder / f"{logs.name}.log")
-    text = (logs / "bench" / "out.log").read_text()
+           "--name", "bench", "--seed", "0"]  # logs in ./logs (torchrun would take --logs as its --logs-specs)
+    logs.mkdir()
+    rss = run_wrapped(cmd, env, folder / f"{logs.name}.log", cwd=logs)
+    text = (logs / "logs" / "bench" / "out.log").read_text()
     times = [float(t) for t in re.findall(r"Batch \(t\): ([0-9.]+)", text)]
     global_batch = 2 * args.batch_size
     return {"samples_per_s": round(global_batch / steady(times), 2), "windows": len(times),
@@ -170,7 +189,7 @@ def run_accord(args: argparse.Namespace, shards: Path, folder: Path, env: dict[s
            f"data.train={shards}", f"output_dir={out}", f"deepspeed.zero_stage={stage}", f"accum_steps={accum}",
            f"data.batch_size={args.batch_size // accum}", f"log.every={args.log_every}"]
     if profile:
-        cmd += [f"log.profile_start={3 * args.log_every}", "log.profile_steps=10"]
+        cmd += [f"log.profile_start={2 * args.log_every + 1}", f"log.profile_steps={2 * args.log_every}"]
     rss = run_wrapped(cmd, env, out.with_suffix(".log"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rates = [r["samples_per_s"] for r in rows if "samples_per_s" in r]
@@ -198,6 +217,8 @@ def main() -> None:
     args = p.parse_args()
     if args.width % 64:
         raise SystemExit("--width: must be a multiple of 64 (heads of 64 channels)")
+    if args.samples % (2 * 64) or (args.samples // 2) % args.batch_size:
+        raise SystemExit("--samples: must fill shards of 64 evenly over 2 ranks and whole batches on each")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline",
            "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
     shards = make_shards(args.samples, args.image_size)

@@ -34,3 +34,12 @@ def test_quick_demo_learns_held_out_combinations(tmp_path: Path) -> None:
     report = (out / "report.html").read_text()
     assert "held-out" in report and report.count("data:image/png;base64") >= 3
     assert "real/photo" in report
+    assert "<audio controls" in report and "data:audio/flac;base64" in report  # sounds as players
+    assert "data:image/gif;base64" in report  # videos as animations
+
+
+def test_loss_curves_are_smoothed_with_a_trailing_mean() -> None:
+    from accord.demo.report import smooth
+
+    assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert smooth([4.0], 5) == [4.0]

@@ -22,15 +22,27 @@ def _png(fig) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing moving average: which pairs a logged step happened to sample makes single points jump."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def _loss_plot(metrics: list[dict[str, Any]]) -> str:
     rows = [r for r in metrics if "loss" in r]
+    window = max(1, len(rows) // 25)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
         have = [r for r in rows if key in r]  # a pair is logged only when the window had samples for it
-        ax.plot([r["step"] for r in have], [r[key] for r in have], label=key[5:], alpha=0.7)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], "k", lw=2, label="total")
+        steps, values = [r["step"] for r in have], [r[key] for r in have]
+        line, = ax.plot(steps, values, alpha=0.2, lw=0.8)
+        ax.plot(steps, smooth(values, window), color=line.get_color(), lw=1.6, label=key[5:])
+    ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows], window), "k", lw=2, label="total")
     ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss")
+    ax.set_ylabel(f"contrastive loss (moving mean of {window} logs)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return _png(fig)
@@ -48,21 +60,25 @@ def _histograms(scores: dict[str, Any]) -> str:
     return _png(fig)
 
 
-def _thumb(medium: str, data: bytes) -> str:
+def _media(medium: str, data: bytes) -> str:
+    """An example as the reader should meet it: an image, a video as an animation, a sound as a player."""
     from PIL import Image
 
+    if medium == "audio":  # the shard's FLAC, playable in the page
+        return f'<audio controls preload="none" src="data:audio/flac;base64,{base64.b64encode(data).decode()}"></audio>'
     if medium == "image":
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-    elif medium == "video":
+        frames = [Image.open(io.BytesIO(data)).convert("RGB")]
+    else:
         from accord.data.decode import decode_video
 
-        img = Image.fromarray(decode_video(data, 1, "pyav")[0].numpy())
-    else:
-        return ""
-    img = img.resize((96, 96))
+        frames = [Image.fromarray(f.numpy()) for f in decode_video(data, 8, "pyav")]
+    frames = [f.resize((96, 96)) for f in frames]
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" width=96>'
+    if len(frames) == 1:
+        frames[0].save(buf, format="PNG")
+        return f'<img src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}" width=96>'
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=150, loop=0)
+    return f'<img src="data:image/gif;base64,{base64.b64encode(buf.getvalue()).decode()}" width=96>'
 
 
 def _chance(val_dir: Path, pairs: list[str]) -> dict[str, float]:
@@ -110,7 +126,7 @@ def write_report(out: Path, counts: dict[str, int], train_stats: dict, val_stats
     examples = ""
     for medium, s in scores.items():
         for k, data in enumerate(s["media"][:4]):
-            examples += (f"<tr><td>{_thumb(medium, data) or medium}</td><td>{html.escape(s['captions'][k])}</td>"
+            examples += (f"<tr><td>{_media(medium, data)}</td><td>{html.escape(s['captions'][k])}</td>"
                          f"<td>{s['matched_scores'][k]:.3f}</td><td>{html.escape(s['mismatched'][k])}</td>"
                          f"<td>{s['mismatched_scores'][k]:.3f}</td></tr>")
     sim = ""

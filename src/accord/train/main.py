@@ -36,9 +36,14 @@ from accord.train.profile import StepProfiler, stage
 from accord.train.step import contrastive_step
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig, device_type: str = "cuda") -> dict[str, Any]:
+    """The DeepSpeed JSON of a config (``deepspeed.extra`` merged last, key by key at the top level)."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if device_type == "cpu" and ds.zero_stage > 0:
+        # Copying every gradient into one contiguous buffer saves GPU memory fragmentation; on CPU it is only the
+        # copy: off, ZeRO-1/2/3 steps ran 13% / 29% / 17% faster at unchanged peak RSS (bench/train.py, 2 ranks).
+        zero["contiguous_gradients"] = False
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:
@@ -99,7 +104,7 @@ class Trainer:
                 f"node {n}: rank {', '.join(r)}" for n, r in sorted(per_node.items())), flush=True)
         # A resume on another world size loads DeepSpeed's universal form of the checkpoint.
         self.resume_meta = checkpoint.resolve(self.ckpt_dir, resume) if resume else None
-        ds_config = deepspeed_config(cfg)
+        ds_config = deepspeed_config(cfg, self.device.type)
         self.universal = self.resume_meta is not None and checkpoint.needs_universal(
             self.resume_meta, self.world, cfg.deepspeed.zero_stage)
         if self.universal:
@@ -251,11 +256,7 @@ class Trainer:
                     with stage("log"):
                         self._log(window)
                     window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "loss": [], "parts": {}}
-                stages = self.profiler.after_step(self.step)
-                if stages is not None and self.rank == 0:
-                    print(f"profile of steps {cfg.log.profile_start}-{self.step} (ms per step, rank 0; traces in "
-                          f"{self.profiler.folder}): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()),
-                          flush=True)
+                self._report_profile(self.profiler.after_step(self.step))
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and self.val_loader is not None:
                     last_eval = self.evaluate()
                 if self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
@@ -266,12 +267,18 @@ class Trainer:
                     pass
             if cfg.max_steps is None and self.loader.epoch >= cfg.epochs:
                 break
+        self._report_profile(self.profiler.close(self.step))  # a window the run ended inside
         if self.val_loader is not None and (not cfg.eval.every or self.step % cfg.eval.every):
             last_eval = self.evaluate()
         if saved_at != self.step:
             self.save()
         self.logger.close()
         return {"step": self.step, "epoch": self.loader.epoch, "eval": last_eval}
+
+    def _report_profile(self, stages: dict[str, float] | None) -> None:
+        if stages is not None and self.rank == 0:
+            print(f"profile of steps {self.cfg.log.profile_start}-{self.step} (ms per step, rank 0; traces in "
+                  f"{self.profiler.folder}): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()), flush=True)
 
     def _log(self, window: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - window["start"]

@@ -10,8 +10,8 @@ The trainer marks its stages with ``torch.profiler.record_function`` labels (a n
     accord/log                  the logging collectives of a log step
 
 Each rank writes ``<output_dir>/profile/rank<R>.trace.json`` (open it in Perfetto or chrome://tracing) and
-``rank<R>.stages.json``: milliseconds per step of every stage, and of the communication ops (gloo / NCCL
-collectives, wherever they ran). Stages nest (communication runs inside backward and the loss), so they do not add up
+``rank<R>.stages.json``: milliseconds per step of every stage, and of each kind of collective
+(``communication/gloo:all_reduce``, ... wherever it ran). Stages nest (communication runs inside backward and the loss), so they do not add up
 to the step time, which is reported beside them.
 """
 
@@ -25,8 +25,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-COMM_MARKERS = ("gloo:", "nccl:", "c10d::", "record_param_comms", "all_reduce", "all_gather", "reduce_scatter",
-                "broadcast")
+COMM_PREFIXES = ("gloo:", "nccl:")  # one event per collective, lasting until it completes
 
 
 def stage(name: str) -> record_function:
@@ -37,13 +36,11 @@ def stage(name: str) -> record_function:
 def stage_table(events: Any, steps: int, wall_s: float) -> dict[str, float]:
     """ms per step of each ``accord/*`` label and of all communication ops, from ``prof.key_averages()``."""
     table: dict[str, float] = {}
-    comm_us = 0.0
     for e in events:
         if e.key.startswith("accord/"):
             table[e.key[len("accord/"):]] = round(e.cpu_time_total / 1000 / steps, 3)
-        elif any(m in e.key for m in COMM_MARKERS) and not e.key.startswith("accord/"):
-            comm_us += e.self_cpu_time_total
-    table["communication (self time of collectives)"] = round(comm_us / 1000 / steps, 3)
+        elif e.key.startswith(COMM_PREFIXES):  # e.g. "communication/gloo:all_reduce"
+            table[f"communication/{e.key}"] = round(e.cpu_time_total / 1000 / steps, 3)
     table["step (wall)"] = round(wall_s * 1000 / steps, 3)
     return dict(sorted(table.items()))
 
@@ -70,14 +67,21 @@ class StepProfiler:
         """Call with the number of the step that just ran; returns the stage table when the window closes."""
         if self._prof is None or step != self.start + self.steps - 1:
             return None
+        return self.close(step)
+
+    def close(self, step: int) -> dict[str, float] | None:
+        """End the window at ``step`` (the run ended inside it: the table covers the steps that ran)."""
+        if self._prof is None:
+            return None
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         wall = time.perf_counter() - self._t0
         self._prof.stop()
+        steps = max(1, step - self.start + 1)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._prof.export_chrome_trace(str(self.folder / f"rank{self.rank:05d}.trace.json"))
-        table = stage_table(self._prof.key_averages(), self.steps, wall)
+        table = stage_table(self._prof.key_averages(), steps, wall)
         (self.folder / f"rank{self.rank:05d}.stages.json").write_text(json.dumps(
-            {"steps": [self.start, self.start + self.steps - 1], "ms_per_step": table}, indent=1))
+            {"steps": [self.start, step], "ms_per_step": table}, indent=1))
         self._prof = None
         return table
