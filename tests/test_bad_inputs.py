@@ -222,3 +222,25 @@ def test_nan_embeddings_are_refused_naming_the_rows(backbone: Path) -> None:
         scorer.score(text=["a", "b", "c", "d"], embeddings={"image": image})
     with pytest.raises(ValueError, match=r"embeddings\['audio'\]: rows \[0, 1\] are not finite"):
         scorer.score(embeddings={"text": torch.randn(2, 32), "audio": torch.full((2, 32), float("inf"))})
+
+
+def test_a_megabyte_caption_is_kept_and_scored_on_its_first_tokens(backbone: Path, tmp_path: Path, capsys) -> None:
+    """A 2 MB caption is a caption: stored whole, verified, and scored on what the tokenizer keeps (max_length)."""
+    from PIL import Image
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(raw / "long.png")
+    (raw / "long.txt").write_text("a red picture " + "and more words " * 140_000)
+    Image.new("RGB", (40, 30), (30, 30, 200)).save(raw / "short.png")
+    (raw / "short.txt").write_text("a blue picture")
+    out = tmp_path / "shards"
+    assert main_build(["--input", str(raw), "--output", str(out), "--quiet"]) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["written"] == 2 and stats["rejected"] == 0
+    assert main_verify([str(out), "--decode"]) == 0
+    capsys.readouterr()
+    scores = tmp_path / "scores.jsonl"
+    assert main_score(["--backbone", str(backbone), "--input", str(out), "--out", str(scores)]) == 0
+    rows = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert len(rows) == 2 and all("error" not in r for r in rows), rows

@@ -22,9 +22,6 @@ def test_shipped_configs_validate(path: Path) -> None:
     ds = deepspeed_config(cfg)
     assert ds["zero_optimization"]["stage"] == cfg.deepspeed.zero_stage
     assert ds["train_micro_batch_size_per_gpu"] == cfg.data.batch_size
-    assert "contiguous_gradients" not in ds["zero_optimization"]  # DeepSpeed's default on GPUs
-    cpu = deepspeed_config(cfg, "cpu")["zero_optimization"]  # on CPU the gradient copy is pure cost
-    assert cpu.get("contiguous_gradients", True) is (cfg.deepspeed.zero_stage == 0)
 
 
 def _steps(out: Path) -> list[int]:

@@ -36,14 +36,10 @@ from accord.train.profile import StepProfiler, stage
 from accord.train.step import contrastive_step
 
 
-def deepspeed_config(cfg: TrainConfig, device_type: str = "cuda") -> dict[str, Any]:
+def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed JSON of a config (``deepspeed.extra`` merged last, key by key at the top level)."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if device_type == "cpu" and ds.zero_stage > 0:
-        # Copying every gradient into one contiguous buffer saves GPU memory fragmentation; on CPU it is only the
-        # copy: off, ZeRO-1/2/3 steps ran 13% / 29% / 17% faster at unchanged peak RSS (bench/train.py, 2 ranks).
-        zero["contiguous_gradients"] = False
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:
@@ -104,7 +100,7 @@ class Trainer:
                 f"node {n}: rank {', '.join(r)}" for n, r in sorted(per_node.items())), flush=True)
         # A resume on another world size loads DeepSpeed's universal form of the checkpoint.
         self.resume_meta = checkpoint.resolve(self.ckpt_dir, resume) if resume else None
-        ds_config = deepspeed_config(cfg, self.device.type)
+        ds_config = deepspeed_config(cfg)
         self.universal = self.resume_meta is not None and checkpoint.needs_universal(
             self.resume_meta, self.world, cfg.deepspeed.zero_stage)
         if self.universal:
