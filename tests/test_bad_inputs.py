@@ -244,3 +244,24 @@ def test_a_megabyte_caption_is_kept_and_scored_on_its_first_tokens(backbone: Pat
     assert main_score(["--backbone", str(backbone), "--input", str(out), "--out", str(scores)]) == 0
     rows = [json.loads(line) for line in scores.read_text().splitlines()]
     assert len(rows) == 2 and all("error" not in r for r in rows), rows
+
+
+def test_demo_and_experiments_refuse_bad_inputs_without_harm(tmp_path: Path, capsys) -> None:
+    from accord.demo.run import main as main_demo
+    from accord.experiments import main as main_experiment
+
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    assert main_demo(["--quick", "--out", str(precious)]) == 2  # it used to rmtree whatever --out named
+    assert "a non-empty folder that accord demo did not write" in one_line_error(capsys, "accord demo")
+    assert (precious / "thesis.tex").read_text() == "years of work"
+    assert main_experiment(["fusion", "--quick", "--out", str(precious)]) == 2
+    one_line_error(capsys, "accord experiment fusion")
+    assert (precious / "thesis.tex").exists()
+    assert main_demo(["--out", str(precious / "thesis.tex")]) == 2
+    assert "is a file, not a folder" in one_line_error(capsys, "accord demo")
+    assert main_experiment(["captioning", "--backbone", str(tmp_path / "missing"), "--data", str(tmp_path),
+                            "--val", str(tmp_path), "--out", str(tmp_path / "cap")]) == 2
+    assert str(tmp_path / "missing") in one_line_error(capsys, "accord experiment captioning")
+    assert main_experiment(["nope"]) == 2

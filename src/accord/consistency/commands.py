@@ -33,9 +33,10 @@ def manifest_items(path: str) -> Iterator[dict[str, Any]]:
             for src in sources)
 
 
-def shard_items(folder: str) -> Iterator[dict[str, Any]]:
-    """Samples of every shard in a folder, streamed (one sample in memory at a time). A shard that yields fewer
-    samples than its sizes.json entry (truncated, corrupt) adds one error item naming it and the samples lost."""
+def shard_items(folder: str, with_json: bool = False) -> Iterator[dict[str, Any]]:
+    """Samples of every shard in a folder, streamed (one sample in memory at a time); ``with_json`` adds each
+    sample's json bytes as ``"json"``. A shard that yields fewer samples than its sizes.json entry (truncated,
+    corrupt) adds one error item naming it and the samples lost."""
     import tarfile
 
     import fsspec
@@ -60,6 +61,8 @@ def shard_items(folder: str) -> Iterator[dict[str, Any]]:
                 for ext, data in m.items():
                     if ext in MEDIA_BY_EXT:
                         item[MEDIA_BY_EXT[ext]] = data
+                if with_json:
+                    item["json"] = m.get("json")
                 yield item
         except (tarfile.TarError, OSError) as e:
             problem = f"unreadable after {read} samples ({type(e).__name__}: {e})"
@@ -159,7 +162,8 @@ def main_score(argv: list[str] | None = None) -> int:
 
 @command("accord eval")
 def main_eval(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accord eval", description="Zero-shot retrieval R@1/5/10 per pair on shards.")
+    p = argparse.ArgumentParser(prog="accord eval", description="Zero-shot retrieval R@1/5/10 per pair on shards, "
+                                "or zero-shot classification with --classes.")
     p.add_argument("--backbone", required=True)
     p.add_argument("--data", required=True, help="shard folder / pattern")
     p.add_argument("--plot", default=None, help="similarity-matrix PNG (first pair, first 32 samples)")
@@ -167,7 +171,24 @@ def main_eval(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--rerank", type=int, default=0, metavar="K",
                    help="also report R@1 after reranking the cosine top-K by the fusion head (text pairs)")
+    z = p.add_argument_group("zero-shot classification (instead of retrieval; see accord.consistency.zeroshot)")
+    z.add_argument("--classes", default=None, help="class names, one per line")
+    z.add_argument("--templates", default=None, help="prompt templates with {} for the class, one per line "
+                                                     "(default: 'a photo of a {}.' and the like per modality)")
+    z.add_argument("--label-key", default="label", help="the sample json field holding the class (name or index)")
+    z.add_argument("--modality", default=None, choices=("image", "video", "audio"))
+    z.add_argument("--confusion", default=None, help="confusion-matrix PNG")
     args = p.parse_args(argv)
+    if args.classes:
+        from accord.consistency.zeroshot import zeroshot_eval
+
+        result = zeroshot_eval(args.backbone, args.data, args.classes, args.templates, args.modality,
+                               args.label_key, args.batch_size, args.confusion)
+        print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
+        if result["samples"]["skipped"]:
+            print(f"accord eval: warning: {sum(result['samples']['skipped'].values())} samples not classified "
+                  f"({result['samples']['skipped']})", file=sys.stderr)
+        return 0
     report: dict[str, Any] = {}
     metrics = evaluate_backbone(args.backbone, args.data, args.batch_size, args.workers, args.plot, args.rerank,
                                 report=report)

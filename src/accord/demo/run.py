@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from accord.demo.world import WorldSize, generate, mismatch
-from accord.errors import command
+from accord.errors import InputError, command
 
 ROOT = Path(__file__).resolve().parents[3]
 SIZES = {
@@ -102,6 +102,26 @@ def score_examples(backbone: Path, val: Path, seed: int = 0) -> dict[str, Any]:
     return out
 
 
+MARKER = ".accord-output"
+
+
+def fresh_output_dir(out: Path, prog: str) -> Path:
+    """An empty ``out``: a folder an earlier run of ``prog`` wrote (it holds the marker) is replaced; any other
+    non-empty folder, or a file, is refused rather than deleted."""
+    out = out.resolve()
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out}: is a file, not a folder")
+        marker = out / MARKER
+        if any(out.iterdir()) and not (marker.exists() and marker.read_text().strip() == prog):
+            raise InputError(f"--out {out}: a non-empty folder that {prog} did not write; give a new or empty "
+                             "folder (it would be replaced)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text(prog + "\n")
+    return out
+
+
 @command("accord demo")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord demo", description=__doc__)
@@ -112,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     size, epochs = SIZES["quick" if args.quick else "full"]
-    out = Path(args.out).resolve()
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_output_dir(Path(args.out), "accord demo")
     timings = {}
 
     t = _step("1/6 rendering the demo world (+ real media)")

@@ -36,6 +36,7 @@ from accord.captioning import (
 )
 from accord.captioning.data import CaptionData
 from accord.captioning.metrics import caption_metrics
+from accord.errors import command
 
 TRAININGS = {  # name -> (strategy overrides, start from)
     "MLE": ({"strategy": "mle"}, None),
@@ -150,6 +151,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+@command("accord experiment captioning")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord experiment captioning", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

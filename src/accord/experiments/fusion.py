@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from accord.demo.world import ATTRIBUTES, generate_attributes, wrong_attribute
+from accord.errors import command
 from accord.models.towers import TowerOutput
 from accord.train.evaluate import rerank_topk
 
@@ -158,6 +158,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+@command("accord experiment fusion")
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord experiment fusion", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,12 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from accord.consistency.export import export
-    from accord.demo.run import build, train
+    from accord.demo.run import build, fresh_output_dir, train
 
     n_img, n_vid, v_img, v_vid, epochs = SIZES["quick" if args.quick else "full"]
-    out = Path(args.out).resolve()
-    if out.exists():
-        shutil.rmtree(out)
+    out = fresh_output_dir(Path(args.out), "accord experiment fusion")
     t0 = time.perf_counter()
     print("== rendering", flush=True)
     generate_attributes(out / "raw" / "train", n_img, n_vid, seed=args.seed)
