@@ -72,7 +72,7 @@ class FrozenFeatureCache:
         self.lookups += len(keys)
         found: dict[bytes, torch.Tensor] = {}
         missing: dict[bytes, dict[str, torch.Tensor]] = {}
-        for key, row in zip(keys, rows):
+        for key, row in zip(keys, rows, strict=True):
             if key in found or key in missing:
                 continue
             cached = self.store.get(key)
@@ -86,7 +86,7 @@ class FrozenFeatureCache:
         for key, row in missing.items():
             by_shape.setdefault(tuple((k, tuple(v.shape)) for k, v in sorted(row.items())), []).append(key)
         for group in by_shape.values():
-            for key, feature in zip(group, self._compute([missing[k] for k in group])):
+            for key, feature in zip(group, self._compute([missing[k] for k in group]), strict=True):
                 found[key] = feature
                 if self.max_items:
                     self.store[key] = feature
