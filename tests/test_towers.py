@@ -118,6 +118,13 @@ def test_temperature_is_clamped_in_forward_and_pairs_configurable() -> None:
     assert model.logit_scale["shared"].shape == (1,)
     image_anchored = tiny_model(pairs="image_anchored")
     assert image_anchored.pairs == [("text", "image"), ("image", "video"), ("image", "audio")]
+    from accord.train.config import OptimConfig
+    from accord.train.optim import param_groups
+
+    fixed = tiny_model(learn_temperature=False, init_temperature=0.2)
+    assert all(t.item() == pytest.approx(5.0) for t in fixed.temperatures().values())
+    optimised = {id(p) for g in param_groups(fixed, OptimConfig()) for p in g["params"]}
+    assert not any(id(p) in optimised for p in fixed.logit_scale.parameters())
 
 
 def test_config_errors_name_the_key(tmp_path) -> None:

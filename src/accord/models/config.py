@@ -93,6 +93,7 @@ class ModelConfig:
     pairs: Literal["text_anchored", "image_anchored", "all"] = "text_anchored"
     temperature: Literal["per_pair", "shared"] = "per_pair"
     init_temperature: float = 0.07
+    learn_temperature: bool = True  # false: the temperature stays at init_temperature (a fixed-temperature ablation)
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # set (e.g. -10) for the sigmoid loss
     fusion: FusionConfig | None = None  # optional cross-attention match head over text pairs

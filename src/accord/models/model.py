@@ -44,7 +44,8 @@ class AccordModel(nn.Module):
         names = ["shared"] if cfg.temperature == "shared" else [pair_name(*p) for p in self.pairs]
         # Shape [1], not 0-dim: DeepSpeed cannot partition 0-dim parameters.
         self.logit_scale = nn.ParameterDict(
-            {n: nn.Parameter(torch.full([1], math.log(1 / cfg.init_temperature))) for n in names})
+            {n: nn.Parameter(torch.full([1], math.log(1 / cfg.init_temperature)), requires_grad=cfg.learn_temperature)
+             for n in names})
         self.logit_bias = None
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.ParameterDict(
