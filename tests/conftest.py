@@ -1,3 +1,4 @@
+import json
 import os
 import shutil
 import sys
@@ -150,6 +151,7 @@ def mixed_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
         else:
             solid(colors[name], 40, 30, seed=i).save(stem.with_suffix(".png"))
             caption = f"a {name} picture"
+            stem.with_suffix(".json").write_text(json.dumps({"label": name}))  # zero-shot classes
             if i % 6 == 3:
                 write_audio(stem.with_suffix(".flac"), seconds=0.8, rate=8000, channels=1, freq=pitch[1] / 2)
                 caption = f"a {name} picture with a {pitch[0]} tone"

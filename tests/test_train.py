@@ -43,8 +43,12 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     shards, _ = mixed_shards
     out = tmp_path / f"zero{stage}"
     towers = CLIP_TOWERS if stage == 1 else []
+    (tmp_path / "classes.txt").write_text("red\ngreen\nblue\nyellow\nwhite\nblack\n")
+    (tmp_path / "templates.txt").write_text("a {} picture\nan image that is {}\n")
+    zeroshot = [f"eval.zeroshot.classes={tmp_path / 'classes.txt'}", "eval.zeroshot.modality=image",
+                f"eval.zeroshot.templates={tmp_path / 'templates.txt'}"] if stage == 3 else []
     proc = subprocess.run(launch(shards, out, f"deepspeed.zero_stage={stage}", "epochs=8", "log.every=1",
-                                 "data.batch_size=4", f"data.val={shards}", *towers),
+                                 "data.batch_size=4", f"data.val={shards}", *towers, *zeroshot),
                           capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     rows = [r for r in metrics(out) if "loss" in r]
@@ -70,6 +74,15 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
 
     exported = evaluate_backbone(str(backbone), str(shards))
     logged = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")}
+    if zeroshot:  # ZeRO-3: every rank ran the text tower on the prompts; the same figures as `accord eval --classes`
+        from accord.consistency.zeroshot import zeroshot_eval
+
+        zs = zeroshot_eval(str(backbone), str(shards), str(tmp_path / "classes.txt"), str(tmp_path / "templates.txt"),
+                           modality="image")
+        assert logged.pop("zeroshot/image/n") == zs["samples"]["classified"] == 32
+        for k in ("top1", "top5", "mean_per_class_recall"):
+            assert logged.pop(f"zeroshot/image/{k}") == pytest.approx(zs[k], abs=1e-6), k
+        assert zs["top1"] > 0.5, zs  # trained on "a red picture": colours are classified well above chance (1/6)
     assert exported.keys() == logged.keys()
     for k, v in logged.items():
         assert exported[k] == pytest.approx(v, abs=1e-6), k

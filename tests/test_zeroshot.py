@@ -76,3 +76,22 @@ def test_cli_classifies_labelled_shards_and_counts_what_it_skipped(tmp_path: Pat
         images = scorer.embed("image", [i["image"] for i in items])
     expected = float(((images @ text.T).argmax(dim=1) == labels).float().mean())
     assert out["top1"] == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["eval.zeroshot.classes=/no/classes.txt", "data.val=x"], "eval.zeroshot.classes: /no/classes.txt is not a file"),
+    (["eval.zeroshot.classes=CLASSES"], "eval.zeroshot: needs data.val"),
+    (["eval.zeroshot.classes=CLASSES", "data.val=x"], "eval.zeroshot.modality: say which of image, video, audio"),
+    (["eval.zeroshot.classes=CLASSES", "data.val=x", "eval.zeroshot.modality=image", "CONFIG=audio_text.yaml"],
+     "eval.zeroshot.modality: no image tower (audio)"),
+])
+def test_training_zeroshot_config_errors_name_the_key(tmp_path: Path, overrides: list[str], message: str) -> None:
+    from backbones import tiny_config
+
+    from accord.config import ConfigError
+
+    (tmp_path / "classes.txt").write_text("red\n")
+    config = next((o[7:] for o in overrides if o.startswith("CONFIG=")), "tiny.yaml")
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tiny_config(config, [o.replace("CLASSES", str(tmp_path / "classes.txt")) for o in overrides
+                             if not o.startswith("CONFIG=")])

@@ -56,14 +56,14 @@ class Loader:
     """Iterates epochs of batches for this rank; ``state_dict()`` after any batch allows an exact resume."""
 
     def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], train: bool = True, spec: str | None = None,
-                 rank: int | None = None, world: int | None = None):
+                 rank: int | None = None, world: int | None = None, label_key: str | None = None):
         spec = spec or (cfg.train if train else cfg.val)
         if not spec:
             raise ValueError(f"data.{'train' if train else 'val'}: no shards given")
         if rank is None or world is None:
             rank, world = rank_and_world()
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.decoder = SampleDecoder(cfg, modalities, train)
+        self.decoder = SampleDecoder(cfg, modalities, train, label_key)
         self.dataset = ShardStream(expand_sources(spec), cfg, self.decoder, train, rank, world,
                                    cfg.weights if train else None)
         self._epoch = 0  # the epoch being read (or last read, when self._done)

@@ -146,8 +146,9 @@ def audio_features(wav: torch.Tensor, rate: int, cfg: AudioConfig, train: bool, 
 class SampleDecoder:
     """Turns one raw webdataset sample (``{"__key__", "txt", "jpg", ...}``) into model inputs per modality."""
 
-    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], train: bool):
+    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], train: bool, label_key: str | None = None):
         self.cfg, self.modalities, self.train = cfg, modalities, train
+        self.label_key = label_key  # a field of the sample's json passed on as its label (None where absent)
         self._tokenizer = None
         if "text" in modalities and not cfg.text.tokenizer:
             raise ValueError("data.text.tokenizer: a local tokenizer directory is needed to load text")
@@ -167,6 +168,8 @@ class SampleDecoder:
 
     def __call__(self, raw: dict[str, Any], rng: random.Random) -> dict[str, Any]:
         out: dict[str, Any] = {"__key__": raw["__key__"]}
+        if self.label_key is not None:
+            out["label"] = sample_label(raw.get("json"), self.label_key)
         for modality in self.modalities:
             if modality == "text":
                 data = raw.get("txt")
@@ -183,7 +186,7 @@ class SampleDecoder:
                 out[modality] = self._decode(modality, raw[ext], rng)
             except Exception as e:
                 raise BadSample(f"undecodable {modality}") from e
-        if len(out) == 1 or (len(out) == 2 and "text" in out):
+        if not set(out) - {"__key__", "label", "text"}:
             raise BadSample("none of the trained media", bad=False)
         return out
 
@@ -212,12 +215,25 @@ class SampleDecoder:
         return torch.zeros(frames, c.audio.n_mels)
 
 
+def sample_label(meta: bytes | None, key: str) -> Any:
+    """``key`` of a sample's json member, or None (no json, not an object, not valid json, no such key)."""
+    import json
+
+    try:
+        value = json.loads(meta) if meta else None
+    except ValueError:
+        return None
+    return value.get(key) if isinstance(value, dict) else None
+
+
 INPUT_NAMES = {"image": "pixel_values", "video": "pixel_values", "audio": "features"}
 
 
 def collate(samples: list[dict[str, Any]], decoder: SampleDecoder, pad_id: int = 0) -> dict[str, Any]:
     """Decoded samples -> batch with a presence mask per modality; a modality no sample has is left out."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples], "present": {}}
+    if decoder.label_key is not None:
+        batch["labels"] = [s.get("label") for s in samples]
     for modality in decoder.modalities:
         present = torch.tensor([modality in s for s in samples], dtype=torch.bool)
         batch["present"][modality] = present

@@ -16,6 +16,8 @@ def pad_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
         return batch
     out: dict[str, Any] = {"present": {m: torch.cat([p, p.new_zeros(size - n)]) for m, p in batch["present"].items()},
                            "__key__": batch.get("__key__", [])}
+    if "labels" in batch:
+        out["labels"] = batch["labels"] + [None] * (size - n)
     for key, value in batch.items():
         if isinstance(value, dict) and key != "present":
             out[key] = {k: torch.cat([t, t.new_zeros((size - n, *t.shape[1:]))]) for k, t in value.items()}

@@ -57,9 +57,29 @@ class CheckpointConfig:
 
 
 @dataclass
+class ZeroShotConfig:
+    """Zero-shot classification of data.val in every evaluation (as open_clip's ``--zeroshot-frequency``): class
+    names and prompt templates, labels from a field of each sample's json (a class name or its index)."""
+
+    classes: str  # a text file, one class name per line
+    templates: str | None = None  # a text file, one "a photo of a {}." per line; default: one per modality
+    label_key: str = "label"
+    modality: Literal["image", "video", "audio"] | None = None  # default: the one non-text tower
+
+    def validate(self, prefix: str = "") -> None:
+        from pathlib import Path
+
+        for name in ("classes", "templates"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{prefix}.{name}: {path} is not a file")
+
+
+@dataclass
 class EvalConfig:
     every: int = 0  # optimiser steps; 0 = only at the end (if data.val is set)
     max_samples: int | None = None
+    zeroshot: ZeroShotConfig | None = None
 
 
 @dataclass
@@ -96,6 +116,17 @@ class TrainConfig:
             raise ConfigError("data.train: no training shards given")
         if "text" in self.model.towers and not self.data.text.tokenizer:
             raise ConfigError("data.text.tokenizer: the text tower needs a local tokenizer directory")
+        zeroshot = self.eval.zeroshot
+        if zeroshot is not None:
+            media = [m for m in self.model.towers if m != "text"]
+            if "text" not in self.model.towers:
+                raise ConfigError("eval.zeroshot: needs a text tower (class prompts are text)")
+            if self.data.val is None:
+                raise ConfigError("eval.zeroshot: needs data.val (the samples to classify)")
+            if zeroshot.modality is None and len(media) != 1:
+                raise ConfigError(f"eval.zeroshot.modality: say which of {', '.join(media)} to classify")
+            if zeroshot.modality is not None and zeroshot.modality not in media:
+                raise ConfigError(f"eval.zeroshot.modality: no {zeroshot.modality} tower ({', '.join(media)})")
         unknown = sorted(set(self.loss.pair_weights) - {f"{a}-{b}" for a, b in self.model.pair_list()})
         if unknown:
             raise ConfigError(f"loss.pair_weights.{unknown[0]}: not a trained pair "

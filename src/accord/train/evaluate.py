@@ -53,15 +53,19 @@ def recall_at_1_reranked(sims: torch.Tensor, k: int, score_fn: ScoreFn) -> float
 
 @torch.no_grad()
 def embed_all(model, loader: Loader, device: torch.device, dtype: torch.dtype, batch_size: int,
-              max_samples: int | None = None, tokens: dict[str, Any] | None = None) -> dict[str, Any]:
+              max_samples: int | None = None, tokens: dict[str, Any] | None = None,
+              labels: list[Any] | None = None) -> dict[str, Any]:
     """Embeddings and presence of every sample this rank reads, gathered from all ranks (on CPU). Pass a dict as
-    ``tokens`` (one process, model with a fusion head) to receive ``{modality: (tokens, mask)}`` as well."""
+    ``tokens`` (one process, model with a fusion head) to receive ``{modality: (tokens, mask)}`` as well, and a
+    list as ``labels`` (a loader built with ``label_key``) to receive every row's label (None on padding rows)."""
     modalities = tuple(model.towers)
     chunks: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     present: dict[str, list[torch.Tensor]] = {m: [] for m in modalities}
     token_chunks: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {m: [] for m in modalities}
     seen = 0
+    local_labels: list[Any] = []
     for batch in lockstep(iter(loader), modalities, batch_size):
+        local_labels.extend(batch.get("labels", [None] * batch_size))
         out = model(to_device(batch, device, dtype))
         for m in modalities:
             chunks[m].append(out.embeddings[m].float().cpu())
@@ -77,9 +81,14 @@ def embed_all(model, loader: Loader, device: torch.device, dtype: torch.dtype, b
             raise ValueError("embed_all(tokens=...) runs in one process")
         tokens.update({m: cat_tokens(parts) for m, parts in token_chunks.items() if parts})
     if not dist.is_initialized() or dist.get_world_size() == 1:
+        if labels is not None:
+            labels.extend(local_labels)
         return local
     parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
+    dist.all_gather_object(parts, (local, local_labels) if labels is not None else local)
+    if labels is not None:
+        labels.extend(label for _, rank_labels in parts for label in rank_labels)
+        parts = [p for p, _ in parts]
     return {m: (torch.cat([p[m][0] for p in parts]), torch.cat([p[m][1] for p in parts])) for m in modalities}
 
 
@@ -113,4 +122,57 @@ def retrieval(embeddings: dict[str, Any], pairs: list[tuple[str, str]], rerank: 
             out[f"{name}/{a}->{b}/R@1+rerank{rerank}"] = recall_at_1_reranked(sims, rerank, fused)
             out[f"{name}/{b}->{a}/R@1+rerank{rerank}"] = recall_at_1_reranked(
                 sims.T, rerank, lambda q, t, fused=fused: fused(t, q))
+    return out
+
+
+@torch.no_grad()
+def zeroshot_metrics(model, cfg, embeddings: dict[str, Any], labels: list[Any], decoder, device: torch.device,
+                     dtype: torch.dtype, batch_size: int = 64) -> dict[str, float]:
+    """``{"zeroshot/<modality>/top1": ...}``: the gathered samples of :func:`embed_all` classified against the
+    prompt-ensembled class embeddings of the model's text tower (every rank runs the text tower: ZeRO-3)."""
+    from collections import Counter
+
+    from accord.consistency.zeroshot import (
+        DEFAULT_TEMPLATES,
+        class_embeddings,
+        classify,
+        label_index,
+        read_lines,
+    )
+    from accord.data.transforms import collate
+
+    media = [m for m in model.towers if m != "text"]
+    modality = cfg.modality or media[0]
+    classes = read_lines(cfg.classes, "eval.zeroshot.classes")
+    templates = read_lines(cfg.templates, "eval.zeroshot.templates") if cfg.templates else DEFAULT_TEMPLATES[modality]
+
+    def embed_text(texts: list[str]) -> torch.Tensor:
+        out = []
+        for i in range(0, len(texts), batch_size):
+            ids = [torch.tensor(decoder.tokenizer(t, truncation=True, max_length=decoder.cfg.text.max_length)[
+                "input_ids"]) for t in texts[i : i + batch_size]]
+            batch = collate([{"__key__": str(j), "text": x} for j, x in enumerate(ids)], decoder,
+                            decoder.tokenizer.pad_token_id or 0)
+            inputs = to_device(batch, device, dtype)["text"]
+            out.append(model.embed("text", inputs, None, len(ids))[0].embedding.float().cpu())
+        return torch.cat(out)
+
+    class_emb = class_embeddings(embed_text, classes, templates)
+    features, present = embeddings[modality]
+    skipped: Counter[str] = Counter()
+    rows, targets = [], []
+    for row, (has, label) in enumerate(zip(present.tolist(), labels, strict=True)):
+        index = label_index(label, classes) if has else None
+        if not has:
+            continue
+        if index is None:
+            skipped["no label" if label is None else "label not in classes"] += 1
+            continue
+        rows.append(row)
+        targets.append(index)
+    prefix = f"zeroshot/{modality}"
+    out: dict[str, float] = {f"{prefix}/n": len(rows), **{f"{prefix}/skipped/{k}": v for k, v in skipped.items()}}
+    if rows:
+        result = classify(features[rows], torch.tensor(targets), class_emb)
+        out.update({f"{prefix}/{k}": v for k, v in result.items() if k.startswith("top") or k == "mean_per_class_recall"})
     return out

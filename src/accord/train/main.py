@@ -29,7 +29,7 @@ from accord.train import checkpoint
 from accord.train.batches import lockstep, real_samples, to_device
 from accord.train.config import TrainConfig
 from accord.train.distributed import Heartbeat, describe_rank, gather_node_info, init_distributed
-from accord.train.evaluate import embed_all, retrieval
+from accord.train.evaluate import embed_all, retrieval, zeroshot_metrics
 from accord.train.metrics import MetricLogger, SampleLog
 from accord.train.optim import lr_at, param_groups
 from accord.train.profile import StepProfiler, stage
@@ -121,7 +121,7 @@ class Trainer:
         self.val_loader = None
         if cfg.data.val:
             self.val_loader = Loader(dataclasses.replace(cfg.data, persistent_workers=False), self.modalities,
-                                     train=False)
+                                     train=False, label_key=cfg.eval.zeroshot.label_key if cfg.eval.zeroshot else None)
         per_step = self.world * cfg.data.batch_size * cfg.accum_steps
         self.steps_per_epoch = max(1, math.ceil(self.loader.num_samples / per_step))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -342,12 +342,16 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
+        labels: list[Any] | None = [] if self.cfg.eval.zeroshot else None
         emb = embed_all(self.engine, self.val_loader, self.device, self.dtype, self.cfg.data.batch_size,
-                        self.cfg.eval.max_samples)
-        self.engine.train()
+                        self.cfg.eval.max_samples, labels=labels)
         metrics = retrieval(emb, self.engine.module.pairs)
+        if self.cfg.eval.zeroshot is not None:
+            metrics.update(zeroshot_metrics(self.engine.module, self.cfg.eval.zeroshot, emb, labels,
+                                            self.val_loader.decoder, self.device, self.dtype))
+        self.engine.train()
         self.logger.log(self.step, {f"eval/{k}": v for k, v in metrics.items()}, console="eval " + " ".join(
-            f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith("R@1")))
+            f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("R@1", "top1"))))
         return metrics
 
 
