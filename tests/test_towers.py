@@ -145,3 +145,20 @@ def test_config_errors_name_the_key(tmp_path) -> None:
     path.write_text("towers:\n  text: {kind: bert}\n  image: {kind: vit}\n")
     cfg = load_config(ModelConfig, path, ["embed_dim=64", "towers.text.freeze=true"])
     assert cfg.embed_dim == 64 and cfg.towers["text"].freeze is True
+
+
+def test_lr_scale_puts_a_towers_backbone_in_its_own_groups() -> None:
+    from accord.train.config import OptimConfig
+    from accord.train.optim import param_groups
+
+    model = tiny_model(towers={"text": {"kind": "bert", "hf": TINY["bert"][1], "lr_scale": 0.01},
+                               "image": {"kind": "vit", "hf": VIT}})
+    groups = param_groups(model, OptimConfig(weight_decay=0.2))
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    text_weight = by_id[id(named["towers.text.backbone.encoder.layer.0.attention.self.query.weight"])]
+    assert (text_weight["lr_scale"], text_weight["weight_decay"]) == (0.01, 0.2)
+    assert by_id[id(named["towers.text.backbone.embeddings.LayerNorm.weight"])]["lr_scale"] == 0.01
+    assert by_id[id(named["towers.text.proj.weight"])]["lr_scale"] == 1.0  # the new projection learns at full rate
+    assert by_id[id(named["towers.image.backbone.embeddings.cls_token"])]["lr_scale"] == 1.0
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())

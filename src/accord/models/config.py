@@ -37,6 +37,7 @@ class TowerConfig:
     frozen_cache: bool = True
     frozen_cache_items: int = 1_000_000  # distinct inputs kept (least recently used out); 0 recomputes every one
     gradient_checkpointing: bool = False
+    lr_scale: float = 1.0  # this tower's backbone learns at optim.lr x lr_scale (tuning a pretrained tower gently)
     frame_kind: Literal["vit", "clip_vision"] = "vit"  # frames: the per-frame backbone
     share_image_backbone: bool = False  # frames: reuse the image tower's backbone
     num_frames: int = 8  # video: frames per clip (temporal position embeddings)
@@ -53,6 +54,8 @@ class TowerConfig:
             raise ConfigError(f"{prefix}.pretrained: must be a local directory, not {self.pretrained!r}")
         if self.unfreeze_last_n is not None and self.unfreeze_last_n < 0:
             raise ConfigError(f"{prefix}.unfreeze_last_n: must be >= 0")
+        if self.lr_scale <= 0:
+            raise ConfigError(f"{prefix}.lr_scale: must be > 0")
         if self.frozen_cache_items < 0:
             raise ConfigError(f"{prefix}.frozen_cache_items: must be >= 0")
         if self.share_image_backbone and self.kind != "frames":

@@ -203,7 +203,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
         for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]  # set by param_groups
         if self.match_loss is not None and self.cfg.loss.match_temperature_end is not None:
             start, end = self.cfg.loss.match_temperature, self.cfg.loss.match_temperature_end
             self.match_loss.temperature = start * (end / start) ** (self.step / max(1, self.total_steps - 1))
@@ -312,7 +312,7 @@ class Trainer:
             "epoch": self.loader.epoch,
             "loss": sum(self._weight(k[5:]) * v for k, v in parts.items()) if parts else float("nan"),
             **parts, **temps,
-            "lr": self.engine.optimizer.param_groups[0]["lr"],
+            "lr": lr_at(self.step - 1, self.total_steps, self.cfg.optim),  # towers with lr_scale: times that
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_per_s": float(sum(r[0] for r in per_rank) / max(r[2] for r in per_rank)),
             "samples_per_s_per_rank": [round(float(r[0] / r[2]), 2) for r in per_rank],

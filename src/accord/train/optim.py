@@ -17,14 +17,21 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    decay, plain = [], []
+    """Decayed and not-decayed parameters, split further by their tower's ``lr_scale`` (a pretrained tower tuned
+    at a fraction of the learning rate); each group carries its ``lr_scale`` for the schedule."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    scales = {f"towers.{m}.backbone.": t.cfg.lr_scale for m, t in getattr(model, "towers", {}).items()}
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # shared backbones appear under two names
             continue
         seen.add(id(p))
-        (plain if no_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
+        groups.setdefault((no_decay(name, p), scale), []).append(p)
+    groups.setdefault((False, 1.0), [])
+    groups.setdefault((True, 1.0), [])
+    return [{"params": params, "weight_decay": 0.0 if plain else cfg.weight_decay, "lr_scale": scale}
+            for (plain, scale), params in sorted(groups.items())]
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
