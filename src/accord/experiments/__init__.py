@@ -3,6 +3,8 @@
     accord experiment fusion [--quick]       cosine vs fused consistency score on one-attribute-wrong captions
     accord experiment captioning --backbone DIR --data SHARDS --val SHARDS
                                         caption decoding / training strategies with and without consistency
+    accord experiment recipes [--quick]      text tower from scratch / frozen / tuned, temperatures, image tower
+                                        sizes, scored on held-out paraphrases over seeds
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-EXPERIMENTS = {"fusion": "accord.experiments.fusion", "captioning": "accord.experiments.captioning"}
+EXPERIMENTS = {"fusion": "accord.experiments.fusion", "captioning": "accord.experiments.captioning",
+               "recipes": "accord.experiments.recipes"}
 
 
 def main(argv: list[str] | None = None) -> int:
