@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord demo", description=__doc__)
     p.add_argument("--quick", action="store_true", help="the 3-minute version")
     p.add_argument("--out", default="demo_out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the world, the weights, the data order and the scoring")
     p.add_argument("--port", type=int, default=29577)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["shards"] = time.perf_counter() - t
 
     t = _step(f"3/6 training 4 tiny towers on 2 CPU ranks (ZeRO-2, {epochs} epochs)")
-    train(out / "shards" / "train", out / "shards" / "val", out / "run", epochs, args.port)
+    train(out / "shards" / "train", out / "shards" / "val", out / "run", epochs, args.port,
+          overrides=(f"seed={args.seed}", f"data.seed={args.seed}"))
     timings["train"] = time.perf_counter() - t
 
     t = _step("4/6 exporting the backbone")
