@@ -60,7 +60,7 @@ RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {  # name -> (study, overrides
                                             "model.towers.image.hf.num_attention_heads=4",
                                             "model.towers.image.hf.intermediate_size=128")),
 }
-SIZES = {"quick": (16, 4, 2), "full": (60, 10, 5)}  # train images per class, test images per class, epochs
+SIZES = {"quick": (16, 4, 2), "full": (80, 10, 10)}  # train images per class, test images per class, epochs
 
 
 def caption(colour: str, shape: str, rng: np.random.Generator, paraphrase: bool) -> str:
