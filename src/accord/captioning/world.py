@@ -1,0 +1,141 @@
+"""The captioning world: 64 px scenes of 1-3 objects (size, colour, shape) whose captions name every object and, for
+two objects, how they are placed ("a small red circle to the left of a large blue square").
+
+Captions follow a small grammar with several phrasings per scene kind (``TEMPLATES``); :mod:`accord.captioning.
+referee` parses them back. Some object kinds (colour + shape) and some placements (shape, relation, shape) never
+occur in training: the ``heldout`` split is made of scenes that have at least one of them.
+
+    write_world(out, train=3000, heldout=300, seed=0)  ->  out/train/*.png|txt|json, out/heldout/...
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SIZES = {"small": 5.0, "large": 9.0}  # radius in px at 64 px
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 230), "yellow": (235, 215, 40),
+           "purple": (150, 60, 190)}
+SHAPES = ("circle", "square", "triangle")
+RELATIONS = ("left of", "right of", "above", "below")  # objects[0] <relation> objects[1]
+INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+HELD_OUT_OBJECTS = {("red", "square"), ("green", "triangle"), ("blue", "circle"), ("yellow", "square")}
+HELD_OUT_PLACEMENTS = {("circle", "above", "square"), ("triangle", "left of", "circle"),
+                       ("square", "below", "triangle")}
+# {o} / {o1} / {o2} / {o3}: "<size> <colour> <shape>"; {rel}: RELATION_PHRASES; {rel_it}: RELATION_PHRASES_IT
+TEMPLATES = {
+    1: ("a {o} on a plain background", "there is one {o} in the picture", "the image shows a single {o}"),
+    2: ("a {o1} {rel} a {o2}", "there is a {o1} {rel} a {o2}", "a {o2} with a {o1} {rel_it}"),
+    3: ("a {o1}, a {o2} and a {o3}", "three shapes: {o1}, {o2} and {o3}"),
+}
+RELATION_PHRASES = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+RELATION_PHRASES_IT = {"left of": "to its left", "right of": "to its right", "above": "above it", "below": "below it"}
+IMAGE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Obj:
+    size: str
+    colour: str
+    shape: str
+
+    def words(self) -> str:
+        return f"{self.size} {self.colour} {self.shape}"
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    relation: str | None = None  # two objects: objects[0] <relation> objects[1]
+
+    def held_out_parts(self) -> list[str]:
+        """The held-out object kinds and placements this scene shows."""
+        parts = [f"{o.colour} {o.shape}" for o in self.objects if (o.colour, o.shape) in HELD_OUT_OBJECTS]
+        if self.relation is not None:
+            a, b = self.objects
+            if (a.shape, self.relation, b.shape) in HELD_OUT_PLACEMENTS:
+                parts.append(f"{a.shape} {self.relation} {b.shape}")
+        return parts
+
+    def to_json(self) -> dict:
+        return {"objects": [asdict(o) for o in self.objects], "relation": self.relation}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Scene:
+        return cls(tuple(Obj(**o) for o in data["objects"]), data.get("relation"))
+
+
+def caption(scene: Scene, template: str) -> str:
+    objs = scene.objects
+    slots = {"o": objs[0].words()} if len(objs) == 1 else {f"o{i + 1}": o.words() for i, o in enumerate(objs)}
+    if scene.relation is not None:
+        slots |= {"rel": RELATION_PHRASES[scene.relation], "rel_it": RELATION_PHRASES_IT[scene.relation]}
+    return template.format(**slots)
+
+
+def random_scene(rng: np.random.Generator, heldout: bool) -> Scene:
+    """A scene of the training distribution, or (``heldout``) one with at least one held-out part."""
+    while True:
+        n = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
+        objs = tuple(Obj(str(rng.choice(list(SIZES))), str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
+                     for _ in range(n))
+        scene = Scene(objs, str(rng.choice(RELATIONS)) if n == 2 else None)
+        if bool(scene.held_out_parts()) == heldout:
+            return scene
+
+
+def layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float]]:
+    """Object centres: two objects placed by their relation, three in a row left to right."""
+    s = IMAGE_SIZE
+    r = [SIZES[o.size] for o in scene.objects]
+    if len(r) == 1:
+        return [tuple(rng.uniform(r[0] + 2, s - r[0] - 2, size=2))]
+    if len(r) == 3:
+        return [(s * (i + 0.5) / 3 + rng.uniform(-2, 2), s / 2 + rng.uniform(-12, 12)) for i in range(3)]
+    near, far = s * 0.27 + rng.uniform(-3, 3), s * 0.73 + rng.uniform(-3, 3)
+    across = [s / 2 + rng.uniform(-10, 10) for _ in range(2)]
+    first, second = {"left of": (near, far), "right of": (far, near), "above": (near, far),
+                     "below": (far, near)}[scene.relation]
+    if scene.relation in ("left of", "right of"):
+        return [(first, across[0]), (second, across[1])]
+    return [(across[0], first), (across[1], second)]
+
+
+def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
+    s = IMAGE_SIZE
+    bg = rng.integers(70, 190, size=3)
+    img = Image.fromarray(np.clip(bg + rng.normal(0, 14, size=(s, s, 3)), 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    for obj, (cx, cy) in zip(scene.objects, layout(scene, rng), strict=True):
+        r = SIZES[obj.size]
+        fill = tuple(int(np.clip(c + rng.normal(0, 8), 0, 255)) for c in COLOURS[obj.colour])
+        if obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return img
+
+
+def write_world(out: Path, train: int, heldout: int, seed: int = 0, progress: bool = True) -> dict[str, int]:
+    """``out/train`` and ``out/heldout``: ``s*.png`` + a caption ``.txt`` (a random phrasing) + the scene ``.json``
+    (the referee's ground truth)."""
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    jobs = [("train", i) for i in range(train)] + [("heldout", i) for i in range(heldout)]
+    for split in ("train", "heldout"):
+        (out / split).mkdir(parents=True, exist_ok=True)
+    for split, i in tqdm(jobs, desc="render captioning world", unit="scene", disable=not progress):
+        scene = random_scene(rng, heldout=split == "heldout")
+        stem = out / split / f"s{i:05d}"
+        render(scene, rng).save(stem.with_suffix(".png"))
+        stem.with_suffix(".txt").write_text(caption(scene, str(rng.choice(TEMPLATES[len(scene.objects)]))) + "\n")
+        stem.with_suffix(".json").write_text(json.dumps({"scene": scene.to_json(),
+                                                         "held_out": scene.held_out_parts()}))
+    return {"train": train, "heldout": heldout}
