@@ -194,3 +194,81 @@ def test_any_tower_conditions_the_decoder(setup, tmp_path: Path) -> None:
     out = generate(model, data.memory, data.mask, DecodeConfig("guided", beam=2), data.media,
                    CaptionConsistency(backbone, vocab))
     _well_formed(out.seqs, 6)
+
+
+# ------------------------------------------------------------------------------------- zero-shot captioning (MAGIC)
+def _lm(setup) -> Captioner:
+    _, _, vocab, data, _, _ = setup
+    torch.manual_seed(3)
+    # float64: a random model's continuations are near-ties that float32 noise between batch shapes could flip
+    return Captioner(CaptionerConfig(dim=32, layers=2, heads=2, max_len=6), len(vocab), 8).double().eval()
+
+
+def _contrastive_search_by_hand(lm: Captioner, max_len: int, top_k: int, alpha: float) -> list[int]:
+    """SimCTG's contrastive search for one caption, written plainly: every candidate in its own forward pass."""
+    from accord.captioning.model import blank_memory
+    from accord.captioning.vocab import BOS
+
+    memory, mask = blank_memory(1, 8, dtype=torch.float64)
+    seq = [BOS]
+    for t in range(max_len + 1):
+        logits = lm(torch.tensor([seq]), memory, mask)[0, -1]
+        logits[BOS] = logits[PAD] = float("-inf")
+        if t == max_len:
+            return seq[1:] + [EOS]
+        probs = logits.softmax(-1)
+        best, best_score = None, float("-inf")
+        for v in probs.topk(top_k).indices.tolist():
+            h = torch.nn.functional.normalize(lm.hidden(torch.tensor([seq + [v]]), memory, mask)[0], dim=-1)
+            score = (1 - alpha) * probs[v].item() - alpha * max((h[j] @ h[-1]).item() for j in range(len(seq)))
+            if score > best_score:
+                best, best_score = v, score
+        seq.append(best)
+        if best == EOS:
+            return seq[1:]
+    return seq[1:]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 0.8])
+def test_magic_with_beta_0_is_the_language_models_contrastive_search(setup, alpha: float) -> None:
+    from accord.captioning.zeroshot import magic
+
+    lm = _lm(setup)
+    out = magic(lm, n=3, max_len=6, top_k=4, alpha=alpha, beta=0.0)
+    expected = _contrastive_search_by_hand(lm, 6, 4, alpha)
+    for row in out.seqs.tolist():  # an image-blind model: every row is the same caption
+        assert row[: len(expected)] == expected and all(t == PAD for t in row[len(expected) :])
+    _well_formed(out.seqs, 6)
+
+
+def test_magic_score_steers_the_first_word_towards_the_medium(setup) -> None:
+    from accord.captioning.zeroshot import magic
+
+    _, _, vocab, data, _, consistency = setup
+    lm = _lm(setup)
+    media = data.media[:4]
+    out = magic(lm, n=4, max_len=6, consistency=consistency, media=media, top_k=len(vocab), alpha=0.0, beta=1e6)
+    first = out.seqs[:, 0]
+    # with every continuation a candidate and a huge beta, the first word is the one the backbone scores highest
+    from accord.captioning.decode import _constrain
+
+    words = torch.arange(len(vocab))
+    allowed = torch.isfinite(_constrain(torch.zeros(1, len(vocab)), torch.zeros(1, dtype=torch.bool), False)[0])
+    for i in range(4):
+        cands = torch.stack([words[allowed], torch.full((int(allowed.sum()),), EOS)], dim=1)
+        scores = consistency.score(cands, media[i].expand(len(cands), -1))
+        assert first[i] == words[allowed][scores.argmax()]
+
+
+def test_retrieval_baseline_returns_the_most_consistent_training_caption(setup) -> None:
+    from accord.captioning.zeroshot import retrieve_captions
+
+    _, backbone, _, data, _, _ = setup
+    train = sorted(set(data.captions))
+    with torch.no_grad():
+        emb = backbone.embed("text", train)
+    got, index = retrieve_captions(data.media, emb, train)
+    assert all(c in train for c in got)
+    sims = data.media @ emb.T
+    for i in range(len(got)):
+        assert sims[i, index[i]] == sims[i].max() and got[i] == train[index[i]]

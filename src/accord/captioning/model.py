@@ -34,9 +34,20 @@ class Captioner(nn.Module):
         self.out = nn.Linear(cfg.dim, vocab_size)
 
     def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(tokens, memory, memory_mask))
+
+    def hidden(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        """The last layer's normalised hidden states [B, T, dim] (what the output layer reads)."""
         t = tokens.shape[1]
         x = self.embed(tokens) + self.pos[:, :t]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tokens.device), diagonal=1)
         y = self.decoder(x, self.memory_proj(memory), tgt_mask=causal, memory_key_padding_mask=~memory_mask,
                          tgt_is_causal=True)
-        return self.out(self.norm(y))
+        return self.norm(y)
+
+
+def blank_memory(n: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One all-zero memory token per row: a Captioner trained and decoded with it is an image-blind language model
+    (it sees the captions only), as MAGIC's language model is."""
+    return torch.zeros(n, 1, width, device=device, dtype=dtype), torch.ones(n, 1, dtype=torch.bool, device=device)
