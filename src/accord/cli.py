@@ -14,8 +14,8 @@ COMMANDS = {
     "train": ("accord.train.main", "train the towers (one process; use deepspeed/torchrun for more)"),
     "export": ("accord.consistency.export", "DeepSpeed checkpoint (any ZeRO stage) -> backbone directory"),
     "score": ("accord.consistency.commands:main_score", "consistency scores of a manifest or shard set"),
-    "eval": ("accord.consistency.commands:main_eval", "zero-shot retrieval R@1/5/10 + similarity plot"),
-    "experiment": ("accord.experiments", "experiments with a table and a plot: fusion, captioning"),
+    "eval": ("accord.consistency.commands:main_eval", "zero-shot retrieval R@1/5/10 + similarity plot; --classes: zero-shot classification"),
+    "experiment": ("accord.experiments", "experiments with a table and a plot: fusion, captioning, recipes"),
 }
 
 
