@@ -5,8 +5,9 @@ A backbone with no trainable parameter and no active dropout is a function of it
 features for a caption that recurs can be kept and reused. For the reuse to be *exact*, the features must not
 depend on what else was in the batch, and on CPU they do: BLAS picks other kernels for other matrix shapes and
 attention sums over the batch's padded length, so the same caption embeds differently (by ~1e-6) in different
-batches. Every input is therefore computed in a fixed shape: rows grouped by their own length (text: real tokens
-only, no padding), in chunks of exactly ``CHUNK`` rows (a short chunk is filled with copies of its first row).
+batches. Every input is therefore computed in a fixed shape: in chunks of exactly ``CHUNK`` rows (a short chunk is
+filled with copies of its first row), a caption padded to its own length rounded up to ``LENGTH_STEP`` tokens (the
+same padding whatever its neighbours; mask zero on it).
 A cached run and a run that keeps nothing (``max_items=0``) then give bit-identical features, losses and
 gradients; both differ from an ordinary padded batch forward by float noise only.
 
@@ -22,6 +23,7 @@ from collections.abc import Callable
 import torch
 
 CHUNK = 8  # rows per backbone call: the fixed shape every input is computed in
+LENGTH_STEP = 8  # text: each caption is padded to its length rounded up to a multiple of this (always the same)
 
 # (backbone inputs of one chunk, text mask or None) -> pooled features [CHUNK, W]
 RunFn = Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
@@ -53,15 +55,29 @@ class FrozenFeatureCache:
         lengths = mask.sum(dim=1).tolist() if mask is not None else [inputs["input_ids"].shape[1]] * n
         return [{"input_ids": inputs["input_ids"][i, : int(length)]} for i, length in enumerate(lengths)]
 
+    def _shape(self, row: dict[str, torch.Tensor]) -> tuple:
+        """The shape a row is computed in: text rounded up to a multiple of LENGTH_STEP tokens (padding masked)."""
+        if self.text:
+            return (-(-len(row["input_ids"]) // LENGTH_STEP) * LENGTH_STEP,)
+        return tuple((k, tuple(v.shape)) for k, v in sorted(row.items()))
+
     @torch.no_grad()
-    def _compute(self, rows: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
-        """Features of ``rows`` (one shape each group), CHUNK rows per call."""
+    def _compute(self, rows: list[dict[str, torch.Tensor]], shape: tuple) -> list[torch.Tensor]:
+        """Features of ``rows`` (all of ``shape``), CHUNK rows per call."""
         out: list[torch.Tensor] = []
         for start in range(0, len(rows), CHUNK):
             chunk = rows[start : start + CHUNK]
             chunk = chunk + [chunk[0]] * (CHUNK - len(chunk))
-            batch = {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}
-            mask = torch.ones_like(batch["input_ids"]) if self.text else None
+            if self.text:
+                (width,) = shape
+                ids = torch.zeros(CHUNK, width, dtype=chunk[0]["input_ids"].dtype, device=chunk[0]["input_ids"].device)
+                mask = torch.zeros_like(ids)
+                for i, r in enumerate(chunk):
+                    ids[i, : len(r["input_ids"])] = r["input_ids"]
+                    mask[i, : len(r["input_ids"])] = 1
+                batch = {"input_ids": ids}
+            else:
+                batch, mask = {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}, None
             out.extend(self.run(batch, mask)[: len(rows) - start].unbind(0))
         return out
 
@@ -84,9 +100,9 @@ class FrozenFeatureCache:
         self.hits += sum(key in found for key in keys)
         by_shape: dict[tuple, list[bytes]] = {}
         for key, row in missing.items():
-            by_shape.setdefault(tuple((k, tuple(v.shape)) for k, v in sorted(row.items())), []).append(key)
-        for group in by_shape.values():
-            for key, feature in zip(group, self._compute([missing[k] for k in group]), strict=True):
+            by_shape.setdefault(self._shape(row), []).append(key)
+        for shape, group in by_shape.items():
+            for key, feature in zip(group, self._compute([missing[k] for k in group], shape), strict=True):
                 found[key] = feature
                 if self.max_items:
                     self.store[key] = feature
