@@ -136,8 +136,8 @@ def write_report(out: Path, counts: dict[str, int], train_stats: dict, val_stats
 <style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:center}}pre{{background:#f6f6f6;padding:1em}}</style>
 </head><body><h1>accord demo</h1>
-<p>Four tiny towers (text, image, video, audio) trained from scratch for {metrics[-1]['step']} steps with the
-deepspeed launcher on 2 CPU ranks (ZeRO-2), on a rendered world of coloured shapes, moving shapes and tones plus
+<p>Tiny image, video and audio towers trained from scratch against a frozen pretrained text tower (all-MiniLM-L6-v2,
+its features computed once per distinct caption) for {metrics[-1]['step']} steps with the deepspeed launcher on 2 CPU ranks (ZeRO-2), on a rendered world of coloured shapes, moving shapes and tones plus
 real photos, clips and speech. Validation holds only <b>combinations never seen in training</b>
 (e.g. "a red square" while training saw red things and squares, never a red square).</p>
 <pre>{html.escape(text)}</pre>
