@@ -49,7 +49,13 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str, client: dict[str, An
 
     if list((checkpoint_dir / tag).glob("*optim_states.pt")) and client.get("ds_config", {}).get(
             "zero_optimization", {}).get("stage", 0) > 0:
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+        import contextlib
+        import io
+
+        from accord.verbosity import is_verbose
+
+        with contextlib.nullcontext() if is_verbose() else contextlib.redirect_stdout(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)  # prints 4 lines
     return {k: v.float() for k, v in client["module"].items()}
 
 
