@@ -203,6 +203,7 @@ def _wait_for(path: Path, ok, timeout: float) -> None:
     raise AssertionError(f"{path} did not appear in {timeout} s")
 
 
+@pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_a_stalled_or_killed_rank_on_the_other_node_ends_the_run_naming_it(mixed_shards, tmp_path: Path) -> None:
     """Node 1's rank is stopped (SIGSTOP: a hung file system, a frozen host): node 0 fails after the collective
     timeout naming rank 1 and exits non-zero. The run comes back on both nodes with ``--resume latest`` and trains
@@ -235,6 +236,7 @@ def test_a_stalled_or_killed_rank_on_the_other_node_ends_the_run_naming_it(mixed
         assert waited < bound, (fault, waited)
 
 
+@pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shards, tmp_path: Path) -> None:
     """Rank 1 dies while DeepSpeed writes its optimiser file of step 4: ``latest`` stays on step 2, step 4 is
     refused as incomplete, and ``--resume latest`` reproduces the uninterrupted loss curve."""
