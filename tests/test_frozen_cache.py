@@ -120,3 +120,14 @@ def test_cache_refused_unless_the_tower_is_a_function_of_its_input(text: dict, r
 def test_cache_refused_for_towers_whose_tokens_a_loss_reads() -> None:
     cfg = model_cfg({"kind": "bert", "hf": BERT, "freeze": True}, fusion={"dim": 16, "layers": 1, "heads": 2})
     assert AccordModel(cfg).enable_frozen_caches() == {"text": "the fusion head reads its token features"}
+
+
+def test_a_frozen_backbone_shared_by_the_video_tower_stays_in_eval_mode() -> None:
+    cfg = from_dict(ModelConfig, {"embed_dim": 16, "towers": {
+        "text": {"kind": "bert", "hf": BERT}, "image": {"kind": "vit", "hf": VIT, "freeze": True},
+        "video": {"kind": "frames", "share_image_backbone": True, "num_frames": 2, "temporal_heads": 2}}})
+    model = AccordModel(cfg)
+    assert model.enable_frozen_caches() == {"image": None}
+    model.train()  # the video tower's train() runs after the image tower's: the shared backbone must stay eval
+    assert model.towers["video"].backbone is model.towers["image"].backbone
+    assert not model.towers["image"].backbone.training and model.towers["video"].temporal.training

@@ -194,9 +194,10 @@ class Tower(nn.Module):
             p.requires_grad for p in self.backbone.parameters())
 
     def train(self, mode: bool = True) -> Tower:
-        """A fully frozen backbone stays in eval mode (no dropout), unless ``frozen_dropout`` keeps it training."""
+        """A backbone with nothing to train stays in eval mode (no dropout), unless ``frozen_dropout`` keeps it
+        training; also one this tower shares with a frozen image tower (``share_image_backbone``)."""
         super().train(mode)
-        if self.fully_frozen and not self.cfg.frozen_dropout:
+        if not self.cfg.frozen_dropout and not any(p.requires_grad for p in self.backbone.parameters()):
             self.backbone.eval()
         return self
 
