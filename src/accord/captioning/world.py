@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from accord.demo.world import COLORS, draw_shape
+
 SIZES = {"small": 5.0, "large": 9.0}  # radius in px at 64 px
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 230), "yellow": (235, 215, 40),
-           "purple": (150, 60, 190)}
+COLOURS = {c: COLORS[c] for c in ("red", "green", "blue", "yellow", "purple")}  # the demo world's palette
 SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left of", "right of", "above", "below")  # objects[0] <relation> objects[1]
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -111,14 +112,8 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     img = Image.fromarray(np.clip(bg + rng.normal(0, 14, size=(s, s, 3)), 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     for obj, (cx, cy) in zip(scene.objects, layout(scene, rng), strict=True):
-        r = SIZES[obj.size]
         fill = tuple(int(np.clip(c + rng.normal(0, 8), 0, 255)) for c in COLOURS[obj.colour])
-        if obj.shape == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        draw_shape(draw, obj.shape, cx, cy, SIZES[obj.size], fill)
     return img
 
 

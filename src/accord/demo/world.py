@@ -53,14 +53,18 @@ def _shape_image(color: str, shape: str, rng: np.random.Generator, size: int = 6
     draw = ImageDraw.Draw(img)
     r = radius if radius is not None else rng.uniform(0.18, 0.3) * size
     cx, cy = center if center is not None else rng.uniform(r, size - r, size=2)
-    fill = tuple(int(np.clip(c + rng.normal(0, 10), 0, 255)) for c in COLORS[color])
+    draw_shape(draw, shape, cx, cy, r, tuple(int(np.clip(c + rng.normal(0, 10), 0, 255)) for c in COLORS[color]))
+    return img
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple) -> None:
+    """A circle, square or triangle of radius ``r`` centred at (cx, cy)."""
     if shape == "circle":
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
     elif shape == "square":
         draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
     else:
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return img
 
 
 def _write_video(path: Path, color: str, shape: str, direction: str, rng: np.random.Generator,

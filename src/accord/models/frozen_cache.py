@@ -30,9 +30,10 @@ RunFn = Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
 
 
 def row_key(row: dict[str, torch.Tensor]) -> bytes:
+    """BLAKE2b-128 of a row's tensors (on the CPU: :meth:`FrozenFeatureCache.__call__` copies a batch over once)."""
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(row):
-        t = row[name].detach().contiguous().cpu()
+        t = row[name].detach().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.digest()
@@ -84,7 +85,8 @@ class FrozenFeatureCache:
     def __call__(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled features [B, W] of a batch of backbone inputs (text: ``input_ids`` with its ``mask``)."""
         rows = self._rows(inputs, mask)
-        keys = [row_key(r) for r in rows]
+        on_cpu = self._rows({k: v.detach().cpu() for k, v in inputs.items()}, mask)  # one copy, not one per row
+        keys = [row_key(r) for r in on_cpu]
         self.lookups += len(keys)
         found: dict[bytes, torch.Tensor] = {}
         missing: dict[bytes, dict[str, torch.Tensor]] = {}

@@ -190,14 +190,13 @@ class Tower(nn.Module):
     # ------------------------------------------------------------------------------------ frozen towers
     @property
     def fully_frozen(self) -> bool:
-        return self.cfg.freeze and not self.cfg.unfreeze_last_n and not any(
-            p.requires_grad for p in self.backbone.parameters())
+        """Nothing in the backbone trains (also one shared with a frozen image tower)."""
+        return not any(p.requires_grad for p in self.backbone.parameters())
 
     def train(self, mode: bool = True) -> Tower:
-        """A backbone with nothing to train stays in eval mode (no dropout), unless ``frozen_dropout`` keeps it
-        training; also one this tower shares with a frozen image tower (``share_image_backbone``)."""
+        """A fully frozen backbone stays in eval mode (no dropout), unless ``frozen_dropout`` keeps it training."""
         super().train(mode)
-        if not self.cfg.frozen_dropout and not any(p.requires_grad for p in self.backbone.parameters()):
+        if self.fully_frozen and not self.cfg.frozen_dropout:
             self.backbone.eval()
         return self
 
