@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -49,7 +50,7 @@ def _items(n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory):
-    out = random_backbone("tiny.yaml", tmp_path_factory.mktemp("caption_backbone"))
+    out = random_backbone("tiny_fusion.yaml", tmp_path_factory.mktemp("caption_backbone"))  # with a fusion head
     backbone = load_backbone(out).eval()
     items = _items(36, 0)
     vocab = CaptionVocab(backbone.tokenizer, [i["text"] for i in items])
@@ -84,16 +85,54 @@ def test_every_decoding_strategy_is_well_formed_and_seeded(setup, strategy: str)
         assert any(not torch.equal(first.seqs, o) for o in other)  # the seed matters
 
 
-def test_guided_beam_with_beta_zero_is_plain_beam(setup) -> None:
-    _, _, _, data, model, consistency = setup
+@pytest.mark.parametrize("kind", ["cosine", "fused"])
+def test_guided_beam_with_beta_zero_is_plain_beam(setup, kind: str) -> None:
+    _, backbone, vocab, data, model, _ = setup
+    consistency, media = CaptionConsistency(backbone, vocab, kind), data.features()
     plain, plain_all, plain_logp = beam_search(model, data.memory, data.mask, 3, 6)
-    guided, guided_all, guided_logp = beam_search(model, data.memory, data.mask, 3, 6, consistency, data.media,
+    guided, guided_all, guided_logp = beam_search(model, data.memory, data.mask, 3, 6, consistency, media,
                                                   beta=0.0, guide_top_k=8)
     assert torch.equal(plain.seqs, guided.seqs) and torch.equal(plain_all, guided_all)
     assert torch.allclose(plain_logp, guided_logp)
-    steered = beam_search(model, data.memory, data.mask, 3, 6, consistency, data.media, beta=50.0, guide_top_k=8)[0]
-    cos = consistency.score(steered.seqs, data.media).mean()
-    assert cos >= consistency.score(plain.seqs, data.media).mean() - 1e-6  # guidance raises the score
+    steered = beam_search(model, data.memory, data.mask, 3, 6, consistency, media, beta=50.0, guide_top_k=8)[0]
+    score = consistency.score(steered.seqs, media).mean()
+    assert score >= consistency.score(plain.seqs, media).mean() - 1e-6  # guidance raises the score
+
+
+def test_fused_score_is_the_fusion_heads_match_probability(setup, tmp_path: Path) -> None:
+    from accord.models.towers import TowerOutput
+
+    _, backbone, vocab, data, _, _ = setup
+    fused = CaptionConsistency(backbone, vocab, "fused")
+    seqs, media = data.targets[:8, 1:], data.features()[:8]
+    with torch.no_grad():
+        got = fused.score(seqs, media)
+        text = backbone.encode("text", vocab.decode(seqs))
+        expected = torch.sigmoid(backbone.match_logits(text, TowerOutput(media.embedding, media.tokens, media.mask),
+                                                       "image"))
+    assert torch.allclose(got, expected, atol=1e-5) and ((got > 0) & (got < 1)).all()
+    with pytest.raises(ValueError, match="token features"):
+        fused.score(seqs, data.media[:8])  # embeddings alone cannot feed the fusion head
+    plain = load_backbone(random_backbone("tiny.yaml", tmp_path / "plain"))
+    with pytest.raises(ValueError, match="fusion head"):
+        CaptionConsistency(plain, vocab, "fused")
+
+
+def test_caption_embeddings_are_encoded_once_and_equal_a_plain_forward(setup) -> None:
+    _, backbone, vocab, data, _, _ = setup
+    consistency = CaptionConsistency(backbone, vocab)
+    seqs = data.targets[:, 1:].repeat(3, 1)  # every caption three times
+    distinct = len(set(data.captions))
+    with torch.no_grad():
+        direct = backbone.encode("text", vocab.decode(seqs)).embedding
+        first = consistency.text_embedding(seqs)
+        assert len(consistency._cache) == distinct  # one encode per distinct caption
+        assert torch.equal(consistency.text_embedding(seqs.flip(0)), first.flip(0))  # reused as first computed
+        deduped = consistency.encode_text(seqs)
+        cached = consistency.cached_text(seqs, tokens=True)  # with token features (the fused score's input)
+    assert torch.allclose(first, direct, atol=1e-5) and torch.allclose(deduped.embedding, direct, atol=1e-5)
+    assert torch.equal(cached.mask, deduped.mask)
+    assert torch.allclose(cached.tokens * cached.mask[..., None], deduped.tokens * deduped.mask[..., None], atol=1e-5)
 
 
 def test_rerank_returns_a_candidate_with_the_best_combined_score(setup) -> None:
@@ -149,32 +188,47 @@ def test_soft_consistency_is_differentiable_and_matches_hard_ids(setup) -> None:
     assert one_hot.grad is not None and one_hot.grad.abs().sum() > 0
 
 
-def test_bench_captioning_writes_the_table(setup, tmp_path: Path) -> None:
+def test_experiment_captioning_on_the_world_writes_referee_tables_over_seeds(setup, tmp_path: Path) -> None:
+    """``accord experiment captioning`` with a given backbone on shards of the captioning world: every variant of
+    both seeds is scored by the referee, the language metrics and the backbone's scores, and summarised."""
     if shutil.which("java") is None:
         pytest.skip("METEOR and the PTB tokenizer need Java")
-    backbone_dir = setup[0]
-    import fsspec
+    from accord.captioning.world import write_world
+    from accord.demo.run import build
 
-    from accord.shards.tario import write_tar
-
-    for split, seed in (("train", 0), ("val", 1)):
-        (tmp_path / split).mkdir()
-        write_tar(fsspec.filesystem("file"), str(tmp_path / split / "shard-000000.tar"),
-                  [(f"{int(i['id']):09d}", [("txt", i["text"].encode()), ("png", i["image"])])
-                   for i in _items(18, seed)])
+    write_world(tmp_path / "raw", train=30, heldout=10, seed=2, progress=False)
+    for split in ("train", "heldout"):
+        build(tmp_path / "raw" / split, tmp_path / split, samples_per_shard=16)
     out = tmp_path / "out"
-    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "experiment", "captioning", "--backbone",
-                           str(backbone_dir), "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
-                           "--quick", "--out", str(out)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    cmd = [str(Path(sys.executable).parent / "accord"), "experiment", "captioning", "--backbone", str(setup[0]),
+           "--data", str(tmp_path / "train"), "--val", str(tmp_path / "heldout"), "--quick", "--seeds", "0", "1",
+           "--beta", "5", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "captioning.json").read_text())
-    assert len(result["rows"]) == 5 * 7 and result["val_items"] == 18  # 5 trainings x 7 decodings (2 betas)
-    for row in result["rows"]:
-        assert {"BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "consistency", "RefCLIP-S", "distinct-1", "distinct-2",
-                "mean_length"} <= set(row)
-    assert result["references"]["METEOR"] == pytest.approx(1.0, abs=1e-3)  # references score perfectly
-    assert (out / "captioning.png").stat().st_size > 0 and "| MLE | guided β=5 |" in (out / "captioning.md").read_text()
+    # per seed: 4 zero-shot (unguided, MAGIC cos / fused, CLIPRe) + MLE 7 decodings (greedy, beam, sample, rerank
+    # and guided with 2 guides) + 4 tuned decoders x 3 (greedy, beam, guided cos) + the references
+    assert len(result["rows"]) == 2 * (4 + 7 + 4 * 3 + 1) and result["val_items"] == 10 and result["referee"]
+    keys = {"attribute_precision", "attribute_recall", "relation_accuracy", "hallucinated_objects", "BLEU-4", "METEOR",
+            "CIDEr", "cosine", "fused", "distinct-2", "mean_length", "ms_per_caption"}
+    assert all(keys <= set(r) for r in result["rows"])
+    refs = next(r for r in result["summary"] if r["training"] == "references")
+    # the references are rendered captions: the referee finds every attribute, no hallucination, every relation true
+    assert refs["attribute_precision"] == refs["attribute_recall"] == 1.0 and refs["hallucinated_objects"] == 0
+    assert refs["relation_accuracy"] in (1.0,) or math.isnan(refs["relation_accuracy"])
+    assert refs["METEOR"] == pytest.approx(1.0, abs=1e-3)
+    blind = next(r for r in result["rows"] if r["decoding"] == "contrastive search (unguided)")
+    assert len(set(blind["examples"])) == 1  # the image-blind language model says the same for every image
+    summary = {(r["training"], r["decoding"]): r for r in result["summary"]}
+    assert summary[("MLE", "guided fused β=5")]["seeds"] == 2 and "CIDEr_std" in summary[("MLE", "greedy")]
+    md = (out / "captioning.md").read_text()
+    assert "| MLE | guided cos β=5 |" in md and " ± " in md and (out / "captioning.png").stat().st_size > 0
+
+
+def test_experiment_captioning_refuses_half_given_inputs(setup) -> None:
+    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "experiment", "captioning", "--backbone",
+                           str(setup[0])], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--data, --val" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_any_tower_conditions_the_decoder(setup, tmp_path: Path) -> None:

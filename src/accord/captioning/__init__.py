@@ -1,6 +1,8 @@
 """Consistency-guided captioning: a small caption decoder on accord tower features, decoding strategies (greedy,
-beam, nucleus, N-best reranking, consistency-guided beam) and training strategies (MLE, MLE + differentiable
-consistency loss, self-critical sequence training with the consistency score as reward)."""
+beam, nucleus, N-best reranking, consistency-guided beam with the cosine or the fused score) and training strategies
+(MLE, MLE + differentiable consistency loss, self-critical sequence training with the consistency score as reward);
+zero-shot baselines (MAGIC decoding of an image-blind language model, CLIPRe retrieval); the captioning world and a
+referee that parses captions back and scores them against the rendered scene."""
 
 from accord.captioning.decode import DecodeConfig, generate
 from accord.captioning.model import Captioner, CaptionerConfig
