@@ -1,8 +1,9 @@
 """``accord experiment NAME``: experiments that train, decode and score, and write a table (markdown + JSON) and a plot.
 
     accord experiment fusion [--quick]       cosine vs fused consistency score on one-attribute-wrong captions
-    accord experiment captioning --backbone DIR --data SHARDS --val SHARDS
-                                        caption decoding / training strategies with and without consistency
+    accord experiment captioning [--quick]   the captioning world: zero-shot (MAGIC, CLIPRe), decoding and training
+                                        strategies with and without consistency, judged by a scene referee
+                                        (--backbone DIR --data SHARDS --val SHARDS: any backbone and shards)
     accord experiment recipes [--quick]      text tower from scratch / frozen / tuned, temperatures, image tower
                                         sizes, scored on held-out paraphrases over seeds
 """

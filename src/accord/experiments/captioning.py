@@ -1,15 +1,30 @@
-"""``accord experiment captioning``: does a consistency score beat decoding and training without it?
+"""``accord experiment captioning``: does optimising a consistency score while generating beat generating without it?
 
-    accord experiment captioning --backbone DIR --data TRAIN_SHARDS --val VAL_SHARDS [--modality image] [--quick]
+    accord experiment captioning [--quick] [--seeds 0 1 2] [--out DIR]
+    accord experiment captioning --backbone DIR --data TRAIN_SHARDS --val VAL_SHARDS [--modality image]
 
-The backbone stays frozen: its ``--modality`` tower's token features condition a small caption decoder, its text
-tower scores captions. Trains one decoder per training strategy (MLE; MLE + soft consistency loss with expected
-embeddings and with Gumbel-softmax; SCST with the consistency reward, started from the MLE decoder, without and
-with an MLE term), decodes the validation media with every decoding strategy (greedy, beam, nucleus, N-best rerank
-and consistency-guided beam at each ``--beta``), and
-scores every variant: BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap), the consistency score (CLIPScore mode),
-RefCLIPScore-style score, distinct-1/2 and mean length. Writes ``OUT/captioning.md``, ``.json`` and ``.png``.
-Items used: shard samples with text and the chosen modality and no other medium.
+By default it builds the captioning world (:mod:`accord.captioning.world`: 64 px scenes of 1-3 objects with size,
+colour, shape and relations; a held-out split of object kinds and placements never seen in training), turns it into
+shards, trains the consistency backbone on the training split with accord's trainer (``configs/captioning_world.yaml``:
+frozen MiniLM text tower, ViT image tower, fusion head; 2 CPU ranks, ZeRO-2) and exports it. ``--backbone`` with
+``--data`` / ``--val`` uses any exported backbone and shards instead.
+
+The backbone stays frozen. Per seed:
+
+- **zero-shot** (no image-conditioned training): an image-blind language model trained on the training captions,
+  decoded by contrastive search (unguided) and by MAGIC with the cosine / fused score as plug-in guide; CLIPRe, the
+  training caption of highest cosine.
+- **image-conditioned decoder** (its tower's token features condition a small transformer decoder), trained with
+  MLE, then tuned from it with MLE + the differentiable consistency loss, SCST with the consistency reward without
+  and with an MLE anchor, and (the control) MLE alone for the same extra steps.
+  The MLE decoder is decoded greedy, beam, nucleus, N-best rerank and guided beam with the cosine and the fused
+  score at every ``--beta``; the other trainings greedy, beam and cosine-guided beam at the largest beta.
+
+Every variant is scored by the referee (:mod:`accord.captioning.referee`: captions parsed back and compared with the
+rendered scene: attribute precision / recall, relation accuracy, hallucinated / missed objects), BLEU-4, METEOR,
+ROUGE-L, CIDEr (pycocoevalcap; references: every phrasing of the scene), the backbone's cosine and fused scores,
+distinct-1/2, mean length and decoding time per caption. Writes ``OUT/captioning.md``, ``.json`` and ``.png`` (mean
++- std over seeds).
 """
 
 from __future__ import annotations
@@ -17,12 +32,16 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from accord.captioning import (
     CaptionConsistency,
@@ -36,118 +55,298 @@ from accord.captioning import (
 )
 from accord.captioning.data import CaptionData
 from accord.captioning.metrics import caption_metrics
-from accord.errors import command
+from accord.captioning.referee import referee
+from accord.captioning.reward import MediaFeatures
+from accord.captioning.world import TEMPLATES, Scene, caption, write_world
+from accord.captioning.zeroshot import magic, retrieve_captions
+from accord.errors import InputError, command
 
-TRAININGS = {  # name -> (strategy overrides, start from)
+# name -> (strategy overrides, start from): from scratch for plan.epochs, or tuned from the named decoder for
+# plan.tune_epochs at lr 2e-4 ("MLE, continued" is the control: the same extra steps without a consistency signal)
+TRAININGS = {
     "MLE": ({"strategy": "mle"}, None),
-    "MLE + consistency (expected)": ({"strategy": "consistency", "soft": "expected"}, None),
-    "MLE + consistency (Gumbel)": ({"strategy": "consistency", "soft": "gumbel"}, None),
+    "MLE, continued": ({"strategy": "mle"}, "MLE"),
+    "MLE + consistency loss": ({"strategy": "consistency", "soft": "expected"}, "MLE"),
     "SCST (consistency reward)": ({"strategy": "scst"}, "MLE"),
-    "SCST + MLE term (0.5)": ({"strategy": "scst", "scst_mle_weight": 0.5}, "MLE"),
+    "SCST + MLE anchor (0.5)": ({"strategy": "scst", "scst_mle_weight": 0.5}, "MLE"),
 }
-METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "consistency", "RefCLIP-S", "distinct-1", "distinct-2",
-           "mean_length")
+ZERO_SHOT = "zero-shot (image-blind LM)"
+MAGIC = {"top_k": 8, "alpha": 0.1, "beta": 2.0}  # MAGIC's MS-COCO alpha / beta (Su et al. 2022), k = guide_top_k
+REFEREE = ("attribute_precision", "attribute_recall", "relation_accuracy", "hallucinated_objects", "missed_objects")
+SCORES = ("cosine", "fused")
+LANGUAGE = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "distinct-1", "distinct-2", "mean_length")
+
+
+@dataclass(frozen=True)
+class WorldPlan:
+    train: int
+    heldout: int
+    backbone_epochs: int
+    epochs: int  # caption decoder and language model from scratch (MLE)
+    tune_epochs: int  # decoders tuned from the MLE one (continued MLE, + consistency loss, SCST)
+
+
+PLANS = {"quick": WorldPlan(400, 48, 3, 4, 1), "full": WorldPlan(3000, 300, 8, 15, 4)}
+
+
+def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Path, Path, Path]:
+    """Render the captioning world, build its shards, train and export the backbone (reused when ``out`` holds one
+    built with the same plan and seed). Returns (backbone, train shards, held-out shards)."""
+    from accord.consistency.export import export
+    from accord.demo.run import build, train
+
+    stamp = json.dumps({"plan": plan.__dict__, "seed": seed})
+    backbone, shards = out / "backbone", out / "shards"
+    if (out / "plan.json").exists() and (out / "plan.json").read_text() == stamp and backbone.exists():
+        print(f"reusing the world and backbone in {out}", flush=True)
+        return backbone, shards / "train", shards / "heldout"
+    t = time.perf_counter()
+    write_world(out / "raw", plan.train, plan.heldout, seed=seed)
+    build(out / "raw" / "train", shards / "train", samples_per_shard=250)
+    build(out / "raw" / "heldout", shards / "heldout", samples_per_shard=100)
+    print(f"training the backbone on {plan.train} scenes (2 CPU ranks, {plan.backbone_epochs} epochs)", flush=True)
+    train(shards / "train", shards / "heldout", out / "run", plan.backbone_epochs, port, config="captioning_world.yaml",
+          overrides=(f"seed={seed}", f"data.seed={seed}", "data.batch_size=32", "optim.lr=2e-3",
+                     "optim.warmup_steps=20"))
+    export(out / "run" / "checkpoints", backbone)
+    (out / "plan.json").write_text(stamp)
+    print(f"world ready in {time.perf_counter() - t:.0f} s", flush=True)
+    return backbone, shards / "train", shards / "heldout"
 
 
 def read_items(shards: str, modality: str) -> list[dict[str, Any]]:
+    """Samples with text and ``modality`` and no other medium; ``scene`` when the sample's json has one."""
     from accord.consistency.commands import MODS, shard_items
 
-    return [i for i in shard_items(shards) if i.get("text") and modality in i
-            and not any(m in i for m in MODS[1:] if m != modality)]
+    items = []
+    for i in shard_items(shards, with_json=True):
+        if "error" in i:
+            raise InputError(i["error"])
+        if i.get("text") and modality in i and not any(m in i for m in MODS[1:] if m != modality):
+            meta = json.loads(i.pop("json")) if i.get("json") else {}
+            if "scene" in meta:
+                i["scene"] = Scene.from_json(meta["scene"])
+            items.append(i)
+    return items
+
+
+def references(items: list[dict[str, Any]]) -> list[list[str]]:
+    """Every phrasing of the item's scene when it has one (the world's grammar), else its own caption."""
+    return [[caption(i["scene"], t) for t in TEMPLATES[len(i["scene"].objects)]] if "scene" in i
+            else [i["text"].strip()] for i in items]
 
 
 def decode_all(model: Captioner, data: CaptionData, cfg: DecodeConfig, consistency: CaptionConsistency,
                batch: int = 64) -> list[str]:
-    seqs = [generate(model, data.memory[i : i + batch], data.mask[i : i + batch], cfg, data.media[i : i + batch],
+    media = data.features()
+    seqs = [generate(model, data.memory[i : i + batch], data.mask[i : i + batch], cfg, media[i : i + batch],
                      consistency).seqs for i in range(0, len(data), batch)]
     return [c for s in seqs for c in consistency.vocab.decode(s)]
 
 
-def consistency_scores(captions: list[str], data: CaptionData, scorer: Any, modality: str) -> dict[str, float]:
-    """Mean CLIPScore-mode consistency and RefCLIPScore-style score of captions for ``data``'s media (a caching
-    scorer embeds each distinct caption and reference once across modes and variants)."""
-    refs = [[c] for c in data.captions]
-    with torch.no_grad():
-        clip_s = scorer.score(text=captions, embeddings={modality: data.media}, mode="clipscore").aggregate
-        ref_s = scorer.score(text=captions, embeddings={modality: data.media}, mode="refclip",
-                             references=refs).aggregate
-    return {"consistency": float(clip_s.mean()), "RefCLIP-S": float(ref_s.mean())}
+def magic_all(lm: Captioner, media: MediaFeatures, consistency: CaptionConsistency, beta: float, batch: int = 64
+              ) -> list[str]:
+    """MAGIC captions of the image-blind ``lm`` for every medium (``beta`` = 0: its plain contrastive search)."""
+    chunks = [media[i : i + batch] for i in range(0, len(media), batch)]
+    seqs = [magic(lm, len(m), lm.cfg.max_len, consistency, m, **{**MAGIC, "beta": beta}).seqs for m in chunks]
+    return [c for s in seqs for c in consistency.vocab.decode(s)]
 
 
-def run(backbone_dir: str, data: str, val: str, modality: str = "image", epochs: int = 15, scst_epochs: int = 5,
-        betas: tuple[float, ...] = (1.0, 5.0), seed: int = 0, progress: bool = True) -> dict[str, Any]:
-    from accord.consistency import ConsistencyScorer, load_backbone
+@torch.no_grad()
+def backbone_scores(backbone: Any, captions: list[str], media: MediaFeatures, modality: str, chunk: int = 128
+                    ) -> dict[str, float]:
+    """Mean cosine and (fusion head) mean match probability of ``captions`` with their media rows."""
+    cos, fused = [], []
+    for i in range(0, len(captions), chunk):
+        text = backbone.encode("text", [c or "" for c in captions[i : i + chunk]])
+        rows = media[i : i + chunk]
+        cos.append((text.embedding.float() * rows.embedding).sum(-1))
+        if backbone.has_fusion:
+            from accord.models.towers import TowerOutput
 
-    backbone = load_backbone(backbone_dir).eval()
-    for p in backbone.parameters():
-        p.requires_grad_(False)
-    train_items, val_items = read_items(data, modality), read_items(val, modality)
-    vocab = CaptionVocab(backbone.tokenizer, [i["text"] for i in train_items])
+            other = TowerOutput(rows.embedding, rows.tokens.to(text.tokens.dtype), rows.mask)
+            fused.append(torch.sigmoid(backbone.match_logits(text, other, modality).float()))
+    return {"cosine": float(torch.cat(cos).mean()),
+            "fused": float(torch.cat(fused).mean()) if fused else float("nan")}
+
+
+def run_seed(backbone: Any, train_data: CaptionData, val_data: CaptionData, vocab: CaptionVocab,
+             val_items: list[dict[str, Any]], modality: str, plan: WorldPlan, betas: tuple[float, ...], seed: int,
+             progress: bool = True) -> list[dict[str, Any]]:
+    """Train every captioner of one seed, decode the held-out media with every strategy and score each variant."""
+    guides = ("cos", "fused") if backbone.has_fusion else ("cos",)
+    kinds = {"cos": "cosine", "fused": "fused"}
     cap_cfg = CaptionerConfig()
-    train_data = CaptionData.encode(backbone, vocab, train_items, modality, cap_cfg.max_len)
-    val_data = CaptionData.encode(backbone, vocab, val_items, modality, cap_cfg.max_len)
-    consistency = CaptionConsistency(backbone, vocab)
-    decodings = {
+    # (training, decoding) -> (decode with a fresh scorer, the scorer's kind): every variant is timed from an empty
+    # caption cache, as one decoding run would be
+    Decode = Callable[[CaptionConsistency], list[str]]
+    variants: dict[tuple[str, str], tuple[Decode, str]] = {}
+
+    # zero-shot: the image-blind language model (unguided / MAGIC) and CLIPRe
+    torch.manual_seed(seed)
+    lm = Captioner(cap_cfg, len(vocab), train_data.memory.shape[-1])
+    train_captioner(lm, train_data.image_blind(), CaptionTrainConfig(epochs=plan.epochs, seed=seed), progress=progress)
+    media = val_data.features()
+    variants[(ZERO_SHOT, "contrastive search (unguided)")] = (lambda g: magic_all(lm, media, g, 0.0), "cos")
+    for guide in guides:
+        variants[(ZERO_SHOT, f"MAGIC {guide} β={MAGIC['beta']:g}")] = (
+            lambda g: magic_all(lm, media, g, MAGIC["beta"]), guide)
+    distinct = sorted(set(train_data.captions))  # the retrieval index, built once (not in CLIPRe's time)
+    caption_emb = backbone.encode_all("text", distinct).embedding.float()
+    variants[("retrieval", "CLIPRe (cosine)")] = (
+        lambda g: retrieve_captions(val_data.media, caption_emb, distinct)[0], "cos")
+
+    # the image-conditioned decoder under every training strategy
+    top = max(betas)
+    mle_decodings = {
         "greedy": DecodeConfig("greedy"),
         "beam": DecodeConfig("beam", beam=4),
         "sample": DecodeConfig("sample", top_p=0.9, seed=seed),
-        **{f"rerank β={b:g}": DecodeConfig("rerank", candidates=8, beta=b, seed=seed) for b in betas},
-        **{f"guided β={b:g}": DecodeConfig("guided", beam=4, guide_top_k=8, beta=b) for b in betas},
+        **{f"rerank {g} β={b:g}": DecodeConfig("rerank", candidates=8, beta=b, seed=seed) for g in guides
+           for b in betas},
+        **{f"guided {g} β={b:g}": DecodeConfig("guided", beam=4, guide_top_k=8, beta=b) for g in guides
+           for b in betas},
     }
+    other_decodings = {k: mle_decodings[k] for k in ("greedy", "beam", f"guided cos β={top:g}")}
+    reward = CaptionConsistency(backbone, vocab, "cosine", modality)  # the training signal (cosine)
     models: dict[str, Captioner] = {}
-    rows, histories, captions = [], {}, {}
     for name, (overrides, start) in TRAININGS.items():
         torch.manual_seed(seed)
         model = copy.deepcopy(models[start]) if start else Captioner(cap_cfg, len(vocab), train_data.memory.shape[-1])
-        cfg = CaptionTrainConfig(**overrides, epochs=scst_epochs if start else epochs, seed=seed,
+        cfg = CaptionTrainConfig(**overrides, epochs=plan.tune_epochs if start else plan.epochs, seed=seed,
                                  lr=2e-4 if start else 1e-3)
-        histories[name] = train_captioner(model, train_data, cfg, consistency, progress=progress)
+        train_captioner(model, train_data, cfg, reward, progress=progress)
         models[name] = model
-        for dec_name, dec in decodings.items():
-            captions[(name, dec_name)] = decode_all(model, val_data, dec, consistency)
+        for dec_name, dec in (mle_decodings if name == "MLE" else other_decodings).items():
+            guide = dec_name.split()[1] if dec.strategy in ("rerank", "guided") else "cos"
+            variants[(name, dec_name)] = (lambda g, m=model, d=dec: decode_all(m, val_data, d, g), guide)
+
+    captions, seconds = {}, {}
+    for key, (decode, guide) in tqdm(variants.items(), desc=f"decode (seed {seed})", unit="variant",
+                                     disable=not progress):
+        scorer = CaptionConsistency(backbone, vocab, kinds[guide], modality)
+        t = time.perf_counter()
+        captions[key] = decode(scorer)
+        seconds[key] = time.perf_counter() - t
     captions[("references", "-")] = val_data.captions
-    quality = caption_metrics({f"{t}|{d}": c for (t, d), c in captions.items()}, [[c] for c in val_data.captions])
-    scorer = ConsistencyScorer(backbone, cache=True)
-    for (name, dec_name), caps in captions.items():
-        rows.append({"training": name, "decoding": dec_name, **quality[f"{name}|{dec_name}"],
-                     **consistency_scores(caps, val_data, scorer, modality), "examples": caps[:5]})
-    references = rows.pop()
-    return {"rows": rows, "references": references, "history": histories, "modality": modality,
+    seconds[("references", "-")] = float("nan")
+    return score_variants(backbone, captions, seconds, val_data, val_items, modality, seed)
+
+
+def score_variants(backbone: Any, captions: dict[tuple[str, str], list[str]], seconds: dict[tuple[str, str], float],
+                   val_data: CaptionData, val_items: list[dict[str, Any]], modality: str, seed: int
+                   ) -> list[dict[str, Any]]:
+    refs = references(val_items)
+    quality = caption_metrics({f"{t}|{d}": c for (t, d), c in captions.items()}, refs)
+    truths = [i["scene"] for i in val_items] if all("scene" in i for i in val_items) else None
+    media = val_data.features()
+    rows = []
+    for (training, decoding), caps in captions.items():
+        row = {"training": training, "decoding": decoding, "seed": seed, **quality[f"{training}|{decoding}"],
+               **backbone_scores(backbone, caps, media, modality),
+               "ms_per_caption": 1000 * seconds[(training, decoding)] / len(caps), "examples": caps[:6]}
+        if truths is not None:
+            row.update(referee(caps, truths))
+        rows.append(row)
+    return rows
+
+
+def run(backbone_dir: str | Path, data: str | Path, val: str | Path, modality: str = "image",
+        plan: WorldPlan = PLANS["full"], betas: tuple[float, ...] = (1.0, 5.0), seeds: tuple[int, ...] = (0, 1, 2),
+        progress: bool = True) -> dict[str, Any]:
+    """Every variant over ``seeds`` (the backbone and data fixed; seeds vary the captioners' initialisation, data
+    order and sampling): per-seed rows and their mean / std."""
+    from accord.consistency import load_backbone
+
+    backbone = load_backbone(str(backbone_dir)).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    train_items, val_items = read_items(str(data), modality), read_items(str(val), modality)
+    vocab = CaptionVocab(backbone.tokenizer, [i["text"] for i in train_items])
+    max_len = CaptionerConfig().max_len
+    train_data = CaptionData.encode(backbone, vocab, train_items, modality, max_len)
+    val_data = CaptionData.encode(backbone, vocab, val_items, modality, max_len)
+    rows = []
+    for seed in seeds:
+        rows += run_seed(backbone, train_data, val_data, vocab, val_items, modality, plan, betas, seed, progress)
+    return {"rows": rows, "summary": summarise(rows), "modality": modality, "seeds": list(seeds),
             "train_items": len(train_data), "val_items": len(val_data), "vocab": len(vocab), "betas": list(betas),
-            "epochs": epochs, "scst_epochs": scst_epochs, "val_examples": val_data.captions[:5]}
+            "plan": plan.__dict__, "referee": "scene" in val_items[0], "val_examples": val_data.captions[:6]}
 
 
-def table(result: dict[str, Any]) -> str:
-    head = "| training | decoding | " + " | ".join(METRICS) + " |"
-    lines = [head, "|---" * (2 + len(METRICS)) + "|"]
-    for r in result["rows"]:
-        lines.append(f"| {r['training']} | {r['decoding']} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |")
-    ref = result["references"]
-    lines.append("| (the references themselves) | - | " + " | ".join(f"{ref[m]:.3f}" for m in METRICS) + " |")
+def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std (over seeds) of every numeric figure, per (training, decoding), in first-seen order."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in rows:
+        out.setdefault((r["training"], r["decoding"]), {"training": r["training"], "decoding": r["decoding"],
+                                                        "runs": []})["runs"].append(r)
+    summary = []
+    for entry in out.values():
+        runs = entry.pop("runs")
+        for k, v in runs[0].items():
+            if isinstance(v, float | int) and k != "seed":
+                vals = torch.tensor([float(r[k]) for r in runs], dtype=torch.float64)
+                entry[k] = float(vals.mean())
+                entry[k + "_std"] = float(vals.std()) if len(vals) > 1 else 0.0
+        entry["seeds"] = len(runs)
+        entry["examples"] = runs[0]["examples"]
+        summary.append(entry)
+    return summary
+
+
+def _cell(r: dict[str, Any], k: str) -> str:
+    v = r.get(k, float("nan"))
+    if math.isnan(v):
+        return "-"
+    digits = 1 if k == "ms_per_caption" else 3
+    return f"{v:.{digits}f} ± {r[k + '_std']:.{digits}f}" if r.get("seeds", 1) > 1 else f"{v:.{digits}f}"
+
+
+def table(result: dict[str, Any], columns: tuple[str, ...]) -> str:
+    names = {"attribute_precision": "attr P", "attribute_recall": "attr R", "relation_accuracy": "relation acc",
+             "hallucinated_objects": "halluc. obj", "missed_objects": "missed obj", "ms_per_caption": "ms/caption",
+             "mean_length": "length"}
+    lines = ["| training | decoding | " + " | ".join(names.get(c, c) for c in columns) + " |",
+             "|---" * (2 + len(columns)) + "|"]
+    for r in result["summary"]:
+        lines.append(f"| {r['training']} | {r['decoding']} | " + " | ".join(_cell(r, c) for c in columns) + " |")
     return "\n".join(lines)
 
 
+def tables(result: dict[str, Any]) -> str:
+    first = (*REFEREE, *SCORES, "ms_per_caption") if result["referee"] else (*SCORES, "ms_per_caption")
+    return (f"Referee and backbone scores (mean ± std over seeds {result['seeds']}):\n\n" + table(result, first) +
+            "\n\nReference-based metrics:\n\n" + table(result, LANGUAGE))
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
+    """The score the strategies optimise (cosine) against what the referee finds (attribute recall, relation
+    accuracy): a strategy right of another but not above it is gaming the score."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    trainings = list(dict.fromkeys(r["training"] for r in result["rows"]))
-    decodings = list(dict.fromkeys(r["decoding"] for r in result["rows"]))
-    width = 0.8 / len(trainings)
-    for ax, metric in zip(axes, ("CIDEr", "consistency"), strict=True):
-        for i, t in enumerate(trainings):
-            vals = [next(r[metric] for r in result["rows"] if r["training"] == t and r["decoding"] == d)
-                    for d in decodings]
-            ax.bar([j + i * width for j in range(len(decodings))], vals, width, label=t)
-        ax.axhline(result["references"][metric], color="grey", ls="--", lw=0.8, label="references")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(decodings))], decodings)
-        ax.set_title(metric)
-    axes[0].legend(fontsize=7)
+    rows = [r for r in result["summary"] if r["training"] != "references"]
+    ys = ("attribute_recall", "relation_accuracy") if result["referee"] else ("CIDEr", "METEOR")
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    groups = list(dict.fromkeys(r["training"] for r in rows))
+    colours = plt.get_cmap("tab10")
+    for ax, y in zip(axes, ys, strict=True):
+        for r in rows:
+            c = colours(groups.index(r["training"]) % 10)
+            ax.errorbar(r["cosine"], r[y], xerr=r["cosine_std"], yerr=r[y + "_std"], fmt="o", color=c, ms=4,
+                        capsize=2)
+            ax.annotate(r["decoding"], (r["cosine"], r[y]), fontsize=6, xytext=(3, 2), textcoords="offset points")
+        ref = next(r for r in result["summary"] if r["training"] == "references")
+        ax.axvline(ref["cosine"], color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("backbone cosine (the optimised score)")
+        ax.set_ylabel(y.replace("_", " ") + " (referee)" if result["referee"] else y)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=colours(i % 10), label=g) for i, g in enumerate(groups)]
+    axes[0].legend(handles=handles, fontsize=7, loc="best")
+    fig.suptitle("held-out scenes: consistency score vs referee (grey: the references' cosine)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -155,28 +354,39 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="accord experiment captioning", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backbone", required=True, help="exported accord backbone directory")
-    p.add_argument("--data", required=True, help="training shards")
-    p.add_argument("--val", required=True, help="evaluation shards")
+    p.add_argument("--backbone", help="an exported accord backbone (default: train one on the captioning world)")
+    p.add_argument("--data", help="training shards (with --backbone)")
+    p.add_argument("--val", help="evaluation shards (with --backbone)")
     p.add_argument("--modality", default="image", choices=("image", "video", "audio"))
     p.add_argument("--out", default="bench_out/captioning")
-    p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--scst-epochs", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="a small world and few epochs (a smoke run)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="captioner seeds (mean ± std over them)")
+    p.add_argument("--world-seed", type=int, default=0, help="seeds the world and the backbone's training")
     p.add_argument("--beta", type=float, nargs="+", default=[1.0, 5.0],
-                   help="weights of the consistency score in rerank / guided (one row each)")
-    p.add_argument("--quick", action="store_true", help="few epochs (a smoke run)")
-    p.add_argument("--seed", type=int, default=0)
+                   help="weights of the consistency score in rerank / guided beam (one row each)")
+    p.add_argument("--port", type=int, default=29591)
     args = p.parse_args(argv)
+    given = [o for o in ("backbone", "data", "val") if getattr(args, o)]
+    if given and len(given) < 3:
+        missing = ", ".join(f"--{o}" for o in ("backbone", "data", "val") if o not in given)
+        raise InputError(f"{', '.join('--' + o for o in given)} needs {missing} too (or none of them: the world)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    epochs, scst = (3, 1) if args.quick else (args.epochs, args.scst_epochs)
+    plan = PLANS["quick" if args.quick else "full"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    result = run(args.backbone, args.data, args.val, args.modality, epochs, scst, tuple(args.beta), args.seed)
+    if given:
+        backbone, data, val = args.backbone, args.data, args.val
+        for option, path in (("--backbone", backbone), ("--data", data), ("--val", val)):
+            if "://" not in str(path) and not Path(path).exists():
+                raise InputError(f"{option} {path}: no such folder")
+    else:
+        backbone, data, val = prepare_world(out / "world", plan, args.world_seed, args.port)
+    result = run(backbone, data, val, args.modality, plan, tuple(args.beta), tuple(args.seeds))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["command"] = "accord experiment captioning " + " ".join(argv if argv is not None else [])
     (out / "captioning.json").write_text(json.dumps(result, indent=1))
-    md = table(result)
+    md = tables(result)
     (out / "captioning.md").write_text(md + "\n")
     plot(result, out / "captioning.png")
     print("\n" + md + f"\n\n{out / 'captioning.md'} ({result['seconds']:.0f} s)")
