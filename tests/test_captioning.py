@@ -219,6 +219,8 @@ def test_experiment_captioning_on_the_world_writes_referee_tables_over_seeds(set
     assert refs["METEOR"] == pytest.approx(1.0, abs=1e-3)
     blind = next(r for r in result["rows"] if r["decoding"] == "contrastive search (unguided)")
     assert len(set(blind["examples"])) == 1  # the image-blind language model says the same for every image
+    assert set(result["sensitivity"]) == {"colour", "shape", "size", "relation"}  # what the score can see
+    assert all(0 <= v["cosine"] <= 1 and 0 <= v["fused"] <= 1 for v in result["sensitivity"].values())
     summary = {(r["training"], r["decoding"]): r for r in result["summary"]}
     assert summary[("MLE", "guided fused β=5")]["seeds"] == 2 and "CIDEr_std" in summary[("MLE", "greedy")]
     md = (out / "captioning.md").read_text()

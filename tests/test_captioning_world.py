@@ -70,3 +70,21 @@ def test_world_files_and_held_out_split(tmp_path: Path) -> None:
             assert bool(meta["held_out"]) == held
             assert parse(png.with_suffix(".txt").read_text()).scene() == scene
             assert Image.open(png).size == (64, 64)
+
+
+@pytest.mark.parametrize("what", world.CHANGES)
+def test_one_change_changes_exactly_one_thing(what: str) -> None:
+    rng = np.random.default_rng(0)
+    for scene in scenes()[::37]:
+        other = world.one_change(scene, what, rng)
+        if what == "relation":
+            assert (other is None) == (scene.relation is None)
+            if other is not None:
+                assert other.objects == scene.objects and other.relation == world.INVERSE[scene.relation]
+            continue
+        diffs = [(a, b) for a, b in zip(scene.objects, other.objects, strict=True) if a != b]
+        assert len(diffs) == 1 and other.relation == scene.relation
+        (a, b), = diffs
+        attr = {"colour": "colour", "shape": "shape", "size": "size"}[what]
+        assert getattr(a, attr) != getattr(b, attr)
+        assert all(getattr(a, f) == getattr(b, f) for f in ("colour", "shape", "size") if f != attr)

@@ -78,6 +78,24 @@ def caption(scene: Scene, template: str) -> str:
     return template.format(**slots)
 
 
+CHANGES = ("colour", "shape", "size", "relation")
+
+
+def one_change(scene: Scene, what: str, rng: np.random.Generator) -> Scene | None:
+    """``scene`` with one thing changed: one object's colour, shape or size, or the relation inverted (None for a
+    scene without a relation)."""
+    if what == "relation":
+        return Scene(scene.objects, INVERSE[scene.relation]) if scene.relation else None
+    objs = list(scene.objects)
+    i = int(rng.integers(len(objs)))
+    o = objs[i]
+    options = {"colour": [Obj(o.size, c, o.shape) for c in COLOURS if c != o.colour],
+               "shape": [Obj(o.size, o.colour, sh) for sh in SHAPES if sh != o.shape],
+               "size": [Obj(sz, o.colour, o.shape) for sz in SIZES if sz != o.size]}[what]
+    objs[i] = options[int(rng.integers(len(options)))]
+    return Scene(tuple(objs), scene.relation)
+
+
 def random_scene(rng: np.random.Generator, heldout: bool) -> Scene:
     """A scene of the training distribution, or (``heldout``) one with at least one held-out part."""
     while True:

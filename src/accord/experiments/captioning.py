@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -57,7 +58,7 @@ from accord.captioning.data import CaptionData
 from accord.captioning.metrics import caption_metrics
 from accord.captioning.referee import referee
 from accord.captioning.reward import MediaFeatures
-from accord.captioning.world import TEMPLATES, Scene, caption, write_world
+from accord.captioning.world import CHANGES, TEMPLATES, Scene, caption, one_change, write_world
 from accord.captioning.zeroshot import magic, retrieve_captions
 from accord.errors import InputError, command
 
@@ -153,21 +154,51 @@ def magic_all(lm: Captioner, media: MediaFeatures, consistency: CaptionConsisten
 
 
 @torch.no_grad()
-def backbone_scores(backbone: Any, captions: list[str], media: MediaFeatures, modality: str, chunk: int = 128
-                    ) -> dict[str, float]:
-    """Mean cosine and (fusion head) mean match probability of ``captions`` with their media rows."""
+def pair_scores(backbone: Any, captions: list[str], media: MediaFeatures, modality: str, chunk: int = 128
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cosine [N] and (with a fusion head) match probability [N] of every caption with its media row."""
+    from accord.models.towers import TowerOutput
+
     cos, fused = [], []
     for i in range(0, len(captions), chunk):
         text = backbone.encode("text", [c or "" for c in captions[i : i + chunk]])
         rows = media[i : i + chunk]
         cos.append((text.embedding.float() * rows.embedding).sum(-1))
         if backbone.has_fusion:
-            from accord.models.towers import TowerOutput
-
             other = TowerOutput(rows.embedding, rows.tokens.to(text.tokens.dtype), rows.mask)
             fused.append(torch.sigmoid(backbone.match_logits(text, other, modality).float()))
-    return {"cosine": float(torch.cat(cos).mean()),
-            "fused": float(torch.cat(fused).mean()) if fused else float("nan")}
+    return torch.cat(cos), torch.cat(fused) if fused else None
+
+
+def backbone_scores(backbone: Any, captions: list[str], media: MediaFeatures, modality: str) -> dict[str, float]:
+    """Mean cosine and mean match probability (NaN without a fusion head)."""
+    cos, fused = pair_scores(backbone, captions, media, modality)
+    return {"cosine": float(cos.mean()), "fused": float(fused.mean()) if fused is not None else float("nan")}
+
+
+def score_sensitivity(backbone: Any, items: list[dict[str, Any]], media: MediaFeatures, modality: str,
+                      seed: int = 0) -> dict[str, dict[str, float]]:
+    """What the score can see: per change (one object's colour / shape / size, the relation inverted), the share of
+    scenes whose true caption scores above the same phrasing of the changed scene (0.5: blind to it). A guide can
+    only pass on what this shows."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, dict[str, float]] = {}
+    for what in CHANGES:
+        rows, true, changed = [], [], []
+        for k, item in enumerate(items):
+            other = one_change(item["scene"], what, rng)
+            if other is not None:
+                template = TEMPLATES[len(other.objects)][int(rng.integers(len(TEMPLATES[len(other.objects)])))]
+                rows.append(k)
+                true.append(caption(item["scene"], template))
+                changed.append(caption(other, template))
+        if not rows:
+            continue
+        sub = media[torch.tensor(rows)]
+        (cos_t, fused_t), (cos_c, fused_c) = (pair_scores(backbone, c, sub, modality) for c in (true, changed))
+        out[what] = {"scenes": len(rows), "cosine": float((cos_t > cos_c).float().mean()),
+                     "fused": float((fused_t > fused_c).float().mean()) if fused_t is not None else float("nan")}
+    return out
 
 
 def run_seed(backbone: Any, train_data: CaptionData, val_data: CaptionData, vocab: CaptionVocab,
@@ -253,9 +284,9 @@ def score_variants(backbone: Any, captions: dict[tuple[str, str], list[str]], se
 
 def run(backbone_dir: str | Path, data: str | Path, val: str | Path, modality: str = "image",
         plan: WorldPlan = PLANS["full"], betas: tuple[float, ...] = (1.0, 5.0), seeds: tuple[int, ...] = (0, 1, 2),
-        progress: bool = True) -> dict[str, Any]:
+        progress: bool = True, partial: Path | None = None) -> dict[str, Any]:
     """Every variant over ``seeds`` (the backbone and data fixed; seeds vary the captioners' initialisation, data
-    order and sampling): per-seed rows and their mean / std."""
+    order and sampling): per-seed rows and their mean / std. ``partial``: the rows so far, written after each seed."""
     from accord.consistency import load_backbone
 
     backbone = load_backbone(str(backbone_dir)).eval()
@@ -266,10 +297,15 @@ def run(backbone_dir: str | Path, data: str | Path, val: str | Path, modality: s
     max_len = CaptionerConfig().max_len
     train_data = CaptionData.encode(backbone, vocab, train_items, modality, max_len)
     val_data = CaptionData.encode(backbone, vocab, val_items, modality, max_len)
+    sensitivity = (score_sensitivity(backbone, val_items, val_data.features(), modality)
+                   if all("scene" in i for i in val_items) else {})
     rows = []
     for seed in seeds:
         rows += run_seed(backbone, train_data, val_data, vocab, val_items, modality, plan, betas, seed, progress)
-    return {"rows": rows, "summary": summarise(rows), "modality": modality, "seeds": list(seeds),
+        if partial is not None:
+            partial.write_text(json.dumps({"seeds_done": seeds[: seeds.index(seed) + 1], "rows": rows}, indent=1))
+    return {"rows": rows, "summary": summarise(rows), "sensitivity": sensitivity, "modality": modality,
+            "seeds": list(seeds),
             "train_items": len(train_data), "val_items": len(val_data), "vocab": len(vocab), "betas": list(betas),
             "plan": plan.__dict__, "referee": "scene" in val_items[0], "val_examples": val_data.captions[:6]}
 
@@ -313,10 +349,22 @@ def table(result: dict[str, Any], columns: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
+def sensitivity_table(result: dict[str, Any]) -> str:
+    lines = ["| change | scenes | cosine | fused |", "|---|---|---|---|"]
+    for what, r in result["sensitivity"].items():
+        fused = "-" if math.isnan(r["fused"]) else f"{r['fused']:.3f}"
+        lines.append(f"| {what} | {r['scenes']} | {r['cosine']:.3f} | {fused} |")
+    return "\n".join(lines)
+
+
 def tables(result: dict[str, Any]) -> str:
     first = (*REFEREE, *SCORES, "ms_per_caption") if result["referee"] else (*SCORES, "ms_per_caption")
-    return (f"Referee and backbone scores (mean ± std over seeds {result['seeds']}):\n\n" + table(result, first) +
-            "\n\nReference-based metrics:\n\n" + table(result, LANGUAGE))
+    out = (f"Referee and backbone scores (mean ± std over seeds {result['seeds']}):\n\n" + table(result, first) +
+           "\n\nReference-based metrics:\n\n" + table(result, LANGUAGE))
+    if result.get("sensitivity"):
+        out += ("\n\nWhat the score sees: share of evaluation scenes whose true caption scores above the same "
+                "phrasing with one thing changed (0.5 = blind):\n\n" + sensitivity_table(result))
+    return out
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -382,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"{option} {path}: no such folder")
     else:
         backbone, data, val = prepare_world(out / "world", plan, args.world_seed, args.port)
-    result = run(backbone, data, val, args.modality, plan, tuple(args.beta), tuple(args.seeds))
+    result = run(backbone, data, val, args.modality, plan, tuple(args.beta), tuple(args.seeds),
+                 partial=out / "captioning.partial.json")
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["command"] = "accord experiment captioning " + " ".join(argv if argv is not None else [])
     (out / "captioning.json").write_text(json.dumps(result, indent=1))
