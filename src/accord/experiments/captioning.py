@@ -367,32 +367,47 @@ def tables(result: dict[str, Any]) -> str:
     return out
 
 
+def _marker(decoding: str) -> str:
+    for prefix, marker in (("rerank", "s"), ("guided", "^"), ("MAGIC", "P"), ("CLIPRe", "*"), ("contrastive", "X")):
+        if decoding.startswith(prefix):
+            return marker
+    return "o"  # greedy, beam, sample
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
-    """The score the strategies optimise (cosine) against what the referee finds (attribute recall, relation
-    accuracy): a strategy right of another but not above it is gaming the score."""
+    """The score the strategies optimise (cosine) against what the referee finds: a variant right of another but
+    not above it gains score without gaining truth. Colour: training; marker: decoding; grey: the references."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["summary"] if r["training"] != "references"]
-    ys = ("attribute_recall", "relation_accuracy") if result["referee"] else ("CIDEr", "METEOR")
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5))
+    ref = next(r for r in result["summary"] if r["training"] == "references")
+    every = [r for r in result["summary"] if r["training"] != "references"]
+    rows = [r for r in every if r["cosine"] >= ref["cosine"] - 0.1]  # far-off rows would squeeze the rest
+    ys = ("attribute_precision", "attribute_recall", "missed_objects") if result["referee"] else (
+        "CIDEr", "METEOR", "ROUGE-L")
+    fig, axes = plt.subplots(1, len(ys), figsize=(16, 5))
     groups = list(dict.fromkeys(r["training"] for r in rows))
     colours = plt.get_cmap("tab10")
     for ax, y in zip(axes, ys, strict=True):
         for r in rows:
-            c = colours(groups.index(r["training"]) % 10)
-            ax.errorbar(r["cosine"], r[y], xerr=r["cosine_std"], yerr=r[y + "_std"], fmt="o", color=c, ms=4,
-                        capsize=2)
-            ax.annotate(r["decoding"], (r["cosine"], r[y]), fontsize=6, xytext=(3, 2), textcoords="offset points")
-        ref = next(r for r in result["summary"] if r["training"] == "references")
-        ax.axvline(ref["cosine"], color="grey", ls="--", lw=0.8)
+            ax.errorbar(r["cosine"], r[y], xerr=r["cosine_std"], yerr=r[y + "_std"], fmt=_marker(r["decoding"]),
+                        color=colours(groups.index(r["training"]) % 10), ms=6, capsize=2, alpha=0.85)
+        ax.plot(ref["cosine"], ref[y], "D", color="grey", ms=7)
         ax.set_xlabel("backbone cosine (the optimised score)")
-        ax.set_ylabel(y.replace("_", " ") + " (referee)" if result["referee"] else y)
-    handles = [plt.Line2D([], [], marker="o", ls="", color=colours(i % 10), label=g) for i, g in enumerate(groups)]
-    axes[0].legend(handles=handles, fontsize=7, loc="best")
-    fig.suptitle("held-out scenes: consistency score vs referee (grey: the references' cosine)")
+        ax.set_ylabel(y.replace("_", " ") + (" (referee)" if result["referee"] else ""))
+        ax.grid(alpha=0.3)
+    trainings = [plt.Line2D([], [], marker="o", ls="", color=colours(i % 10), label=g) for i, g in enumerate(groups)]
+    shown = {_marker(r["decoding"]) for r in rows} | {"D"}
+    decodings = [plt.Line2D([], [], marker=m, ls="", color="black", label=label) for m, label in (
+        ("o", "greedy / beam / sample"), ("s", "rerank"), ("^", "guided beam"), ("X", "image-blind LM"),
+        ("P", "MAGIC"), ("*", "CLIPRe"), ("D", "references")) if m in shown]
+    axes[0].legend(handles=trainings, fontsize=7, loc="lower left")
+    axes[-1].legend(handles=decodings, fontsize=7, loc="best")
+    left_out = f"; {len(every) - len(rows)} variants of cosine < references - 0.1 in the table only" \
+        if len(rows) < len(every) else ""
+    fig.suptitle(f"{result['val_items']} evaluation scenes, mean ± std over seeds {result['seeds']}{left_out}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
