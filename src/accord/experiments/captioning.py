@@ -103,8 +103,9 @@ def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Pat
         return backbone, shards / "train", shards / "heldout"
     t = time.perf_counter()
     write_world(out / "raw", plan.train, plan.heldout, seed=seed)
-    build(out / "raw" / "train", shards / "train", samples_per_shard=250)
-    build(out / "raw" / "heldout", shards / "heldout", samples_per_shard=100)
+    # at least 3 shards per split: 2 ranks (x 1 loader worker) each need one in finite mode
+    build(out / "raw" / "train", shards / "train", samples_per_shard=min(250, math.ceil(plan.train / 4)))
+    build(out / "raw" / "heldout", shards / "heldout", samples_per_shard=min(100, math.ceil(plan.heldout / 3)))
     print(f"training the backbone on {plan.train} scenes (2 CPU ranks, {plan.backbone_epochs} epochs)", flush=True)
     train(shards / "train", shards / "heldout", out / "run", plan.backbone_epochs, port, config="captioning_world.yaml",
           overrides=(f"seed={seed}", f"data.seed={seed}", "data.batch_size=32", "optim.lr=2e-3",
