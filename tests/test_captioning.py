@@ -227,10 +227,43 @@ def test_experiment_captioning_on_the_world_writes_referee_tables_over_seeds(set
     assert "| MLE | guided cos β=5 |" in md and " ± " in md and (out / "captioning.png").stat().st_size > 0
 
 
-def test_experiment_captioning_refuses_half_given_inputs(setup) -> None:
+def test_experiment_captioning_takes_any_shards_without_scenes(setup, tmp_path: Path) -> None:
+    """Shards with plain captions (no scene json): no referee, the language metrics and scores still computed."""
+    if shutil.which("java") is None:
+        pytest.skip("METEOR and the PTB tokenizer need Java")
+    import fsspec
+
+    from accord.shards.tario import write_tar
+
+    for split, seed in (("train", 0), ("val", 1)):
+        (tmp_path / split).mkdir()
+        write_tar(fsspec.filesystem("file"), str(tmp_path / split / "shard-000000.tar"),
+                  [(f"{int(i['id']):09d}", [("txt", i["text"].encode()), ("png", i["image"])])
+                   for i in _items(12, seed)])
+    out = tmp_path / "out"
     proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "experiment", "captioning", "--backbone",
-                           str(setup[0])], capture_output=True, text=True, timeout=120)
+                           str(setup[0]), "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                           "--quick", "--seeds", "0", "--beta", "5", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "captioning.json").read_text())
+    assert not result["referee"] and result["sensitivity"] == {} and result["val_items"] == 12
+    assert all("attribute_recall" not in r and {"CIDEr", "cosine", "fused"} <= set(r) for r in result["rows"])
+    refs = next(r for r in result["summary"] if r["training"] == "references")
+    assert refs["METEOR"] == pytest.approx(1.0, abs=1e-3) and "attr R" not in (out / "captioning.md").read_text()
+
+
+def test_experiment_captioning_refuses_bad_inputs(setup, tmp_path: Path) -> None:
+    accord = str(Path(sys.executable).parent / "accord")
+    proc = subprocess.run([accord, "experiment", "captioning", "--backbone", str(setup[0])], capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 2 and "--data, --val" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    (tmp_path / "empty").mkdir()
+    proc = subprocess.run([accord, "experiment", "captioning", "--backbone", str(setup[0]), "--data",
+                           str(tmp_path / "empty"), "--val", str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2 and f"--data {tmp_path / 'empty'}: no samples" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_any_tower_conditions_the_decoder(setup, tmp_path: Path) -> None:

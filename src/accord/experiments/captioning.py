@@ -294,6 +294,9 @@ def run(backbone_dir: str | Path, data: str | Path, val: str | Path, modality: s
     for p in backbone.parameters():
         p.requires_grad_(False)
     train_items, val_items = read_items(str(data), modality), read_items(str(val), modality)
+    for option, path, items in (("--data", data, train_items), ("--val", val, val_items)):
+        if not items:
+            raise InputError(f"{option} {path}: no samples with a caption and {modality} alone")
     vocab = CaptionVocab(backbone.tokenizer, [i["text"] for i in train_items])
     max_len = CaptionerConfig().max_len
     train_data = CaptionData.encode(backbone, vocab, train_items, modality, max_len)
