@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import os
@@ -164,9 +165,15 @@ def test_persistent_workers_do_not_grow_across_epochs(mixed_shards) -> None:
     loader = Loader(data_config(str(shards), workers=2, batch_size=4), MODALITIES, rank=0, world=1)
     me = psutil.Process()
     rss = []
-    for _ in range(6):
-        assert len(flat([b["__key__"] for b in loader])) == 48
-        rss.append(sum(c.memory_info().rss for c in me.children(recursive=True)))
+    try:
+        for _ in range(6):
+            assert len(flat([b["__key__"] for b in loader])) == 48
+            rss.append(sum(c.memory_info().rss for c in me.children(recursive=True)))
+    finally:
+        # persistent workers and their queues' semaphores (/dev/shm/sem.mp-*) go when the loader is collected: now,
+        # not whenever the garbage collector next runs (after the shm check of this test's teardown)
+        loader.close()
+        gc.collect()
     assert rss[-1] - rss[1] < 30 * 2**20, [r // 2**20 for r in rss]  # MiB; epoch 0 warms caches up
 
 
