@@ -128,11 +128,11 @@ def test_caption_embeddings_are_encoded_once_and_equal_a_plain_forward(setup) ->
         first = consistency.text_embedding(seqs)
         assert len(consistency._cache) == distinct  # one encode per distinct caption
         assert torch.equal(consistency.text_embedding(seqs.flip(0)), first.flip(0))  # reused as first computed
-        deduped = consistency.encode_text(seqs)
+        plain = consistency.encode_text(seqs)
         cached = consistency.cached_text(seqs, tokens=True)  # with token features (the fused score's input)
-    assert torch.allclose(first, direct, atol=1e-5) and torch.allclose(deduped.embedding, direct, atol=1e-5)
-    assert torch.equal(cached.mask, deduped.mask)
-    assert torch.allclose(cached.tokens * cached.mask[..., None], deduped.tokens * deduped.mask[..., None], atol=1e-5)
+    assert torch.allclose(first, direct, atol=1e-5) and torch.allclose(plain.embedding, direct, atol=1e-5)
+    assert torch.equal(cached.mask, plain.mask)
+    assert torch.allclose(cached.tokens * cached.mask[..., None], plain.tokens * plain.mask[..., None], atol=1e-5)
 
 
 def test_rerank_returns_a_candidate_with_the_best_combined_score(setup) -> None:

@@ -79,14 +79,9 @@ class CaptionConsistency:
         return tower({"input_ids": ids.to(device), "attention_mask": mask.to(device)})
 
     def encode_text(self, seqs: torch.Tensor) -> TowerOutput:
-        """The text tower's output for hard captions [M, T]. A caption that occurs several times in ``seqs`` (beams
-        and candidates share prefixes) is encoded once."""
+        """The text tower's output for hard captions [M, T] (one forward; with autograd)."""
         inputs = self._to_tokenizer(seqs.cpu())
-        ids, mask = inputs["input_ids"], inputs["attention_mask"]
-        unique, inverse = torch.unique(ids, dim=0, return_inverse=True)
-        unique_mask = torch.zeros_like(unique).index_copy_(0, inverse, mask)
-        out = self._run_text(unique, unique_mask)
-        return TowerOutput(*(t[inverse.to(t.device)] for t in out))
+        return self._run_text(inputs["input_ids"], inputs["attention_mask"])
 
     def text_embedding(self, seqs: torch.Tensor) -> torch.Tensor:
         """Embeddings [M, D] of hard captions (cached without autograd: see :meth:`cached_text`)."""
