@@ -88,7 +88,8 @@ def _step_loss(model: Captioner, batch: tuple[torch.Tensor, ...], cfg: CaptionTr
 
 def train_captioner(model: Captioner, data: CaptionData, cfg: CaptionTrainConfig,
                     consistency: CaptionConsistency | None = None, progress: bool = True) -> list[dict[str, float]]:
-    """Train in place; returns per-epoch mean logs."""
+    """Train in place and leave the model in eval mode (decoding with dropout on would be random); returns per-epoch
+    mean logs."""
     if cfg.strategy != "mle" and consistency is None:
         raise ValueError(f"training strategy {cfg.strategy!r} needs a CaptionConsistency")
     torch.manual_seed(cfg.seed)
@@ -112,4 +113,5 @@ def train_captioner(model: Captioner, data: CaptionData, cfg: CaptionTrainConfig
                 sums[k] = sums.get(k, 0.0) + v
         history.append({k: v / len(batches) for k, v in sums.items()})
         bar.set_postfix({k: f"{v:.3f}" for k, v in history[-1].items()})
+    model.eval()
     return history
