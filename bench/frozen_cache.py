@@ -52,8 +52,12 @@ def batches(steps: int, batch: int, captions: int, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(steps):
         enc = tok([rng.choice(pool) for _ in range(batch)], padding=True, return_tensors="pt")
-        out.append({"text": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                    "image": {"pixel_values": torch.randn(batch, 3, 32, 32, generator=gen)}})
+        out.append(
+            {
+                "text": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                "image": {"pixel_values": torch.randn(batch, 3, 32, 32, generator=gen)},
+            }
+        )
     return out
 
 
@@ -108,8 +112,13 @@ def run(name: str, text: dict, data: list[dict], cache: bool, given: bool = Fals
         losses.append(loss.detach())
     stats = m.frozen_cache_stats() if cache and not given else {}
     warm = times[len(times) // 4 :]  # the first quarter fills the cache
-    return {"variant": name, "median_step_s": statistics.median(warm), "first_step_s": times[0],
-            "hit_rate": stats.get("frozen_cache/text/hit_rate"), "losses": torch.stack(losses)}
+    return {
+        "variant": name,
+        "median_step_s": statistics.median(warm),
+        "first_step_s": times[0],
+        "hit_rate": stats.get("frozen_cache/text/hit_rate"),
+        "losses": torch.stack(losses),
+    }
 
 
 def main() -> None:
@@ -123,28 +132,37 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = batches(args.steps, args.batch, args.captions)
     frozen = {"freeze": True}
-    results = [run("frozen, cached", frozen, data, cache=True),
-               run("frozen, recomputed", {**frozen, "frozen_cache_items": 0}, data, cache=True),
-               run("frozen, plain forward", {**frozen, "frozen_cache": False}, data, cache=False),
-               run("fully tuned", {}, data, cache=False),
-               run("text features given", frozen, data, cache=True, given=True)]
+    results = [
+        run("frozen, cached", frozen, data, cache=True),
+        run("frozen, recomputed", {**frozen, "frozen_cache_items": 0}, data, cache=True),
+        run("frozen, plain forward", {**frozen, "frozen_cache": False}, data, cache=False),
+        run("fully tuned", {}, data, cache=False),
+        run("text features given", frozen, data, cache=True, given=True),
+    ]
     ref = results[0]
-    print(f"{args.steps} steps of {args.batch} captions from {args.captions} distinct, {args.threads} threads; "
-          "median step time after the first quarter")
-    print(f"{'variant':24s} {'step ms':>9s} {'x cached':>9s} {'first ms':>9s} {'hit rate':>9s} "
-          f"{'max |loss - cached|':>20s}")
+    print(
+        f"{args.steps} steps of {args.batch} captions from {args.captions} distinct, {args.threads} threads; "
+        "median step time after the first quarter"
+    )
+    print(
+        f"{'variant':24s} {'step ms':>9s} {'x cached':>9s} {'first ms':>9s} {'hit rate':>9s} "
+        f"{'max |loss - cached|':>20s}"
+    )
     for r in results:
         diff = float((r["losses"] - ref["losses"]).abs().max())
         r["max_loss_diff_vs_cached"] = diff
         r["identical_to_cached"] = bool(torch.equal(r["losses"], ref["losses"]))
         hit = f"{r['hit_rate']:.3f}" if r["hit_rate"] is not None else "-"
-        print(f"{r['variant']:24s} {1000 * r['median_step_s']:9.1f} {r['median_step_s'] / ref['median_step_s']:9.2f} "
-              f"{1000 * r['first_step_s']:9.1f} {hit:>9s} {diff:20.3g}")
+        print(
+            f"{r['variant']:24s} {1000 * r['median_step_s']:9.1f} {r['median_step_s'] / ref['median_step_s']:9.2f} "
+            f"{1000 * r['first_step_s']:9.1f} {hit:>9s} {diff:20.3g}"
+        )
     recomputed = results[1]
     print(f"cached == recomputed, every loss bit for bit: {recomputed['identical_to_cached']}")
     if args.json:
-        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "losses"} for r in results],
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps([{k: v for k, v in r.items() if k != "losses"} for r in results], indent=1)
+        )
 
 
 if __name__ == "__main__":

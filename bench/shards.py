@@ -86,16 +86,65 @@ def main() -> None:
             w.writerow([jpg.as_uri(), jpg.with_suffix(".txt").read_text()])
     peer = ensure_peer()
     out_a, out_b = WORK / "out-accord", WORK / "out-img2dataset"
-    accord_cmd = [sys.executable, str(HERE.parent / "data_tools/build_shards.py"), "--input", str(images),
-                  "--output", str(out_a), "--workers", str(args.processes), "--resize-mode", "keep_ratio",
-                  "--image-size", "256", "--image-format", "jpg", "--image-quality", "95",
-                  "--samples-per-shard", "1000", "--overwrite", "--quiet"]
-    peer_cmd = [str(peer), "--url_list", str(manifest), "--input_format", "csv", "--url_col", "url",
-                "--caption_col", "caption", "--output_folder", str(out_b), "--output_format", "webdataset",
-                "--processes_count", str(args.processes), "--thread_count", "4", "--image_size", "256",
-                "--resize_mode", "keep_ratio", "--encode_format", "jpg", "--encode_quality", "95",
-                "--number_sample_per_shard", "1000", "--distributor", "multiprocessing",
-                "--enable_wandb", "False", "--timeout", "30", "--retries", "0"]
+    accord_cmd = [
+        sys.executable,
+        str(HERE.parent / "data_tools/build_shards.py"),
+        "--input",
+        str(images),
+        "--output",
+        str(out_a),
+        "--workers",
+        str(args.processes),
+        "--resize-mode",
+        "keep_ratio",
+        "--image-size",
+        "256",
+        "--image-format",
+        "jpg",
+        "--image-quality",
+        "95",
+        "--samples-per-shard",
+        "1000",
+        "--overwrite",
+        "--quiet",
+    ]
+    peer_cmd = [
+        str(peer),
+        "--url_list",
+        str(manifest),
+        "--input_format",
+        "csv",
+        "--url_col",
+        "url",
+        "--caption_col",
+        "caption",
+        "--output_folder",
+        str(out_b),
+        "--output_format",
+        "webdataset",
+        "--processes_count",
+        str(args.processes),
+        "--thread_count",
+        "4",
+        "--image_size",
+        "256",
+        "--resize_mode",
+        "keep_ratio",
+        "--encode_format",
+        "jpg",
+        "--encode_quality",
+        "95",
+        "--number_sample_per_shard",
+        "1000",
+        "--distributor",
+        "multiprocessing",
+        "--enable_wandb",
+        "False",
+        "--timeout",
+        "30",
+        "--retries",
+        "0",
+    ]
     times: dict[str, list[float]] = {"accord": [], "img2dataset": []}
     for _ in range(args.repeats):
         shutil.rmtree(out_b, ignore_errors=True)
@@ -104,7 +153,9 @@ def main() -> None:
     written = {"accord": count_written(out_a), "img2dataset": count_written(out_b)}
     rate = {k: written[k] / min(v) for k, v in times.items()}
     result = {
-        "images": args.images, "processes": args.processes, "written": written,
+        "images": args.images,
+        "processes": args.processes,
+        "written": written,
         "seconds_best": {k: round(min(v), 2) for k, v in times.items()},
         "samples_per_s": {k: round(v, 1) for k, v in rate.items()},
         "ratio_accord_vs_img2dataset": round(rate["accord"] / rate["img2dataset"], 2),

@@ -14,9 +14,13 @@ from accord.train.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 # configs/tiny.yaml with CLIP-kind text and image towers (the sizes of tiny.yaml's towers)
-CLIP_TOWERS = ["model.towers.text.kind=clip_text", "model.towers.text.hf.eos_token_id=102",
-               "model.towers.text.hf.pad_token_id=0",
-               "model.towers.text.hf.bos_token_id=101", "model.towers.image.kind=clip_vision"]
+CLIP_TOWERS = [
+    "model.towers.text.kind=clip_text",
+    "model.towers.text.hf.eos_token_id=102",
+    "model.towers.text.hf.pad_token_id=0",
+    "model.towers.text.hf.bos_token_id=101",
+    "model.towers.image.kind=clip_vision",
+]
 
 
 def tiny_config(config: str = "tiny.yaml", overrides: list[str] | None = None) -> TrainConfig:

@@ -25,8 +25,11 @@ def main(config: str, tag: str, dump: str, *overrides: str) -> None:
         optimizer._lazy_init_hp_params_optimizer_state()
     state = {}
     for name, p in trainer.engine.module.named_parameters():
-        state[name] = [safe_get_full_fp32_param(p).clone(), safe_get_full_optimizer_state(p, "exp_avg").clone(),
-                       safe_get_full_optimizer_state(p, "exp_avg_sq").clone()]
+        state[name] = [
+            safe_get_full_fp32_param(p).clone(),
+            safe_get_full_optimizer_state(p, "exp_avg").clone(),
+            safe_get_full_optimizer_state(p, "exp_avg_sq").clone(),
+        ]
     if dist.get_rank() == 0:
         torch.save({"step": trainer.step, "state": state}, dump)
     dist.barrier()

@@ -22,12 +22,24 @@ from accord.shards.build import BuildConfig, build  # noqa: E402
 
 # The raw corpus: origin -> expected outcome ("ok", "dup" or the start of the rejection reason).
 EXPECTED = {
-    "animals/img_000": "ok", "animals/img_001": "ok", "animals/img_002": "ok", "animals/img_003": "ok",
-    "animals/img_004": "ok", "animals/img_005": "ok",
-    "modes/rgba": "ok", "modes/palette": "ok", "modes/cmyk": "ok", "modes/gray": "ok", "modes/bit16": "ok",
-    "modes/exif": "ok", "modes/webp": "ok",
-    "clips/plain": "ok", "clips/with_sound": "ok",
-    "sounds/stereo_wav": "ok", "sounds/ogg": "ok", "sounds/flac": "ok",
+    "animals/img_000": "ok",
+    "animals/img_001": "ok",
+    "animals/img_002": "ok",
+    "animals/img_003": "ok",
+    "animals/img_004": "ok",
+    "animals/img_005": "ok",
+    "modes/rgba": "ok",
+    "modes/palette": "ok",
+    "modes/cmyk": "ok",
+    "modes/gray": "ok",
+    "modes/bit16": "ok",
+    "modes/exif": "ok",
+    "modes/webp": "ok",
+    "clips/plain": "ok",
+    "clips/with_sound": "ok",
+    "sounds/stereo_wav": "ok",
+    "sounds/ogg": "ok",
+    "sounds/flac": "ok",
     "mixed/pic_and_sound": "ok",
     "dups/copy_of_img_000": "dup",
     "broken/truncated": "undecodable image",
@@ -47,8 +59,15 @@ def make_raw_corpus(root: Path) -> Path:
     for i in range(6):
         write_image(root / f"animals/img_{i:03d}.jpg", "jpg", seed=i, size=(160 + 8 * i, 120))
         caption(f"animals/img_{i:03d}", f"a gradient picture number {i}")
-    for kind, name in [("rgba", "rgba.png"), ("palette", "palette.png"), ("cmyk", "cmyk.jpg"), ("gray", "gray.png"),
-                       ("16bit", "bit16.png"), ("exif_rotated", "exif.jpg"), ("webp", "webp.webp")]:
+    for kind, name in [
+        ("rgba", "rgba.png"),
+        ("palette", "palette.png"),
+        ("cmyk", "cmyk.jpg"),
+        ("gray", "gray.png"),
+        ("16bit", "bit16.png"),
+        ("exif_rotated", "exif.jpg"),
+        ("webp", "webp.webp"),
+    ]:
         write_image(root / "modes" / name, kind, seed=7)
         caption(f"modes/{name.split('.')[0]}", f"an image stored as {kind}")
     write_video(root / "clips/plain.mp4")
@@ -153,8 +172,14 @@ def mixed_shards(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[s
     """48 samples over 16 shards: images, videos, audio, and image+audio pairs, with captions that describe a
     colour or a pitch (so that a tiny model can learn the alignment). Returns (dir, key -> media)."""
     raw = tmp_path_factory.mktemp("mixed_raw")
-    colors = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
-              "white": (245, 245, 245), "black": (10, 10, 10)}
+    colors = {
+        "red": (220, 30, 30),
+        "green": (30, 200, 40),
+        "blue": (30, 40, 220),
+        "yellow": (230, 220, 30),
+        "white": (245, 245, 245),
+        "black": (10, 10, 10),
+    }
     for i in range(48):
         stem = raw / f"s{i:03d}"
         name = list(colors)[(i // 6) % len(colors)]

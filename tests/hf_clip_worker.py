@@ -39,5 +39,12 @@ from torchmetrics.multimodal.clip_score import CLIPScore  # noqa: E402
 
 metric = CLIPScore(model_name_or_path=lambda: (Features(model), processor))
 metric.update([torch.from_numpy(__import__("numpy").array(i.convert("RGB"))).permute(2, 0, 1) for i in images], texts)
-torch.save({"text": F.normalize(text, dim=-1), "image": F.normalize(image, dim=-1), "clipscore": metric.compute(),
-            "logit_scale": model.logit_scale.item()}, out)
+torch.save(
+    {
+        "text": F.normalize(text, dim=-1),
+        "image": F.normalize(image, dim=-1),
+        "clipscore": metric.compute(),
+        "logit_scale": model.logit_scale.item(),
+    },
+    out,
+)

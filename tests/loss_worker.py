@@ -21,10 +21,14 @@ from accord.models import AccordModel, ModelConfig
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
 VARIANTS = [
-    ("infonce", "global", False, 0.0), ("infonce", "local", False, 0.0),
-    ("infonce", "global", True, 0.0), ("infonce", "local", True, 0.1),
-    ("siglip", "global", False, 0.0), ("siglip", "local", False, 0.0),
-    ("siglip", "global", True, 0.0), ("siglip", "local", True, 0.0),
+    ("infonce", "global", False, 0.0),
+    ("infonce", "local", False, 0.0),
+    ("infonce", "global", True, 0.0),
+    ("infonce", "local", True, 0.1),
+    ("siglip", "global", False, 0.0),
+    ("siglip", "local", False, 0.0),
+    ("siglip", "global", True, 0.0),
+    ("siglip", "local", True, 0.0),
 ]
 
 
@@ -39,8 +43,10 @@ def global_batch(masked: bool) -> dict:
     g = torch.Generator().manual_seed(1)
     n = GLOBAL_BATCH
     batch = {
-        "text": {"input_ids": torch.randint(1, 1000, (n, 7), generator=g),
-                 "attention_mask": (torch.arange(7)[None] < torch.randint(3, 8, (n, 1), generator=g)).long()},
+        "text": {
+            "input_ids": torch.randint(1, 1000, (n, 7), generator=g),
+            "attention_mask": (torch.arange(7)[None] < torch.randint(3, 8, (n, 1), generator=g)).long(),
+        },
         "image": {"pixel_values": torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64)},
         "video": {"pixel_values": torch.randn(n, 4, 3, 32, 32, generator=g, dtype=torch.float64)},
         "audio": {"features": torch.randn(n, 64, 32, generator=g, dtype=torch.float64)},
@@ -69,8 +75,12 @@ def run(model: AccordModel, variant: tuple, batch: dict) -> dict:
     loss, parts = ContrastiveLoss(LossConfig(kind=kind, gather=gather, label_smoothing=smoothing))(out)
     loss.backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for n, p in model.named_parameters()}
-    return {"loss": loss.detach(), "parts": parts,
-            "features": {m: e.grad.clone() for m, e in out.embeddings.items()}, "params": grads}
+    return {
+        "loss": loss.detach(),
+        "parts": parts,
+        "features": {m: e.grad.clone() for m, e in out.embeddings.items()},
+        "params": grads,
+    }
 
 
 def main(out_path: str) -> None:

@@ -16,8 +16,14 @@ def gradient(w: int, h: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:h, 0:w]
     base = rng.integers(0, 255, size=3)
-    arr = np.stack([(x * 255 // max(w - 1, 1) + base[0]) % 256, (y * 255 // max(h - 1, 1) + base[1]) % 256,
-                    np.full_like(x, base[2])], axis=-1).astype(np.uint8)
+    arr = np.stack(
+        [
+            (x * 255 // max(w - 1, 1) + base[0]) % 256,
+            (y * 255 // max(h - 1, 1) + base[1]) % 256,
+            np.full_like(x, base[2]),
+        ],
+        axis=-1,
+    ).astype(np.uint8)
     arr[: h // 4, : w // 4] = (255, 0, 0)  # red block at top-left marks orientation
     return Image.fromarray(arr, "RGB")
 
@@ -41,7 +47,7 @@ def write_image(path: Path, kind: str, seed: int = 0, size: tuple[int, int] = (9
     elif kind == "gray":
         img.convert("L").save(path, "PNG")
     elif kind == "16bit":
-        arr = (np.asarray(img.convert("L")).astype(np.uint16) * 257)
+        arr = np.asarray(img.convert("L")).astype(np.uint16) * 257
         Image.fromarray(arr).save(path, "PNG")  # uint16 -> mode I;16
     elif kind == "exif_rotated":
         # Stored sideways (rotated 90 deg clockwise in pixels), tagged Orientation=8 (display rotates it back).
@@ -62,12 +68,28 @@ def write_truncated_jpeg(path: Path) -> Path:
     return path
 
 
-def write_video(path: Path, seconds: float = 1.0, size: tuple[int, int] = (64, 48), fps: int = 10,
-                audio: bool = False, pattern: str = "testsrc", color: str | None = None) -> Path:
+def write_video(
+    path: Path,
+    seconds: float = 1.0,
+    size: tuple[int, int] = (64, 48),
+    fps: int = 10,
+    audio: bool = False,
+    pattern: str = "testsrc",
+    color: str | None = None,
+) -> Path:
     """An h264 mp4 of an ffmpeg test pattern (or a plain ``color``), optionally with a 440 Hz AAC track."""
     source = f"color=c={color}:" if color else f"{pattern}="
-    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-y", "-f", "lavfi", "-i",
-           f"{source}size={size[0]}x{size[1]}:rate={fps}:duration={seconds}"]
+    cmd = [
+        "ffmpeg",
+        "-nostdin",
+        "-v",
+        "error",
+        "-y",
+        "-f",
+        "lavfi",
+        "-i",
+        f"{source}size={size[0]}x{size[1]}:rate={fps}:duration={seconds}",
+    ]
     if audio:
         cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=16000:duration={seconds}"]
     cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast"]

@@ -47,8 +47,12 @@ def one_line_error(capsys, prog: str) -> str:
 
 @pytest.mark.parametrize("case", ["missing_input", "missing_backbone", "not_utf8_manifest", "bad_json_line"])
 def test_score_bad_inputs_exit_2_naming_them(case: str, backbone: Path, tmp_path: Path, capsys) -> None:
-    inputs = {"missing_input": tmp_path / "missing.jsonl", "missing_backbone": tmp_path / "captions.jsonl",
-              "not_utf8_manifest": tmp_path / "latin1.csv", "bad_json_line": tmp_path / "broken.jsonl"}
+    inputs = {
+        "missing_input": tmp_path / "missing.jsonl",
+        "missing_backbone": tmp_path / "captions.jsonl",
+        "not_utf8_manifest": tmp_path / "latin1.csv",
+        "bad_json_line": tmp_path / "broken.jsonl",
+    }
     inputs["missing_backbone"].write_text('{"text": "a red circle", "image": "x.png"}\n')
     inputs["not_utf8_manifest"].write_bytes(b'text,image\n"caf\xe9 au lait",x.png\n')
     inputs["bad_json_line"].write_text('{"text": "fine", "image": "x.png"}\n{"text": \n')
@@ -56,10 +60,12 @@ def test_score_bad_inputs_exit_2_naming_them(case: str, backbone: Path, tmp_path
     code = main_score(["--backbone", str(bb), "--input", str(inputs[case]), "--out", str(tmp_path / "s.jsonl")])
     assert code == 2
     line = one_line_error(capsys, "accord score")
-    assert {"missing_input": f"--input {inputs[case]}: no such file or directory",
-            "missing_backbone": f"{bb}: neither an accord backbone",
-            "not_utf8_manifest": f"{inputs[case]}: not UTF-8 text (line 2, byte 15",
-            "bad_json_line": f"{inputs[case]}: line 2 is not valid JSON"}[case] in line
+    assert {
+        "missing_input": f"--input {inputs[case]}: no such file or directory",
+        "missing_backbone": f"{bb}: neither an accord backbone",
+        "not_utf8_manifest": f"{inputs[case]}: not UTF-8 text (line 2, byte 15",
+        "bad_json_line": f"{inputs[case]}: line 2 is not valid JSON",
+    }[case] in line
 
 
 def test_score_counts_what_a_truncated_shard_lost(truncated, backbone: Path, tmp_path: Path, capsys) -> None:
@@ -104,7 +110,9 @@ def test_verify_shards_needs_a_folder(what: str, tmp_path: Path, capsys) -> None
 def test_export_without_latest(tmp_path: Path, capsys) -> None:
     (tmp_path / "checkpoints").mkdir()
     assert main_export([str(tmp_path / "checkpoints"), "--out", str(tmp_path / "bb")]) == 2
-    assert f"{tmp_path / 'checkpoints' / 'latest'}: No such file or directory" in one_line_error(capsys, "accord export")
+    assert f"{tmp_path / 'checkpoints' / 'latest'}: No such file or directory" in one_line_error(
+        capsys, "accord export"
+    )
 
 
 def test_build_shards_missing_input(tmp_path: Path, capsys) -> None:
@@ -116,11 +124,27 @@ def test_commands_as_users_run_them_print_no_traceback(mixed_shards, tmp_path: P
     """The installed entry points and data_tools scripts, as separate processes: status 2, one line, no traceback."""
     shards, _ = mixed_shards
     runs = {
-        "score": [str(BIN / "accord"), "score", "--backbone", str(tmp_path), "--input", "missing.jsonl",
-                  "--out", str(tmp_path / "s.jsonl")],
+        "score": [
+            str(BIN / "accord"),
+            "score",
+            "--backbone",
+            str(tmp_path),
+            "--input",
+            "missing.jsonl",
+            "--out",
+            str(tmp_path / "s.jsonl"),
+        ],
         "verify": [sys.executable, str(ROOT / "data_tools/verify_shards.py"), str(tmp_path / "missing")],
-        "resume": [str(BIN / "accord"), "train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={shards}",
-                   f"output_dir={tmp_path / 'run'}", "--resume", "latest"],
+        "resume": [
+            str(BIN / "accord"),
+            "train",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            f"data.train={shards}",
+            f"output_dir={tmp_path / 'run'}",
+            "--resume",
+            "latest",
+        ],
     }
     for name, cmd in runs.items():
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)
@@ -149,8 +173,12 @@ def _bomb_png(path: Path, side: int = 40000) -> None:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1)))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1)))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_build_shards_rejects_hostile_media_with_reasons(tmp_path: Path) -> None:
@@ -158,9 +186,25 @@ def test_build_shards_rejects_hostile_media_with_reasons(tmp_path: Path) -> None
     raw.mkdir()
     _bomb_png(raw / "bomb.png")
     (raw / "empty.wav").write_bytes(b"")
-    (raw / "one_sample.wav").write_bytes(b"RIFF$\0\0\0WAVEfmt \x10\0\0\0\x01\0\x01\0\x80>\0\0\0}\0\0\x02\0\x10\0data\x02\0\0\0\0\0")
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=frequency=440:duration=0.3",
-                    "-c:a", "aac", str(raw / "sound_only.mp4")], check=True)
+    (raw / "one_sample.wav").write_bytes(
+        b"RIFF$\0\0\0WAVEfmt \x10\0\0\0\x01\0\x01\0\x80>\0\0\0}\0\0\x02\0\x10\0data\x02\0\0\0\0\0"
+    )
+    subprocess.run(
+        [
+            "ffmpeg",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "sine=frequency=440:duration=0.3",
+            "-c:a",
+            "aac",
+            str(raw / "sound_only.mp4"),
+        ],
+        check=True,
+    )
     for stem in ("bomb", "empty", "one_sample", "sound_only"):
         (raw / f"{stem}.txt").write_text(f"a caption for {stem}")
     out = tmp_path / "out"
@@ -191,8 +235,9 @@ def test_verify_names_unsafe_member_names_and_non_utf8_captions(tmp_path: Path) 
     assert "002: caption is not UTF-8 (byte 3" in problems
 
 
-def test_a_backbone_whose_parts_do_not_match_is_refused_naming_them(backbone: Path, mixed_shards, tmp_path: Path,
-                                                                     capsys) -> None:
+def test_a_backbone_whose_parts_do_not_match_is_refused_naming_them(
+    backbone: Path, mixed_shards, tmp_path: Path, capsys
+) -> None:
     shards, _ = mixed_shards
     deeper = tmp_path / "deeper"  # a tower's config.json edited: transformers alone would fill layer 3 randomly
     shutil.copytree(backbone, deeper)
@@ -261,7 +306,21 @@ def test_demo_and_experiments_refuse_bad_inputs_without_harm(tmp_path: Path, cap
     assert (precious / "thesis.tex").exists()
     assert main_demo(["--out", str(precious / "thesis.tex")]) == 2
     assert "is a file, not a folder" in one_line_error(capsys, "accord demo")
-    assert main_experiment(["captioning", "--backbone", str(tmp_path / "missing"), "--data", str(tmp_path),
-                            "--val", str(tmp_path), "--out", str(tmp_path / "cap")]) == 2
+    assert (
+        main_experiment(
+            [
+                "captioning",
+                "--backbone",
+                str(tmp_path / "missing"),
+                "--data",
+                str(tmp_path),
+                "--val",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "cap"),
+            ]
+        )
+        == 2
+    )
     assert str(tmp_path / "missing") in one_line_error(capsys, "accord experiment captioning")
     assert main_experiment(["nope"]) == 2

@@ -106,8 +106,11 @@ def test_sample_members_and_json(built: Path) -> None:
 
 
 def test_verify_passes_and_decodes_everything(built: Path) -> None:
-    proc = subprocess.run([sys.executable, str(ROOT / "data_tools/verify_shards.py"), str(built), "--decode", "--quiet"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "data_tools/verify_shards.py"), str(built), "--decode", "--quiet"],
+        capture_output=True,
+        text=True,
+    )
     summary = json.loads(proc.stdout)
     assert proc.returncode == 0, summary
     assert summary["samples"] == 19 and summary["modalities"] == {"image": 14, "video": 2, "audio": 4}
@@ -202,8 +205,13 @@ def test_manifest_formats(raw_corpus: Path, tmp_path: Path, fmt: str) -> None:
         {"text": "a clip", "video": "media/clip.mp4", "url": "u2", "license": "cc-by"},
         {"text": "", "image": str(raw_corpus / "animals/img_002.jpg"), "url": "u3", "license": "x"},
         {"text": "gone", "audio": "media/missing.wav", "url": "u4", "license": "x"},
-        {"text": "a sound and a picture", "image": "media/pic.png", "audio": "media/tone.ogg", "url": "u5",
-         "license": "x"},
+        {
+            "text": "a sound and a picture",
+            "image": "media/pic.png",
+            "audio": "media/tone.ogg",
+            "url": "u5",
+            "license": "x",
+        },
     ]
     (tmp_path / "media").mkdir()
     write_video(tmp_path / "media/clip.mp4")
@@ -229,7 +237,9 @@ def test_manifest_formats(raw_corpus: Path, tmp_path: Path, fmt: str) -> None:
     assert (stats["inputs"], stats["written"], stats["rejected"]) == (5, 3, 2)
     failures = [json.loads(x) for x in (out / "failures.jsonl").read_text().splitlines()]
     assert [(f["origin"], f["reason"].split(":")[0]) for f in failures] == [
-        (f"list.{fmt}:row 3", "missing caption"), (f"list.{fmt}:row 4", "audio file not found")]
+        (f"list.{fmt}:row 3", "missing caption"),
+        (f"list.{fmt}:row 4", "audio file not found"),
+    ]
     metas = [json.loads(m["json"]) for m in samples_of(out).values()]
     assert [(m["url"], m["license"]) for m in metas] == [("u1", "cc0"), ("u2", "cc-by"), ("u5", "x")]
     assert set(metas[2]) >= {"image", "audio"}
@@ -250,16 +260,30 @@ def test_manifest_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_dedupe_shuffle_and_byte_limit(raw_corpus: Path, built: Path, tmp_path: Path) -> None:
-    cfg = BuildConfig(input=str(raw_corpus), output=str(tmp_path / "a"), shuffle_seed=3, max_shard_bytes=60_000,
-                      samples_per_shard=100, progress=False)
+    cfg = BuildConfig(
+        input=str(raw_corpus),
+        output=str(tmp_path / "a"),
+        shuffle_seed=3,
+        max_shard_bytes=60_000,
+        samples_per_shard=100,
+        progress=False,
+    )
     stats = build(cfg)
     assert stats["duplicates"] == 0 and stats["written"] == 20  # no --dedupe: the copy is kept
     keys = [k for tar in sorted((tmp_path / "a").glob("*.tar")) for k, _ in read_tar_local(tar)]
     assert keys != sorted(keys) and len(keys) == 20
     for tar in (tmp_path / "a").glob("*.tar"):
         assert tar.stat().st_size <= 60_000 + 10240 or len(list(read_tar_local(tar))) == 1  # + tar end blocks
-    again = build(BuildConfig(input=str(raw_corpus), output=str(tmp_path / "b"), shuffle_seed=3,
-                              max_shard_bytes=60_000, samples_per_shard=100, progress=False))
+    again = build(
+        BuildConfig(
+            input=str(raw_corpus),
+            output=str(tmp_path / "b"),
+            shuffle_seed=3,
+            max_shard_bytes=60_000,
+            samples_per_shard=100,
+            progress=False,
+        )
+    )
     assert again["shards"] == stats["shards"] > 1
     assert output_files(tmp_path / "a") == output_files(tmp_path / "b")
     with pytest.raises(FileExistsError, match="--overwrite"):
@@ -298,9 +322,15 @@ def test_every_image_mode_becomes_rgb(tmp_path: Path, kind: str) -> None:
         assert top_left[0] > 200 and top_left[1] < 60 and top_left[2] < 60  # red marker stays top-left
 
 
-@pytest.mark.parametrize("mode,size,expected", [
-    ("no", 32, (160, 120)), ("keep_ratio", 60, (80, 60)), ("center_crop", 60, (60, 60)), ("border", 80, (80, 80)),
-])
+@pytest.mark.parametrize(
+    "mode,size,expected",
+    [
+        ("no", 32, (160, 120)),
+        ("keep_ratio", 60, (80, 60)),
+        ("center_crop", 60, (60, 60)),
+        ("border", 80, (80, 80)),
+    ],
+)
 def test_resize_modes(mode: str, size: int, expected: tuple[int, int]) -> None:
     buf = io.BytesIO()
     gradient(160, 120).save(buf, "JPEG", quality=95)
@@ -338,8 +368,15 @@ def test_video_transcode_and_extract_audio(tmp_path: Path) -> None:
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw/v.mp4").write_bytes(src)
     (tmp_path / "raw/v.txt").write_text("a pattern with a tone")
-    stats = build(BuildConfig(input=str(tmp_path / "raw"), output=str(tmp_path / "o"), extract_audio=True,
-                              audio=AudioOptions(sample_rate=8000), progress=False))
+    stats = build(
+        BuildConfig(
+            input=str(tmp_path / "raw"),
+            output=str(tmp_path / "o"),
+            extract_audio=True,
+            audio=AudioOptions(sample_rate=8000),
+            progress=False,
+        )
+    )
     assert stats["modalities"] == {"image": 0, "video": 1, "audio": 1}
     (members,) = samples_of(tmp_path / "o").values()
     wav, rate = sf.read(io.BytesIO(members["flac"]))
@@ -358,8 +395,10 @@ def test_audio_resample_mono_and_crop(tmp_path: Path) -> None:
     assert sf.read(io.BytesIO(stereo))[0].shape == (22050, 2) and meta["sample_rate"] == 22050
 
 
-SVG = ('<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
-       'width="{w}" height="{h}">{body}</svg>')
+SVG = (
+    '<?xml version="1.0"?>\n<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" '
+    'width="{w}" height="{h}">{body}</svg>'
+)
 
 
 def test_svg_inputs_are_rasterised_at_the_requested_size(tmp_path: Path) -> None:
@@ -368,15 +407,24 @@ def test_svg_inputs_are_rasterised_at_the_requested_size(tmp_path: Path) -> None
     (raw / "circle.svg").write_text(SVG.format(w=120, h=80, body='<circle cx="60" cy="40" r="30" fill="red"/>'))
     (raw / "tiny_viewbox.svg").write_text(  # 12 x 8 units: drawn at 96 x 64 px, not drawn small and upscaled
         '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 12 8"><rect x="6" width="6" height="8" fill="blue"/>'
-        '</svg>')
-    (raw / "remote.svg").write_text(SVG.format(w=10, h=10, body='<image xlink:href="http://example.com/a.png" '
-                                                                 'width="10" height="10"/>'))
+        "</svg>"
+    )
+    (raw / "remote.svg").write_text(
+        SVG.format(w=10, h=10, body='<image xlink:href="http://example.com/a.png" width="10" height="10"/>')
+    )
     (raw / "sizeless.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg"/>')
     for stem in ("circle", "tiny_viewbox", "remote", "sizeless"):
         (raw / f"{stem}.txt").write_text(f"a drawing: {stem}")
     out = tmp_path / "out"
-    build(BuildConfig(input=str(raw), output=str(out), samples_per_shard=10, progress=False,
-                      image=ImageOptions(size=64, resize_mode="keep_ratio")))
+    build(
+        BuildConfig(
+            input=str(raw),
+            output=str(out),
+            samples_per_shard=10,
+            progress=False,
+            image=ImageOptions(size=64, resize_mode="keep_ratio"),
+        )
+    )
     samples = {json.loads(m["json"])["origin"]: m for m in samples_of(out).values()}
     assert set(samples) == {"circle", "tiny_viewbox"}
     circle = Image.open(io.BytesIO(samples["circle"]["jpg"]))
@@ -390,6 +438,7 @@ def test_svg_inputs_are_rasterised_at_the_requested_size(tmp_path: Path) -> None
     assert halves.shape == (64, 96, 3)
     assert halves[:, :44].min() > 240 and halves[:, 52:, 2].min() > 200 and halves[:, 52:, 0].max() < 40  # sharp edge
     reasons = {json.loads(line)["origin"]: json.loads(line)["reason"] for line in (out / "failures.jsonl").open()}
-    assert reasons == {"remote": "SVG references an external resource (http://example.com/a.png); only inline "
-                                 "data: URLs are read",
-                       "sizeless": "SVG without a size: needs width and height in absolute units, or a viewBox"}
+    assert reasons == {
+        "remote": "SVG references an external resource (http://example.com/a.png); only inline data: URLs are read",
+        "sizeless": "SVG without a size: needs width and height in absolute units, or a viewBox",
+    }

@@ -80,8 +80,10 @@ def test_every_decoding_strategy_is_well_formed_and_seeded(setup, strategy: str)
     assert torch.equal(first.seqs, again.seqs)  # deterministic given the seed
     assert all(isinstance(c, str) for c in vocab.decode(first.seqs))
     if strategy == "sample":
-        other = [generate(model, *batch[:2], DecodeConfig("sample", seed=s, top_p=1.0, temperature=2.0)).seqs
-                 for s in range(1, 4)]
+        other = [
+            generate(model, *batch[:2], DecodeConfig("sample", seed=s, top_p=1.0, temperature=2.0)).seqs
+            for s in range(1, 4)
+        ]
         assert any(not torch.equal(first.seqs, o) for o in other)  # the seed matters
 
 
@@ -90,8 +92,9 @@ def test_guided_beam_with_beta_zero_is_plain_beam(setup, kind: str) -> None:
     _, backbone, vocab, data, model, _ = setup
     consistency, media = CaptionConsistency(backbone, vocab, kind), data.features()
     plain, plain_all, plain_logp = beam_search(model, data.memory, data.mask, 3, 6)
-    guided, guided_all, guided_logp = beam_search(model, data.memory, data.mask, 3, 6, consistency, media,
-                                                  beta=0.0, guide_top_k=8)
+    guided, guided_all, guided_logp = beam_search(
+        model, data.memory, data.mask, 3, 6, consistency, media, beta=0.0, guide_top_k=8
+    )
     assert torch.equal(plain.seqs, guided.seqs) and torch.equal(plain_all, guided_all)
     assert torch.allclose(plain_logp, guided_logp)
     steered = beam_search(model, data.memory, data.mask, 3, 6, consistency, media, beta=50.0, guide_top_k=8)[0]
@@ -108,8 +111,9 @@ def test_fused_score_is_the_fusion_heads_match_probability(setup, tmp_path: Path
     with torch.no_grad():
         got = fused.score(seqs, media)
         text = backbone.encode("text", vocab.decode(seqs))
-        expected = torch.sigmoid(backbone.match_logits(text, TowerOutput(media.embedding, media.tokens, media.mask),
-                                                       "image"))
+        expected = torch.sigmoid(
+            backbone.match_logits(text, TowerOutput(media.embedding, media.tokens, media.mask), "image")
+        )
     assert torch.allclose(got, expected, atol=1e-5) and ((got > 0) & (got < 1)).all()
     with pytest.raises(ValueError, match="token features"):
         fused.score(seqs, data.media[:8])  # embeddings alone cannot feed the fusion head
@@ -138,8 +142,13 @@ def test_caption_embeddings_are_encoded_once_and_equal_a_plain_forward(setup) ->
 def test_rerank_returns_a_candidate_with_the_best_combined_score(setup) -> None:
     _, _, _, data, model, consistency = setup
     n = 5
-    drawn = sample(model, data.memory.repeat_interleave(n, 0), data.mask.repeat_interleave(n, 0), 6,
-                   generator=torch.Generator().manual_seed(0))
+    drawn = sample(
+        model,
+        data.memory.repeat_interleave(n, 0),
+        data.mask.repeat_interleave(n, 0),
+        6,
+        generator=torch.Generator().manual_seed(0),
+    )
     cands = drawn.seqs.view(len(data), n, -1)
     logp = drawn.logp.view(len(data), n)
     for beta in (0.0, 1.0, 100.0):
@@ -152,8 +161,9 @@ def test_rerank_returns_a_candidate_with_the_best_combined_score(setup) -> None:
     assert torch.equal(by_consistency, cons.argmax(-1))
 
 
-@pytest.mark.parametrize("strategy,soft", [("mle", "expected"), ("consistency", "expected"),
-                                           ("consistency", "gumbel"), ("scst", "expected")])
+@pytest.mark.parametrize(
+    "strategy,soft", [("mle", "expected"), ("consistency", "expected"), ("consistency", "gumbel"), ("scst", "expected")]
+)
 def test_training_strategies_learn_and_are_deterministic(setup, strategy: str, soft: str) -> None:
     _, _, vocab, data, _, consistency = setup
     runs = []
@@ -162,8 +172,13 @@ def test_training_strategies_learn_and_are_deterministic(setup, strategy: str, s
         model = Captioner(CaptionerConfig(dim=32, layers=1, heads=2, max_len=6), len(vocab), data.memory.shape[-1])
         if strategy == "scst":  # SCST starts from an MLE decoder
             train_captioner(model, data, CaptionTrainConfig(epochs=3, batch_size=12), progress=False)
-        cfg = CaptionTrainConfig(strategy=strategy, soft=soft, epochs=4 if strategy != "scst" else 2,
-                                 batch_size=12, lr=3e-3 if strategy != "scst" else 1e-3)
+        cfg = CaptionTrainConfig(
+            strategy=strategy,
+            soft=soft,
+            epochs=4 if strategy != "scst" else 2,
+            batch_size=12,
+            lr=3e-3 if strategy != "scst" else 1e-3,
+        )
         history = train_captioner(model, data, cfg, consistency, progress=False)
         runs.append((history, [p.detach().clone() for p in model.parameters()]))
     (history, params), (history2, params2) = runs
@@ -200,17 +215,45 @@ def test_experiment_captioning_on_the_world_writes_referee_tables_over_seeds(set
     for split in ("train", "heldout"):
         build(tmp_path / "raw" / split, tmp_path / split, samples_per_shard=16)
     out = tmp_path / "out"
-    cmd = [str(Path(sys.executable).parent / "accord"), "experiment", "captioning", "--backbone", str(setup[0]),
-           "--data", str(tmp_path / "train"), "--val", str(tmp_path / "heldout"), "--quick", "--seeds", "0", "1",
-           "--beta", "5", "--out", str(out)]
+    cmd = [
+        str(Path(sys.executable).parent / "accord"),
+        "experiment",
+        "captioning",
+        "--backbone",
+        str(setup[0]),
+        "--data",
+        str(tmp_path / "train"),
+        "--val",
+        str(tmp_path / "heldout"),
+        "--quick",
+        "--seeds",
+        "0",
+        "1",
+        "--beta",
+        "5",
+        "--out",
+        str(out),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "captioning.json").read_text())
     # per seed: 4 zero-shot (unguided, MAGIC cos / fused, CLIPRe) + MLE 7 decodings (greedy, beam, sample, rerank
     # and guided with 2 guides) + 4 tuned decoders x 3 (greedy, beam, guided cos) + the references
     assert len(result["rows"]) == 2 * (4 + 7 + 4 * 3 + 1) and result["val_items"] == 10 and result["referee"]
-    keys = {"attribute_precision", "attribute_recall", "relation_accuracy", "hallucinated_objects", "BLEU-4", "METEOR",
-            "CIDEr", "cosine", "fused", "distinct-2", "mean_length", "ms_per_caption"}
+    keys = {
+        "attribute_precision",
+        "attribute_recall",
+        "relation_accuracy",
+        "hallucinated_objects",
+        "BLEU-4",
+        "METEOR",
+        "CIDEr",
+        "cosine",
+        "fused",
+        "distinct-2",
+        "mean_length",
+        "ms_per_caption",
+    }
     assert all(keys <= set(r) for r in result["rows"])
     refs = next(r for r in result["summary"] if r["training"] == "references")
     # the references are rendered captions: the referee finds every attribute, no hallucination, every relation true
@@ -237,14 +280,36 @@ def test_experiment_captioning_takes_any_shards_without_scenes(setup, tmp_path: 
 
     for split, seed in (("train", 0), ("val", 1)):
         (tmp_path / split).mkdir()
-        write_tar(fsspec.filesystem("file"), str(tmp_path / split / "shard-000000.tar"),
-                  [(f"{int(i['id']):09d}", [("txt", i["text"].encode()), ("png", i["image"])])
-                   for i in _items(12, seed)])
+        write_tar(
+            fsspec.filesystem("file"),
+            str(tmp_path / split / "shard-000000.tar"),
+            [(f"{int(i['id']):09d}", [("txt", i["text"].encode()), ("png", i["image"])]) for i in _items(12, seed)],
+        )
     out = tmp_path / "out"
-    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "experiment", "captioning", "--backbone",
-                           str(setup[0]), "--data", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
-                           "--quick", "--seeds", "0", "--beta", "5", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "accord"),
+            "experiment",
+            "captioning",
+            "--backbone",
+            str(setup[0]),
+            "--data",
+            str(tmp_path / "train"),
+            "--val",
+            str(tmp_path / "val"),
+            "--quick",
+            "--seeds",
+            "0",
+            "--beta",
+            "5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "captioning.json").read_text())
     assert not result["referee"] and result["sensitivity"] == {} and result["val_items"] == 12
@@ -255,13 +320,30 @@ def test_experiment_captioning_takes_any_shards_without_scenes(setup, tmp_path: 
 
 def test_experiment_captioning_refuses_bad_inputs(setup, tmp_path: Path) -> None:
     accord = str(Path(sys.executable).parent / "accord")
-    proc = subprocess.run([accord, "experiment", "captioning", "--backbone", str(setup[0])], capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [accord, "experiment", "captioning", "--backbone", str(setup[0])], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2 and "--data, --val" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     (tmp_path / "empty").mkdir()
-    proc = subprocess.run([accord, "experiment", "captioning", "--backbone", str(setup[0]), "--data",
-                           str(tmp_path / "empty"), "--val", str(tmp_path / "empty"), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [
+            accord,
+            "experiment",
+            "captioning",
+            "--backbone",
+            str(setup[0]),
+            "--data",
+            str(tmp_path / "empty"),
+            "--val",
+            str(tmp_path / "empty"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 2 and f"--data {tmp_path / 'empty'}: no samples" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
@@ -278,10 +360,16 @@ def test_any_tower_conditions_the_decoder(setup, tmp_path: Path) -> None:
     data = CaptionData.encode(backbone, vocab, items, "video", max_len=6)
     assert data.memory.shape[0] == 4 and data.media.shape == (4, 32)
     model = Captioner(CaptionerConfig(dim=32, layers=1, heads=2, max_len=6), len(vocab), data.memory.shape[-1])
-    train_captioner(model, data, CaptionTrainConfig(strategy="consistency", epochs=2, batch_size=4),
-                    CaptionConsistency(backbone, vocab), progress=False)
-    out = generate(model, data.memory, data.mask, DecodeConfig("guided", beam=2), data.media,
-                   CaptionConsistency(backbone, vocab))
+    train_captioner(
+        model,
+        data,
+        CaptionTrainConfig(strategy="consistency", epochs=2, batch_size=4),
+        CaptionConsistency(backbone, vocab),
+        progress=False,
+    )
+    out = generate(
+        model, data.memory, data.mask, DecodeConfig("guided", beam=2), data.media, CaptionConsistency(backbone, vocab)
+    )
     _well_formed(out.seqs, 6)
 
 

@@ -42,8 +42,13 @@ def test_parser_inverts_every_template_exactly() -> None:
 def test_referee_counts_by_hand() -> None:
     truth = Scene((Obj("small", "red", "circle"), Obj("large", "blue", "square")), "left of")
     assert judge("a small red circle to the left of a large blue square", truth) == {
-        "attribute_precision": 1.0, "attribute_recall": 1.0, "hallucinated_objects": 0.0, "missed_objects": 0.0,
-        "parsed": 1.0, "relation_correct": 1.0}
+        "attribute_precision": 1.0,
+        "attribute_recall": 1.0,
+        "hallucinated_objects": 0.0,
+        "missed_objects": 0.0,
+        "parsed": 1.0,
+        "relation_correct": 1.0,
+    }
     # the same facts said the other way round hold; a wrong size, a hallucinated green triangle, a wrong relation
     assert judge("a large blue square with a small red circle to its left", truth)["relation_correct"] == 1.0
     wrong = judge("a large red circle above a small green triangle", truth)
@@ -84,7 +89,7 @@ def test_one_change_changes_exactly_one_thing(what: str) -> None:
             continue
         diffs = [(a, b) for a, b in zip(scene.objects, other.objects, strict=True) if a != b]
         assert len(diffs) == 1 and other.relation == scene.relation
-        (a, b), = diffs
+        ((a, b),) = diffs
         attr = {"colour": "colour", "shape": "shape", "size": "size"}[what]
         assert getattr(a, attr) != getattr(b, attr)
         assert all(getattr(a, f) == getattr(b, f) for f in ("colour", "shape", "size") if f != attr)

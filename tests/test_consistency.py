@@ -30,11 +30,27 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
     cfg = tr.CLIPConfig(
-        text_config=dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=32, bos_token_id=101, eos_token_id=102,
-                         pad_token_id=0),
-        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                           intermediate_size=64), projection_dim=16)
+        text_config=dict(
+            vocab_size=30522,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            bos_token_id=101,
+            eos_token_id=102,
+            pad_token_id=0,
+        ),
+        vision_config=dict(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
+        projection_dim=16,
+    )
     tr.CLIPModel(cfg).save_pretrained(out)
     tr.AutoTokenizer.from_pretrained(resolve_local_dir(TOKENIZER)).save_pretrained(out)
     tr.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(out)
@@ -52,8 +68,14 @@ def _images(n: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (3, 40 + 4 * i, 48), dtype=torch.uint8, generator=g) for i in range(n)]
 
 
-CAPTIONS = ["a red square", "a cat on a mat", "two dogs running", "an empty street at night", "a blue sky",
-            "the sound of rain"]
+CAPTIONS = [
+    "a red square",
+    "a cat on a mat",
+    "two dogs running",
+    "an empty street at night",
+    "a blue sky",
+    "the sound of rain",
+]
 
 
 def test_torchmetrics_mode_equals_torchmetrics_clipscore(clip_dir: Path) -> None:
@@ -95,8 +117,10 @@ def test_device_side_image_path_equals_the_clip_processor(clip_dir: Path) -> Non
     from accord.consistency.backbone import HFClipBackbone, _image_batch
 
     # one size: the batched call an accelerator gets; 64 -> 51 px leaves a margin of 19 to crop (9.5 on each side)
-    images = [torch.randint(0, 256, (3, 40, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
-              for i in range(5)]
+    images = [
+        torch.randint(0, 256, (3, 40, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
+        for i in range(5)
+    ]
     expected = CLIPImageProcessor.from_pretrained(clip_dir)(images=images, return_tensors="pt")["pixel_values"]
     got = _image_batch(images, HFClipBackbone(clip_dir).image_cfg, torch.device("cpu"))
     assert got.shape == expected.shape
@@ -104,8 +128,9 @@ def test_device_side_image_path_equals_the_clip_processor(clip_dir: Path) -> Non
 
 
 @pytest.mark.parametrize("kind", ["clip", "accord"])
-def test_half_precision_towers_score_in_fp32_close_to_full_precision(kind: str, clip_dir: Path, accord_dir: Path
-                                                                     ) -> None:
+def test_half_precision_towers_score_in_fp32_close_to_full_precision(
+    kind: str, clip_dir: Path, accord_dir: Path
+) -> None:
     folder = clip_dir if kind == "clip" else accord_dir
     full = ConsistencyScorer.from_pretrained(folder)
     half = ConsistencyScorer.from_pretrained(folder, dtype=torch.bfloat16)
@@ -148,15 +173,20 @@ def test_gradients_reach_every_input_kind_and_the_towers(accord_dir: Path) -> No
     text_tower = scorer.backbone.model.towers["text"].backbone
     ids = scorer.backbone.tokenizer(["a red picture", "a low tone"], return_tensors="pt", padding=True)
     soft = text_tower.embeddings.word_embeddings(ids["input_ids"]).detach().requires_grad_()
-    loss = ConsistencyLoss(scorer)(text={"inputs_embeds": soft, "attention_mask": ids["attention_mask"]},
-                                   image=pixels, video=frames, audio=waves)
+    loss = ConsistencyLoss(scorer)(
+        text={"inputs_embeds": soft, "attention_mask": ids["attention_mask"]}, image=pixels, video=frames, audio=waves
+    )
     loss.backward()
     for name, t in [("pixels", pixels), ("frames", frames), ("waveform", waves), ("soft tokens", soft)]:
         assert t.grad is not None and t.grad.abs().sum() > 0, name
     for modality, tower in scorer.backbone.model.towers.items():
         assert tower.proj.weight.grad is not None and tower.proj.weight.grad.abs().sum() > 0, modality
-    result = scorer.score(text=["a red picture", "a low tone"], image=pixels, audio=waves,
-                          weights={"text-image": 2.0, "text-audio": 0.0, "image-audio": 0.0})
+    result = scorer.score(
+        text=["a red picture", "a low tone"],
+        image=pixels,
+        audio=waves,
+        weights={"text-image": 2.0, "text-audio": 0.0, "image-audio": 0.0},
+    )
     assert set(result.pairs) == {"text-image", "text-audio", "image-audio"}
     assert torch.allclose(result.aggregate, result.pairs["text-image"])
 
@@ -170,10 +200,18 @@ def test_raw_inputs_from_files_and_cache(accord_dir: Path, tmp_path: Path) -> No
     original = scorer.backbone.embed
     scorer.backbone.embed = lambda m, x: calls.append((m, len(x))) or original(m, x)
     with torch.no_grad():
-        first = scorer.score(text=["a red picture"], image=[str(tmp_path / "red.png")],
-                             video=[str(tmp_path / "clip.mp4")], audio=[(tmp_path / "tone.wav").read_bytes()])
-        again = scorer.score(text=["a red picture", "a red picture"], image=[str(tmp_path / "red.png")] * 2,
-                             video=[str(tmp_path / "clip.mp4")] * 2, audio=[(tmp_path / "tone.wav").read_bytes()] * 2)
+        first = scorer.score(
+            text=["a red picture"],
+            image=[str(tmp_path / "red.png")],
+            video=[str(tmp_path / "clip.mp4")],
+            audio=[(tmp_path / "tone.wav").read_bytes()],
+        )
+        again = scorer.score(
+            text=["a red picture", "a red picture"],
+            image=[str(tmp_path / "red.png")] * 2,
+            video=[str(tmp_path / "clip.mp4")] * 2,
+            audio=[(tmp_path / "tone.wav").read_bytes()] * 2,
+        )
     assert len(first.pairs) == 6 and len(calls) == 4  # second call served from the cache
     for k, v in first.pairs.items():
         assert torch.allclose(again.pairs[k], v.expand(2), atol=1e-6), k
@@ -192,17 +230,32 @@ def test_load_backbone_rejects_other_folders(tmp_path: Path) -> None:
 def test_score_cli_on_a_manifest(accord_dir: Path, tmp_path: Path) -> None:
     for i, color in enumerate([(220, 30, 30), (30, 30, 220)]):
         solid(color, 40, 30, i).save(tmp_path / f"img{i}.png")
-    rows = [{"text": "a red picture", "image": "img0.png"}, {"text": "a blue picture", "image": "img1.png"},
-            {"text": "no picture", "image": "missing.png"}]
+    rows = [
+        {"text": "a red picture", "image": "img0.png"},
+        {"text": "a blue picture", "image": "img1.png"},
+        {"text": "no picture", "image": "missing.png"},
+    ]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "score", "--backbone", str(accord_dir),
-                           "--input", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "s.jsonl")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "accord"),
+            "score",
+            "--backbone",
+            str(accord_dir),
+            "--input",
+            str(tmp_path / "m.jsonl"),
+            "--out",
+            str(tmp_path / "s.jsonl"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert [set(x) for x in lines[:2]] == [{"id", "text-image", "aggregate"}] * 2
     assert "missing.png" in lines[2]["error"]
-    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    summary = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert summary["scored"] == 2 and summary["errors"] == 1 and "text-image" in summary
 
 

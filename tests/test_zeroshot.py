@@ -56,12 +56,30 @@ def test_cli_classifies_labelled_shards_and_counts_what_it_skipped(tmp_path: Pat
     classes.write_text("red\ngreen\nblue\n")
     backbone = random_backbone("tiny.yaml", tmp_path / "backbone")
     png = tmp_path / "confusion.png"
-    assert main_eval(["--backbone", str(backbone), "--data", str(shards), "--classes", str(classes),
-                      "--modality", "image", "--confusion", str(png)]) == 0
+    assert (
+        main_eval(
+            [
+                "--backbone",
+                str(backbone),
+                "--data",
+                str(shards),
+                "--classes",
+                str(classes),
+                "--modality",
+                "image",
+                "--confusion",
+                str(png),
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     out = json.loads(captured.out)
-    assert out["samples"] == {"read": 11, "classified": 9, "skipped": {"no 'label' in the sample json": 1,
-                                                                        "label not in --classes": 1}}
+    assert out["samples"] == {
+        "read": 11,
+        "classified": 9,
+        "skipped": {"no 'label' in the sample json": 1, "label not in --classes": 1},
+    }
     assert "2 samples not classified" in captured.err
     assert png.stat().st_size > 0
     # the same figure by hand from the scorer's embeddings of the stored images and the default template
@@ -78,13 +96,21 @@ def test_cli_classifies_labelled_shards_and_counts_what_it_skipped(tmp_path: Pat
     assert out["top1"] == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["eval.zeroshot.classes=/no/classes.txt", "data.val=x"], "eval.zeroshot.classes: /no/classes.txt is not a file"),
-    (["eval.zeroshot.classes=CLASSES"], "eval.zeroshot: needs data.val"),
-    (["eval.zeroshot.classes=CLASSES", "data.val=x"], "eval.zeroshot.modality: say which of image, video, audio"),
-    (["eval.zeroshot.classes=CLASSES", "data.val=x", "eval.zeroshot.modality=image", "CONFIG=audio_text.yaml"],
-     "eval.zeroshot.modality: no image tower (audio)"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["eval.zeroshot.classes=/no/classes.txt", "data.val=x"],
+            "eval.zeroshot.classes: /no/classes.txt is not a file",
+        ),
+        (["eval.zeroshot.classes=CLASSES"], "eval.zeroshot: needs data.val"),
+        (["eval.zeroshot.classes=CLASSES", "data.val=x"], "eval.zeroshot.modality: say which of image, video, audio"),
+        (
+            ["eval.zeroshot.classes=CLASSES", "data.val=x", "eval.zeroshot.modality=image", "CONFIG=audio_text.yaml"],
+            "eval.zeroshot.modality: no image tower (audio)",
+        ),
+    ],
+)
 def test_training_zeroshot_config_errors_name_the_key(tmp_path: Path, overrides: list[str], message: str) -> None:
     from backbones import tiny_config
 
@@ -93,5 +119,7 @@ def test_training_zeroshot_config_errors_name_the_key(tmp_path: Path, overrides:
     (tmp_path / "classes.txt").write_text("red\n")
     config = next((o[7:] for o in overrides if o.startswith("CONFIG=")), "tiny.yaml")
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        tiny_config(config, [o.replace("CLASSES", str(tmp_path / "classes.txt")) for o in overrides
-                             if not o.startswith("CONFIG=")])
+        tiny_config(
+            config,
+            [o.replace("CLASSES", str(tmp_path / "classes.txt")) for o in overrides if not o.startswith("CONFIG=")],
+        )

@@ -21,8 +21,10 @@ from accord.train.distributed import init_distributed
 def batch(rank: int, step: int, n: int = 4) -> dict:
     g = torch.Generator().manual_seed(100 * step + rank)
     out = {
-        "text": {"input_ids": torch.randint(1, 1000, (n, 6), generator=g),
-                 "attention_mask": torch.ones(n, 6, dtype=torch.long)},
+        "text": {
+            "input_ids": torch.randint(1, 1000, (n, 6), generator=g),
+            "attention_mask": torch.ones(n, 6, dtype=torch.long),
+        },
         "image": {"pixel_values": torch.randn(n, 3, 32, 32, generator=g)},
         "video": {"pixel_values": torch.randn(n, 4, 3, 32, 32, generator=g)},
     }

@@ -14,7 +14,10 @@ COMMANDS = {
     "train": ("accord.train.main", "train the towers (one process; use deepspeed/torchrun for more)"),
     "export": ("accord.consistency.export", "DeepSpeed checkpoint (any ZeRO stage) -> backbone directory"),
     "score": ("accord.consistency.commands:main_score", "consistency scores of a manifest or shard set"),
-    "eval": ("accord.consistency.commands:main_eval", "zero-shot retrieval R@1/5/10 + similarity plot; --classes: zero-shot classification"),
+    "eval": (
+        "accord.consistency.commands:main_eval",
+        "zero-shot retrieval R@1/5/10 + similarity plot; --classes: zero-shot classification",
+    ),
     "experiment": ("accord.experiments", "experiments with a table and a plot: fusion, captioning, recipes"),
 }
 
@@ -25,9 +28,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: accord COMMAND [options] [--verbose]\n\ncommands:\n" + "\n".join(lines) +
-              "\n\nOutput is one line per stage; --verbose (or ACCORD_VERBOSE=1) adds the libraries' logs and "
-              "progress bars.")
+        print(
+            "usage: accord COMMAND [options] [--verbose]\n\ncommands:\n"
+            + "\n".join(lines)
+            + "\n\nOutput is one line per stage; --verbose (or ACCORD_VERBOSE=1) adds the libraries' logs and "
+            "progress bars."
+        )
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\naccord: error: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

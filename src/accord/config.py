@@ -1,6 +1,6 @@
 """Typed configs: dataclasses filled from YAML/dicts with ``key=value`` overrides and errors that name the key.
 
-    cfg = load_config(TrainConfig, "configs/tiny.yaml", ["optim.lr=1e-3", "model.embed_dim=64"])
+cfg = load_config(TrainConfig, "configs/tiny.yaml", ["optim.lr=1e-3", "model.embed_dim=64"])
 """
 
 from __future__ import annotations

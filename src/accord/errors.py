@@ -14,8 +14,15 @@ class InputError(ValueError):
     """A bad input the user can fix; the message names the file, sample or option at fault."""
 
 
-BAD_INPUT: tuple[type[BaseException], ...] = (InputError, ConfigError, FileNotFoundError, NotADirectoryError,
-                                              IsADirectoryError, PermissionError, UnicodeDecodeError)
+BAD_INPUT: tuple[type[BaseException], ...] = (
+    InputError,
+    ConfigError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+    UnicodeDecodeError,
+)
 
 
 def describe(error: BaseException) -> str:
@@ -29,6 +36,7 @@ def describe(error: BaseException) -> str:
 def command(prog: str, also: tuple[type[BaseException], ...] = ()) -> Callable:
     """Decorate a ``main(argv) -> int``: bad input (``BAD_INPUT`` + ``also``) prints ``PROG: error: ...`` and
     returns 2."""
+
     def wrap(main: Callable[[list[str] | None], int]) -> Callable[[list[str] | None], int]:
         @functools.wraps(main)
         def run(argv: list[str] | None = None) -> int:
@@ -37,5 +45,7 @@ def command(prog: str, also: tuple[type[BaseException], ...] = ()) -> Callable:
             except BAD_INPUT + also as e:
                 print(f"{prog}: error: {describe(e)}", file=sys.stderr)
                 return 2
+
         return run
+
     return wrap

@@ -2,8 +2,8 @@
 
 ``--verbose`` on any command (or ``ACCORD_VERBOSE=1``) brings the libraries' output back: DeepSpeed's info and
 warnings (the "Setting accelerator to CPU" notice), transformers' warnings and its "Loading weights" / "Writing
-model shards" bars, other libraries' tqdm bars, torch's extension-build notes. The choice is passed on through the environment, so data
-workers, launcher ranks and subprocesses follow it.
+model shards" bars, other libraries' tqdm bars, torch's extension-build notes. The choice is passed on
+through the environment, so data workers, launcher ranks and subprocesses follow it.
 """
 
 from __future__ import annotations

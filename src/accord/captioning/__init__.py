@@ -10,5 +10,13 @@ from accord.captioning.reward import CaptionConsistency
 from accord.captioning.train import CaptionTrainConfig, train_captioner
 from accord.captioning.vocab import CaptionVocab
 
-__all__ = ["CaptionConsistency", "CaptionTrainConfig", "Captioner", "CaptionerConfig", "CaptionVocab",
-           "DecodeConfig", "generate", "train_captioner"]
+__all__ = [
+    "CaptionConsistency",
+    "CaptionTrainConfig",
+    "Captioner",
+    "CaptionerConfig",
+    "CaptionVocab",
+    "DecodeConfig",
+    "generate",
+    "train_captioner",
+]

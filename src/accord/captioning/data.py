@@ -36,8 +36,9 @@ class CaptionData:
 
     @classmethod
     @torch.no_grad()
-    def encode(cls, backbone: Any, vocab: CaptionVocab, items: list[dict[str, Any]], modality: str, max_len: int
-               ) -> CaptionData:
+    def encode(
+        cls, backbone: Any, vocab: CaptionVocab, items: list[dict[str, Any]], modality: str, max_len: int
+    ) -> CaptionData:
         """``items``: dicts with ``text`` and the ``modality`` (raw bytes / paths, as ``accord score`` reads)."""
         if not items:
             raise ValueError(f"no items with text and {modality}")

@@ -84,8 +84,16 @@ def greedy(model: Captioner, memory: torch.Tensor, mask: torch.Tensor, max_len: 
 
 
 @torch.no_grad()
-def sample(model: Captioner, memory: torch.Tensor, mask: torch.Tensor, max_len: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Decoded:
+def sample(
+    model: Captioner,
+    memory: torch.Tensor,
+    mask: torch.Tensor,
+    max_len: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Decoded:
     """One sampled caption per row; ``logp`` under the unmodified model distribution."""
     n = memory.shape[0]
     seqs = torch.full((n, 1), BOS, dtype=torch.long, device=memory.device)
@@ -112,9 +120,18 @@ def sample(model: Captioner, memory: torch.Tensor, mask: torch.Tensor, max_len: 
 
 
 @torch.no_grad()
-def beam_search(model: Captioner, memory: torch.Tensor, mask: torch.Tensor, beam: int, max_len: int,
-                consistency: CaptionConsistency | None = None, media: torch.Tensor | None = None, beta: float = 0.0,
-                guide_top_k: int | None = None, length_norm: bool = True) -> tuple[Decoded, torch.Tensor, torch.Tensor]:
+def beam_search(
+    model: Captioner,
+    memory: torch.Tensor,
+    mask: torch.Tensor,
+    beam: int,
+    max_len: int,
+    consistency: CaptionConsistency | None = None,
+    media: torch.Tensor | None = None,
+    beta: float = 0.0,
+    guide_top_k: int | None = None,
+    length_norm: bool = True,
+) -> tuple[Decoded, torch.Tensor, torch.Tensor]:
     """Beam search, optionally guided by the consistency score at every step. Returns the best caption per row,
     and all final beams [B, K, T] with their summed log-probabilities [B, K], best first."""
     b, k = memory.shape[0], beam
@@ -154,8 +171,9 @@ def beam_search(model: Captioner, memory: torch.Tensor, mask: torch.Tensor, beam
 
 
 @torch.no_grad()
-def rerank(candidates: torch.Tensor, logp: torch.Tensor, media: torch.Tensor, consistency: CaptionConsistency,
-           beta: float) -> tuple[Decoded, torch.Tensor]:
+def rerank(
+    candidates: torch.Tensor, logp: torch.Tensor, media: torch.Tensor, consistency: CaptionConsistency, beta: float
+) -> tuple[Decoded, torch.Tensor]:
     """Pick from ``candidates`` [B, N, T] by ``logp / length + beta * consistency``; returns the choice and the
     index of the chosen candidate per row."""
     b, n, t = candidates.shape
@@ -167,8 +185,14 @@ def rerank(candidates: torch.Tensor, logp: torch.Tensor, media: torch.Tensor, co
     return Decoded(candidates[rows, choice], logp[rows, choice]), choice
 
 
-def generate(model: Captioner, memory: torch.Tensor, mask: torch.Tensor, cfg: DecodeConfig,
-             media: torch.Tensor | None = None, consistency: CaptionConsistency | None = None) -> Decoded:
+def generate(
+    model: Captioner,
+    memory: torch.Tensor,
+    mask: torch.Tensor,
+    cfg: DecodeConfig,
+    media: torch.Tensor | None = None,
+    consistency: CaptionConsistency | None = None,
+) -> Decoded:
     """Captions for a batch of media: ``memory`` [B, L, W] token features (+ bool ``mask``), ``media`` [B, D]
     embeddings for the consistency-based strategies."""
     model.eval()
@@ -188,8 +212,15 @@ def generate(model: Captioner, memory: torch.Tensor, mask: torch.Tensor, cfg: De
     if cfg.candidate_source == "beam":
         _, cands, logp = beam_search(model, memory, mask, n, max_len)
     else:
-        drawn = sample(model, memory.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), max_len,
-                       cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        drawn = sample(
+            model,
+            memory.repeat_interleave(n, 0),
+            mask.repeat_interleave(n, 0),
+            max_len,
+            cfg.temperature,
+            cfg.top_k,
+            cfg.top_p,
+            generator,
+        )
         cands, logp = drawn.seqs.view(-1, n, drawn.seqs.shape[-1]), drawn.logp.view(-1, n)
     return rerank(cands, logp, media, consistency, cfg.beta)[0]
-

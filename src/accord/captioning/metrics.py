@@ -33,21 +33,32 @@ def coco_metrics(variants: dict[str, list[str]], references: list[list[str]]) ->
     tok = PTBTokenizer()
     gts = tok.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
     names = list(variants)
-    flat = tok.tokenize({f"{v}:{i}": [{"caption": c or EMPTY}] for v, name in enumerate(names)
-                         for i, c in enumerate(variants[name])})
+    flat = tok.tokenize(
+        {f"{v}:{i}": [{"caption": c or EMPTY}] for v, name in enumerate(names) for i, c in enumerate(variants[name])}
+    )
     meteor = Meteor()
     out = {}
     for v, name in enumerate(names):
         res = {i: [flat[f"{v}:{i}"][0].strip() or EMPTY] for i in range(len(references))}
         bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        out[name] = {"BLEU-4": float(bleu[3]), "METEOR": float(meteor.compute_score(gts, res)[0]),
-                     "ROUGE-L": float(Rouge().compute_score(gts, res)[0]),
-                     "CIDEr": float(Cider().compute_score(gts, res)[0])}
+        out[name] = {
+            "BLEU-4": float(bleu[3]),
+            "METEOR": float(meteor.compute_score(gts, res)[0]),
+            "ROUGE-L": float(Rouge().compute_score(gts, res)[0]),
+            "CIDEr": float(Cider().compute_score(gts, res)[0]),
+        }
     return out
 
 
 def caption_metrics(variants: dict[str, list[str]], references: list[list[str]]) -> dict[str, dict[str, float]]:
     """:func:`coco_metrics` + distinct-1/2 and mean length, per variant."""
     coco = coco_metrics(variants, references)
-    return {name: {**coco[name], "distinct-1": distinct_n(c, 1), "distinct-2": distinct_n(c, 2),
-                   "mean_length": mean_length(c)} for name, c in variants.items()}
+    return {
+        name: {
+            **coco[name],
+            "distinct-1": distinct_n(c, 1),
+            "distinct-2": distinct_n(c, 2),
+            "mean_length": mean_length(c),
+        }
+        for name, c in variants.items()
+    }

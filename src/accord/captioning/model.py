@@ -27,8 +27,9 @@ class Captioner(nn.Module):
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_len + 2, cfg.dim))
         nn.init.normal_(self.pos, std=0.02)
         self.memory_proj = nn.Sequential(nn.Linear(memory_width, cfg.dim), nn.LayerNorm(cfg.dim))
-        layer = nn.TransformerDecoderLayer(cfg.dim, cfg.heads, 4 * cfg.dim, cfg.dropout, batch_first=True,
-                                           norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            cfg.dim, cfg.heads, 4 * cfg.dim, cfg.dropout, batch_first=True, norm_first=True
+        )
         self.decoder = nn.TransformerDecoder(layer, cfg.layers)
         self.norm = nn.LayerNorm(cfg.dim)
         self.out = nn.Linear(cfg.dim, vocab_size)
@@ -41,13 +42,15 @@ class Captioner(nn.Module):
         t = tokens.shape[1]
         x = self.embed(tokens) + self.pos[:, :t]
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=tokens.device), diagonal=1)
-        y = self.decoder(x, self.memory_proj(memory), tgt_mask=causal, memory_key_padding_mask=~memory_mask,
-                         tgt_is_causal=True)
+        y = self.decoder(
+            x, self.memory_proj(memory), tgt_mask=causal, memory_key_padding_mask=~memory_mask, tgt_is_causal=True
+        )
         return self.norm(y)
 
 
-def blank_memory(n: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def blank_memory(
+    n: int, width: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One all-zero memory token per row: a Captioner trained and decoded with it is an image-blind language model
     (it sees the captions only), as MAGIC's language model is."""
     return torch.zeros(n, 1, width, device=device, dtype=dtype), torch.ones(n, 1, dtype=torch.bool, device=device)

@@ -110,8 +110,10 @@ def judge(caption: str, truth: Scene) -> dict[str, float]:
 def referee(captions: list[str], truths: list[Scene]) -> dict[str, float]:
     """Means over captions; relation accuracy over the captions that state a relation (with their count)."""
     rows = [judge(c, t) for c, t in zip(captions, truths, strict=True)]
-    out = {k: sum(r[k] for r in rows) / len(rows) for k in ("attribute_precision", "attribute_recall",
-                                                            "hallucinated_objects", "missed_objects", "parsed")}
+    out = {
+        k: sum(r[k] for r in rows) / len(rows)
+        for k in ("attribute_precision", "attribute_recall", "hallucinated_objects", "missed_objects", "parsed")
+    }
     stated = [r["relation_correct"] for r in rows if "relation_correct" in r]
     out["relation_accuracy"] = sum(stated) / len(stated) if stated else float("nan")
     out["relations_stated"] = float(len(stated))

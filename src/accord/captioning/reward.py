@@ -47,13 +47,20 @@ def _embedding(media: torch.Tensor | MediaFeatures) -> torch.Tensor:
 class CaptionConsistency:
     """``score(captions, media)``: the backbone's consistency of generated captions with media (see the module)."""
 
-    def __init__(self, backbone: Any, vocab: CaptionVocab, kind: Literal["cosine", "fused"] = "cosine",
-                 modality: str = "image", cache_items: int = 50_000):
+    def __init__(
+        self,
+        backbone: Any,
+        vocab: CaptionVocab,
+        kind: Literal["cosine", "fused"] = "cosine",
+        modality: str = "image",
+        cache_items: int = 50_000,
+    ):
         if kind not in ("cosine", "fused"):
             raise ValueError(f"consistency kind: {kind!r} is not 'cosine' or 'fused'")
         if kind == "fused" and not backbone.has_fusion:
-            raise ValueError(f"{backbone.path}: the fused score needs a backbone with a fusion head "
-                             "(train with model.fusion set)")
+            raise ValueError(
+                f"{backbone.path}: the fused score needs a backbone with a fusion head (train with model.fusion set)"
+            )
         self.backbone, self.vocab, self.kind, self.modality = backbone, vocab, kind, modality
         self.cache_items = cache_items
         # caption ids -> (embedding, token features or None): see cached_text
@@ -67,12 +74,17 @@ class CaptionConsistency:
         words = seqs.masked_fill(ended, PAD)
         lengths = (words != PAD).sum(1)
         m, t = words.shape
-        ids = torch.cat([torch.full((m, 1), self.vocab.bos_id), self.vocab.token_ids[words],
-                         torch.full((m, 1), self.vocab.pad_id)], dim=1)
+        ids = torch.cat(
+            [torch.full((m, 1), self.vocab.bos_id), self.vocab.token_ids[words], torch.full((m, 1), self.vocab.pad_id)],
+            dim=1,
+        )
         ids[torch.arange(m), lengths + 1] = self.vocab.eos_id
         mask = torch.arange(t + 2)[None] <= (lengths + 1)[:, None]
         width = int(lengths.max()) + 2
-        return {"input_ids": ids.masked_fill(~mask, self.vocab.pad_id)[:, :width], "attention_mask": mask.long()[:, :width]}
+        return {
+            "input_ids": ids.masked_fill(~mask, self.vocab.pad_id)[:, :width],
+            "attention_mask": mask.long()[:, :width],
+        }
 
     def _run_text(self, ids: torch.Tensor, mask: torch.Tensor) -> TowerOutput:
         tower, device = self.backbone.model.towers["text"], self.backbone.device
@@ -104,7 +116,10 @@ class CaptionConsistency:
             rows = missing[start : start + 256]
             out = self._run_text(ids[rows], mask[rows])
             for j, i in enumerate(rows):
-                self._cache[keys[i]] = (out.embedding[j].clone(), out.tokens[j, : lengths[i]].clone() if tokens else None)
+                self._cache[keys[i]] = (
+                    out.embedding[j].clone(),
+                    out.tokens[j, : lengths[i]].clone() if tokens else None,
+                )
         entries = [self._cache[k] for k in keys]
         for k in keys:
             self._cache.move_to_end(k)
@@ -117,7 +132,9 @@ class CaptionConsistency:
         feats = embedding.new_zeros(len(keys), width, entries[0][1].shape[-1])
         for i, (_, t) in enumerate(entries):
             feats[i, : len(t)] = t
-        token_mask = torch.arange(width, device=feats.device)[None] < torch.tensor(lengths, device=feats.device)[:, None]
+        token_mask = (
+            torch.arange(width, device=feats.device)[None] < torch.tensor(lengths, device=feats.device)[:, None]
+        )
         return TowerOutput(embedding, feats, token_mask)
 
     def score(self, seqs: torch.Tensor, media: torch.Tensor | MediaFeatures) -> torch.Tensor:
@@ -130,8 +147,7 @@ class CaptionConsistency:
         other = TowerOutput(media.embedding, media.tokens.to(text.tokens.dtype), media.mask)
         return torch.sigmoid(self.backbone.match_logits(text, other, self.modality).float())
 
-    def soft_score(self, probs: torch.Tensor, mask: torch.Tensor, media: torch.Tensor | MediaFeatures
-                   ) -> torch.Tensor:
+    def soft_score(self, probs: torch.Tensor, mask: torch.Tensor, media: torch.Tensor | MediaFeatures) -> torch.Tensor:
         """Cosine of soft captions: ``probs`` [M, T, V] over the generator vocabulary at the ``mask``ed positions."""
         table = self.word_embeddings[self.vocab.token_ids.to(self.word_embeddings.device)]  # [V, H]
         words = probs.to(table.dtype) @ table

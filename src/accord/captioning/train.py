@@ -52,8 +52,9 @@ def sequence_logp(model: Captioner, seqs: torch.Tensor, memory: torch.Tensor, ma
     return (logp * (seqs != PAD)).sum(-1)
 
 
-def _step_loss(model: Captioner, batch: tuple[torch.Tensor, ...], cfg: CaptionTrainConfig,
-               consistency: CaptionConsistency | None) -> tuple[torch.Tensor, dict[str, float]]:
+def _step_loss(
+    model: Captioner, batch: tuple[torch.Tensor, ...], cfg: CaptionTrainConfig, consistency: CaptionConsistency | None
+) -> tuple[torch.Tensor, dict[str, float]]:
     memory, mask, media, targets = batch
     if cfg.strategy == "scst":
         model.eval()
@@ -86,8 +87,13 @@ def _step_loss(model: Captioner, batch: tuple[torch.Tensor, ...], cfg: CaptionTr
     return loss, logs
 
 
-def train_captioner(model: Captioner, data: CaptionData, cfg: CaptionTrainConfig,
-                    consistency: CaptionConsistency | None = None, progress: bool = True) -> list[dict[str, float]]:
+def train_captioner(
+    model: Captioner,
+    data: CaptionData,
+    cfg: CaptionTrainConfig,
+    consistency: CaptionConsistency | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
     """Train in place and leave the model in eval mode (decoding with dropout on would be random); returns per-epoch
     mean logs."""
     if cfg.strategy != "mle" and consistency is None:

@@ -44,7 +44,7 @@ class CaptionVocab:
         out = []
         for seq in seqs:
             words = []
-            for t in (seq.tolist() if torch.is_tensor(seq) else seq):
+            for t in seq.tolist() if torch.is_tensor(seq) else seq:
                 if t == EOS:
                     break
                 if t not in (PAD, BOS):

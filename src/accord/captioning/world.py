@@ -25,8 +25,11 @@ SHAPES = ("circle", "square", "triangle")
 RELATIONS = ("left of", "right of", "above", "below")  # objects[0] <relation> objects[1]
 INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 HELD_OUT_OBJECTS = {("red", "square"), ("green", "triangle"), ("blue", "circle"), ("yellow", "square")}
-HELD_OUT_PLACEMENTS = {("circle", "above", "square"), ("triangle", "left of", "circle"),
-                       ("square", "below", "triangle")}
+HELD_OUT_PLACEMENTS = {
+    ("circle", "above", "square"),
+    ("triangle", "left of", "circle"),
+    ("square", "below", "triangle"),
+}
 # {o} / {o1} / {o2} / {o3}: "<size> <colour> <shape>"; {rel}: RELATION_PHRASES; {rel_it}: RELATION_PHRASES_IT
 TEMPLATES = {
     1: ("a {o} on a plain background", "there is one {o} in the picture", "the image shows a single {o}"),
@@ -89,9 +92,11 @@ def one_change(scene: Scene, what: str, rng: np.random.Generator) -> Scene | Non
     objs = list(scene.objects)
     i = int(rng.integers(len(objs)))
     o = objs[i]
-    options = {"colour": [Obj(o.size, c, o.shape) for c in COLOURS if c != o.colour],
-               "shape": [Obj(o.size, o.colour, sh) for sh in SHAPES if sh != o.shape],
-               "size": [Obj(sz, o.colour, o.shape) for sz in SIZES if sz != o.size]}[what]
+    options = {
+        "colour": [Obj(o.size, c, o.shape) for c in COLOURS if c != o.colour],
+        "shape": [Obj(o.size, o.colour, sh) for sh in SHAPES if sh != o.shape],
+        "size": [Obj(sz, o.colour, o.shape) for sz in SIZES if sz != o.size],
+    }[what]
     objs[i] = options[int(rng.integers(len(options)))]
     return Scene(tuple(objs), scene.relation)
 
@@ -100,8 +105,9 @@ def random_scene(rng: np.random.Generator, heldout: bool) -> Scene:
     """A scene of the training distribution, or (``heldout``) one with at least one held-out part."""
     while True:
         n = int(rng.choice([1, 2, 3], p=[0.3, 0.45, 0.25]))
-        objs = tuple(Obj(str(rng.choice(list(SIZES))), str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES)))
-                     for _ in range(n))
+        objs = tuple(
+            Obj(str(rng.choice(list(SIZES))), str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))) for _ in range(n)
+        )
         scene = Scene(objs, str(rng.choice(RELATIONS)) if n == 2 else None)
         if bool(scene.held_out_parts()) == heldout:
             return scene
@@ -117,8 +123,9 @@ def layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float]]:
         return [(s * (i + 0.5) / 3 + rng.uniform(-2, 2), s / 2 + rng.uniform(-12, 12)) for i in range(3)]
     near, far = s * 0.27 + rng.uniform(-3, 3), s * 0.73 + rng.uniform(-3, 3)
     across = [s / 2 + rng.uniform(-10, 10) for _ in range(2)]
-    first, second = {"left of": (near, far), "right of": (far, near), "above": (near, far),
-                     "below": (far, near)}[scene.relation]
+    first, second = {"left of": (near, far), "right of": (far, near), "above": (near, far), "below": (far, near)}[
+        scene.relation
+    ]
     if scene.relation in ("left of", "right of"):
         return [(first, across[0]), (second, across[1])]
     return [(across[0], first), (across[1], second)]
@@ -149,6 +156,5 @@ def write_world(out: Path, train: int, heldout: int, seed: int = 0, progress: bo
         stem = out / split / f"s{i:05d}"
         render(scene, rng).save(stem.with_suffix(".png"))
         stem.with_suffix(".txt").write_text(caption(scene, str(rng.choice(TEMPLATES[len(scene.objects)]))) + "\n")
-        stem.with_suffix(".json").write_text(json.dumps({"scene": scene.to_json(),
-                                                         "held_out": scene.held_out_parts()}))
+        stem.with_suffix(".json").write_text(json.dumps({"scene": scene.to_json(), "held_out": scene.held_out_parts()}))
     return {"train": train, "heldout": heldout}

@@ -24,9 +24,17 @@ from accord.captioning.vocab import BOS, EOS, PAD
 
 
 @torch.no_grad()
-def magic(lm: Captioner, n: int, max_len: int, consistency: CaptionConsistency | None = None,
-          media: torch.Tensor | None = None, top_k: int = 5, alpha: float = 0.6, beta: float = 1.0,
-          tau: float = 0.01) -> Decoded:
+def magic(
+    lm: Captioner,
+    n: int,
+    max_len: int,
+    consistency: CaptionConsistency | None = None,
+    media: torch.Tensor | None = None,
+    top_k: int = 5,
+    alpha: float = 0.6,
+    beta: float = 1.0,
+    tau: float = 0.01,
+) -> Decoded:
     """``n`` captions from the image-blind ``lm`` (a Captioner on :func:`blank_memory`), guided towards ``media``
     [n, D] by ``consistency`` when ``beta`` > 0."""
     if beta and (consistency is None or media is None):
@@ -45,8 +53,9 @@ def magic(lm: Captioner, n: int, max_len: int, consistency: CaptionConsistency |
         k = min(top_k, logp.shape[-1])
         cand_logp, cand = logp.topk(k, dim=-1)  # [n, k]
         extended = torch.cat([seqs.repeat_interleave(k, 0), cand.reshape(-1, 1)], dim=1)  # [n*k, t+2]
-        hidden = F.normalize(lm.hidden(extended, memory.repeat_interleave(k, 0), mask.repeat_interleave(k, 0))
-                             .to(acc), dim=-1)
+        hidden = F.normalize(
+            lm.hidden(extended, memory.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)).to(acc), dim=-1
+        )
         penalty = (hidden[:, :-1] @ hidden[:, -1:].transpose(1, 2))[..., 0].max(dim=1).values.view(n, k)
         score = (1 - alpha) * cand_logp.exp() - alpha * penalty
         if beta:
@@ -64,8 +73,9 @@ def magic(lm: Captioner, n: int, max_len: int, consistency: CaptionConsistency |
 
 
 @torch.no_grad()
-def retrieve_captions(media: torch.Tensor, caption_embeddings: torch.Tensor, captions: list[str]
-                      ) -> tuple[list[str], torch.Tensor]:
+def retrieve_captions(
+    media: torch.Tensor, caption_embeddings: torch.Tensor, captions: list[str]
+) -> tuple[list[str], torch.Tensor]:
     """CLIPRe: for each medium [N, D], the caption of ``captions`` (the training captions, embedded [C, D]) whose
     embedding is most similar, and its index."""
     if len(captions) != len(caption_embeddings):

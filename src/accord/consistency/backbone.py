@@ -54,8 +54,12 @@ def _image_batch(images: Any, cfg: ImageConfig, device: torch.device | None = No
     import numpy as np
     from PIL import Image
 
-    if isinstance(images, (list, tuple)) and images and all(torch.is_tensor(i) for i in images) and len(
-            {(i.dtype, tuple(i.shape)) for i in images}) == 1:
+    if (
+        isinstance(images, (list, tuple))
+        and images
+        and all(torch.is_tensor(i) for i in images)
+        and len({(i.dtype, tuple(i.shape)) for i in images}) == 1
+    ):
         images = torch.stack(list(images))
     if torch.is_tensor(images) and images.dim() == 3:
         images = images[None]
@@ -79,8 +83,9 @@ class Backbone(nn.Module):
     def __init__(self, model: AccordModel, preprocess: dict[str, Any], tokenizer: Any | None, path: Path):
         super().__init__()
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
-        self.image_cfg = ImageConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                        for k, v in preprocess.get("image", {}).items()})
+        self.image_cfg = ImageConfig(
+            **{k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.get("image", {}).items()}
+        )
         self.video_cfg = VideoConfig(**preprocess.get("video", {}))
         self.audio_cfg = AudioConfig(**preprocess.get("audio", {}))
         self.max_length = preprocess.get("text", {}).get("max_length", 77)
@@ -98,19 +103,37 @@ class Backbone(nn.Module):
         if modality == "text":
             if isinstance(inputs, dict):
                 return inputs
-            enc = self.tokenizer(list(inputs), padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt")
+            enc = self.tokenizer(
+                list(inputs), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if modality == "image":
             return {"pixel_values": _image_batch(inputs, self.image_cfg, self.device)}
         if modality == "video":
             if torch.is_tensor(inputs):  # [B, T, 3, H, W] in [0, 1]
-                frames = [video_to_tensor((v.permute(0, 2, 3, 1) * 255.0), self.video_cfg, self.image_cfg.mean,
-                                          self.image_cfg.std, False, random.Random(0)) for v in inputs]
+                frames = [
+                    video_to_tensor(
+                        (v.permute(0, 2, 3, 1) * 255.0),
+                        self.video_cfg,
+                        self.image_cfg.mean,
+                        self.image_cfg.std,
+                        False,
+                        random.Random(0),
+                    )
+                    for v in inputs
+                ]
             else:
-                frames = [video_to_tensor(decode_video(_read(v), self.video_cfg.num_frames, self.video_cfg.backend),
-                                          self.video_cfg, self.image_cfg.mean, self.image_cfg.std, False,
-                                          random.Random(0)) for v in inputs]
+                frames = [
+                    video_to_tensor(
+                        decode_video(_read(v), self.video_cfg.num_frames, self.video_cfg.backend),
+                        self.video_cfg,
+                        self.image_cfg.mean,
+                        self.image_cfg.std,
+                        False,
+                        random.Random(0),
+                    )
+                    for v in inputs
+                ]
             return {"pixel_values": torch.stack(frames)}
         rate = self.audio_cfg.sample_rate
         if torch.is_tensor(inputs):
@@ -125,8 +148,10 @@ class Backbone(nn.Module):
         if modality not in self.model.towers:
             raise ValueError(f"this backbone has no {modality} tower (it has {', '.join(self.modalities)})")
         dtype = next(self.parameters()).dtype
-        prepared = {k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
-                    for k, v in self.prepare(modality, inputs).items()}
+        prepared = {
+            k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
+            for k, v in self.prepare(modality, inputs).items()
+        }
         return self.model.towers[modality](prepared)
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
@@ -164,8 +189,9 @@ class HFClipBackbone(nn.Module):
         self.processor = CLIPImageProcessor.from_pretrained(path)
         crop = self.processor.crop_size
         size = crop if isinstance(crop, int) else (getattr(crop, "height", None) or crop["height"])
-        self.image_cfg = ImageConfig(size=size, mean=tuple(self.processor.image_mean),
-                                     std=tuple(self.processor.image_std))
+        self.image_cfg = ImageConfig(
+            size=size, mean=tuple(self.processor.image_mean), std=tuple(self.processor.image_std)
+        )
         self.max_length = self.clip.config.text_config.max_position_embeddings
 
     @property
@@ -177,13 +203,16 @@ class HFClipBackbone(nn.Module):
             return out if torch.is_tensor(out) else out.pooler_output
 
         if modality == "text":
-            enc = self.tokenizer(list(inputs), padding=True, truncation=True, max_length=self.max_length,
-                                 return_tensors="pt").to(self.device)
-            emb = features(self.clip.get_text_features(input_ids=enc["input_ids"],
-                                                       attention_mask=enc["attention_mask"]))
+            enc = self.tokenizer(
+                list(inputs), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            ).to(self.device)
+            emb = features(
+                self.clip.get_text_features(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+            )
         elif modality == "image":
-            tensors = torch.is_tensor(inputs) or (isinstance(inputs, (list, tuple)) and inputs
-                                                  and all(torch.is_tensor(i) for i in inputs))
+            tensors = torch.is_tensor(inputs) or (
+                isinstance(inputs, (list, tuple)) and inputs and all(torch.is_tensor(i) for i in inputs)
+            )
             if tensors and (self.device.type != "cpu" or _is_float(inputs)):
                 # float: the differentiable path; uint8 on an accelerator: resized there (same numbers as the
                 # processor to 1e-5, tested). On CPU the processor's PIL resize is faster
@@ -205,8 +234,9 @@ def _is_float(inputs: Any) -> bool:
     return first.is_floating_point()
 
 
-def load_backbone(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-                  ) -> Backbone | HFClipBackbone:
+def load_backbone(
+    path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> Backbone | HFClipBackbone:
     """An exported accord backbone directory, or a HF CLIPModel directory (``config.json`` of model_type clip).
 
     ``dtype`` (e.g. ``torch.bfloat16`` on a GPU) casts the towers; embeddings and scores stay fp32."""
@@ -219,8 +249,9 @@ def load_backbone(path: str | Path, device: str | torch.device | None = None, dt
         try:
             model = AccordModel(from_dict(ModelConfig, model_cfg, "model"))
         except (OSError, ValueError) as e:
-            raise InputError(f"{path}: a tower does not load as backbone.json describes it: "
-                             f"{str(e).splitlines()[0]}") from None
+            raise InputError(
+                f"{path}: a tower does not load as backbone.json describes it: {str(e).splitlines()[0]}"
+            ) from None
         heads = load_file(str(path / "heads.safetensors"))
         state = {}
         for key, value in heads.items():
@@ -230,8 +261,10 @@ def load_backbone(path: str | Path, device: str | torch.device | None = None, dt
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # size mismatches: towers/ and heads.safetensors from different models
             lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
-            raise InputError(f"{path}: heads.safetensors does not match the towers (a tower's config was changed, "
-                             f"or files of two backbones were mixed): {lines[0] if lines else e}") from None
+            raise InputError(
+                f"{path}: heads.safetensors does not match the towers (a tower's config was changed, "
+                f"or files of two backbones were mixed): {lines[0] if lines else e}"
+            ) from None
         bad = [k for k in missing if ".backbone." not in k]
         if bad or unexpected:
             raise InputError(f"{path}: heads do not match the towers (missing {bad[:5]}, unexpected {unexpected[:5]})")

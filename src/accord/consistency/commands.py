@@ -17,8 +17,20 @@ from accord.consistency.backbone import DTYPES
 from accord.consistency.scorer import ConsistencyScorer, torchmetrics_aggregate
 from accord.errors import InputError, command
 
-MEDIA_BY_EXT = {"jpg": "image", "jpeg": "image", "png": "image", "webp": "image", "mp4": "video", "webm": "video",
-                "mkv": "video", "mov": "video", "flac": "audio", "wav": "audio", "ogg": "audio", "mp3": "audio"}
+MEDIA_BY_EXT = {
+    "jpg": "image",
+    "jpeg": "image",
+    "png": "image",
+    "webp": "image",
+    "mp4": "video",
+    "webm": "video",
+    "mkv": "video",
+    "mov": "video",
+    "flac": "audio",
+    "wav": "audio",
+    "ogg": "audio",
+    "mp3": "audio",
+}
 
 
 MODS = ("text", "image", "video", "audio")
@@ -29,8 +41,10 @@ def manifest_items(path: str) -> Iterator[dict[str, Any]]:
     from accord.shards.sources import read_sources
 
     sources = read_sources(path)
-    return ({"id": src.origin, "error": src.error} if src.error else {"id": src.origin, "text": src.text, **src.media}
-            for src in sources)
+    return (
+        {"id": src.origin, "error": src.error} if src.error else {"id": src.origin, "text": src.text, **src.media}
+        for src in sources
+    )
 
 
 def shard_items(folder: str, with_json: bool = False) -> Iterator[dict[str, Any]]:
@@ -44,8 +58,7 @@ def shard_items(folder: str, with_json: bool = False) -> Iterator[dict[str, Any]
     from accord.shards.tario import read_tar
 
     fs, root = fsspec.core.url_to_fs(folder)
-    sizes = json.loads(fs.cat(f"{root.rstrip('/')}/sizes.json")) if fs.exists(f"{root.rstrip('/')}/sizes.json") \
-        else {}
+    sizes = json.loads(fs.cat(f"{root.rstrip('/')}/sizes.json")) if fs.exists(f"{root.rstrip('/')}/sizes.json") else {}
     for tar in sorted(fs.glob(f"{root.rstrip('/')}/*.tar")):
         name, read, problem = tar.rsplit("/", 1)[-1], 0, None
         try:
@@ -76,8 +89,14 @@ def _modalities(item: dict[str, Any]) -> tuple[str, ...]:
     return tuple(m for m in MODS if item.get(m) is not None)
 
 
-def score_items(scorer: ConsistencyScorer, items: Iterable[dict[str, Any]], mode: str, batch_size: int,
-                progress: bool = True, total: int | None = None) -> Iterator[dict[str, Any]]:
+def score_items(
+    scorer: ConsistencyScorer,
+    items: Iterable[dict[str, Any]],
+    mode: str,
+    batch_size: int,
+    progress: bool = True,
+    total: int | None = None,
+) -> Iterator[dict[str, Any]]:
     """Score a stream of items; consecutive items with the same modalities form one batch. Yields one row per
     item: its per-pair scores and aggregate, or the error that kept it from being scored."""
     bar = tqdm(total=total, desc="score", unit="sample", disable=not progress)
@@ -111,12 +130,15 @@ def score_items(scorer: ConsistencyScorer, items: Iterable[dict[str, Any]], mode
     bar.close()
 
 
-def _score_chunk(scorer: ConsistencyScorer, chunk: list[dict[str, Any]], mods: tuple[str, ...], mode: str
-                 ) -> list[dict[str, Any]]:
+def _score_chunk(
+    scorer: ConsistencyScorer, chunk: list[dict[str, Any]], mods: tuple[str, ...], mode: str
+) -> list[dict[str, Any]]:
     with torch.no_grad():
         result = scorer.score(**{m: [c[m] for c in chunk] for m in mods}, mode=mode)
-    return [{"id": c["id"], **{p: float(v[k]) for p, v in result.pairs.items()}, "aggregate": float(result.aggregate[k])}
-            for k, c in enumerate(chunk)]
+    return [
+        {"id": c["id"], **{p: float(v[k]) for p, v in result.pairs.items()}, "aggregate": float(result.aggregate[k])}
+        for k, c in enumerate(chunk)
+    ]
 
 
 def summarize(rows: list[dict[str, Any]], mode: str) -> dict[str, Any]:
@@ -139,8 +161,12 @@ def main_score(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", default="clipscore", choices=("clipscore", "torchmetrics", "cosine", "fused"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES),
-                   help="tower precision (bf16/fp16 for GPUs); scores are computed in fp32")
+    p.add_argument(
+        "--dtype",
+        default="fp32",
+        choices=tuple(DTYPES),
+        help="tower precision (bf16/fp16 for GPUs); scores are computed in fp32",
+    )
     args = p.parse_args(argv)
     path = Path(args.input)
     if "://" not in args.input and not path.exists():
@@ -162,19 +188,30 @@ def main_score(argv: list[str] | None = None) -> int:
 
 @command("accord eval")
 def main_eval(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accord eval", description="Zero-shot retrieval R@1/5/10 per pair on shards, "
-                                "or zero-shot classification with --classes.")
+    p = argparse.ArgumentParser(
+        prog="accord eval",
+        description="Zero-shot retrieval R@1/5/10 per pair on shards, or zero-shot classification with --classes.",
+    )
     p.add_argument("--backbone", required=True)
     p.add_argument("--data", required=True, help="shard folder / pattern")
     p.add_argument("--plot", default=None, help="similarity-matrix PNG (first pair, first 32 samples)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--rerank", type=int, default=0, metavar="K",
-                   help="also report R@1 after reranking the cosine top-K by the fusion head (text pairs)")
+    p.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also report R@1 after reranking the cosine top-K by the fusion head (text pairs)",
+    )
     z = p.add_argument_group("zero-shot classification (instead of retrieval; see accord.consistency.zeroshot)")
     z.add_argument("--classes", default=None, help="class names, one per line")
-    z.add_argument("--templates", default=None, help="prompt templates with {} for the class, one per line "
-                                                     "(default: 'a photo of a {}.' and the like per modality)")
+    z.add_argument(
+        "--templates",
+        default=None,
+        help="prompt templates with {} for the class, one per line "
+        "(default: 'a photo of a {}.' and the like per modality)",
+    )
     z.add_argument("--label-key", default="label", help="the sample json field holding the class (name or index)")
     z.add_argument("--modality", default=None, choices=("image", "video", "audio"))
     z.add_argument("--confusion", default=None, help="confusion-matrix PNG")
@@ -182,28 +219,48 @@ def main_eval(argv: list[str] | None = None) -> int:
     if args.classes:
         from accord.consistency.zeroshot import zeroshot_eval
 
-        result = zeroshot_eval(args.backbone, args.data, args.classes, args.templates, args.modality,
-                               args.label_key, args.batch_size, args.confusion)
+        result = zeroshot_eval(
+            args.backbone,
+            args.data,
+            args.classes,
+            args.templates,
+            args.modality,
+            args.label_key,
+            args.batch_size,
+            args.confusion,
+        )
         print(json.dumps({k: v for k, v in result.items() if k != "confusion"}, indent=2))
         if result["samples"]["skipped"]:
-            print(f"accord eval: warning: {sum(result['samples']['skipped'].values())} samples not classified "
-                  f"({result['samples']['skipped']})", file=sys.stderr)
+            print(
+                f"accord eval: warning: {sum(result['samples']['skipped'].values())} samples not classified "
+                f"({result['samples']['skipped']})",
+                file=sys.stderr,
+            )
         return 0
     report: dict[str, Any] = {}
-    metrics = evaluate_backbone(args.backbone, args.data, args.batch_size, args.workers, args.plot, args.rerank,
-                                report=report)
+    metrics = evaluate_backbone(
+        args.backbone, args.data, args.batch_size, args.workers, args.plot, args.rerank, report=report
+    )
     print(json.dumps({**metrics, "samples": report}, indent=2))
     if report["skipped"] or (report["expected"] is not None and report["read"] != report["expected"]):
         reasons = ", ".join(f"{k}: {v}" for k, v in report["skipped"].items()) or "none"
-        print(f"accord eval: warning: read {report['read']} of {report['expected']} samples that sizes.json "
-              f"promises in {args.data} (skipped: {reasons}); the retrieval figures cover the samples read",
-              file=sys.stderr)
+        print(
+            f"accord eval: warning: read {report['read']} of {report['expected']} samples that sizes.json "
+            f"promises in {args.data} (skipped: {reasons}); the retrieval figures cover the samples read",
+            file=sys.stderr,
+        )
     return 0
 
 
-def evaluate_backbone(backbone_dir: str, data: str, batch_size: int = 32, workers: int = 0,
-                      plot: str | None = None, rerank: int = 0, report: dict[str, Any] | None = None
-                      ) -> dict[str, float]:
+def evaluate_backbone(
+    backbone_dir: str,
+    data: str,
+    batch_size: int = 32,
+    workers: int = 0,
+    plot: str | None = None,
+    rerank: int = 0,
+    report: dict[str, Any] | None = None,
+) -> dict[str, float]:
     """Retrieval metrics of an exported backbone on held-out shards (eval transforms); ``rerank`` = k adds R@1
     after reranking the cosine top-k by the fusion head; ``report`` receives the loader's read / skipped /
     expected sample counts."""
@@ -215,9 +272,16 @@ def evaluate_backbone(backbone_dir: str, data: str, batch_size: int = 32, worker
     backbone = load_backbone(backbone_dir)
     if not isinstance(backbone, Backbone):
         raise InputError(f"{backbone_dir}: accord eval needs an exported accord backbone (not a CLIP directory)")
-    cfg = DataConfig(val=data, batch_size=batch_size, workers=workers, persistent_workers=False,
-                     text=TextConfig(tokenizer=str(Path(backbone_dir) / "tokenizer"), max_length=backbone.max_length),
-                     image=backbone.image_cfg, video=backbone.video_cfg, audio=backbone.audio_cfg)
+    cfg = DataConfig(
+        val=data,
+        batch_size=batch_size,
+        workers=workers,
+        persistent_workers=False,
+        text=TextConfig(tokenizer=str(Path(backbone_dir) / "tokenizer"), max_length=backbone.max_length),
+        image=backbone.image_cfg,
+        video=backbone.video_cfg,
+        audio=backbone.audio_cfg,
+    )
     if rerank and not backbone.has_fusion:
         raise InputError(f"--rerank needs a fusion head; {backbone_dir} has none")
     loader = Loader(cfg, backbone.modalities, train=False, rank=0, world=1)

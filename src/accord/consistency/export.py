@@ -47,8 +47,10 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str, client: dict[str, An
     """fp32 weights of any ZeRO stage (stage 0: the module state itself)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    if list((checkpoint_dir / tag).glob("*optim_states.pt")) and client.get("ds_config", {}).get(
-            "zero_optimization", {}).get("stage", 0) > 0:
+    if (
+        list((checkpoint_dir / tag).glob("*optim_states.pt"))
+        and client.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) > 0
+    ):
         import contextlib
         import io
 
@@ -59,8 +61,14 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str, client: dict[str, An
     return {k: v.float() for k, v in client["module"].items()}
 
 
-def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, dtype: str = "fp32",
-           onnx: bool = False, format: str = "accord") -> Path:
+def export(
+    checkpoint_dir: str | Path,
+    out: str | Path,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    onnx: bool = False,
+    format: str = "accord",
+) -> Path:
     """Export the checkpoint as an accord backbone directory, or (``format="hf-clip"``) a CLIPModel directory
     (see :mod:`accord.consistency.hf_clip`; refused before the weights are read when the towers have no such form)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
@@ -71,24 +79,34 @@ def export(checkpoint_dir: str | Path, out: str | Path, tag: str | None = None, 
         raise ValueError(f"{checkpoint_dir}: the checkpoint carries no accord config (not written by accord train)")
     cfg = from_dict(TrainConfig, client["config"])
     if format == "hf-clip" and (problems := hf_clip_problems(cfg)):
-        raise ValueError(f"{checkpoint_dir}: --format hf-clip needs clip_text + clip_vision towers: "
-                         + "; ".join(problems))
+        raise ValueError(
+            f"{checkpoint_dir}: --format hf-clip needs clip_text + clip_vision towers: " + "; ".join(problems)
+        )
     state = consolidated_state_dict(checkpoint_dir, tag, client)
     model = AccordModel(cfg.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.startswith("towers.video.backbone.")} if cfg.model.towers.get(
-        "video") and cfg.model.towers["video"].share_image_backbone else set()
+    tied = (
+        {k for k in missing if k.startswith("towers.video.backbone.")}
+        if cfg.model.towers.get("video") and cfg.model.towers["video"].share_image_backbone
+        else set()
+    )
     if set(missing) - tied or unexpected:
-        raise ValueError(f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(
+            f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     if format == "hf-clip":
         skipped = save_hf_clip(model, cfg, out, DTYPES[dtype])
         if skipped:
             print(f"hf-clip: not exported (a CLIPModel has no place for them): {', '.join(skipped)}")
         return out
-    save_backbone(model, cfg, out, dtype=dtype, source={"checkpoint": str(checkpoint_dir.resolve()),
-                                                        "tag": tag,
-                                                        "step": client.get("step")})
+    save_backbone(
+        model,
+        cfg,
+        out,
+        dtype=dtype,
+        source={"checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "step": client.get("step")},
+    )
     if onnx:
         export_onnx(model, out / "onnx")
     return out
@@ -120,14 +138,22 @@ def export_onnx(model: AccordModel, out: Path, opset: int = 17) -> dict[str, Pat
         names = list(inputs)
         axes = {n: ({0: "batch", 1: "sequence"} if modality == "text" else {0: "batch"}) for n in names}
         paths[modality] = out / f"{modality}.onnx"
-        torch.onnx.export(_TowerWithNamedInputs(tower, names), tuple(inputs.values()), str(paths[modality]),
-                          input_names=names, output_names=["embedding"],
-                          dynamic_axes={**axes, "embedding": {0: "batch"}}, opset_version=opset, dynamo=False)
+        torch.onnx.export(
+            _TowerWithNamedInputs(tower, names),
+            tuple(inputs.values()),
+            str(paths[modality]),
+            input_names=names,
+            output_names=["embedding"],
+            dynamic_axes={**axes, "embedding": {0: "batch"}},
+            opset_version=opset,
+            dynamo=False,
+        )
     return paths
 
 
-def save_backbone(model: AccordModel, cfg: TrainConfig, out: Path, dtype: str = "fp32",
-                  source: dict[str, Any] | None = None) -> None:
+def save_backbone(
+    model: AccordModel, cfg: TrainConfig, out: Path, dtype: str = "fp32", source: dict[str, Any] | None = None
+) -> None:
     torch_dtype = DTYPES[dtype]
     out.mkdir(parents=True, exist_ok=True)
     heads: dict[str, torch.Tensor] = {}
@@ -141,8 +167,13 @@ def save_backbone(model: AccordModel, cfg: TrainConfig, out: Path, dtype: str = 
             if not name.startswith("backbone."):
                 heads[f"{modality}.{name}"] = t.detach().to(torch_dtype).contiguous()
         pretrained = f"towers/{'image' if tcfg.share_image_backbone else modality}"
-        towers_cfg[modality] = {**to_dict(tcfg), "pretrained": pretrained, "freeze": False, "unfreeze_last_n": None,
-                                "gradient_checkpointing": False}
+        towers_cfg[modality] = {
+            **to_dict(tcfg),
+            "pretrained": pretrained,
+            "freeze": False,
+            "unfreeze_last_n": None,
+            "gradient_checkpointing": False,
+        }
     if model.fusion is not None:
         for name, t in model.fusion.state_dict().items():
             heads[f"fusion.{name}"] = t.detach().to(torch_dtype).contiguous()
@@ -162,9 +193,17 @@ def save_backbone(model: AccordModel, cfg: TrainConfig, out: Path, dtype: str = 
     preprocess = {m: to_dict(getattr(cfg.data, m)) for m in ("image", "video", "audio") if m in model.towers}
     if "text" in model.towers:
         preprocess["text"] = {"tokenizer": "tokenizer", "max_length": cfg.data.text.max_length}
-    meta = {"format": FORMAT, "version": 1, "dtype": dtype, "embed_dim": cfg.model.embed_dim,
-            "modalities": list(model.towers), "pairs": [list(p) for p in model.pairs], "model": model_cfg,
-            "preprocess": preprocess, "source": source or {}}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "dtype": dtype,
+        "embed_dim": cfg.model.embed_dim,
+        "modalities": list(model.towers),
+        "pairs": [list(p) for p in model.pairs],
+        "model": model_cfg,
+        "preprocess": preprocess,
+        "source": source or {},
+    }
     (out / "backbone.json").write_text(json.dumps(meta, indent=1, default=str))
     (out / "README.md").write_text(model_card(cfg, meta))
 
@@ -179,41 +218,55 @@ def model_card(cfg: TrainConfig, meta: dict[str, Any]) -> str:
                 last_eval = row
     towers = ", ".join(f"{m} ({meta['model']['towers'][m]['kind']})" for m in meta["modalities"])
     lines = [
-        "# accord backbone", "",
-        f"Towers: {towers}; "
-        f"embedding size {meta['embed_dim']}; pairs {', '.join('-'.join(p) for p in meta['pairs'])}.", "",
+        "# accord backbone",
+        "",
+        f"Towers: {towers}; embedding size {meta['embed_dim']}; pairs {', '.join('-'.join(p) for p in meta['pairs'])}.",
+        "",
         f"Trained by `accord train` on `{cfg.data.train}` for {meta['source'].get('step')} steps "
-        f"({cfg.loss.kind} loss, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}).", "",
-        "Load with `accord.load_backbone(DIR)` or `ConsistencyScorer.from_pretrained(DIR)`.", "",
+        f"({cfg.loss.kind} loss, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision}).",
+        "",
+        "Load with `accord.load_backbone(DIR)` or `ConsistencyScorer.from_pretrained(DIR)`.",
+        "",
     ]
     fusion = meta["model"].get("fusion")
     if fusion:
-        lines += [f"Fusion head: {fusion['layers']} cross-attention layers of width {fusion['dim']}"
-                  f"{' (symmetric)' if fusion['symmetric'] else ''}, trained with mined hard negatives; "
-                  "`scorer.score(..., mode=\"fused\")` gives the match probability of text pairs.", ""]
+        lines += [
+            f"Fusion head: {fusion['layers']} cross-attention layers of width {fusion['dim']}"
+            f"{' (symmetric)' if fusion['symmetric'] else ''}, trained with mined hard negatives; "
+            '`scorer.score(..., mode="fused")` gives the match probability of text pairs.',
+            "",
+        ]
     if last_eval:
-        lines += [f"## Zero-shot retrieval at step {last_eval['step']} on `{cfg.data.val}`", "",
-                  "| metric | value |", "|---|---|"]
+        lines += [
+            f"## Zero-shot retrieval at step {last_eval['step']} on `{cfg.data.val}`",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
         lines += [f"| {k[5:]} | {v:.4f} |" for k, v in last_eval.items() if k.startswith("eval/") and "/R@" in k]
     return "\n".join(lines) + "\n"
 
 
 @command("accord export", also=(ValueError, RuntimeError))
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accord export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="accord export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("checkpoint_dir", help="the run's checkpoints/ folder (with 'latest' and stepNNNNNNNN/)")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
     p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
     p.add_argument("--onnx", action="store_true", help="also write onnx/<modality>.onnx per tower (fp32)")
-    p.add_argument("--format", default="accord", choices=FORMATS,
-                   help="accord: the backbone directory (every tower); hf-clip: a transformers CLIPModel "
-                        "directory (clip_text + clip_vision towers)")
+    p.add_argument(
+        "--format",
+        default="accord",
+        choices=FORMATS,
+        help="accord: the backbone directory (every tower); hf-clip: a transformers CLIPModel "
+        "directory (clip_text + clip_vision towers)",
+    )
     args = p.parse_args(argv)
     if args.onnx and args.format != "accord":
         raise ValueError("--onnx: only with --format accord")
     out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx, args.format)
     print(f"exported {args.checkpoint_dir} -> {out}")
     return 0
-

@@ -56,20 +56,32 @@ def to_hf_clip(model: AccordModel, cfg: TrainConfig) -> tuple[Any, Any, Any]:
         raise ValueError("--format hf-clip needs clip_text + clip_vision towers: " + "; ".join(problems))
     text, image = model.towers["text"], model.towers["image"]
     scale = model.temperatures()["text-image"].detach().float().log().item()
-    config = tr.CLIPConfig(text_config=text.backbone.config.to_dict(), vision_config=image.backbone.config.to_dict(),
-                           projection_dim=cfg.model.embed_dim, logit_scale_init_value=scale)
+    config = tr.CLIPConfig(
+        text_config=text.backbone.config.to_dict(),
+        vision_config=image.backbone.config.to_dict(),
+        projection_dim=cfg.model.embed_dim,
+        logit_scale_init_value=scale,
+    )
     clip = tr.CLIPModel(config)
     state = {f"text_model.{k}": v for k, v in text.backbone.state_dict().items()}
     state |= {f"vision_model.{k}": v for k, v in image.backbone.state_dict().items()}
-    state |= {"text_projection.weight": text.proj.weight, "visual_projection.weight": image.proj.weight,
-              "logit_scale": torch.tensor(scale)}
+    state |= {
+        "text_projection.weight": text.proj.weight,
+        "visual_projection.weight": image.proj.weight,
+        "logit_scale": torch.tensor(scale),
+    }
     clip.load_state_dict({k: v.detach().float() for k, v in state.items()}, strict=True)
     tokenizer = tr.AutoTokenizer.from_pretrained(resolve_local_dir(cfg.data.text.tokenizer))
     tokenizer.model_max_length = min(cfg.data.text.max_length, text.backbone.config.max_position_embeddings)
     size = cfg.data.image.size
-    processor = tr.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                                      resample=3, image_mean=list(cfg.data.image.mean),  # 3: bicubic
-                                      image_std=list(cfg.data.image.std), do_convert_rgb=True)
+    processor = tr.CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        resample=3,
+        image_mean=list(cfg.data.image.mean),  # 3: bicubic
+        image_std=list(cfg.data.image.std),
+        do_convert_rgb=True,
+    )
     return clip.eval(), tokenizer, processor
 
 
@@ -83,4 +95,3 @@ def save_hf_clip(model: AccordModel, cfg: TrainConfig, out: Path, dtype: torch.d
     tr.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     image_processor.save_pretrained(out)  # preprocessor_config.json, for tools that load it alone
     return left_out(cfg)
-

@@ -28,23 +28,42 @@ class ConsistencyMetric(Metric):
     higher_is_better = True
     full_state_update = False
 
-    def __init__(self, backbone: str | Path | ConsistencyScorer, mode: Mode = "clipscore",
-                 weights: dict[str, float] | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        backbone: str | Path | ConsistencyScorer,
+        mode: Mode = "clipscore",
+        weights: dict[str, float] | None = None,
+        **kwargs: Any,
+    ):
         super().__init__(**kwargs)
         if mode not in ("clipscore", "torchmetrics", "cosine", "refclip", "fused"):
             raise ValueError(f"mode: {mode!r} is not one of clipscore, torchmetrics, cosine, refclip, fused")
-        self.scorer = backbone if isinstance(backbone, ConsistencyScorer) else ConsistencyScorer.from_pretrained(
-            backbone)
+        self.scorer = (
+            backbone if isinstance(backbone, ConsistencyScorer) else ConsistencyScorer.from_pretrained(backbone)
+        )
         self.mode, self.weights = mode, weights
         self.add_state("total", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, text: Any = None, image: Any = None, video: Any = None, audio: Any = None,
-               references: list[list[str]] | None = None) -> None:
+    def update(
+        self,
+        text: Any = None,
+        image: Any = None,
+        video: Any = None,
+        audio: Any = None,
+        references: list[list[str]] | None = None,
+    ) -> None:
         """Score a batch of paired inputs (the raw inputs :meth:`ConsistencyScorer.score` takes)."""
         with torch.no_grad():
-            scores = self.scorer.score(text=text, image=image, video=video, audio=audio, mode=self.mode,
-                                       references=references, weights=self.weights).aggregate
+            scores = self.scorer.score(
+                text=text,
+                image=image,
+                video=video,
+                audio=audio,
+                mode=self.mode,
+                references=references,
+                weights=self.weights,
+            ).aggregate
         self.total += scores.double().sum().to(self.total.device)
         self.count += scores.numel()
 

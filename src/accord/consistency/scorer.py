@@ -60,8 +60,10 @@ def _check_finite(emb: dict[str, torch.Tensor], passed: set[str]) -> None:
         bad = (~torch.isfinite(e).all(dim=-1)).nonzero().flatten()
         if len(bad):
             source = "embeddings[" + repr(m) + "]" if m in passed else f"the {m} tower's output"
-            raise ValueError(f"{source}: rows {bad[:10].tolist()}{' ...' if len(bad) > 10 else ''} are not finite "
-                             "(NaN or inf); a score of them would be NaN")
+            raise ValueError(
+                f"{source}: rows {bad[:10].tolist()}{' ...' if len(bad) > 10 else ''} are not finite "
+                "(NaN or inf); a score of them would be NaN"
+            )
 
 
 def _aggregate(pairs: dict[str, torch.Tensor], weights: dict[str, float] | None) -> ScoreResult:
@@ -80,8 +82,13 @@ class ConsistencyScorer(nn.Module):
         self.cache: dict[str, torch.Tensor] | None = {} if cache else None
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None, cache: bool = False,
-                        dtype: torch.dtype | None = None) -> ConsistencyScorer:
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        cache: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> ConsistencyScorer:
         """Load a backbone directory (see :func:`load_backbone`) onto ``device``, towers cast to ``dtype``."""
         return cls(load_backbone(path, device, dtype), cache=cache)
 
@@ -96,13 +103,22 @@ class ConsistencyScorer(nn.Module):
                 if keys[i] is not None:
                     self.cache[f"{modality}:{keys[i]}"] = e
         fresh_by = dict(zip(todo, fresh, strict=True)) if todo else {}
-        return torch.stack([fresh_by[i] if i in fresh_by else self.cache[f"{modality}:{k}"]
-                            for i, k in enumerate(keys)])
+        return torch.stack(
+            [fresh_by[i] if i in fresh_by else self.cache[f"{modality}:{k}"] for i, k in enumerate(keys)]
+        )
 
-    def score(self, text: Any = None, image: Any = None, video: Any = None, audio: Any = None, *,
-              mode: Mode = "clipscore", references: list[list[str]] | None = None,
-              weights: dict[str, float] | None = None, embeddings: dict[str, torch.Tensor] | None = None
-              ) -> ScoreResult:
+    def score(
+        self,
+        text: Any = None,
+        image: Any = None,
+        video: Any = None,
+        audio: Any = None,
+        *,
+        mode: Mode = "clipscore",
+        references: list[list[str]] | None = None,
+        weights: dict[str, float] | None = None,
+        embeddings: dict[str, torch.Tensor] | None = None,
+    ) -> ScoreResult:
         """Per-sample scores of every pair of the given modalities and their weighted aggregate."""
         given = {"text": text, "image": image, "video": video, "audio": audio}
         if mode == "fused":
@@ -126,13 +142,16 @@ class ConsistencyScorer(nn.Module):
                 pairs[f"{a}-{b}"] = self._apply(mode, cos, emb, references, a, b)
         return _aggregate(pairs, weights)
 
-    def _fused(self, given: dict[str, Any], weights: dict[str, float] | None,
-               embeddings: dict[str, torch.Tensor] | None) -> ScoreResult:
+    def _fused(
+        self, given: dict[str, Any], weights: dict[str, float] | None, embeddings: dict[str, torch.Tensor] | None
+    ) -> ScoreResult:
         if embeddings:
             raise ValueError("mode 'fused' needs token features: pass raw inputs, not embeddings=")
         if not getattr(self.backbone, "has_fusion", False):
-            raise ValueError(f"mode 'fused': the backbone {getattr(self.backbone, 'path', '')} has no fusion head "
-                             "(train with model.fusion set)")
+            raise ValueError(
+                f"mode 'fused': the backbone {getattr(self.backbone, 'path', '')} has no fusion head "
+                "(train with model.fusion set)"
+            )
         others = [m for m in MODALITIES[1:] if given[m] is not None]
         if given["text"] is None or not others:
             raise ValueError("mode 'fused' scores text against another modality: give text and at least one more")
@@ -145,8 +164,15 @@ class ConsistencyScorer(nn.Module):
             pairs[f"text-{m}"] = torch.sigmoid(self.backbone.match_logits(text, other, m).float())
         return _aggregate(pairs, weights)
 
-    def _apply(self, mode: Mode, cos: torch.Tensor, emb: dict[str, torch.Tensor],
-               references: list[list[str]] | None, a: str, b: str) -> torch.Tensor:
+    def _apply(
+        self,
+        mode: Mode,
+        cos: torch.Tensor,
+        emb: dict[str, torch.Tensor],
+        references: list[list[str]] | None,
+        a: str,
+        b: str,
+    ) -> torch.Tensor:
         if mode == "cosine":
             return cos
         if mode == "torchmetrics":

@@ -40,8 +40,9 @@ def read_lines(path: str, what: str) -> list[str]:
     return lines
 
 
-def class_embeddings(embed_text: Callable[[list[str]], torch.Tensor], classes: list[str], templates: list[str]
-                     ) -> torch.Tensor:
+def class_embeddings(
+    embed_text: Callable[[list[str]], torch.Tensor], classes: list[str], templates: list[str]
+) -> torch.Tensor:
     """[C, D]: per class, the normalised mean of its prompts' normalised embeddings."""
     bad = [t for t in templates if "{}" not in t]
     if bad:
@@ -51,8 +52,9 @@ def class_embeddings(embed_text: Callable[[list[str]], torch.Tensor], classes: l
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
-def classify(features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, ks: Iterable[int] = (1, 5)
-             ) -> dict[str, Any]:
+def classify(
+    features: torch.Tensor, labels: torch.Tensor, classes: torch.Tensor, ks: Iterable[int] = (1, 5)
+) -> dict[str, Any]:
     """Accuracy at k, mean per-class recall and the confusion matrix [true, predicted] of ``features`` [N, D]
     against class embeddings [C, D]. Mean per-class recall averages over the classes that have samples."""
     logits = F.normalize(features.float(), dim=-1) @ classes.T
@@ -86,9 +88,16 @@ def label_index(value: Any, classes: list[str]) -> int | None:
     return None
 
 
-def zeroshot_eval(backbone_dir: str, data: str, classes_file: str, templates_file: str | None = None,
-                  modality: str | None = None, label_key: str = "label", batch_size: int = 32,
-                  confusion_png: str | None = None) -> dict[str, Any]:
+def zeroshot_eval(
+    backbone_dir: str,
+    data: str,
+    classes_file: str,
+    templates_file: str | None = None,
+    modality: str | None = None,
+    label_key: str = "label",
+    batch_size: int = 32,
+    confusion_png: str | None = None,
+) -> dict[str, Any]:
     """Zero-shot classification of the samples of a shard folder; the metrics and the read / skipped counts."""
     import json
 
@@ -126,19 +135,30 @@ def zeroshot_eval(backbone_dir: str, data: str, classes_file: str, templates_fil
         inputs.append(item[modality])
         labels.append(index)
     if not inputs:
-        raise InputError(f"{data}: no sample with a {modality} and a {label_key!r} label from {classes_file} "
-                         f"(skipped: {dict(skipped) or 'none'})")
+        raise InputError(
+            f"{data}: no sample with a {modality} and a {label_key!r} label from {classes_file} "
+            f"(skipped: {dict(skipped) or 'none'})"
+        )
     with torch.no_grad():
-        class_emb = class_embeddings(lambda texts: torch.cat([backbone.embed("text", texts[i : i + batch_size])
-                                                              for i in range(0, len(texts), batch_size)]),
-                                     classes, templates)
-        features = torch.cat([backbone.embed(modality, inputs[i : i + batch_size])
-                              for i in range(0, len(inputs), batch_size)])
+        class_emb = class_embeddings(
+            lambda texts: torch.cat(
+                [backbone.embed("text", texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+            ),
+            classes,
+            templates,
+        )
+        features = torch.cat(
+            [backbone.embed(modality, inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
+        )
     metrics = classify(features, torch.tensor(labels), class_emb)
     if confusion_png:
         confusion_plot(metrics["confusion"], classes, confusion_png)
-    return {"modality": modality, "templates": len(templates), **metrics,
-            "samples": {"read": read, "classified": len(inputs), "skipped": dict(skipped)}}
+    return {
+        "modality": modality,
+        "templates": len(templates),
+        **metrics,
+        "samples": {"read": read, "classified": len(inputs), "skipped": dict(skipped)},
+    }
 
 
 def confusion_plot(confusion: list[list[int]], classes: list[str], path: str) -> None:

@@ -51,8 +51,9 @@ def uniform_indices(total: int, num_frames: int) -> list[int]:
 FrameSampler = Callable[[int, float], list[int]]  # (total frames, native fps) -> frame indices
 
 
-def decode_video(data: bytes, num_frames: int = 8, backend: VideoBackend = "decord",
-                 sampler: FrameSampler | None = None) -> torch.Tensor:
+def decode_video(
+    data: bytes, num_frames: int = 8, backend: VideoBackend = "decord", sampler: FrameSampler | None = None
+) -> torch.Tensor:
     """Frames as uint8 [T, H, W, 3]; ``sampler`` picks the indices (default: ``num_frames`` uniformly spaced)."""
     sampler = sampler or (lambda total, fps: uniform_indices(total, num_frames))
     if backend == "decord":

@@ -41,6 +41,7 @@ def exit_with_owner(owner_pid: int, _worker_id: int, interval_s: float = 1.0) ->
     worker keeps the forkserver alive. So a SIGKILLed rank (a lost node, the launcher ending a failed job) would
     leave its workers and their shared memory behind for good.
     """
+
     def watch() -> None:
         while True:
             time.sleep(interval_s)
@@ -55,8 +56,16 @@ def exit_with_owner(owner_pid: int, _worker_id: int, interval_s: float = 1.0) ->
 class Loader:
     """Iterates epochs of batches for this rank; ``state_dict()`` after any batch allows an exact resume."""
 
-    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], train: bool = True, spec: str | None = None,
-                 rank: int | None = None, world: int | None = None, label_key: str | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        modalities: tuple[str, ...],
+        train: bool = True,
+        spec: str | None = None,
+        rank: int | None = None,
+        world: int | None = None,
+        label_key: str | None = None,
+    ):
         spec = spec or (cfg.train if train else cfg.val)
         if not spec:
             raise ValueError(f"data.{'train' if train else 'val'}: no shards given")
@@ -64,8 +73,9 @@ class Loader:
             rank, world = rank_and_world()
         self.cfg, self.rank, self.world = cfg, rank, world
         self.decoder = SampleDecoder(cfg, modalities, train, label_key)
-        self.dataset = ShardStream(expand_sources(spec), cfg, self.decoder, train, rank, world,
-                                   cfg.weights if train else None)
+        self.dataset = ShardStream(
+            expand_sources(spec), cfg, self.decoder, train, rank, world, cfg.weights if train else None
+        )
         self._epoch = 0  # the epoch being read (or last read, when self._done)
         self._done = False  # this rank's part of self._epoch has been read to the end
         self.progress: dict[int, dict[str, Any]] = {}  # slot -> progress of its last batch this epoch
@@ -85,10 +95,13 @@ class Loader:
         if method == "auto":
             method = "forkserver" if "audio" in self.decoder.modalities else "fork"
         return DataLoader(
-            self.dataset, batch_size=None, num_workers=workers,
+            self.dataset,
+            batch_size=None,
+            num_workers=workers,
             persistent_workers=self.cfg.persistent_workers and workers > 0,
             multiprocessing_context=method if workers > 0 else None,
-            prefetch_factor=2 if workers > 0 else None, in_order=True,
+            prefetch_factor=2 if workers > 0 else None,
+            in_order=True,
             worker_init_fn=functools.partial(exit_with_owner, os.getpid()) if workers > 0 else None,
         )
 
@@ -143,9 +156,20 @@ class Loader:
                     consumed[shard.name] = meta["offset"]
                 else:
                     consumed[shard.name] = before
-        return {"version": 2, "rank": self.rank, "world": self.world, "workers": workers, "seed": self.cfg.seed,
-                "mode": self.cfg.mode, "epoch": self._epoch, "done": self._done, "consumed": consumed,
-                "positions": positions, "rotation": rotation, "elastic": self._start.get("elastic")}
+        return {
+            "version": 2,
+            "rank": self.rank,
+            "world": self.world,
+            "workers": workers,
+            "seed": self.cfg.seed,
+            "mode": self.cfg.mode,
+            "epoch": self._epoch,
+            "done": self._done,
+            "consumed": consumed,
+            "positions": positions,
+            "rotation": rotation,
+            "elastic": self._start.get("elastic"),
+        }
 
     def load_state_dict(self, states: dict[str, Any] | list[dict[str, Any]]) -> None:
         """Resume from the states of every rank of a saved run (a dict when it had one rank), on any layout."""
@@ -157,8 +181,10 @@ class Loader:
             if first[key] != mine:
                 raise ValueError(f"cannot resume the data loader: saved data.{key}={first[key]!r}, now {mine!r}")
         if [st["rank"] for st in states] != list(range(first["world"])):
-            raise ValueError(f"cannot resume the data loader: it needs the state of every rank of the saved run "
-                             f"(ranks 0..{first['world'] - 1}), got ranks {[st['rank'] for st in states]}")
+            raise ValueError(
+                f"cannot resume the data loader: it needs the state of every rank of the saved run "
+                f"(ranks 0..{first['world'] - 1}), got ranks {[st['rank'] for st in states]}"
+            )
         if self._loader is not None and self.cfg.persistent_workers and self.cfg.workers > 0:
             raise RuntimeError("load_state_dict must be called before the first iteration")
         # Ranks advance in lock-step, so at a checkpoint some may have finished their part of the epoch (done).
@@ -194,8 +220,11 @@ class Loader:
         stats = self.skip_stats()
         skipped = {k: v for k, v in sorted(stats.items()) if k != "seen"}
         known = all(s.size is not None for s in self.dataset.shards)
-        return {"read": stats.get("seen", 0) - sum(skipped.values()), "skipped": skipped,
-                "expected": self.num_samples if known and self.cfg.mode == "finite" else None}
+        return {
+            "read": stats.get("seen", 0) - sum(skipped.values()),
+            "skipped": skipped,
+            "expected": self.num_samples if known and self.cfg.mode == "finite" else None,
+        }
 
     def _check_bad(self) -> None:
         stats = self.skip_stats()
@@ -206,7 +235,8 @@ class Loader:
             raise TooManyBadSamples(
                 f"{bad} of {seen} samples on rank {self.rank} are bad ({reasons}); above "
                 f"data.max_bad_fraction={self.cfg.max_bad_fraction}. Check the shards with "
-                "data_tools/verify_shards.py --decode")
+                "data_tools/verify_shards.py --decode"
+            )
 
     def close(self) -> None:
         self._loader = None

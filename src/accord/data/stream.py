@@ -43,8 +43,16 @@ def seed_of(*parts: Any) -> int:
 class ShardStream(IterableDataset):
     """Yields collated batches of this slot's samples; see the module docstring for the epoch plan."""
 
-    def __init__(self, sources: list[list[Shard]], cfg: DataConfig, decoder: SampleDecoder, train: bool,
-                 rank: int, world: int, weights: list[float] | None = None):
+    def __init__(
+        self,
+        sources: list[list[Shard]],
+        cfg: DataConfig,
+        decoder: SampleDecoder,
+        train: bool,
+        rank: int,
+        world: int,
+        weights: list[float] | None = None,
+    ):
         super().__init__()
         self.sources, self.cfg, self.decoder, self.train = sources, cfg, decoder, train
         self.rank, self.world = rank, world
@@ -56,7 +64,8 @@ class ShardStream(IterableDataset):
             raise ValueError(
                 f"{len(self.shards)} shards < world size x data workers = {world} x {self.workers} = {self.slots}: "
                 "in finite mode some workers would get no data. Rebuild with fewer samples per shard, "
-                "lower data.workers, or use data.mode=resampled")
+                "lower data.workers, or use data.mode=resampled"
+            )
         if cfg.mode == "resampled" and any(s.size is None for s in self.shards):
             missing = next(s.url for s in self.shards if s.size is None)
             raise ValueError(f"resampled mode needs sample counts: no sizes.json entry for {missing}")
@@ -159,8 +168,9 @@ class ShardStream(IterableDataset):
             skip = self.start_positions.get(slot, 0) if first else 0
             yield from self._read(epoch, local, slot, shards, quota=self.slot_quota(slot, elastic), skip=skip)
 
-    def _read(self, epoch: int, local: int, slot: int, items: Iterable[tuple[Shard, int | None]],
-              quota: int | None, skip: int) -> Iterator[dict[str, Any]]:
+    def _read(
+        self, epoch: int, local: int, slot: int, items: Iterable[tuple[Shard, int | None]], quota: int | None, skip: int
+    ) -> Iterator[dict[str, Any]]:
         """Decode and batch the samples of ``items`` (shard, samples of it to skip); resampled mode stops after
         ``quota`` samples and first replays ``skip`` of them without decoding."""
         position, item, offset = 0, 0, 0
@@ -172,8 +182,15 @@ class ShardStream(IterableDataset):
 
         def emit() -> dict[str, Any]:
             out = collate(batch, self.decoder, pad_id) if batch else {}  # {}: end-of-stream counters only
-            out["__meta__"] = {"slot": slot, "local": local, "epoch": epoch, "position": position, "item": item,
-                               "offset": offset, "counters": dict(counters)}
+            out["__meta__"] = {
+                "slot": slot,
+                "local": local,
+                "epoch": epoch,
+                "position": position,
+                "item": item,
+                "offset": offset,
+                "counters": dict(counters),
+            }
             batch.clear()
             return out
 

@@ -43,8 +43,9 @@ def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) 
     return (x - m) / s
 
 
-def random_resized_crop_box(w: int, h: int, scale: tuple[float, float], rng: random.Random,
-                            ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    w: int, h: int, scale: tuple[float, float], rng: random.Random, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
     """(left, top, width, height) as torchvision's RandomResizedCrop.get_params, from ``rng``."""
     area = w * h
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -79,8 +80,9 @@ def image_to_tensor(img: torch.Tensor, cfg: ImageConfig, train: bool, rng: rando
     h, w = img.shape[-2:]
     if train:
         left, top, cw, ch = random_resized_crop_box(w, h, cfg.train_scale, rng)
-        img = TF.resized_crop(img, top, left, ch, cw, [s, s], interpolation=TF.InterpolationMode.BICUBIC,
-                              antialias=True)
+        img = TF.resized_crop(
+            img, top, left, ch, cw, [s, s], interpolation=TF.InterpolationMode.BICUBIC, antialias=True
+        )
     else:
         img = resize_center_crop(img, s)
     return normalize(img.float() / 255.0, cfg.mean, cfg.std)
@@ -105,8 +107,7 @@ def frame_sampler(cfg: VideoConfig, train: bool, rng: random.Random):
     return pick
 
 
-def video_to_tensor(frames: torch.Tensor, cfg: VideoConfig, mean, std, train: bool,
-                    rng: random.Random) -> torch.Tensor:
+def video_to_tensor(frames: torch.Tensor, cfg: VideoConfig, mean, std, train: bool, rng: random.Random) -> torch.Tensor:
     """uint8 [T, H, W, 3] -> normalised [T, 3, S, S]: shorter side to S, random (train) or centre crop."""
     s = cfg.size
     x = frames.permute(0, 3, 1, 2).float() / 255.0
@@ -131,11 +132,20 @@ def audio_features(wav: torch.Tensor, rate: int, cfg: AudioConfig, train: bool, 
         wav = F.pad(wav, (0, length - wav.shape[1]))
     if cfg.features == "fbank":
         feats = torchaudio.compliance.kaldi.fbank(
-            wav, sample_frequency=rate, num_mel_bins=cfg.n_mels, frame_shift=10.0, frame_length=25.0,
-            htk_compat=True, window_type="hanning", dither=0.0, use_energy=False)
+            wav,
+            sample_frequency=rate,
+            num_mel_bins=cfg.n_mels,
+            frame_shift=10.0,
+            frame_length=25.0,
+            htk_compat=True,
+            window_type="hanning",
+            dither=0.0,
+            use_energy=False,
+        )
     else:
-        mel = torchaudio.transforms.MelSpectrogram(rate, n_fft=int(0.025 * rate), hop_length=int(0.01 * rate),
-                                                   n_mels=cfg.n_mels)(wav)[0]
+        mel = torchaudio.transforms.MelSpectrogram(
+            rate, n_fft=int(0.025 * rate), hop_length=int(0.01 * rate), n_mels=cfg.n_mels
+        )(wav)[0]
         feats = torch.log(mel + 1e-6).T
     frames = cfg.num_frames or int(round(cfg.seconds * 100))
     if feats.shape[0] < frames:
@@ -196,8 +206,9 @@ class SampleDecoder:
             img = decode_image(data, min_size=cfg.image.size)
             return image_to_tensor(img, cfg.image, self.train, rng)
         if modality == "video":
-            frames = decode_video(data, cfg.video.num_frames, cfg.video.backend,
-                                  frame_sampler(cfg.video, self.train, rng))
+            frames = decode_video(
+                data, cfg.video.num_frames, cfg.video.backend, frame_sampler(cfg.video, self.train, rng)
+            )
             return video_to_tensor(frames, cfg.video, cfg.image.mean, cfg.image.std, self.train, rng)
         wav, rate = decode_audio(data, cfg.audio.sample_rate)
         if wav.numel() == 0:

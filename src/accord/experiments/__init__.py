@@ -1,11 +1,11 @@
 """``accord experiment NAME``: experiments that train, decode and score, and write a table (markdown + JSON) and a plot.
 
-    accord experiment fusion [--quick]       cosine vs fused consistency score on one-attribute-wrong captions
-    accord experiment captioning [--quick]   the captioning world: zero-shot (MAGIC, CLIPRe), decoding and training
-                                        strategies with and without consistency, judged by a scene referee
-                                        (--backbone DIR --data SHARDS --val SHARDS: any backbone and shards)
-    accord experiment recipes [--quick]      text tower from scratch / frozen / tuned, temperatures, image tower
-                                        sizes, scored on held-out paraphrases over seeds
+accord experiment fusion [--quick]       cosine vs fused consistency score on one-attribute-wrong captions
+accord experiment captioning [--quick]   the captioning world: zero-shot (MAGIC, CLIPRe), decoding and training
+                                    strategies with and without consistency, judged by a scene referee
+                                    (--backbone DIR --data SHARDS --val SHARDS: any backbone and shards)
+accord experiment recipes [--quick]      text tower from scratch / frozen / tuned, temperatures, image tower
+                                    sizes, scored on held-out paraphrases over seeds
 """
 
 from __future__ import annotations
@@ -13,8 +13,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-EXPERIMENTS = {"fusion": "accord.experiments.fusion", "captioning": "accord.experiments.captioning",
-               "recipes": "accord.experiments.recipes"}
+EXPERIMENTS = {
+    "fusion": "accord.experiments.fusion",
+    "captioning": "accord.experiments.captioning",
+    "recipes": "accord.experiments.recipes",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] not in EXPERIMENTS:
         print(__doc__)
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"accord experiment: unknown experiment {argv[0]!r} (valid: {', '.join(EXPERIMENTS)})", file=sys.stderr)
+            print(
+                f"accord experiment: unknown experiment {argv[0]!r} (valid: {', '.join(EXPERIMENTS)})", file=sys.stderr
+            )
             return 2
         return 0
     return importlib.import_module(EXPERIMENTS[argv[0]]).main(argv[1:])

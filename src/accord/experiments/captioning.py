@@ -107,9 +107,15 @@ def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Pat
     build(out / "raw" / "train", shards / "train", samples_per_shard=min(250, math.ceil(plan.train / 4)))
     build(out / "raw" / "heldout", shards / "heldout", samples_per_shard=min(100, math.ceil(plan.heldout / 3)))
     print(f"training the backbone on {plan.train} scenes (2 CPU ranks, {plan.backbone_epochs} epochs)", flush=True)
-    train(shards / "train", shards / "heldout", out / "run", plan.backbone_epochs, port, config="captioning_world.yaml",
-          overrides=(f"seed={seed}", f"data.seed={seed}", "data.batch_size=32", "optim.lr=2e-3",
-                     "optim.warmup_steps=20"))
+    train(
+        shards / "train",
+        shards / "heldout",
+        out / "run",
+        plan.backbone_epochs,
+        port,
+        config="captioning_world.yaml",
+        overrides=(f"seed={seed}", f"data.seed={seed}", "data.batch_size=32", "optim.lr=2e-3", "optim.warmup_steps=20"),
+    )
     export(out / "run" / "checkpoints", backbone)
     (out / "plan.json").write_text(stamp)
     print(f"world ready in {time.perf_counter() - t:.0f} s", flush=True)
@@ -134,20 +140,28 @@ def read_items(shards: str, modality: str) -> list[dict[str, Any]]:
 
 def references(items: list[dict[str, Any]]) -> list[list[str]]:
     """Every phrasing of the item's scene when it has one (the world's grammar), else its own caption."""
-    return [[caption(i["scene"], t) for t in TEMPLATES[len(i["scene"].objects)]] if "scene" in i
-            else [i["text"].strip()] for i in items]
+    return [
+        [caption(i["scene"], t) for t in TEMPLATES[len(i["scene"].objects)]] if "scene" in i else [i["text"].strip()]
+        for i in items
+    ]
 
 
-def decode_all(model: Captioner, data: CaptionData, cfg: DecodeConfig, consistency: CaptionConsistency,
-               batch: int = 64) -> list[str]:
+def decode_all(
+    model: Captioner, data: CaptionData, cfg: DecodeConfig, consistency: CaptionConsistency, batch: int = 64
+) -> list[str]:
     media = data.features()
-    seqs = [generate(model, data.memory[i : i + batch], data.mask[i : i + batch], cfg, media[i : i + batch],
-                     consistency).seqs for i in range(0, len(data), batch)]
+    seqs = [
+        generate(
+            model, data.memory[i : i + batch], data.mask[i : i + batch], cfg, media[i : i + batch], consistency
+        ).seqs
+        for i in range(0, len(data), batch)
+    ]
     return [c for s in seqs for c in consistency.vocab.decode(s)]
 
 
-def magic_all(lm: Captioner, media: MediaFeatures, consistency: CaptionConsistency, beta: float, batch: int = 64
-              ) -> list[str]:
+def magic_all(
+    lm: Captioner, media: MediaFeatures, consistency: CaptionConsistency, beta: float, batch: int = 64
+) -> list[str]:
     """MAGIC captions of the image-blind ``lm`` for every medium (``beta`` = 0: its plain contrastive search)."""
     chunks = [media[i : i + batch] for i in range(0, len(media), batch)]
     seqs = [magic(lm, len(m), lm.cfg.max_len, consistency, m, **{**MAGIC, "beta": beta}).seqs for m in chunks]
@@ -155,8 +169,9 @@ def magic_all(lm: Captioner, media: MediaFeatures, consistency: CaptionConsisten
 
 
 @torch.no_grad()
-def pair_scores(backbone: Any, captions: list[str], media: MediaFeatures, modality: str, chunk: int = 128
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def pair_scores(
+    backbone: Any, captions: list[str], media: MediaFeatures, modality: str, chunk: int = 128
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cosine [N] and (with a fusion head) match probability [N] of every caption with its media row."""
     from accord.models.towers import TowerOutput
 
@@ -177,8 +192,9 @@ def backbone_scores(backbone: Any, captions: list[str], media: MediaFeatures, mo
     return {"cosine": float(cos.mean()), "fused": float(fused.mean()) if fused is not None else float("nan")}
 
 
-def score_sensitivity(backbone: Any, items: list[dict[str, Any]], media: MediaFeatures, modality: str,
-                      seed: int = 0) -> dict[str, dict[str, float]]:
+def score_sensitivity(
+    backbone: Any, items: list[dict[str, Any]], media: MediaFeatures, modality: str, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """What the score can see: per change (one object's colour / shape / size, the relation inverted), the share of
     scenes whose true caption scores above the same phrasing of the changed scene (0.5: blind to it). A guide can
     only pass on what this shows."""
@@ -197,14 +213,26 @@ def score_sensitivity(backbone: Any, items: list[dict[str, Any]], media: MediaFe
             continue
         sub = media[torch.tensor(rows)]
         (cos_t, fused_t), (cos_c, fused_c) = (pair_scores(backbone, c, sub, modality) for c in (true, changed))
-        out[what] = {"scenes": len(rows), "cosine": float((cos_t > cos_c).float().mean()),
-                     "fused": float((fused_t > fused_c).float().mean()) if fused_t is not None else float("nan")}
+        out[what] = {
+            "scenes": len(rows),
+            "cosine": float((cos_t > cos_c).float().mean()),
+            "fused": float((fused_t > fused_c).float().mean()) if fused_t is not None else float("nan"),
+        }
     return out
 
 
-def run_seed(backbone: Any, train_data: CaptionData, val_data: CaptionData, vocab: CaptionVocab,
-             val_items: list[dict[str, Any]], modality: str, plan: WorldPlan, betas: tuple[float, ...], seed: int,
-             progress: bool = True) -> list[dict[str, Any]]:
+def run_seed(
+    backbone: Any,
+    train_data: CaptionData,
+    val_data: CaptionData,
+    vocab: CaptionVocab,
+    val_items: list[dict[str, Any]],
+    modality: str,
+    plan: WorldPlan,
+    betas: tuple[float, ...],
+    seed: int,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
     """Train every captioner of one seed, decode the held-out media with every strategy and score each variant."""
     guides = ("cos", "fused") if backbone.has_fusion else ("cos",)
     kinds = {"cos": "cosine", "fused": "fused"}
@@ -222,11 +250,15 @@ def run_seed(backbone: Any, train_data: CaptionData, val_data: CaptionData, voca
     variants[(ZERO_SHOT, "contrastive search (unguided)")] = (lambda g: magic_all(lm, media, g, 0.0), "cos")
     for guide in guides:
         variants[(ZERO_SHOT, f"MAGIC {guide} β={MAGIC['beta']:g}")] = (
-            lambda g: magic_all(lm, media, g, MAGIC["beta"]), guide)
+            lambda g: magic_all(lm, media, g, MAGIC["beta"]),
+            guide,
+        )
     distinct = sorted(set(train_data.captions))  # the retrieval index, built once (not in CLIPRe's time)
     caption_emb = backbone.encode_all("text", distinct).embedding.float()
     variants[("retrieval", "CLIPRe (cosine)")] = (
-        lambda g: retrieve_captions(val_data.media, caption_emb, distinct)[0], "cos")
+        lambda g: retrieve_captions(val_data.media, caption_emb, distinct)[0],
+        "cos",
+    )
 
     # the image-conditioned decoder under every training strategy
     top = max(betas)
@@ -234,10 +266,12 @@ def run_seed(backbone: Any, train_data: CaptionData, val_data: CaptionData, voca
         "greedy": DecodeConfig("greedy"),
         "beam": DecodeConfig("beam", beam=4),
         "sample": DecodeConfig("sample", top_p=0.9, seed=seed),
-        **{f"rerank {g} β={b:g}": DecodeConfig("rerank", candidates=8, beta=b, seed=seed) for g in guides
-           for b in betas},
-        **{f"guided {g} β={b:g}": DecodeConfig("guided", beam=4, guide_top_k=8, beta=b) for g in guides
-           for b in betas},
+        **{
+            f"rerank {g} β={b:g}": DecodeConfig("rerank", candidates=8, beta=b, seed=seed)
+            for g in guides
+            for b in betas
+        },
+        **{f"guided {g} β={b:g}": DecodeConfig("guided", beam=4, guide_top_k=8, beta=b) for g in guides for b in betas},
     }
     other_decodings = {k: mle_decodings[k] for k in ("greedy", "beam", f"guided cos β={top:g}")}
     reward = CaptionConsistency(backbone, vocab, "cosine", modality)  # the training signal (cosine)
@@ -245,8 +279,9 @@ def run_seed(backbone: Any, train_data: CaptionData, val_data: CaptionData, voca
     for name, (overrides, start) in TRAININGS.items():
         torch.manual_seed(seed)
         model = copy.deepcopy(models[start]) if start else Captioner(cap_cfg, len(vocab), train_data.memory.shape[-1])
-        cfg = CaptionTrainConfig(**overrides, epochs=plan.tune_epochs if start else plan.epochs, seed=seed,
-                                 lr=2e-4 if start else 1e-3)
+        cfg = CaptionTrainConfig(
+            **overrides, epochs=plan.tune_epochs if start else plan.epochs, seed=seed, lr=2e-4 if start else 1e-3
+        )
         train_captioner(model, train_data, cfg, reward, progress=progress)
         models[name] = model
         for dec_name, dec in (mle_decodings if name == "MLE" else other_decodings).items():
@@ -254,8 +289,9 @@ def run_seed(backbone: Any, train_data: CaptionData, val_data: CaptionData, voca
             variants[(name, dec_name)] = (lambda g, m=model, d=dec: decode_all(m, val_data, d, g), guide)
 
     captions, seconds = {}, {}
-    for key, (decode, guide) in tqdm(variants.items(), desc=f"decode (seed {seed})", unit="variant",
-                                     disable=not progress):
+    for key, (decode, guide) in tqdm(
+        variants.items(), desc=f"decode (seed {seed})", unit="variant", disable=not progress
+    ):
         scorer = CaptionConsistency(backbone, vocab, kinds[guide], modality)
         t = time.perf_counter()
         captions[key] = decode(scorer)
@@ -265,27 +301,47 @@ def run_seed(backbone: Any, train_data: CaptionData, val_data: CaptionData, voca
     return score_variants(backbone, captions, seconds, val_data, val_items, modality, seed)
 
 
-def score_variants(backbone: Any, captions: dict[tuple[str, str], list[str]], seconds: dict[tuple[str, str], float],
-                   val_data: CaptionData, val_items: list[dict[str, Any]], modality: str, seed: int
-                   ) -> list[dict[str, Any]]:
+def score_variants(
+    backbone: Any,
+    captions: dict[tuple[str, str], list[str]],
+    seconds: dict[tuple[str, str], float],
+    val_data: CaptionData,
+    val_items: list[dict[str, Any]],
+    modality: str,
+    seed: int,
+) -> list[dict[str, Any]]:
     refs = references(val_items)
     quality = caption_metrics({f"{t}|{d}": c for (t, d), c in captions.items()}, refs)
     truths = [i["scene"] for i in val_items] if all("scene" in i for i in val_items) else None
     media = val_data.features()
     rows = []
     for (training, decoding), caps in captions.items():
-        row = {"training": training, "decoding": decoding, "seed": seed, **quality[f"{training}|{decoding}"],
-               **backbone_scores(backbone, caps, media, modality),
-               "ms_per_caption": 1000 * seconds[(training, decoding)] / len(caps), "examples": caps[:6]}
+        row = {
+            "training": training,
+            "decoding": decoding,
+            "seed": seed,
+            **quality[f"{training}|{decoding}"],
+            **backbone_scores(backbone, caps, media, modality),
+            "ms_per_caption": 1000 * seconds[(training, decoding)] / len(caps),
+            "examples": caps[:6],
+        }
         if truths is not None:
             row.update(referee(caps, truths))
         rows.append(row)
     return rows
 
 
-def run(backbone_dir: str | Path, data: str | Path, val: str | Path, modality: str = "image",
-        plan: WorldPlan = PLANS["full"], betas: tuple[float, ...] = (1.0, 5.0), seeds: tuple[int, ...] = (0, 1, 2),
-        progress: bool = True, partial: Path | None = None) -> dict[str, Any]:
+def run(
+    backbone_dir: str | Path,
+    data: str | Path,
+    val: str | Path,
+    modality: str = "image",
+    plan: WorldPlan = PLANS["full"],
+    betas: tuple[float, ...] = (1.0, 5.0),
+    seeds: tuple[int, ...] = (0, 1, 2),
+    progress: bool = True,
+    partial: Path | None = None,
+) -> dict[str, Any]:
     """Every variant over ``seeds`` (the backbone and data fixed; seeds vary the captioners' initialisation, data
     order and sampling): per-seed rows and their mean / std. ``partial``: the rows so far, written after each seed."""
     from accord.consistency import load_backbone
@@ -301,25 +357,39 @@ def run(backbone_dir: str | Path, data: str | Path, val: str | Path, modality: s
     max_len = CaptionerConfig().max_len
     train_data = CaptionData.encode(backbone, vocab, train_items, modality, max_len)
     val_data = CaptionData.encode(backbone, vocab, val_items, modality, max_len)
-    sensitivity = (score_sensitivity(backbone, val_items, val_data.features(), modality)
-                   if all("scene" in i for i in val_items) else {})
+    sensitivity = (
+        score_sensitivity(backbone, val_items, val_data.features(), modality)
+        if all("scene" in i for i in val_items)
+        else {}
+    )
     rows = []
     for seed in seeds:
         rows += run_seed(backbone, train_data, val_data, vocab, val_items, modality, plan, betas, seed, progress)
         if partial is not None:
             partial.write_text(json.dumps({"seeds_done": seeds[: seeds.index(seed) + 1], "rows": rows}, indent=1))
-    return {"rows": rows, "summary": summarise(rows), "sensitivity": sensitivity, "modality": modality,
-            "seeds": list(seeds),
-            "train_items": len(train_data), "val_items": len(val_data), "vocab": len(vocab), "betas": list(betas),
-            "plan": plan.__dict__, "referee": "scene" in val_items[0], "val_examples": val_data.captions[:6]}
+    return {
+        "rows": rows,
+        "summary": summarise(rows),
+        "sensitivity": sensitivity,
+        "modality": modality,
+        "seeds": list(seeds),
+        "train_items": len(train_data),
+        "val_items": len(val_data),
+        "vocab": len(vocab),
+        "betas": list(betas),
+        "plan": plan.__dict__,
+        "referee": "scene" in val_items[0],
+        "val_examples": val_data.captions[:6],
+    }
 
 
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std (over seeds) of every numeric figure, per (training, decoding), in first-seen order."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for r in rows:
-        out.setdefault((r["training"], r["decoding"]), {"training": r["training"], "decoding": r["decoding"],
-                                                        "runs": []})["runs"].append(r)
+        out.setdefault(
+            (r["training"], r["decoding"]), {"training": r["training"], "decoding": r["decoding"], "runs": []}
+        )["runs"].append(r)
     summary = []
     for entry in out.values():
         runs = entry.pop("runs")
@@ -343,11 +413,19 @@ def _cell(r: dict[str, Any], k: str) -> str:
 
 
 def table(result: dict[str, Any], columns: tuple[str, ...]) -> str:
-    names = {"attribute_precision": "attr P", "attribute_recall": "attr R", "relation_accuracy": "relation acc",
-             "hallucinated_objects": "halluc. obj", "missed_objects": "missed obj", "ms_per_caption": "ms/caption",
-             "mean_length": "length"}
-    lines = ["| training | decoding | " + " | ".join(names.get(c, c) for c in columns) + " |",
-             "|---" * (2 + len(columns)) + "|"]
+    names = {
+        "attribute_precision": "attr P",
+        "attribute_recall": "attr R",
+        "relation_accuracy": "relation acc",
+        "hallucinated_objects": "halluc. obj",
+        "missed_objects": "missed obj",
+        "ms_per_caption": "ms/caption",
+        "mean_length": "length",
+    }
+    lines = [
+        "| training | decoding | " + " | ".join(names.get(c, c) for c in columns) + " |",
+        "|---" * (2 + len(columns)) + "|",
+    ]
     for r in result["summary"]:
         lines.append(f"| {r['training']} | {r['decoding']} | " + " | ".join(_cell(r, c) for c in columns) + " |")
     return "\n".join(lines)
@@ -363,11 +441,17 @@ def sensitivity_table(result: dict[str, Any]) -> str:
 
 def tables(result: dict[str, Any]) -> str:
     first = (*REFEREE, *SCORES, "ms_per_caption") if result["referee"] else (*SCORES, "ms_per_caption")
-    out = (f"Referee and backbone scores (mean ± std over seeds {result['seeds']}):\n\n" + table(result, first) +
-           "\n\nReference-based metrics:\n\n" + table(result, LANGUAGE))
+    out = (
+        f"Referee and backbone scores (mean ± std over seeds {result['seeds']}):\n\n"
+        + table(result, first)
+        + "\n\nReference-based metrics:\n\n"
+        + table(result, LANGUAGE)
+    )
     if result.get("sensitivity"):
-        out += ("\n\nWhat the score sees: share of evaluation scenes whose true caption scores above the same "
-                "phrasing with one thing changed (0.5 = blind):\n\n" + sensitivity_table(result))
+        out += (
+            "\n\nWhat the score sees: share of evaluation scenes whose true caption scores above the same "
+            "phrasing with one thing changed (0.5 = blind):\n\n" + sensitivity_table(result)
+        )
     return out
 
 
@@ -389,28 +473,53 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ref = next(r for r in result["summary"] if r["training"] == "references")
     every = [r for r in result["summary"] if r["training"] != "references"]
     rows = [r for r in every if r["cosine"] >= ref["cosine"] - 0.1]  # far-off rows would squeeze the rest
-    ys = ("attribute_precision", "attribute_recall", "missed_objects") if result["referee"] else (
-        "CIDEr", "METEOR", "ROUGE-L")
+    ys = (
+        ("attribute_precision", "attribute_recall", "missed_objects")
+        if result["referee"]
+        else ("CIDEr", "METEOR", "ROUGE-L")
+    )
     fig, axes = plt.subplots(1, len(ys), figsize=(16, 5))
     groups = list(dict.fromkeys(r["training"] for r in rows))
     colours = plt.get_cmap("tab10")
     for ax, y in zip(axes, ys, strict=True):
         for r in rows:
-            ax.errorbar(r["cosine"], r[y], xerr=r["cosine_std"], yerr=r[y + "_std"], fmt=_marker(r["decoding"]),
-                        color=colours(groups.index(r["training"]) % 10), ms=6, capsize=2, alpha=0.85)
+            ax.errorbar(
+                r["cosine"],
+                r[y],
+                xerr=r["cosine_std"],
+                yerr=r[y + "_std"],
+                fmt=_marker(r["decoding"]),
+                color=colours(groups.index(r["training"]) % 10),
+                ms=6,
+                capsize=2,
+                alpha=0.85,
+            )
         ax.plot(ref["cosine"], ref[y], "D", color="grey", ms=7)
         ax.set_xlabel("backbone cosine (the optimised score)")
         ax.set_ylabel(y.replace("_", " ") + (" (referee)" if result["referee"] else ""))
         ax.grid(alpha=0.3)
     trainings = [plt.Line2D([], [], marker="o", ls="", color=colours(i % 10), label=g) for i, g in enumerate(groups)]
     shown = {_marker(r["decoding"]) for r in rows} | {"D"}
-    decodings = [plt.Line2D([], [], marker=m, ls="", color="black", label=label) for m, label in (
-        ("o", "greedy / beam / sample"), ("s", "rerank"), ("^", "guided beam"), ("X", "image-blind LM"),
-        ("P", "MAGIC"), ("*", "CLIPRe"), ("D", "references")) if m in shown]
+    decodings = [
+        plt.Line2D([], [], marker=m, ls="", color="black", label=label)
+        for m, label in (
+            ("o", "greedy / beam / sample"),
+            ("s", "rerank"),
+            ("^", "guided beam"),
+            ("X", "image-blind LM"),
+            ("P", "MAGIC"),
+            ("*", "CLIPRe"),
+            ("D", "references"),
+        )
+        if m in shown
+    ]
     axes[0].legend(handles=trainings, fontsize=7, loc="lower left")
     axes[-1].legend(handles=decodings, fontsize=7, loc="best")
-    left_out = f"; {len(every) - len(rows)} variants of cosine < references - 0.1 in the table only" \
-        if len(rows) < len(every) else ""
+    left_out = (
+        f"; {len(every) - len(rows)} variants of cosine < references - 0.1 in the table only"
+        if len(rows) < len(every)
+        else ""
+    )
     fig.suptitle(f"{result['val_items']} evaluation scenes, mean ± std over seeds {result['seeds']}{left_out}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -419,8 +528,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 @command("accord experiment captioning")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accord experiment captioning", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="accord experiment captioning", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--backbone", help="an exported accord backbone (default: train one on the captioning world)")
     p.add_argument("--data", help="training shards (with --backbone)")
     p.add_argument("--val", help="evaluation shards (with --backbone)")
@@ -429,8 +539,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="a small world and few epochs (a smoke run)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="captioner seeds (mean ± std over them)")
     p.add_argument("--world-seed", type=int, default=0, help="seeds the world and the backbone's training")
-    p.add_argument("--beta", type=float, nargs="+", default=[1.0, 5.0],
-                   help="weights of the consistency score in rerank / guided beam (one row each)")
+    p.add_argument(
+        "--beta",
+        type=float,
+        nargs="+",
+        default=[1.0, 5.0],
+        help="weights of the consistency score in rerank / guided beam (one row each)",
+    )
     p.add_argument("--port", type=int, default=29591)
     args = p.parse_args(argv)
     given = [o for o in ("backbone", "data", "val") if getattr(args, o)]
@@ -449,8 +564,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise InputError(f"{option} {path}: no such folder")
     else:
         backbone, data, val = prepare_world(out / "world", plan, args.world_seed, args.port)
-    result = run(backbone, data, val, args.modality, plan, tuple(args.beta), tuple(args.seeds),
-                 partial=out / "captioning.partial.json")
+    result = run(
+        backbone,
+        data,
+        val,
+        args.modality,
+        plan,
+        tuple(args.beta),
+        tuple(args.seeds),
+        partial=out / "captioning.partial.json",
+    )
     result["seconds"] = round(time.perf_counter() - t0, 1)
     result["command"] = "accord experiment captioning " + " ".join(argv if argv is not None else [])
     (out / "captioning.json").write_text(json.dumps(result, indent=1))

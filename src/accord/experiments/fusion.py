@@ -44,28 +44,48 @@ def _rows(enc: TowerOutput, idx: torch.Tensor) -> TowerOutput:
     return TowerOutput(enc.embedding[idx], enc.tokens[idx], enc.mask[idx])
 
 
-def _fused(backbone: Any, text: TowerOutput, other: TowerOutput, modality: str, t_idx: torch.Tensor,
-           o_idx: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    return torch.cat([torch.sigmoid(backbone.match_logits(_rows(text, t_idx[i : i + chunk]),
-                                                          _rows(other, o_idx[i : i + chunk]), modality).float())
-                      for i in range(0, len(t_idx), chunk)])
+def _fused(
+    backbone: Any,
+    text: TowerOutput,
+    other: TowerOutput,
+    modality: str,
+    t_idx: torch.Tensor,
+    o_idx: torch.Tensor,
+    chunk: int = 256,
+) -> torch.Tensor:
+    return torch.cat(
+        [
+            torch.sigmoid(
+                backbone.match_logits(
+                    _rows(text, t_idx[i : i + chunk]), _rows(other, o_idx[i : i + chunk]), modality
+                ).float()
+            )
+            for i in range(0, len(t_idx), chunk)
+        ]
+    )
 
 
-def _retrieval(backbone: Any, captions: list[str], media: TowerOutput, modality: str, ks: tuple[int, ...]
-               ) -> dict[str, float]:
+def _retrieval(
+    backbone: Any, captions: list[str], media: TowerOutput, modality: str, ks: tuple[int, ...]
+) -> dict[str, float]:
     """R@1 by cosine and after reranking the cosine top-k by the fused score; correct = same caption."""
     unique = sorted(set(captions))
     text = backbone.encode_all("text", unique)
     label = torch.tensor([unique.index(c) for c in captions])
     sims = media.embedding @ text.embedding.T  # [N media, C captions]
     out: dict[str, float] = {}
-    for direction, s, q_label, t_label in ((f"{modality}->text", sims, label, torch.arange(len(unique))),
-                                           (f"text->{modality}", sims.T, torch.arange(len(unique)), label)):
+    for direction, s, q_label, t_label in (
+        (f"{modality}->text", sims, label, torch.arange(len(unique))),
+        (f"text->{modality}", sims.T, torch.arange(len(unique)), label),
+    ):
         out[f"{direction}/R@1"] = float((t_label[s.argmax(1)] == q_label).float().mean())
         to_text = direction.endswith("->text")
         for k in ks:
-            top, fused = rerank_topk(s, k, lambda q, t, to_text=to_text: _fused(
-                backbone, text, media, modality, *((t, q) if to_text else (q, t))))
+            top, fused = rerank_topk(
+                s,
+                k,
+                lambda q, t, to_text=to_text: _fused(backbone, text, media, modality, *((t, q) if to_text else (q, t))),
+            )
             best = top.gather(1, fused.argmax(1, keepdim=True))[:, 0]
             out[f"{direction}/R@1+rerank{k}"] = float((t_label[best] == q_label).float().mean())
     out["captions"] = len(unique)
@@ -90,8 +110,10 @@ def evaluate(backbone_dir: Path, val_shards: Path, seed: int = 0, ks: tuple[int,
         media = backbone.encode_all(modality, [i[modality] for i in chosen])
         matched_text = backbone.encode_all("text", captions)
         idx = torch.arange(len(captions))
-        scores = {"cosine": (matched_text.embedding * media.embedding).sum(-1),
-                  "fused": _fused(backbone, matched_text, media, modality, idx, idx)}
+        scores = {
+            "cosine": (matched_text.embedding * media.embedding).sum(-1),
+            "fused": _fused(backbone, matched_text, media, modality, idx, idx),
+        }
         res: dict[str, Any] = {"n": len(chosen), "matched_mean": {k: float(v.mean()) for k, v in scores.items()}}
         for attribute in ATTRIBUTES:
             wrong = [wrong_attribute(c, attribute, rng) for c in captions]
@@ -100,29 +122,42 @@ def evaluate(backbone_dir: Path, val_shards: Path, seed: int = 0, ks: tuple[int,
                 continue
             rows = keep.nonzero()[:, 0]
             wrong_text = backbone.encode_all("text", [w for w in wrong if w is not None])
-            wrong_scores = {"cosine": (wrong_text.embedding * media.embedding[rows]).sum(-1),
-                            "fused": _fused(backbone, wrong_text, media, modality, torch.arange(len(rows)), rows)}
-            res[attribute] = {kind: {"auc": auc(scores[kind][rows], wrong_scores[kind]),
-                                     "paired_wins": float((scores[kind][rows] > wrong_scores[kind]).float().mean())}
-                              for kind in scores}
+            wrong_scores = {
+                "cosine": (wrong_text.embedding * media.embedding[rows]).sum(-1),
+                "fused": _fused(backbone, wrong_text, media, modality, torch.arange(len(rows)), rows),
+            }
+            res[attribute] = {
+                kind: {
+                    "auc": auc(scores[kind][rows], wrong_scores[kind]),
+                    "paired_wins": float((scores[kind][rows] > wrong_scores[kind]).float().mean()),
+                }
+                for kind in scores
+            }
         res["retrieval"] = _retrieval(backbone, captions, media, modality, ks)
         results[modality] = res
     return results
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| medium | wrong attribute | AUC cosine | AUC fused | paired wins cosine | paired wins fused |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| medium | wrong attribute | AUC cosine | AUC fused | paired wins cosine | paired wins fused |",
+        "|---|---|---|---|---|---|",
+    ]
     for modality, res in results.items():
         for attribute in ATTRIBUTES:
             if attribute in res:
                 c, f = res[attribute]["cosine"], res[attribute]["fused"]
-                lines.append(f"| {modality} | {attribute} | {c['auc']:.3f} | {f['auc']:.3f} | "
-                             f"{c['paired_wins']:.3f} | {f['paired_wins']:.3f} |")
+                lines.append(
+                    f"| {modality} | {attribute} | {c['auc']:.3f} | {f['auc']:.3f} | "
+                    f"{c['paired_wins']:.3f} | {f['paired_wins']:.3f} |"
+                )
     first = next(iter(results.values()))["retrieval"]
     ks = sorted({int(k.rsplit("rerank", 1)[1]) for k in first if "+rerank" in k})
-    lines += ["", "| retrieval | R@1 cosine | " + " | ".join(f"R@1 rerank top-{k}" for k in ks) + " | captions |",
-              "|---" * (3 + len(ks)) + "|"]
+    lines += [
+        "",
+        "| retrieval | R@1 cosine | " + " | ".join(f"R@1 rerank top-{k}" for k in ks) + " | captions |",
+        "|---" * (3 + len(ks)) + "|",
+    ]
     for modality, res in results.items():
         r = res["retrieval"]
         for direction in (f"{modality}->text", f"text->{modality}"):
@@ -160,8 +195,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 @command("accord experiment fusion")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accord experiment fusion", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="accord experiment fusion", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="bench_out/fusion")
     p.add_argument("--quick", action="store_true", help="smaller world, fewer epochs (a few minutes)")
     p.add_argument("--seed", type=int, default=0)
@@ -186,9 +222,18 @@ def main(argv: list[str] | None = None) -> int:
     print("== scoring", flush=True)
     results = evaluate(out / "backbone", out / "shards" / "val", seed=args.seed)
     md = table(results)
-    summary = {"results": results, "sizes": dict(zip(("train_images", "train_videos", "val_images", "val_videos",
-                                                     "epochs"), SIZES["quick" if args.quick else "full"], strict=True)),
-               "seed": args.seed, "seconds": round(time.perf_counter() - t0, 1)}
+    summary = {
+        "results": results,
+        "sizes": dict(
+            zip(
+                ("train_images", "train_videos", "val_images", "val_videos", "epochs"),
+                SIZES["quick" if args.quick else "full"],
+                strict=True,
+            )
+        ),
+        "seed": args.seed,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     (out / "fusion.json").write_text(json.dumps(summary, indent=1))
     (out / "fusion.md").write_text(md + "\n")
     plot(results, out / "fusion.png")

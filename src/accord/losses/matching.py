@@ -28,8 +28,9 @@ from accord.models.model import ModelOutput
 DUPLICATE_COS = 1 - 1e-5
 
 
-def sample_negatives(logits: torch.Tensor, allowed: torch.Tensor, generator: torch.Generator | None = None
-                     ) -> torch.Tensor:
+def sample_negatives(
+    logits: torch.Tensor, allowed: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """For each row, one column drawn with probability ``softmax(logits[row])`` over its ``allowed`` columns;
     -1 for a row without any allowed column. ``logits`` [n, N], ``allowed`` bool [n, N]."""
     idx = torch.full((logits.shape[0],), -1, dtype=torch.long, device=logits.device)
@@ -57,8 +58,9 @@ class MatchingLoss(torch.nn.Module):
         super().__init__()
         self.hard, self.temperature = hard, temperature
 
-    def forward(self, out: ModelOutput, fusion: torch.nn.Module, pairs: list[tuple[str, str]]
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, out: ModelOutput, fusion: torch.nn.Module, pairs: list[tuple[str, str]]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if out.tokens is None or out.token_mask is None:
             raise ValueError("the matching loss needs token features: build the model with model.fusion set")
         rows = out.token_rows or slice(0, None)
@@ -68,20 +70,41 @@ class MatchingLoss(torch.nn.Module):
         total: torch.Tensor | float = 0.0
         parts = {}
         for a, b in pairs:
-            scale = (out.logit_scale[pair_name(a, b)].detach().float() if self.temperature is None
-                     else torch.tensor(1.0 / self.temperature))
+            scale = (
+                out.logit_scale[pair_name(a, b)].detach().float()
+                if self.temperature is None
+                else torch.tensor(1.0 / self.temperature)
+            )
             loss, n_rows = self.pair_loss(
-                fusion, b, out.tokens[a], out.token_mask[a], out.tokens[b], out.token_mask[b],
-                out.embeddings[a][rows].detach(), out.embeddings[b][rows].detach(),
-                out.present[a][rows] & out.present[b][rows], scale)
+                fusion,
+                b,
+                out.tokens[a],
+                out.token_mask[a],
+                out.tokens[b],
+                out.token_mask[b],
+                out.embeddings[a][rows].detach(),
+                out.embeddings[b][rows].detach(),
+                out.present[a][rows] & out.present[b][rows],
+                scale,
+            )
             if n_rows:
                 parts[f"match/{pair_name(a, b)}"] = loss.detach()
             total = total + share * loss
         return total, parts
 
-    def pair_loss(self, fusion: torch.nn.Module, modality: str, text: torch.Tensor, text_mask: torch.Tensor,
-                  other: torch.Tensor, other_mask: torch.Tensor, text_emb: torch.Tensor, other_emb: torch.Tensor,
-                  valid: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def pair_loss(
+        self,
+        fusion: torch.nn.Module,
+        modality: str,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        other: torch.Tensor,
+        other_mask: torch.Tensor,
+        text_emb: torch.Tensor,
+        other_emb: torch.Tensor,
+        valid: torch.Tensor,
+        scale: torch.Tensor,
+    ) -> tuple[torch.Tensor, int]:
         """Loss of one pair on this rank's n rows and the global number of scored rows."""
         rank, size = world()
         n = text.shape[0]

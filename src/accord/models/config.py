@@ -48,8 +48,10 @@ class TowerConfig:
         if modality not in MODALITIES:
             raise ConfigError(f"{prefix}: unknown modality (valid: {', '.join(MODALITIES)})")
         if self.kind not in KINDS_BY_MODALITY[modality]:
-            raise ConfigError(f"{prefix}.kind: {self.kind!r} is not a {modality} tower "
-                              f"(valid: {', '.join(KINDS_BY_MODALITY[modality])})")
+            raise ConfigError(
+                f"{prefix}.kind: {self.kind!r} is not a {modality} tower "
+                f"(valid: {', '.join(KINDS_BY_MODALITY[modality])})"
+            )
         if self.pretrained and ("://" in self.pretrained and not self.pretrained.startswith("file://")):
             raise ConfigError(f"{prefix}.pretrained: must be a local directory, not {self.pretrained!r}")
         if self.unfreeze_last_n is not None and self.unfreeze_last_n < 0:
@@ -118,8 +120,10 @@ class ModelConfig:
         if not 0 < self.init_temperature < 1:
             raise ConfigError(f"{dot}init_temperature: must be in (0, 1)")
         if self.fusion is not None and not self.fusion_pairs():
-            raise ConfigError(f"{dot}fusion: needs a trained pair with text (pairs: "
-                              f"{', '.join(pair_name(*p) for p in self.pair_list()) or 'none'})")
+            raise ConfigError(
+                f"{dot}fusion: needs a trained pair with text (pairs: "
+                f"{', '.join(pair_name(*p) for p in self.pair_list()) or 'none'})"
+            )
 
     def pair_list(self) -> list[tuple[str, str]]:
         """Trained pairs, each ordered by MODALITIES (so 'text-image', never 'image-text')."""
@@ -128,7 +132,6 @@ class ModelConfig:
             return [(a, b) for i, a in enumerate(present) for b in present[i + 1 :]]
         anchor = "text" if self.pairs == "text_anchored" else "image"
         return [tuple(sorted((anchor, m), key=MODALITIES.index)) for m in present if m != anchor]
-
 
     def fusion_pairs(self) -> list[tuple[str, str]]:
         """Trained pairs the fusion head scores: those with text (text tokens are its queries)."""

@@ -123,7 +123,7 @@ def active_dropout(backbone: torch.nn.Module) -> str | None:
     """The first source of randomness in a backbone's training-mode forward (a dropout or layer-drop rate > 0 in
     its config or modules), or None."""
     config = getattr(backbone, "config", None)
-    for name, value in (config.to_dict().items() if config is not None else []):
+    for name, value in config.to_dict().items() if config is not None else []:
         if ("dropout" in name or "layerdrop" in name) and isinstance(value, (int, float)) and value > 0:
             return f"config.{name} = {value}"
     for name, module in backbone.named_modules():

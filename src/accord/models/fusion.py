@@ -27,8 +27,9 @@ class _Attention(nn.Module):
         h = self.heads
         q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
         k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=context_mask[:, None, None, :],
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=context_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
+        )
         return self.out(y.transpose(1, 2).reshape(b, lq, d))
 
 
@@ -55,8 +56,9 @@ class _FusionLayer(nn.Module):
         self.cross = _Block(*args)
         self.cross_back = _Block(*args) if cfg.symmetric else None
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, other_mask: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, other_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         text = self.self_attn(text, text, text_mask)
         new_text = self.cross(text, other, other_mask)
         if self.cross_back is not None:
@@ -82,12 +84,15 @@ class FusionHead(nn.Module):
         self.norm_other = nn.LayerNorm(cfg.dim)
         self.head = nn.Sequential(nn.Linear(3 * cfg.dim, cfg.dim), nn.GELU(), nn.Linear(cfg.dim, 1))
 
-    def forward(self, text: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, other_mask: torch.Tensor,
-                modality: str) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, other_mask: torch.Tensor, modality: str
+    ) -> torch.Tensor:
         """``text`` [B, Lt, Wt], ``other`` [B, Lo, Wo] token features with bool masks -> match logits [B]."""
         if modality not in self.inputs or modality == "text":
-            raise ValueError(f"the fusion head scores text against {', '.join(m for m in self.inputs if m != 'text')}"
-                             f", not {modality!r}")
+            raise ValueError(
+                f"the fusion head scores text against {', '.join(m for m in self.inputs if m != 'text')}"
+                f", not {modality!r}"
+            )
         x = self.inputs["text"](text) + self.modality_embedding[MODALITIES.index("text")]
         y = self.inputs[modality](other.to(x.dtype)) + self.modality_embedding[MODALITIES.index(modality)]
         text_mask, other_mask = text_mask.to(torch.bool), other_mask.to(torch.bool)

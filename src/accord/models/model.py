@@ -44,18 +44,25 @@ class AccordModel(nn.Module):
         names = ["shared"] if cfg.temperature == "shared" else [pair_name(*p) for p in self.pairs]
         # Shape [1], not 0-dim: DeepSpeed cannot partition 0-dim parameters.
         self.logit_scale = nn.ParameterDict(
-            {n: nn.Parameter(torch.full([1], math.log(1 / cfg.init_temperature)), requires_grad=cfg.learn_temperature)
-             for n in names})
+            {
+                n: nn.Parameter(
+                    torch.full([1], math.log(1 / cfg.init_temperature)), requires_grad=cfg.learn_temperature
+                )
+                for n in names
+            }
+        )
         self.logit_bias = None
         if cfg.init_logit_bias is not None:
             self.logit_bias = nn.ParameterDict(
-                {n: nn.Parameter(torch.full([1], float(cfg.init_logit_bias))) for n in names})
+                {n: nn.Parameter(torch.full([1], float(cfg.init_logit_bias))) for n in names}
+            )
         self.fusion = None
         self.token_modalities: set[str] = set()  # whose token features a loss uses (the fusion head's)
         if cfg.fusion is not None:
             self.token_modalities = {"text"} | {m for _, m in cfg.fusion_pairs()}
-            self.fusion = FusionHead(cfg.fusion, {m: backbone_width(self.towers[m].backbone)
-                                                  for m in sorted(self.token_modalities)})
+            self.fusion = FusionHead(
+                cfg.fusion, {m: backbone_width(self.towers[m].backbone) for m in sorted(self.token_modalities)}
+            )
 
     def enable_frozen_caches(self) -> dict[str, str | None]:
         """Turn on feature caching for the frozen towers that allow it; ``{modality: None or why not}`` for every
@@ -63,14 +70,21 @@ class AccordModel(nn.Module):
         status: dict[str, str | None] = {}
         for modality, tower in self.towers.items():
             if tower.cfg.freeze:
-                status[modality] = ("the fusion head reads its token features" if modality in self.token_modalities
-                                    else tower.enable_cache())
+                status[modality] = (
+                    "the fusion head reads its token features"
+                    if modality in self.token_modalities
+                    else tower.enable_cache()
+                )
         return status
 
     def frozen_cache_stats(self) -> dict[str, float]:
         """``{"frozen_cache/<modality>/hit_rate": ..., ".../items": ...}`` since the last call."""
-        return {f"frozen_cache/{m}/{k}": v for m, t in self.towers.items() if t.cache is not None
-                for k, v in t.cache.stats().items()}
+        return {
+            f"frozen_cache/{m}/{k}": v
+            for m, t in self.towers.items()
+            if t.cache is not None
+            for k, v in t.cache.stats().items()
+        }
 
     def _param_key(self, pair: tuple[str, str]) -> str:
         return "shared" if self.cfg.temperature == "shared" else pair_name(*pair)
@@ -81,8 +95,9 @@ class AccordModel(nn.Module):
         top = math.log(self.cfg.max_logit_scale)
         return {pair_name(*p): self.logit_scale[self._param_key(p)].clamp(0, top).exp() for p in self.pairs}
 
-    def embed(self, modality: str, inputs: dict[str, torch.Tensor] | None, present: torch.Tensor | None,
-              batch_size: int) -> tuple[TowerOutput, torch.Tensor]:
+    def embed(
+        self, modality: str, inputs: dict[str, torch.Tensor] | None, present: torch.Tensor | None, batch_size: int
+    ) -> tuple[TowerOutput, torch.Tensor]:
         """The tower's output on present rows only (zeros elsewhere) and the presence mask [B].
 
         With no present row the tower still runs on a dummy input whose output joins the graph with weight 0,
@@ -93,8 +108,9 @@ class AccordModel(nn.Module):
         with torch.profiler.record_function(f"accord/forward/{modality}"):  # a stage of accord.train.profile
             return self._embed(modality, inputs, present, batch_size)
 
-    def _embed(self, modality: str, inputs: dict[str, torch.Tensor] | None, present: torch.Tensor | None,
-               batch_size: int) -> tuple[TowerOutput, torch.Tensor]:
+    def _embed(
+        self, modality: str, inputs: dict[str, torch.Tensor] | None, present: torch.Tensor | None, batch_size: int
+    ) -> tuple[TowerOutput, torch.Tensor]:
         tower = self.towers[modality]
         ref = next(self.parameters())
         if inputs is None:
@@ -105,8 +121,9 @@ class AccordModel(nn.Module):
         idx = present.nonzero(as_tuple=True)[0]
         if len(idx) == batch_size:
             return tower(inputs), present
-        live = tower({k: v[idx] for k, v in inputs.items()} if len(idx) else
-                     tower.dummy_inputs(1, ref.device, ref.dtype))
+        live = tower(
+            {k: v[idx] for k, v in inputs.items()} if len(idx) else tower.dummy_inputs(1, ref.device, ref.dtype)
+        )
         emb = torch.zeros(batch_size, self.cfg.embed_dim, device=ref.device, dtype=ref.dtype)
         if len(idx) > 0:
             emb = emb.index_copy(0, idx, live.embedding.to(emb.dtype))
@@ -125,21 +142,28 @@ class AccordModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         present = batch.get("present", {})
         sizes = {len(v) for v in present.values()} | {
-            next(iter(batch[m].values())).shape[0] for m in self.towers if m in batch}
+            next(iter(batch[m].values())).shape[0] for m in self.towers if m in batch
+        }
         if len(sizes) != 1:
             raise ValueError(f"inconsistent batch sizes across modalities: {sorted(sizes)}")
         batch_size = sizes.pop()
         outputs, masks = {}, {}
         for modality in self.towers:
             outputs[modality], masks[modality] = self.embed(
-                modality, batch.get(modality), present.get(modality), batch_size)
+                modality, batch.get(modality), present.get(modality), batch_size
+            )
         bias = None
         if self.logit_bias is not None:
             bias = {pair_name(*p): self.logit_bias[self._param_key(p)] for p in self.pairs}
         embeddings = {m: o.embedding for m, o in outputs.items()}
         if self.fusion is None:
             return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs)
-        return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs,
-                           tokens={m: outputs[m].tokens for m in self.token_modalities},
-                           token_mask={m: outputs[m].mask for m in self.token_modalities})
-
+        return ModelOutput(
+            embeddings,
+            masks,
+            self.temperatures(),
+            bias,
+            self.pairs,
+            tokens={m: outputs[m].tokens for m in self.token_modalities},
+            token_mask={m: outputs[m].mask for m in self.token_modalities},
+        )

@@ -31,8 +31,15 @@ _BACKBONES: dict[str, tuple[str, str, dict]] = {
     "ast": ("ASTConfig", "ASTModel", {}),
     "whisper": ("WhisperConfig", "WhisperModel", {}),
 }
-_DEFAULT_POOLING = {"bert": "mean", "clip_text": "pooler", "vit": "cls", "clip_vision": "pooler",
-                    "videomae": "mean", "ast": "pooler", "whisper": "mean"}
+_DEFAULT_POOLING = {
+    "bert": "mean",
+    "clip_text": "pooler",
+    "vit": "cls",
+    "clip_vision": "pooler",
+    "videomae": "mean",
+    "ast": "pooler",
+    "whisper": "mean",
+}
 
 
 def resolve_local_dir(path: str) -> str:
@@ -63,8 +70,10 @@ def build_backbone(kind: str, hf: dict, pretrained: str | None) -> transformers.
         # longer matches its weights (or a checkpoint of another architecture) would silently be noise
         missing = sorted(info.get("missing_keys", [])) + sorted(str(k) for k in info.get("mismatched_keys", []))
         if missing:
-            raise ValueError(f"{folder}: {len(missing)} weights of the {model_name} that config.json describes are "
-                             f"missing from the files or have another shape (e.g. {missing[0]}); they would be random")
+            raise ValueError(
+                f"{folder}: {len(missing)} weights of the {model_name} that config.json describes are "
+                f"missing from the files or have another shape (e.g. {missing[0]}); they would be random"
+            )
         return model.get_encoder() if kind == "whisper" else model
     config = getattr(transformers, config_name)(**hf)
     if kind == "whisper":
@@ -95,8 +104,9 @@ class TemporalPool(nn.Module):
         ZeRO-3 gathers a module's parameters for its own forward only)."""
         t = frames.shape[1]
         if t > self.pos.shape[1]:
-            raise ValueError(f"video has {t} frames, the tower was built for at most {self.pos.shape[1]} "
-                             "(towers.video.num_frames)")
+            raise ValueError(
+                f"video has {t} frames, the tower was built for at most {self.pos.shape[1]} (towers.video.num_frames)"
+            )
         x = self.norm(frames + self.pos[:, :t])
         pooled, _ = self.attn(self.query.expand(frames.shape[0], -1, -1), x, x, need_weights=False)
         return pooled[:, 0] + frames.mean(dim=1), (patches + self.pos[:, :t, None, :]).flatten(1, 2)
@@ -119,8 +129,10 @@ def cat_tokens(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Te
     """Concatenate (tokens [b, L_i, W], mask [b, L_i]) chunks along the batch, padding to the longest L_i (mask
     False on the padding): text chunks are padded to their own longest caption."""
     length = max(t.shape[1] for t, _ in parts)
-    return (torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in parts]),
-            torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in parts]))
+    return (
+        torch.cat([F.pad(t, (0, 0, 0, length - t.shape[1])) for t, _ in parts]),
+        torch.cat([F.pad(m, (0, length - m.shape[1])) for _, m in parts]),
+    )
 
 
 class Tower(nn.Module):
@@ -131,8 +143,11 @@ class Tower(nn.Module):
         super().__init__()
         self.modality, self.cfg = modality, cfg
         self.backbone_kind = cfg.frame_kind if cfg.kind == "frames" else cfg.kind
-        self.backbone = shared_backbone if shared_backbone is not None else build_backbone(
-            self.backbone_kind, cfg.hf, cfg.pretrained)
+        self.backbone = (
+            shared_backbone
+            if shared_backbone is not None
+            else build_backbone(self.backbone_kind, cfg.hf, cfg.pretrained)
+        )
         width = backbone_width(self.backbone)
         self.temporal = TemporalPool(width, cfg.temporal_heads, cfg.num_frames) if cfg.kind == "frames" else None
         self.proj = nn.Linear(width, embed_dim, bias=False)
@@ -159,8 +174,11 @@ class Tower(nn.Module):
         kind = self.cfg.kind
         if kind in ("bert", "clip_text"):
             # soft tokens (a generator's expected embeddings) instead of ids: differentiable in the tokens
-            text = {"inputs_embeds": inputs["inputs_embeds"]} if "inputs_embeds" in inputs else {
-                "input_ids": inputs["input_ids"]}
+            text = (
+                {"inputs_embeds": inputs["inputs_embeds"]}
+                if "inputs_embeds" in inputs
+                else {"input_ids": inputs["input_ids"]}
+            )
             return text, inputs["attention_mask"]
         if kind in ("vit", "clip_vision", "videomae"):
             return {"pixel_values": inputs["pixel_values"]}, None
@@ -176,8 +194,11 @@ class Tower(nn.Module):
             # token features are not kept: the model caches only towers whose tokens no loss reads
             pooled = self.cache(kwargs, mask)
             empty = pooled.new_zeros(pooled.shape[0], 0, pooled.shape[1])
-            return TowerOutput(F.normalize(self.proj(pooled), dim=-1), empty,
-                               torch.ones(empty.shape[:2], dtype=torch.bool, device=pooled.device))
+            return TowerOutput(
+                F.normalize(self.proj(pooled), dim=-1),
+                empty,
+                torch.ones(empty.shape[:2], dtype=torch.bool, device=pooled.device),
+            )
         text_mask = {"attention_mask": mask} if mask is not None else {}
         pooled, tokens = self._run(mask, **kwargs, **text_mask)
         if self.cfg.kind == "frames":
@@ -220,9 +241,11 @@ class Tower(nn.Module):
         """Cache the backbone's features when :meth:`cache_refusal` allows; returns the refusal otherwise."""
         refusal = self.cache_refusal()
         if refusal is None:
-            self.cache = FrozenFeatureCache(lambda kw, mask: self._run(mask, **kw, **(
-                {"attention_mask": mask} if mask is not None else {}))[0],
-                self.cfg.frozen_cache_items, text=self.cfg.kind in ("bert", "clip_text"))
+            self.cache = FrozenFeatureCache(
+                lambda kw, mask: self._run(mask, **kw, **({"attention_mask": mask} if mask is not None else {}))[0],
+                self.cfg.frozen_cache_items,
+                text=self.cfg.kind in ("bert", "clip_text"),
+            )
         return refusal
 
     def dummy_inputs(self, n: int, device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -233,12 +256,16 @@ class Tower(nn.Module):
             ids = torch.zeros(n, 2, dtype=torch.long, device=device)
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if kind in ("vit", "clip_vision"):
-            return {"pixel_values": torch.zeros(n, c.num_channels, c.image_size, c.image_size, device=device,
-                                                dtype=dtype)}
+            return {
+                "pixel_values": torch.zeros(n, c.num_channels, c.image_size, c.image_size, device=device, dtype=dtype)
+            }
         if kind in ("frames", "videomae"):
             t = self.cfg.num_frames if kind == "frames" else c.num_frames
-            return {"pixel_values": torch.zeros(n, t, c.num_channels, c.image_size, c.image_size, device=device,
-                                                dtype=dtype)}
+            return {
+                "pixel_values": torch.zeros(
+                    n, t, c.num_channels, c.image_size, c.image_size, device=device, dtype=dtype
+                )
+            }
         if kind == "ast":
             return {"features": torch.zeros(n, c.max_length, c.num_mel_bins, device=device, dtype=dtype)}
         return {"features": torch.zeros(n, 2 * c.max_source_positions, c.num_mel_bins, device=device, dtype=dtype)}
@@ -246,8 +273,11 @@ class Tower(nn.Module):
 
 def _layer_list(backbone: nn.Module) -> nn.ModuleList | None:
     """The transformer block list: the longest ModuleList named like '*layer*' / '*layers*'."""
-    candidates = [m for name, m in backbone.named_modules()
-                  if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")]
+    candidates = [
+        m
+        for name, m in backbone.named_modules()
+        if isinstance(m, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")
+    ]
     return max(candidates, key=len, default=None)
 
 

@@ -108,8 +108,19 @@ class BuildConfig:
 
     def output_options(self) -> dict[str, Any]:
         """Options that change the bytes written; a resumed build must use the same ones."""
-        skip = {"input", "output", "workers", "num_nodes", "node_rank", "resume", "overwrite", "keep_staging",
-                "expect_workers", "expect_world_size", "progress"}
+        skip = {
+            "input",
+            "output",
+            "workers",
+            "num_nodes",
+            "node_rank",
+            "resume",
+            "overwrite",
+            "keep_staging",
+            "expect_workers",
+            "expect_world_size",
+            "progress",
+        }
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -127,8 +138,13 @@ def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str,
     """Validate and convert one input into its shard members and its json; raises MediaError to reject it."""
     if src.error:
         raise MediaError(src.error)
-    meta: dict[str, Any] = {**src.extra, "key": src.key, "origin": src.origin, "text": src.text,
-                            "source": dict(src.media)}
+    meta: dict[str, Any] = {
+        **src.extra,
+        "key": src.key,
+        "origin": src.origin,
+        "text": src.text,
+        "source": dict(src.media),
+    }
     members: list[tuple[str, bytes]] = []
     video_bytes = b""
     for modality in MODALITIES:
@@ -178,12 +194,20 @@ def _process_block(task: tuple[BuildConfig, str, int, list[SampleSource]]) -> tu
         try:
             members, record = process_sample(src, cfg)
         except MediaError as e:
-            failures.append({"index": src.index, "key": src.key, "origin": src.origin, "reason": str(e),
-                             "source": src.media})
+            failures.append(
+                {"index": src.index, "key": src.key, "origin": src.origin, "reason": str(e), "source": src.media}
+            )
             continue
         except Exception as e:  # a bug or an unexpected library error must not kill the build either
-            failures.append({"index": src.index, "key": src.key, "origin": src.origin,
-                             "reason": f"unexpected error: {type(e).__name__}: {e}", "source": src.media})
+            failures.append(
+                {
+                    "index": src.index,
+                    "key": src.key,
+                    "origin": src.origin,
+                    "reason": f"unexpected error: {type(e).__name__}: {e}",
+                    "source": src.media,
+                }
+            )
             continue
         samples.append((src.key, members))
         records.append(record)
@@ -276,8 +300,10 @@ def check_shard_count(n_shards: int, workers: int | None, world_size: int | None
     need = (workers or 1) * (world_size or 1)
     if workers is None and world_size is None or n_shards >= need:
         return None
-    return (f"{n_shards} shards < workers x world size = {workers or 1} x {world_size or 1} = {need}: "
-            "some data-loader workers would get no shard; use fewer samples per shard")
+    return (
+        f"{n_shards} shards < workers x world size = {workers or 1} x {world_size or 1} = {need}: "
+        "some data-loader workers would get no shard; use fewer samples per shard"
+    )
 
 
 def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: int) -> dict[str, Any]:
@@ -308,8 +334,9 @@ def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: i
             rec = records[key]
             if cfg.dedupe != "none":
                 if rec["hash"] in seen:
-                    duplicates.append({"index": rec["index"], "key": key, "origin": rec["origin"],
-                                       "duplicate_of": seen[rec["hash"]]})
+                    duplicates.append(
+                        {"index": rec["index"], "key": key, "origin": rec["origin"], "duplicate_of": seen[rec["hash"]]}
+                    )
                     continue
                 seen[rec["hash"]] = key
             size = tar_size(members)
@@ -357,8 +384,13 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     bs = _block_size(n)
     blocks = [[sources[i] for i in order[b : b + bs]] for b in range(0, n, bs)]
     listing = json.dumps([dataclasses.asdict(s) for s in sources], sort_keys=True, default=str)
-    plan = {"version": PLAN_VERSION, "inputs": n, "block_size": bs, "input_digest": _sha256(listing.encode()),
-            **cfg.output_options()}
+    plan = {
+        "version": PLAN_VERSION,
+        "inputs": n,
+        "block_size": bs,
+        "input_digest": _sha256(listing.encode()),
+        **cfg.output_options(),
+    }
     plan = json.loads(json.dumps(plan, default=str))
     fs, out = fsspec.core.url_to_fs(cfg.output)
     fs.makedirs(out, exist_ok=True)
@@ -373,8 +405,13 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     todo = [b for b in mine if not fs.exists(f"{staging}/block-{b:06d}.json")]
     tasks = [(cfg, f"{cfg.output.rstrip('/')}/{STAGING}", b, blocks[b]) for b in todo]
     done_inputs = sum(len(blocks[b]) for b in mine) - sum(len(blocks[b]) for b in todo)
-    bar = tqdm(total=sum(len(blocks[b]) for b in mine), initial=done_inputs, desc="process", unit="sample",
-               disable=not cfg.progress)
+    bar = tqdm(
+        total=sum(len(blocks[b]) for b in mine),
+        initial=done_inputs,
+        desc="process",
+        unit="sample",
+        disable=not cfg.progress,
+    )
     rejected = 0
     if cfg.workers == 1:
         _init_worker()
@@ -414,8 +451,13 @@ def _wait_for_blocks(fs: fsspec.AbstractFileSystem, staging: str, n_blocks: int,
     missing = [b for b in range(n_blocks) if not fs.exists(f"{staging}/block-{b:06d}.json")]
     if not missing:
         return
-    bar = tqdm(total=n_blocks, initial=n_blocks - len(missing), desc="waiting for other nodes", unit="block",
-               disable=not progress)
+    bar = tqdm(
+        total=n_blocks,
+        initial=n_blocks - len(missing),
+        desc="waiting for other nodes",
+        unit="block",
+        disable=not progress,
+    )
     while missing:
         time.sleep(1.0)
         fs.invalidate_cache()
@@ -427,9 +469,11 @@ def _wait_for_blocks(fs: fsspec.AbstractFileSystem, staging: str, n_blocks: int,
 
 def _print_summary(cfg: BuildConfig, stats: dict[str, Any]) -> None:
     mods = ", ".join(f"{m} {c}" for m, c in stats["modalities"].items() if c)
-    print(f"\n{cfg.output}: {stats['written']} samples in {stats['shards']} shards "
-          f"({stats['bytes'] / 2**20:.1f} MiB) from {stats['inputs']} inputs in {stats['seconds']:.1f} s "
-          f"({stats['samples_per_second']} inputs/s)")
+    print(
+        f"\n{cfg.output}: {stats['written']} samples in {stats['shards']} shards "
+        f"({stats['bytes'] / 2**20:.1f} MiB) from {stats['inputs']} inputs in {stats['seconds']:.1f} s "
+        f"({stats['samples_per_second']} inputs/s)"
+    )
     print(f"  modalities: {mods or 'none'}")
     print(f"  rejected: {stats['rejected']} (see failures.jsonl)  duplicates: {stats['duplicates']}")
     for reason, count in list(stats["reasons"].items())[:8]:
@@ -449,8 +493,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default: shard)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--max-shard-bytes", type=int, default=None, help="also close a shard before it exceeds this")
-    p.add_argument("--dedupe", nargs="?", const="media", default="none", choices=("none", "media", "sample"),
-                   help="drop exact duplicates by content hash of the media (or media+caption with 'sample')")
+    p.add_argument(
+        "--dedupe",
+        nargs="?",
+        const="media",
+        default="none",
+        choices=("none", "media", "sample"),
+        help="drop exact duplicates by content hash of the media (or media+caption with 'sample')",
+    )
     p.add_argument("--shuffle-seed", type=int, default=None, help="write samples in a seeded random order")
     p.add_argument("--text-column", default="text", help="caption column of a manifest")
     g = p.add_argument_group("images")
@@ -468,8 +518,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--video-max-seconds", type=float, default=None)
     g.add_argument("--video-crf", type=int, default=23)
     g.add_argument("--video-keep-audio", action="store_true", help="keep the audio track when transcoding")
-    g.add_argument("--extract-audio", action="store_true",
-                   help="store a video's audio track as the sample's audio when it has none of its own")
+    g.add_argument(
+        "--extract-audio",
+        action="store_true",
+        help="store a video's audio track as the sample's audio when it has none of its own",
+    )
     g = p.add_argument_group("audio")
     g.add_argument("--sample-rate", type=int, default=None, help="resample (default: keep the input rate)")
     g.add_argument("--keep-channels", action="store_true", help="keep all channels (default: downmix to mono)")
@@ -489,20 +542,44 @@ def parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> BuildConfig:
     return BuildConfig(
-        input=args.input, output=args.output, prefix=args.prefix, samples_per_shard=args.samples_per_shard,
-        max_shard_bytes=args.max_shard_bytes, dedupe=args.dedupe, shuffle_seed=args.shuffle_seed,
+        input=args.input,
+        output=args.output,
+        prefix=args.prefix,
+        samples_per_shard=args.samples_per_shard,
+        max_shard_bytes=args.max_shard_bytes,
+        dedupe=args.dedupe,
+        shuffle_seed=args.shuffle_seed,
         text_column=args.text_column,
-        image=ImageOptions(resize_mode=args.resize_mode, size=args.image_size, max_side=args.max_side,
-                           resize_only_if_bigger=args.resize_only_if_bigger, min_size=args.min_image_size,
-                           format=args.image_format, quality=args.image_quality),
-        video=VideoOptions(mode=args.video_mode, max_side=args.video_max_side, fps=args.video_fps,
-                           max_seconds=args.video_max_seconds, crf=args.video_crf,
-                           keep_audio=args.video_keep_audio),
-        audio=AudioOptions(sample_rate=args.sample_rate, mono=not args.keep_channels,
-                           max_seconds=args.audio_max_seconds),
-        extract_audio=args.extract_audio, workers=args.workers, num_nodes=args.num_nodes,
-        node_rank=args.node_rank, resume=args.resume, overwrite=args.overwrite, keep_staging=args.keep_staging,
-        expect_workers=args.expect_workers, expect_world_size=args.expect_world_size, progress=not args.quiet,
+        image=ImageOptions(
+            resize_mode=args.resize_mode,
+            size=args.image_size,
+            max_side=args.max_side,
+            resize_only_if_bigger=args.resize_only_if_bigger,
+            min_size=args.min_image_size,
+            format=args.image_format,
+            quality=args.image_quality,
+        ),
+        video=VideoOptions(
+            mode=args.video_mode,
+            max_side=args.video_max_side,
+            fps=args.video_fps,
+            max_seconds=args.video_max_seconds,
+            crf=args.video_crf,
+            keep_audio=args.video_keep_audio,
+        ),
+        audio=AudioOptions(
+            sample_rate=args.sample_rate, mono=not args.keep_channels, max_seconds=args.audio_max_seconds
+        ),
+        extract_audio=args.extract_audio,
+        workers=args.workers,
+        num_nodes=args.num_nodes,
+        node_rank=args.node_rank,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        keep_staging=args.keep_staging,
+        expect_workers=args.expect_workers,
+        expect_world_size=args.expect_world_size,
+        progress=not args.quiet,
     )
 
 

@@ -70,9 +70,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         peak = 255.0 if arr.max(initial=0) <= 255 else (65535.0 if arr.max() <= 65535 else float(arr.max()))
         arr = np.clip(np.rint(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
         img = Image.fromarray(arr, mode="L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-        img.mode == "P" and "transparency" in img.info
-    )
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info)
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -172,7 +170,11 @@ def process_image(data: bytes, opts: ImageOptions) -> Processed:
     new_w, new_h = max(1, round(orig_w * scale)), max(1, round(orig_h * scale))
     if (new_w, new_h) != img.size:
         img = img.resize((new_w, new_h), Image.Resampling.LANCZOS, reducing_gap=3.0)
-    if opts.resize_mode == "center_crop" and (new_w, new_h) != (opts.size, opts.size) and scale * min(orig_w, orig_h) >= opts.size - 0.5:
+    if (
+        opts.resize_mode == "center_crop"
+        and (new_w, new_h) != (opts.size, opts.size)
+        and scale * min(orig_w, orig_h) >= opts.size - 0.5
+    ):
         left, top = (new_w - opts.size) // 2, (new_h - opts.size) // 2
         img = img.crop((left, top, left + opts.size, top + opts.size))
     elif opts.resize_mode == "border" and scale * max(orig_w, orig_h) >= opts.size - 0.5:

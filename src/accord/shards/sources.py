@@ -66,9 +66,7 @@ def read_sources(
     if fs.isdir(path):
         return _scan_directory(fs, path, src)
     if not path.lower().endswith(MANIFEST_SUFFIXES):
-        raise InputError(
-            f"--input {src!r} is neither a directory nor a manifest ({', '.join(MANIFEST_SUFFIXES)})"
-        )
+        raise InputError(f"--input {src!r} is neither a directory nor a manifest ({', '.join(MANIFEST_SUFFIXES)})")
     return _read_manifest(fs, path, src, text_column, media_columns or {m: m for m in MODALITIES})
 
 
@@ -97,8 +95,9 @@ def _rows(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
         data = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise InputError(f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}); "
-                         "re-encode the manifest as UTF-8") from None
+        raise InputError(
+            f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}); re-encode the manifest as UTF-8"
+        ) from None
     if lower.endswith(".jsonl"):
         rows = []
         for lineno, line in enumerate(data.splitlines(), 1):

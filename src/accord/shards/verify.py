@@ -34,8 +34,14 @@ def _decode(modality: str, data: bytes) -> None:
             raise ValueError("no audio samples")
 
 
-def verify(folder: str, decode: bool = False, prefix: str = "shard", workers: int | None = None,
-           world_size: int | None = None, progress: bool = True) -> dict[str, Any]:
+def verify(
+    folder: str,
+    decode: bool = False,
+    prefix: str = "shard",
+    workers: int | None = None,
+    world_size: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Check every shard in ``folder``; returns the summary whose ``problems`` list is empty when all is well."""
     fs, root = fsspec.core.url_to_fs(folder)
     if not fs.isdir(root):
@@ -77,8 +83,10 @@ def verify(folder: str, decode: bool = False, prefix: str = "shard", workers: in
                     problem(f"{where}: key appears twice in the dataset")
                 keys.add(sample["__key__"])
                 if sample["__key__"].startswith("/") or ".." in sample["__key__"].split("/"):
-                    problem(f"{where}: unsafe member name (absolute or '..': extracting the tar would write outside "
-                            "its folder)")
+                    problem(
+                        f"{where}: unsafe member name (absolute or '..': extracting the tar would write outside "
+                        "its folder)"
+                    )
                 text = sample.get("txt")
                 try:
                     if not text or not text.decode("utf-8", errors="strict").strip():

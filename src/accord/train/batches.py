@@ -14,8 +14,10 @@ def pad_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
     n = len(next(iter(batch["present"].values())))
     if n == size:
         return batch
-    out: dict[str, Any] = {"present": {m: torch.cat([p, p.new_zeros(size - n)]) for m, p in batch["present"].items()},
-                           "__key__": batch.get("__key__", [])}
+    out: dict[str, Any] = {
+        "present": {m: torch.cat([p, p.new_zeros(size - n)]) for m, p in batch["present"].items()},
+        "__key__": batch.get("__key__", []),
+    }
     if "labels" in batch:
         out["labels"] = batch["labels"] + [None] * (size - n)
     for key, value in batch.items():
@@ -31,6 +33,7 @@ def empty_batch(modalities: tuple[str, ...], size: int) -> dict[str, Any]:
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
     """Move tensors; floating inputs take the towers' dtype (bf16/fp16 runs)."""
+
     def move(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, non_blocking=True)
 
@@ -42,8 +45,7 @@ def real_samples(batch: dict[str, Any]) -> int:
     return int(torch.stack(present).any(dim=0).sum()) if present else 0
 
 
-def lockstep(batches: Iterator[dict[str, Any]], modalities: tuple[str, ...], size: int
-             ) -> Iterator[dict[str, Any]]:
+def lockstep(batches: Iterator[dict[str, Any]], modalities: tuple[str, ...], size: int) -> Iterator[dict[str, Any]]:
     """Yield this rank's batches padded to ``size`` until *every* rank is out of data; a rank that runs out
     first yields empty batches meanwhile. In finite mode ranks can hold different sample counts."""
     while True:

@@ -6,9 +6,10 @@ the run looked like: step, world size, data workers, ZeRO stage) into the tag's 
 ``latest`` pointer, each by an atomic rename. A run killed while writing leaves ``latest`` on the previous
 checkpoint, and a folder without ``accord.json`` is never loaded.
 
-Resuming on another world size (same ZeRO stage, 1 or 2) goes through DeepSpeed's universal checkpoint: rank 0 converts the
-tag once (``ds_to_universal``, into ``universal/<tag>``) and every rank loads its new partition of the weights and
-the optimiser moments from it. The data loader merges the states of all saved ranks (see ``accord.data.loader``).
+Resuming on another world size (same ZeRO stage, 1 or 2) goes through DeepSpeed's universal checkpoint: rank 0
+converts the tag once (``ds_to_universal``, into ``universal/<tag>``) and every rank loads its new partition of the
+weights and the optimiser moments from it. The data loader merges the states of all saved ranks (see
+``accord.data.loader``).
 """
 
 from __future__ import annotations
@@ -58,8 +59,15 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, folder: Path, step: int, client: dict[str, Any], rank_state: dict[str, Any],
-         meta: dict[str, Any], keep_last: int) -> str:
+def save(
+    engine,
+    folder: Path,
+    step: int,
+    client: dict[str, Any],
+    rank_state: dict[str, Any],
+    meta: dict[str, Any],
+    keep_last: int,
+) -> str:
     """All ranks call this. Rank files and DeepSpeed's files first; then rank 0 commits (marker, ``latest``)."""
     from deepspeed.checkpoint.constants import (
         UNIVERSAL_CHECKPOINT_INFO,
@@ -75,15 +83,19 @@ def save(engine, folder: Path, step: int, client: dict[str, Any], rank_state: di
         (folder / tag).mkdir(parents=True)
     dist.barrier()
     torch.save(rank_state, folder / tag / f"accord_rank{rank:05d}.pt")
-    client = {**client, UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+    client = {
+        **client,
+        UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
+    }
     engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)  # ends in a barrier
     if rank == 0:
         _write_atomic(folder / tag / MARKER, json.dumps({"tag": tag, "step": step, **meta}, indent=1))
         _write_atomic(folder / "latest", tag)
         if keep_last > 0:
             committed = sorted(p.name for p in folder.glob("step*") if (p / MARKER).exists())
-            stale = committed[:-keep_last] + [p.name for p in folder.glob("step*")
-                                              if p.is_dir() and not (p / MARKER).exists() and p.name < tag]
+            stale = committed[:-keep_last] + [
+                p.name for p in folder.glob("step*") if p.is_dir() and not (p / MARKER).exists() and p.name < tag
+            ]
             for old in stale:
                 shutil.rmtree(folder / old, ignore_errors=True)
                 shutil.rmtree(folder / UNIVERSAL / old, ignore_errors=True)
@@ -96,14 +108,17 @@ def resolve(folder: Path, tag: str | None) -> dict[str, Any]:
     if tag is None or tag == "latest":
         tag = latest_tag(folder)
         if tag is None:
-            raise FileNotFoundError(f"{folder / 'latest'}: no such file, so no checkpoint to resume "
-                                    "(is output_dir right?)")
+            raise FileNotFoundError(
+                f"{folder / 'latest'}: no such file, so no checkpoint to resume (is output_dir right?)"
+            )
     marker = folder / tag / MARKER
     if not (folder / tag).is_dir():
         raise FileNotFoundError(f"no checkpoint {tag} in {folder}")
     if not marker.exists():
-        raise FileNotFoundError(f"checkpoint {folder / tag} is incomplete (no {MARKER}): it was being written "
-                                "when its run stopped; resume from an earlier tag")
+        raise FileNotFoundError(
+            f"checkpoint {folder / tag} is incomplete (no {MARKER}): it was being written "
+            "when its run stopped; resume from an earlier tag"
+        )
     return json.loads(marker.read_text())
 
 
@@ -113,14 +128,16 @@ def needs_universal(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
     from accord.config import ConfigError
 
     if meta["zero_stage"] != zero_stage:
-        raise ConfigError(f"deepspeed.zero_stage: the checkpoint was saved at stage {meta['zero_stage']}; resume it "
-                          "at the same stage")
+        raise ConfigError(
+            f"deepspeed.zero_stage: the checkpoint was saved at stage {meta['zero_stage']}; resume it at the same stage"
+        )
     elastic = meta["world"] != world and zero_stage > 0  # stage 0 holds whole weights and moments: loads as is
     if elastic and zero_stage == 3:
         raise ConfigError(
             f"deepspeed.zero_stage: a resume of a ZeRO-3 checkpoint on another world size is not supported (with "
             f"DeepSpeed 0.19.8 its parameter tracing fails a few steps after the universal load); resume it on "
-            f"{meta['world']} ranks (ZeRO 0-2 resume on any world size)")
+            f"{meta['world']} ranks (ZeRO 0-2 resume on any world size)"
+        )
     return elastic
 
 
@@ -144,8 +161,19 @@ def prepare_universal(folder: Path, tag: str) -> Path:
     if dist.get_rank() == 0 and not (target / tag / MARKER).exists():
         tmp = target / f".{tag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(folder / tag),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(folder / tag),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -173,6 +201,8 @@ def load(engine, folder: Path, meta: dict[str, Any], universal: bool) -> tuple[d
     files = [folder / tag / f"accord_rank{r:05d}.pt" for r in range(meta["world"])]
     missing = [f.name for f in files if not f.exists()]
     if missing:
-        raise FileNotFoundError(f"checkpoint {folder / tag} lacks {', '.join(missing)} (saved by {meta['world']} "
-                                "ranks): the folder must be shared by all nodes")
+        raise FileNotFoundError(
+            f"checkpoint {folder / tag} lacks {', '.join(missing)} (saved by {meta['world']} "
+            "ranks): the folder must be shared by all nodes"
+        )
     return client, [torch.load(f, weights_only=False) for f in files]

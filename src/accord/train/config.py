@@ -129,8 +129,10 @@ class TrainConfig:
                 raise ConfigError(f"eval.zeroshot.modality: no {zeroshot.modality} tower ({', '.join(media)})")
         unknown = sorted(set(self.loss.pair_weights) - {f"{a}-{b}" for a, b in self.model.pair_list()})
         if unknown:
-            raise ConfigError(f"loss.pair_weights.{unknown[0]}: not a trained pair "
-                              f"({', '.join(f'{a}-{b}' for a, b in self.model.pair_list())})")
+            raise ConfigError(
+                f"loss.pair_weights.{unknown[0]}: not a trained pair "
+                f"({', '.join(f'{a}-{b}' for a, b in self.model.pair_list())})"
+            )
 
     def check_device(self, device_type: str) -> None:
         """Checks that depend on the machine the run starts on."""

@@ -71,9 +71,14 @@ def node_info() -> dict[str, Any]:
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
     node = os.environ.get("CROSS_RANK") or os.environ.get("GROUP_RANK") or os.environ.get("SLURM_NODEID")
-    return {"rank": rank, "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
-            "node_rank": int(node) if node is not None else rank // local_world, "local_world_size": local_world,
-            "host": socket.gethostname(), "pid": os.getpid()}
+    return {
+        "rank": rank,
+        "local_rank": int(os.environ.get("LOCAL_RANK", 0)),
+        "node_rank": int(node) if node is not None else rank // local_world,
+        "local_world_size": local_world,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+    }
 
 
 def gather_node_info() -> list[dict[str, Any]]:
@@ -84,8 +89,10 @@ def gather_node_info() -> list[dict[str, Any]]:
 
 
 def describe_rank(info: dict[str, Any]) -> str:
-    return f"rank {info['rank']} (node {info['node_rank']}, local rank {info['local_rank']}, {info['host']} " \
-           f"pid {info['pid']})"
+    return (
+        f"rank {info['rank']} (node {info['node_rank']}, local rank {info['local_rank']}, {info['host']} "
+        f"pid {info['pid']})"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- heartbeat
@@ -107,8 +114,13 @@ class Heartbeat:
 
     @staticmethod
     def _connect(timeout_s: float = 5.0) -> dist.TCPStore:
-        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                             timeout=timedelta(seconds=timeout_s), wait_for_workers=False)
+        return dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=timeout_s),
+            wait_for_workers=False,
+        )
 
     def _run(self) -> None:
         key = f"accord/heartbeat/{self.rank}"

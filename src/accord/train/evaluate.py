@@ -34,8 +34,9 @@ def rerank_topk(sims: torch.Tensor, k: int, score_fn: ScoreFn, chunk: int = 512)
     top = sims.topk(k, dim=1).indices
     queries = torch.arange(sims.shape[0])[:, None].expand_as(top).reshape(-1)
     flat = top.reshape(-1)
-    scores = torch.cat([score_fn(queries[i : i + chunk], flat[i : i + chunk]).float().cpu()
-                        for i in range(0, len(flat), chunk)])
+    scores = torch.cat(
+        [score_fn(queries[i : i + chunk], flat[i : i + chunk]).float().cpu() for i in range(0, len(flat), chunk)]
+    )
     return top, scores.view_as(top)
 
 
@@ -52,9 +53,16 @@ def recall_at_1_reranked(sims: torch.Tensor, k: int, score_fn: ScoreFn) -> float
 
 
 @torch.no_grad()
-def embed_all(model, loader: Loader, device: torch.device, dtype: torch.dtype, batch_size: int,
-              max_samples: int | None = None, tokens: dict[str, Any] | None = None,
-              labels: list[Any] | None = None) -> dict[str, Any]:
+def embed_all(
+    model,
+    loader: Loader,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int,
+    max_samples: int | None = None,
+    tokens: dict[str, Any] | None = None,
+    labels: list[Any] | None = None,
+) -> dict[str, Any]:
     """Embeddings and presence of every sample this rank reads, gathered from all ranks (on CPU). Pass a dict as
     ``tokens`` (one process, model with a fusion head) to receive ``{modality: (tokens, mask)}`` as well, and a
     list as ``labels`` (a loader built with ``label_key``) to receive every row's label (None on padding rows)."""
@@ -92,15 +100,25 @@ def embed_all(model, loader: Loader, device: torch.device, dtype: torch.dtype, b
     return {m: (torch.cat([p[m][0] for p in parts]), torch.cat([p[m][1] for p in parts])) for m in modalities}
 
 
-def _pair_scorer(match_fn: Callable[..., torch.Tensor], tt: torch.Tensor, tm: torch.Tensor, ot: torch.Tensor,
-                 om: torch.Tensor, modality: str) -> ScoreFn:
+def _pair_scorer(
+    match_fn: Callable[..., torch.Tensor],
+    tt: torch.Tensor,
+    tm: torch.Tensor,
+    ot: torch.Tensor,
+    om: torch.Tensor,
+    modality: str,
+) -> ScoreFn:
     """(text idx, other idx) -> fusion logits."""
     return lambda t, o: match_fn(tt[t], tm[t], ot[o], om[o], modality)
 
 
-def retrieval(embeddings: dict[str, Any], pairs: list[tuple[str, str]], rerank: int = 0,
-              match_fn: Callable[..., torch.Tensor] | None = None, tokens: dict[str, Any] | None = None
-              ) -> dict[str, float]:
+def retrieval(
+    embeddings: dict[str, Any],
+    pairs: list[tuple[str, str]],
+    rerank: int = 0,
+    match_fn: Callable[..., torch.Tensor] | None = None,
+    tokens: dict[str, Any] | None = None,
+) -> dict[str, float]:
     """``{"text-image/text->image/R@1": ...}`` on the samples that have both modalities of a pair. With ``rerank``
     = k, a ``match_fn(text_tokens, text_mask, other_tokens, other_mask, modality)`` (the fusion head) and the
     ``tokens`` of :func:`embed_all`, text pairs also get ``.../R@1+rerank{k}``."""
@@ -121,13 +139,22 @@ def retrieval(embeddings: dict[str, Any], pairs: list[tuple[str, str]], rerank: 
             fused = _pair_scorer(match_fn, tt[both], tm[both], ot[both], om[both], b)
             out[f"{name}/{a}->{b}/R@1+rerank{rerank}"] = recall_at_1_reranked(sims, rerank, fused)
             out[f"{name}/{b}->{a}/R@1+rerank{rerank}"] = recall_at_1_reranked(
-                sims.T, rerank, lambda q, t, fused=fused: fused(t, q))
+                sims.T, rerank, lambda q, t, fused=fused: fused(t, q)
+            )
     return out
 
 
 @torch.no_grad()
-def zeroshot_metrics(model, cfg, embeddings: dict[str, Any], labels: list[Any], decoder, device: torch.device,
-                     dtype: torch.dtype, batch_size: int = 64) -> dict[str, float]:
+def zeroshot_metrics(
+    model,
+    cfg,
+    embeddings: dict[str, Any],
+    labels: list[Any],
+    decoder,
+    device: torch.device,
+    dtype: torch.dtype,
+    batch_size: int = 64,
+) -> dict[str, float]:
     """``{"zeroshot/<modality>/top1": ...}``: the gathered samples of :func:`embed_all` classified against the
     prompt-ensembled class embeddings of the model's text tower (every rank runs the text tower: ZeRO-3)."""
     from collections import Counter
@@ -149,10 +176,15 @@ def zeroshot_metrics(model, cfg, embeddings: dict[str, Any], labels: list[Any], 
     def embed_text(texts: list[str]) -> torch.Tensor:
         out = []
         for i in range(0, len(texts), batch_size):
-            ids = [torch.tensor(decoder.tokenizer(t, truncation=True, max_length=decoder.cfg.text.max_length)[
-                "input_ids"]) for t in texts[i : i + batch_size]]
-            batch = collate([{"__key__": str(j), "text": x} for j, x in enumerate(ids)], decoder,
-                            decoder.tokenizer.pad_token_id or 0)
+            ids = [
+                torch.tensor(decoder.tokenizer(t, truncation=True, max_length=decoder.cfg.text.max_length)["input_ids"])
+                for t in texts[i : i + batch_size]
+            ]
+            batch = collate(
+                [{"__key__": str(j), "text": x} for j, x in enumerate(ids)],
+                decoder,
+                decoder.tokenizer.pad_token_id or 0,
+            )
             inputs = to_device(batch, device, dtype)["text"]
             out.append(model.embed("text", inputs, None, len(ids))[0].embedding.float().cpu())
         return torch.cat(out)
@@ -174,5 +206,7 @@ def zeroshot_metrics(model, cfg, embeddings: dict[str, Any], labels: list[Any], 
     out: dict[str, float] = {f"{prefix}/n": len(rows), **{f"{prefix}/skipped/{k}": v for k, v in skipped.items()}}
     if rows:
         result = classify(features[rows], torch.tensor(targets), class_emb)
-        out.update({f"{prefix}/{k}": v for k, v in result.items() if k.startswith("top") or k == "mean_per_class_recall"})
+        out.update(
+            {f"{prefix}/{k}": v for k, v in result.items() if k.startswith("top") or k == "mean_per_class_recall"}
+        )
     return out

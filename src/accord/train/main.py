@@ -1,8 +1,8 @@
 """Train accord under DeepSpeed ZeRO (stages 0-3) on CPU or GPU, one or many nodes.
 
-    deepspeed --num_gpus 8 --module accord.train --config configs/vit_b16_text.yaml [key=value ...]
-    torchrun --nproc_per_node 8 -m accord.train --config ...
-    accord train --config configs/tiny.yaml            # one process
+deepspeed --num_gpus 8 --module accord.train --config configs/vit_b16_text.yaml [key=value ...]
+torchrun --nproc_per_node 8 -m accord.train --config ...
+accord train --config configs/tiny.yaml            # one process
 """
 
 from __future__ import annotations
@@ -44,8 +44,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu"}
     if ds.offload_params:
         zero["offload_param"] = {"device": "cpu"}
-    optim_params = {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                    "weight_decay": cfg.optim.weight_decay}
+    optim_params = {
+        "lr": cfg.optim.lr,
+        "betas": list(cfg.optim.betas),
+        "eps": cfg.optim.eps,
+        "weight_decay": cfg.optim.weight_decay,
+    }
     if not ds.offload_optimizer:
         optim_params["torch_adam"] = True  # no fused_adam JIT build
     config = {
@@ -64,13 +68,17 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="accord train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="accord train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="YAML training config")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (stepNNNNNNNN) in output_dir")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--verbose", action="store_true",
-                   help="the libraries' logs too (taken off argv by the entry points, listed here for --help)")
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="the libraries' logs too (taken off argv by the entry points, listed here for --help)",
+    )
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. optim.lr=1e-3 deepspeed.zero_stage=3")
     return p.parse_args(argv)
 
@@ -96,20 +104,25 @@ class Trainer:
             per_node = {}
             for info in self.nodes:
                 per_node.setdefault(info["node_rank"], []).append(str(info["rank"]))
-            print(f"{self.world} rank(s) on {len(per_node)} node(s): " + "; ".join(
-                f"node {n}: rank {', '.join(r)}" for n, r in sorted(per_node.items())), flush=True)
+            print(
+                f"{self.world} rank(s) on {len(per_node)} node(s): "
+                + "; ".join(f"node {n}: rank {', '.join(r)}" for n, r in sorted(per_node.items())),
+                flush=True,
+            )
         # A resume on another world size loads DeepSpeed's universal form of the checkpoint.
         self.resume_meta = checkpoint.resolve(self.ckpt_dir, resume) if resume else None
         ds_config = deepspeed_config(cfg)
         self.universal = self.resume_meta is not None and checkpoint.needs_universal(
-            self.resume_meta, self.world, cfg.deepspeed.zero_stage)
+            self.resume_meta, self.world, cfg.deepspeed.zero_stage
+        )
         if self.universal:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = AccordModel(cfg.model)
         self._enable_frozen_caches(model)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=param_groups(model, cfg.optim),
-                                               config=ds_config)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config
+        )
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
         self.modalities = tuple(cfg.model.towers)
         self.loss_fn = ContrastiveLoss(cfg.loss)
@@ -120,8 +133,12 @@ class Trainer:
         self.loader = Loader(cfg.data, self.modalities, train=True)
         self.val_loader = None
         if cfg.data.val:
-            self.val_loader = Loader(dataclasses.replace(cfg.data, persistent_workers=False), self.modalities,
-                                     train=False, label_key=cfg.eval.zeroshot.label_key if cfg.eval.zeroshot else None)
+            self.val_loader = Loader(
+                dataclasses.replace(cfg.data, persistent_workers=False),
+                self.modalities,
+                train=False,
+                label_key=cfg.eval.zeroshot.label_key if cfg.eval.zeroshot else None,
+            )
         per_step = self.world * cfg.data.batch_size * cfg.accum_steps
         self.steps_per_epoch = max(1, math.ceil(self.loader.num_samples / per_step))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -148,9 +165,15 @@ class Trainer:
         if self.rank == 0:
             for modality, refusal in status.items():
                 cfg = model.towers[modality].cfg
-                print(f"{modality} tower frozen: " + (f"features cached (up to {cfg.frozen_cache_items} inputs)"
-                                                      if refusal is None else f"features not cached: {refusal}"),
-                      flush=True)
+                print(
+                    f"{modality} tower frozen: "
+                    + (
+                        f"features cached (up to {cfg.frozen_cache_items} inputs)"
+                        if refusal is None
+                        else f"features not cached: {refusal}"
+                    ),
+                    flush=True,
+                )
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _resume(self, meta: dict[str, Any]) -> None:
@@ -168,20 +191,27 @@ class Trainer:
             change = ""
             if (meta["world"], meta["workers"]) != (self.world, workers):
                 batch = self.cfg.data.batch_size * self.cfg.accum_steps
-                change = (f"; elastic: {meta['world']} rank(s) x {meta['workers']} worker(s) -> {self.world} x "
-                          f"{workers}, global batch {meta['global_batch']} -> {self.world * batch}"
-                          + (" (weights and optimiser through the universal checkpoint)" if self.universal else ""))
-            print(f"resumed from {self.ckpt_dir / meta['tag']} at step {self.step} (epoch {self.loader.epoch})"
-                  f"{change}", flush=True)
+                change = (
+                    f"; elastic: {meta['world']} rank(s) x {meta['workers']} worker(s) -> {self.world} x "
+                    f"{workers}, global batch {meta['global_batch']} -> {self.world * batch}"
+                    + (" (weights and optimiser through the universal checkpoint)" if self.universal else "")
+                )
+            print(
+                f"resumed from {self.ckpt_dir / meta['tag']} at step {self.step} (epoch {self.loader.epoch}){change}",
+                flush=True,
+            )
 
     def save(self) -> None:
         mine = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_states()}
         client = {"step": self.step, "epoch": self.loader.epoch, "config": to_dict(self.cfg)}
-        meta = {"world": self.world, "workers": max(1, self.cfg.data.workers),
-                "zero_stage": self.cfg.deepspeed.zero_stage, "nodes": len({n["node_rank"] for n in self.nodes}),
-                "global_batch": self.world * self.cfg.data.batch_size * self.cfg.accum_steps}
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, mine, meta,
-                              self.cfg.checkpoint.keep_last)
+        meta = {
+            "world": self.world,
+            "workers": max(1, self.cfg.data.workers),
+            "zero_stage": self.cfg.deepspeed.zero_stage,
+            "nodes": len({n["node_rank"] for n in self.nodes}),
+            "global_batch": self.world * self.cfg.data.batch_size * self.cfg.accum_steps,
+        }
+        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, mine, meta, self.cfg.checkpoint.keep_last)
         if self.rank == 0:
             print(f"saved checkpoint {self.ckpt_dir / tag}", flush=True)
 
@@ -194,7 +224,8 @@ class Trainer:
             ranks = [r for r, f in enumerate(flags) if f.item()]
             raise FloatingPointError(
                 f"non-finite loss at step {self.step} on rank(s) {ranks} (this rank: "
-                f"{ {k: float(v) for k, v in parts.items()} }); lower optim.lr or check the data")
+                f"{ {k: float(v) for k, v in parts.items()} }); lower optim.lr or check the data"
+            )
         with stage("backward"):
             self.engine.backward(loss, scale_wrt_gas=False)  # the step function already sums micro-batches
         with stage("optimizer_step"):
@@ -220,8 +251,9 @@ class Trainer:
             holder["parts"] = parts
             return loss, parts
 
-        loss, parts = contrastive_step(self.engine, loss_fn, batches,
-                                       backward=lambda loss: self._backward(loss, holder["parts"]))
+        loss, parts = contrastive_step(
+            self.engine, loss_fn, batches, backward=lambda loss: self._backward(loss, holder["parts"])
+        )
         self.step += 1
         return loss, parts
 
@@ -254,8 +286,9 @@ class Trainer:
                 if not group:
                     break
                 while len(group) < cfg.accum_steps:  # the epoch's last step: keep DeepSpeed's GAS aligned
-                    group.append({"present": {m: torch.zeros(cfg.data.batch_size, dtype=torch.bool)
-                                              for m in self.modalities}})
+                    group.append(
+                        {"present": {m: torch.zeros(cfg.data.batch_size, dtype=torch.bool) for m in self.modalities}}
+                    )
                 if self.samples is not None:
                     keys = [k for b in group for k in b.get("__key__", [])]
                     self.samples.write(self.step + 1, self.loader.epoch, keys)
@@ -289,8 +322,11 @@ class Trainer:
 
     def _report_profile(self, stages: dict[str, float] | None) -> None:
         if stages is not None and self.rank == 0:
-            print(f"profile of steps {self.cfg.log.profile_start}-{self.step} (ms per step, rank 0; traces in "
-                  f"{self.profiler.folder}): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()), flush=True)
+            print(
+                f"profile of steps {self.cfg.log.profile_start}-{self.step} (ms per step, rank 0; traces in "
+                f"{self.profiler.folder}): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()),
+                flush=True,
+            )
 
     def _log(self, window: dict[str, Any]) -> None:
         elapsed = time.perf_counter() - window["start"]
@@ -311,7 +347,8 @@ class Trainer:
         metrics = {
             "epoch": self.loader.epoch,
             "loss": sum(self._weight(k[5:]) * v for k, v in parts.items()) if parts else float("nan"),
-            **parts, **temps,
+            **parts,
+            **temps,
             "lr": lr_at(self.step - 1, self.total_steps, self.cfg.optim),  # towers with lr_scale: times that
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "samples_per_s": float(sum(r[0] for r in per_rank) / max(r[2] for r in per_rank)),
@@ -322,9 +359,14 @@ class Trainer:
             **self.engine.module.frozen_cache_stats(),  # rank 0's
         }
         pairs = " ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items())
-        self.logger.log(self.step, metrics, console=(
-            f"step {self.step}/{self.total_steps} epoch {self.loader.epoch} loss {metrics['loss']:.4f} ({pairs}) "
-            f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s"))
+        self.logger.log(
+            self.step,
+            metrics,
+            console=(
+                f"step {self.step}/{self.total_steps} epoch {self.loader.epoch} loss {metrics['loss']:.4f} ({pairs}) "
+                f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s"
+            ),
+        )
 
     def _weight(self, part: str) -> float:
         """The weight of a logged loss part ("text-image" or "match/text-image") in the optimised loss."""
@@ -343,15 +385,34 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         self.engine.eval()
         labels: list[Any] | None = [] if self.cfg.eval.zeroshot else None
-        emb = embed_all(self.engine, self.val_loader, self.device, self.dtype, self.cfg.data.batch_size,
-                        self.cfg.eval.max_samples, labels=labels)
+        emb = embed_all(
+            self.engine,
+            self.val_loader,
+            self.device,
+            self.dtype,
+            self.cfg.data.batch_size,
+            self.cfg.eval.max_samples,
+            labels=labels,
+        )
         metrics = retrieval(emb, self.engine.module.pairs)
         if self.cfg.eval.zeroshot is not None:
-            metrics.update(zeroshot_metrics(self.engine.module, self.cfg.eval.zeroshot, emb, labels,
-                                            self.val_loader.decoder, self.device, self.dtype))
+            metrics.update(
+                zeroshot_metrics(
+                    self.engine.module,
+                    self.cfg.eval.zeroshot,
+                    emb,
+                    labels,
+                    self.val_loader.decoder,
+                    self.device,
+                    self.dtype,
+                )
+            )
         self.engine.train()
-        self.logger.log(self.step, {f"eval/{k}": v for k, v in metrics.items()}, console="eval " + " ".join(
-            f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("R@1", "top1"))))
+        self.logger.log(
+            self.step,
+            {f"eval/{k}": v for k, v in metrics.items()},
+            console="eval " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.endswith(("R@1", "top1"))),
+        )
         return metrics
 
 
@@ -364,11 +425,13 @@ def is_comm_failure(error: BaseException) -> bool:
         return True
     text = str(error)
     return isinstance(error, RuntimeError) and any(
-        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out"))
+        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out")
+    )
 
 
-def report_lost_ranks(error: BaseException, heartbeat: Heartbeat, nodes: list[dict[str, Any]], step: int,
-                      timeout_s: float) -> str:
+def report_lost_ranks(
+    error: BaseException, heartbeat: Heartbeat, nodes: list[dict[str, Any]], step: int, timeout_s: float
+) -> str:
     """One line: this rank, the failed collective, and which ranks stopped beating (lost or stalled)."""
     me = describe_rank(nodes[heartbeat.rank])
     cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
@@ -379,8 +442,10 @@ def report_lost_ranks(error: BaseException, heartbeat: Heartbeat, nodes: list[di
         culprit = "not responding (lost or stalled): " + "; ".join(describe_rank(nodes[r]) for r in silent)
     else:
         culprit = "every rank still responds: the network between them failed"
-    return (f"accord train: {me}: a collective failed at step {step + 1} (timeout {timeout_s:g} s: {cause}); "
-            f"{culprit}. Continue the run with --resume latest.")
+    return (
+        f"accord train: {me}: a collective failed at step {step + 1} (timeout {timeout_s:g} s: {cause}); "
+        f"{culprit}. Continue the run with --resume latest."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

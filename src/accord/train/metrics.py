@@ -21,8 +21,13 @@ class MetricLogger:
             import wandb
 
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(project=cfg.wandb_project, name=cfg.run_name, config=run_config,
-                                    dir=str(output_dir), mode="online" if cfg.wandb_online else "offline")
+            self.wandb = wandb.init(
+                project=cfg.wandb_project,
+                name=cfg.run_name,
+                config=run_config,
+                dir=str(output_dir),
+                mode="online" if cfg.wandb_online else "offline",
+            )
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps the killed run logged after its last checkpoint."""

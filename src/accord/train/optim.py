@@ -12,8 +12,15 @@ from accord.train.config import OptimConfig
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """Norms, biases, embeddings and temperatures are not weight-decayed (as in CLIP / open_clip)."""
     lowered = name.lower()
-    return (param.ndim < 2 or "norm" in lowered or lowered.endswith(".bias") or "embedding" in lowered
-            or "logit_scale" in lowered or "logit_bias" in lowered or lowered.endswith((".pos", ".query")))
+    return (
+        param.ndim < 2
+        or "norm" in lowered
+        or lowered.endswith(".bias")
+        or "embedding" in lowered
+        or "logit_scale" in lowered
+        or "logit_bias" in lowered
+        or lowered.endswith((".pos", ".query"))
+    )
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
@@ -30,8 +37,10 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
         groups.setdefault((no_decay(name, p), scale), []).append(p)
     groups.setdefault((False, 1.0), [])
     groups.setdefault((True, 1.0), [])
-    return [{"params": params, "weight_decay": 0.0 if plain else cfg.weight_decay, "lr_scale": scale}
-            for (plain, scale), params in sorted(groups.items())]
+    return [
+        {"params": params, "weight_decay": 0.0 if plain else cfg.weight_decay, "lr_scale": scale}
+        for (plain, scale), params in sorted(groups.items())
+    ]
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -1,4 +1,5 @@
-"""Where a training step's time goes: torch.profiler over a window of steps (``log.profile_start``, ``log.profile_steps``).
+"""Where a training step's time goes: torch.profiler over a window of steps (``log.profile_start``,
+``log.profile_steps``).
 
 The trainer marks its stages with ``torch.profiler.record_function`` labels (a no-op when no profiler runs):
 
@@ -11,8 +12,8 @@ The trainer marks its stages with ``torch.profiler.record_function`` labels (a n
 
 Each rank writes ``<output_dir>/profile/rank<R>.trace.json`` (open it in Perfetto or chrome://tracing) and
 ``rank<R>.stages.json``: milliseconds per step of every stage, and of each kind of collective
-(``communication/gloo:all_reduce``, ... wherever it ran). Stages nest (communication runs inside backward and the loss), so they do not add up
-to the step time, which is reported beside them.
+(``communication/gloo:all_reduce``, ... wherever it ran). Stages nest (communication runs inside backward and the
+loss), so they do not add up to the step time, which is reported beside them.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def stage_table(events: Any, steps: int, wall_s: float) -> dict[str, float]:
     table: dict[str, float] = {}
     for e in events:
         if e.key.startswith("accord/"):
-            table[e.key[len("accord/"):]] = round(e.cpu_time_total / 1000 / steps, 3)
+            table[e.key[len("accord/") :]] = round(e.cpu_time_total / 1000 / steps, 3)
         elif e.key.startswith(COMM_PREFIXES):  # e.g. "communication/gloo:all_reduce"
             table[f"communication/{e.key}"] = round(e.cpu_time_total / 1000 / steps, 3)
     table["step (wall)"] = round(wall_s * 1000 / steps, 3)
@@ -81,7 +82,8 @@ class StepProfiler:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._prof.export_chrome_trace(str(self.folder / f"rank{self.rank:05d}.trace.json"))
         table = stage_table(self._prof.key_averages(), steps, wall)
-        (self.folder / f"rank{self.rank:05d}.stages.json").write_text(json.dumps(
-            {"steps": [self.start, step], "ms_per_step": table}, indent=1))
+        (self.folder / f"rank{self.rank:05d}.stages.json").write_text(
+            json.dumps({"steps": [self.start, step], "ms_per_step": table}, indent=1)
+        )
         self._prof = None
         return table

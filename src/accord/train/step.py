@@ -36,26 +36,41 @@ def _set_rng_state(state: dict) -> None:
 def as_fp32(out: ModelOutput) -> ModelOutput:
     """The loss runs in fp32 whatever the towers' precision."""
     bias = {k: v.float() for k, v in out.logit_bias.items()} if out.logit_bias is not None else None
-    return replace(out, embeddings={m: e.float() for m, e in out.embeddings.items()},
-                   logit_scale={k: v.float() for k, v in out.logit_scale.items()}, logit_bias=bias)
+    return replace(
+        out,
+        embeddings={m: e.float() for m, e in out.embeddings.items()},
+        logit_scale={k: v.float() for k, v in out.logit_scale.items()},
+        logit_bias=bias,
+    )
 
 
 def _merge(outs: list[ModelOutput], live: ModelOutput, i: int) -> ModelOutput:
     """Embeddings of all micro-batches (only the i-th with gradient); temperatures live in pass 0 only; token
     features (fusion head) of the i-th only."""
-    emb = {m: torch.cat([live.embeddings[m] if j == i else o.embeddings[m] for j, o in enumerate(outs)])
-           for m in live.embeddings}
+    emb = {
+        m: torch.cat([live.embeddings[m] if j == i else o.embeddings[m] for j, o in enumerate(outs)])
+        for m in live.embeddings
+    }
     present = {m: torch.cat([o.present[m] for o in outs]) for m in live.present}
     keep = (lambda t: t) if i == 0 else (lambda t: t.detach())
     scale = {k: keep(v) for k, v in live.logit_scale.items()}
     bias = {k: keep(v) for k, v in live.logit_bias.items()} if live.logit_bias is not None else None
     n = len(next(iter(live.present.values())))
-    return ModelOutput(emb, present, scale, bias, live.pairs, tokens=live.tokens, token_mask=live.token_mask,
-                       token_rows=slice(i * n, (i + 1) * n))
+    return ModelOutput(
+        emb,
+        present,
+        scale,
+        bias,
+        live.pairs,
+        tokens=live.tokens,
+        token_mask=live.token_mask,
+        token_rows=slice(i * n, (i + 1) * n),
+    )
 
 
-def contrastive_step(model: Callable, loss_fn: Callable, micro_batches: list[dict], backward: Backward
-                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def contrastive_step(
+    model: Callable, loss_fn: Callable, micro_batches: list[dict], backward: Backward
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward + backward of one optimiser step; returns the loss and per-pair losses (detached)."""
     if len(micro_batches) == 1:
         loss, parts = loss_fn(as_fp32(model(micro_batches[0])))
