@@ -174,14 +174,14 @@ def breakdown(folder: Path, images, texts) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
-    from accord.consistency.backbone import HFClipBackbone, _image_batch
+    from accord.consistency.backbone import HFClipBackbone, image_batch
 
     clip = CLIPModel.from_pretrained(folder).eval()
     proc, tok = CLIPImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
     cfg = HFClipBackbone(folder).image_cfg
     with torch.inference_mode():
         proc_ms, pixels = _ms(lambda: proc(images=images, return_tensors="pt")["pixel_values"])
-        resize_ms, same = _ms(lambda: _image_batch(images, cfg, torch.device("cpu")))
+        resize_ms, same = _ms(lambda: image_batch(images, cfg, torch.device("cpu")))
         enc = tok(texts, padding=True, return_tensors="pt")
         image_ms, emb = _ms(lambda: clip.get_image_features(pixel_values=pixels).pooler_output)
         text_ms, _ = _ms(lambda: clip.get_text_features(**enc))

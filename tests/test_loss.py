@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import math
-import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_worker import VARIANTS, global_batch, run, tiny_model
 
 from accord.losses import ContrastiveLoss, LossConfig
 from accord.models.model import ModelOutput
 
-HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers.procs import ENV, WORKERS, free_port
+from helpers.tiny import VARIANTS, global_batch, run, tiny_model
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -44,10 +35,10 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(HERE / "loss_worker.py"),
+        str(WORKERS / "loss_worker.py"),
         str(out),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    env = ENV
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)

@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_loss import free_port
-from test_train import ENV, LAUNCHER, ROOT, metrics
 
 from accord.config import ConfigError
 from accord.train import checkpoint
 
-HERE = Path(__file__).resolve().parent
+from helpers.procs import ENV, LAUNCHER, ROOT, WORKERS, free_port, metrics
+
 CONFIG = str(ROOT / "configs/tiny.yaml")
 # 48 samples in 16 shards; 2 ranks x 4 = 8 samples a step: 6 steps, checkpoints at steps 2, 4 and 6.
 OPTS = [
@@ -206,7 +205,7 @@ def test_weights_and_adam_moments_survive_a_change_of_world_size(reference, mixe
             str(ranks),
             "--master_port",
             str(free_port()),
-            str(HERE / "ckpt_worker.py"),
+            str(WORKERS / "ckpt_worker.py"),
             CONFIG,
             "step00000002",
             str(dumps[ranks]),
@@ -214,7 +213,7 @@ def test_weights_and_adam_moments_survive_a_change_of_world_size(reference, mixe
             f"output_dir={run_dir}",
             *OPTS,
         ]
-        proc = run(cmd, tmp_path, env={**ENV, "PYTHONPATH": str(HERE)})
+        proc = run(cmd, tmp_path, env=ENV)
         assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     plain, universal = (torch.load(dumps[r], weights_only=False) for r in (2, 1))
     assert plain["step"] == universal["step"] == 2
@@ -294,14 +293,14 @@ def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shard
         "2",
         "--master_port",
         str(free_port()),
-        str(HERE / "fault_worker.py"),
+        str(WORKERS / "fault_worker.py"),
         "--config",
         CONFIG,
         f"data.train={shards}",
         f"output_dir={out}",
         *OPTS,
     ]
-    proc = run(cmd, tmp_path, env={**ENV, "PYTHONPATH": str(HERE), "ACCORD_DIE_IN_TAG": "step00000004"})
+    proc = run(cmd, tmp_path, env={**ENV, "ACCORD_DIE_IN_TAG": "step00000004"})
     assert proc.returncode != 0  # on one node the launcher ends the other rank itself
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text() == "step00000002"

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from accord.experiments import recipes as r
+from accord.experiments import recipes
+from accord.worlds import paraphrases as r
 
 FUNCTION_WORDS = {"a", "an", "one", "of", "on", "is", "there", "this", "the"}
 
@@ -35,4 +36,4 @@ def test_class_level_r1_by_hand() -> None:
     sims = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.1, 0.8], [0.0, 0.7, 0.3]])
     query = torch.tensor([0, 1, 2])
     target = torch.tensor([0, 1, 1])  # query 1's best target (2) has class 1: a hit although it is not target 1
-    assert r.class_r1(sims, query, target) == pytest.approx(2 / 3)  # query 2's best (1) has class 1, not 2
+    assert recipes.class_r1(sims, query, target) == pytest.approx(2 / 3)  # query 2's best (1) has class 1, not 2

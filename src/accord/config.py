@@ -5,7 +5,11 @@ cfg = load_config(TrainConfig, "configs/tiny.yaml", ["optim.lr=1e-3", "model.emb
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import json
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -39,7 +43,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         if value not in get_args(tp):
             raise ConfigError(f"{key}: must be one of {list(get_args(tp))}, not {value!r}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
         if isinstance(value, tp):
             return value
         if not isinstance(value, dict):
@@ -71,7 +75,7 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError naming the key."""
     hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    names = {f.name for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     dot = f"{prefix}." if prefix else ""
     if unknown:
@@ -115,3 +119,126 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
 
 def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
+
+
+# ------------------------------------------------------------------------------------------------- documentation
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One documented config key: its dotted name, type, default, the attribute docstring it was declared with,
+    and (when describing a config instance) its value."""
+
+    key: str
+    type: str
+    default: str
+    doc: str
+    value: str | None = None
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass: the string literal right below each field (read from its source)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if tp is type(None):
+        return "null"
+    if origin is typing.Literal:
+        return " | ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    if origin in (list, tuple):
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is dict:
+        return f"mapping[{_type_name(args[0])}, {_type_name(args[1])}]" if args else "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(list(value) if isinstance(value, tuple) else value, default=str)
+
+
+def _default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        return _show(f.default)
+    if f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+        return "section" if dataclasses.is_dataclass(value) else _show(value)
+    return "required"
+
+
+def _section(tp: Any) -> tuple[type, bool] | None:
+    """(dataclass, named) of a field whose value holds more keys: a dataclass or an optional one (named False), or
+    a mapping of names to one (named True: ``model.towers.<modality>``)."""
+    for arg in (tp, *get_args(tp)):
+        if dataclasses.is_dataclass(arg) and isinstance(arg, type):
+            return arg, False
+        if get_origin(arg) is dict and dataclasses.is_dataclass(get_args(arg)[1]):
+            return get_args(arg)[1], True
+    return None
+
+
+_UNSET = object()
+
+
+def describe(cls: type, prefix: str = "", config: Any = _UNSET) -> list[KeyDoc]:
+    """Every key of config dataclass ``cls``, depth first in declaration order. A field that holds a section is
+    listed once (documented by its docstring or its class's) and then its keys; a mapping of named sections as
+    ``model.towers.<modality>.kind``. With ``config`` (an instance of ``cls``) every key carries its value, and the
+    named sections are the ones it has (``model.towers.text.kind``, ...)."""
+    hints = get_type_hints(cls)
+    docs = field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key, tp, default = f"{prefix}{f.name}", hints[f.name], _default(f)
+        value = _UNSET if config is _UNSET else getattr(config, f.name)
+        shown = None if value is _UNSET else ("section" if value is not None and _section(tp) else _show(value))
+        section = _section(tp)
+        if section is None:
+            out.append(KeyDoc(key, _type_name(tp), default, docs.get(f.name, ""), shown))
+            continue
+        sub, named = section
+        doc = docs.get(f.name) or " ".join((sub.__doc__ or "").split())
+        if named or default in ("null", "required"):  # optional and named sections are keys themselves
+            out.append(KeyDoc(key, _type_name(tp), default, doc, shown))
+        if not named:
+            if value is _UNSET or value is not None:
+                out += describe(sub, f"{key}.", value)
+        elif value is _UNSET:
+            out += describe(sub, f"{key}.<{f.metadata.get('key', 'name')}>.")
+        else:
+            for name, entry in value.items():
+                out += describe(sub, f"{key}.{name}.", entry)
+    return out
+
+
+def reference(cls: type, config: Any = None) -> str:
+    """A markdown table of every key of ``cls`` (what ``accord train --print-config`` prints); with ``config``, an
+    instance, a column of its values."""
+    rows = describe(cls) if config is None else describe(cls, config=config)
+    header = ["key", "type", "default", "meaning"] + (["value"] if config is not None else [])
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for d in rows:
+        cells = [f"`{d.key}`", d.type.replace("|", "\\|"), f"`{d.default}`", d.doc.replace("|", "\\|")]
+        if config is not None:
+            cells.append(f"`{d.value}`")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,8 +1,8 @@
 """Consistency-guided captioning: a small caption decoder on accord tower features, decoding strategies (greedy,
 beam, nucleus, N-best reranking, consistency-guided beam with the cosine or the fused score) and training strategies
 (MLE, MLE + differentiable consistency loss, self-critical sequence training with the consistency score as reward);
-zero-shot baselines (MAGIC decoding of an image-blind language model, CLIPRe retrieval); the captioning world and a
-referee that parses captions back and scores them against the rendered scene."""
+zero-shot baselines (MAGIC decoding of an image-blind language model, CLIPRe retrieval). The captioning world and
+its referee are in :mod:`accord.worlds`."""
 
 from accord.captioning.decode import DecodeConfig, generate
 from accord.captioning.model import Captioner, CaptionerConfig

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from accord.captioning.model import blank_memory
 from accord.captioning.reward import MediaFeatures
 from accord.captioning.vocab import CaptionVocab
 
@@ -29,8 +30,6 @@ class CaptionData:
     def image_blind(self) -> CaptionData:
         """The same captions on one blank memory token per item: training data of an image-blind language model
         (see :func:`accord.captioning.model.blank_memory`)."""
-        from accord.captioning.model import blank_memory
-
         memory, mask = blank_memory(len(self), self.memory.shape[-1], self.memory.device, self.memory.dtype)
         return CaptionData(memory, mask, self.media, self.captions, self.targets)
 

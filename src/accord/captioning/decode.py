@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 
 from accord.captioning.model import Captioner
-from accord.captioning.reward import CaptionConsistency
+from accord.captioning.reward import CaptionConsistency, Media
 from accord.captioning.vocab import BOS, EOS, PAD
 
 Strategy = Literal["greedy", "beam", "sample", "rerank", "guided"]
@@ -29,17 +29,30 @@ STRATEGIES: tuple[str, ...] = ("greedy", "beam", "sample", "rerank", "guided")
 
 @dataclass
 class DecodeConfig:
+    """How :func:`generate` decodes."""
+
     strategy: Strategy = "greedy"
+    """greedy, beam search, sampling, N-best reranking by the consistency score, or consistency-guided beam."""
     beam: int = 4
-    temperature: float = 1.0  # sample
-    top_k: int = 0  # sample: 0 = no top-k cut
-    top_p: float = 0.9  # sample: nucleus mass
-    candidates: int = 8  # rerank: N
-    candidate_source: Literal["beam", "sample"] = "sample"  # rerank
-    beta: float = 1.0  # rerank / guided: weight of the consistency score
-    guide_top_k: int = 8  # guided: continuations scored per beam
-    max_len: int | None = None  # words; default: the captioner's
+    """Beam width (beam, guided, rerank from beam)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Sampling: keep the k most likely tokens; 0: no top-k cut."""
+    top_p: float = 0.9
+    """Sampling: nucleus probability mass."""
+    candidates: int = 8
+    """Rerank: N candidates."""
+    candidate_source: Literal["beam", "sample"] = "sample"
+    """Rerank: where the candidates come from."""
+    beta: float = 1.0
+    """Rerank / guided: weight of the consistency score beside the log-likelihood."""
+    guide_top_k: int = 8
+    """Guided: continuations scored per beam and step."""
+    max_len: int | None = None
+    """Words per caption; default: the captioner's."""
     seed: int = 0
+    """Seeds sampling."""
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -60,7 +73,7 @@ def _next_logp(model: Captioner, prefix: torch.Tensor, memory: torch.Tensor, mas
     return model(prefix, memory, mask)[:, -1].float().log_softmax(-1)
 
 
-def _constrain(logp: torch.Tensor, done: torch.Tensor, last: bool) -> torch.Tensor:
+def constrain(logp: torch.Tensor, done: torch.Tensor, last: bool) -> torch.Tensor:
     """No BOS; PAD only (for free) after EOS; EOS forced at the length limit."""
     logp = logp.clone()
     logp[:, BOS] = float("-inf")
@@ -100,7 +113,7 @@ def sample(
     total = torch.zeros(n, device=memory.device)
     done = torch.zeros(n, dtype=torch.bool, device=memory.device)
     for t in range(max_len + 1):
-        logp = _constrain(_next_logp(model, seqs, memory, mask), done, t == max_len)
+        logp = constrain(_next_logp(model, seqs, memory, mask), done, t == max_len)
         logits = logp / temperature
         if top_k:
             kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
@@ -127,7 +140,7 @@ def beam_search(
     beam: int,
     max_len: int,
     consistency: CaptionConsistency | None = None,
-    media: torch.Tensor | None = None,
+    media: Media | None = None,
     beta: float = 0.0,
     guide_top_k: int | None = None,
     length_norm: bool = True,
@@ -135,22 +148,26 @@ def beam_search(
     """Beam search, optionally guided by the consistency score at every step. Returns the best caption per row,
     and all final beams [B, K, T] with their summed log-probabilities [B, K], best first."""
     b, k = memory.shape[0], beam
-    guided = consistency is not None
-    c = max(k, guide_top_k or k) if guided else k
+    guide = None
+    if consistency is not None:
+        if media is None:
+            raise ValueError("guided beam search needs the media the captions are scored against")
+        guide = consistency, media
+    c = max(k, guide_top_k or k) if guide else k
     mem, msk = memory.repeat_interleave(k, 0), mask.repeat_interleave(k, 0)
-    med = media.repeat_interleave(k * c, 0) if guided else None
+    med = guide[1].repeat_interleave(k * c, 0) if guide else None
     seqs = torch.full((b * k, 1), BOS, dtype=torch.long, device=memory.device)
     score = torch.zeros(b, k, device=memory.device)
     score[:, 1:] = float("-inf")  # all beams start identical: keep one
     done = torch.zeros(b * k, dtype=torch.bool, device=memory.device)
     for t in range(max_len + 1):
-        logp = _constrain(_next_logp(model, seqs, mem, msk), done, t == max_len)
+        logp = constrain(_next_logp(model, seqs, mem, msk), done, t == max_len)
         vals, idx = logp.topk(c, dim=-1)  # [B*K, c]
         total = score.view(-1, 1) + vals
         rank = total
-        if guided:
+        if guide is not None and med is not None:
             cand = torch.cat([seqs[:, 1:].repeat_interleave(c, 0), idx.reshape(-1, 1)], dim=1)
-            rank = total + beta * consistency.score(cand, med).view(b * k, c).to(total.dtype)
+            rank = total + beta * guide[0].score(cand, med).view(b * k, c).to(total.dtype)
         best = rank.view(b, k * c).topk(k, dim=-1).indices  # [B, K]
         parent = (best // c) + torch.arange(b, device=memory.device)[:, None] * k
         token = idx.view(b, k * c).gather(1, best)
@@ -161,8 +178,8 @@ def beam_search(
             break
     words = seqs[:, 1:]
     final = score.view(-1) / _lengths(words) if length_norm else score.view(-1)
-    if guided:
-        final = final + beta * consistency.score(words, media.repeat_interleave(k, 0)).to(final.dtype)
+    if guide is not None:
+        final = final + beta * guide[0].score(words, guide[1].repeat_interleave(k, 0)).to(final.dtype)
     final = final.view(b, k)
     order = final.argsort(dim=-1, descending=True)
     all_words = words.view(b, k, -1).gather(1, order[..., None].expand(-1, -1, words.shape[-1]))
@@ -172,7 +189,7 @@ def beam_search(
 
 @torch.no_grad()
 def rerank(
-    candidates: torch.Tensor, logp: torch.Tensor, media: torch.Tensor, consistency: CaptionConsistency, beta: float
+    candidates: torch.Tensor, logp: torch.Tensor, media: Media, consistency: CaptionConsistency, beta: float
 ) -> tuple[Decoded, torch.Tensor]:
     """Pick from ``candidates`` [B, N, T] by ``logp / length + beta * consistency``; returns the choice and the
     index of the chosen candidate per row."""
@@ -190,7 +207,7 @@ def generate(
     memory: torch.Tensor,
     mask: torch.Tensor,
     cfg: DecodeConfig,
-    media: torch.Tensor | None = None,
+    media: Media | None = None,
     consistency: CaptionConsistency | None = None,
 ) -> Decoded:
     """Captions for a batch of media: ``memory`` [B, L, W] token features (+ bool ``mask``), ``media`` [B, D]
@@ -223,4 +240,5 @@ def generate(
             generator,
         )
         cands, logp = drawn.seqs.view(-1, n, drawn.seqs.shape[-1]), drawn.logp.view(-1, n)
+    assert media is not None and consistency is not None  # checked above
     return rerank(cands, logp, media, consistency, cfg.beta)[0]

@@ -10,11 +10,18 @@ from torch import nn
 
 @dataclass
 class CaptionerConfig:
+    """The caption decoder: a small transformer decoder cross-attending to a tower's token features."""
+
     dim: int = 128
+    """Model width."""
     layers: int = 2
+    """Decoder layers."""
     heads: int = 4
+    """Attention heads."""
     dropout: float = 0.1
-    max_len: int = 16  # words per caption (without BOS/EOS)
+    """Dropout while training."""
+    max_len: int = 16
+    """Words per caption (without BOS / EOS)."""
 
 
 class Captioner(nn.Module):
@@ -26,6 +33,7 @@ class Captioner(nn.Module):
         self.embed = nn.Embedding(vocab_size, cfg.dim)
         self.pos = nn.Parameter(torch.zeros(1, cfg.max_len + 2, cfg.dim))
         nn.init.normal_(self.pos, std=0.02)
+        self.memory_width = memory_width
         self.memory_proj = nn.Sequential(nn.Linear(memory_width, cfg.dim), nn.LayerNorm(cfg.dim))
         layer = nn.TransformerDecoderLayer(
             cfg.dim, cfg.heads, 4 * cfg.dim, cfg.dropout, batch_first=True, norm_first=True

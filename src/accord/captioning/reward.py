@@ -40,7 +40,10 @@ class MediaFeatures:
         return MediaFeatures(*(t.repeat_interleave(repeats, dim) for t in (self.embedding, self.tokens, self.mask)))
 
 
-def _embedding(media: torch.Tensor | MediaFeatures) -> torch.Tensor:
+Media = torch.Tensor | MediaFeatures  # what a caption is scored against: embeddings [N, D], or with token features
+
+
+def _embedding(media: Media) -> torch.Tensor:
     return media.embedding if isinstance(media, MediaFeatures) else media
 
 
@@ -129,15 +132,16 @@ class CaptionConsistency:
         if not tokens:
             return TowerOutput(embedding, embedding[:, None, :0], torch.ones(len(keys), 0, dtype=torch.bool))
         width = max(lengths)
-        feats = embedding.new_zeros(len(keys), width, entries[0][1].shape[-1])
-        for i, (_, t) in enumerate(entries):
+        token_feats = [t for _, t in entries if t is not None]  # every entry: its key asked for tokens
+        feats = embedding.new_zeros(len(keys), width, token_feats[0].shape[-1])
+        for i, t in enumerate(token_feats):
             feats[i, : len(t)] = t
         token_mask = (
             torch.arange(width, device=feats.device)[None] < torch.tensor(lengths, device=feats.device)[:, None]
         )
         return TowerOutput(embedding, feats, token_mask)
 
-    def score(self, seqs: torch.Tensor, media: torch.Tensor | MediaFeatures) -> torch.Tensor:
+    def score(self, seqs: torch.Tensor, media: Media) -> torch.Tensor:
         """Consistency [M] of hard captions [M, T] (generator indices, no BOS) with ``media`` rows [M]."""
         if self.kind == "cosine":
             return (self.text_embedding(seqs) * _embedding(media)).sum(-1)
@@ -147,7 +151,7 @@ class CaptionConsistency:
         other = TowerOutput(media.embedding, media.tokens.to(text.tokens.dtype), media.mask)
         return torch.sigmoid(self.backbone.match_logits(text, other, self.modality).float())
 
-    def soft_score(self, probs: torch.Tensor, mask: torch.Tensor, media: torch.Tensor | MediaFeatures) -> torch.Tensor:
+    def soft_score(self, probs: torch.Tensor, mask: torch.Tensor, media: Media) -> torch.Tensor:
         """Cosine of soft captions: ``probs`` [M, T, V] over the generator vocabulary at the ``mask``ed positions."""
         table = self.word_embeddings[self.vocab.token_ids.to(self.word_embeddings.device)]  # [V, H]
         words = probs.to(table.dtype) @ table

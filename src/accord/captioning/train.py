@@ -27,17 +27,30 @@ from accord.captioning.vocab import BOS, EOS, PAD
 
 @dataclass
 class CaptionTrainConfig:
+    """How :func:`train_captioner` trains the decoder."""
+
     strategy: Literal["mle", "consistency", "scst"] = "mle"
+    """MLE; MLE + the differentiable consistency loss; self-critical sequence training with the score as reward."""
     epochs: int = 30
+    """Passes over the training captions."""
     batch_size: int = 32
+    """Captions per step."""
     lr: float = 1e-3
+    """AdamW learning rate."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     grad_clip: float = 1.0
-    consistency_weight: float = 1.0  # consistency: weight of (1 - cos) of the soft caption
-    soft: Literal["expected", "gumbel"] = "expected"  # consistency: how tokens stay differentiable
+    """Clip the gradient norm to this."""
+    consistency_weight: float = 1.0
+    """consistency: weight of (1 - cos) of the soft caption."""
+    soft: Literal["expected", "gumbel"] = "expected"
+    """consistency: how tokens stay differentiable (expected embedding, or straight-through Gumbel-softmax)."""
     gumbel_tau: float = 1.0
-    scst_mle_weight: float = 0.0  # scst: weight of the MLE term kept beside the policy gradient
+    """consistency with gumbel: the Gumbel-softmax temperature."""
+    scst_mle_weight: float = 0.0
+    """scst: weight of the MLE term kept beside the policy gradient."""
     seed: int = 0
+    """Seeds the initial weights, the batch order and sampling."""
 
 
 def mle_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -56,7 +69,7 @@ def _step_loss(
     model: Captioner, batch: tuple[torch.Tensor, ...], cfg: CaptionTrainConfig, consistency: CaptionConsistency | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     memory, mask, media, targets = batch
-    if cfg.strategy == "scst":
+    if cfg.strategy == "scst" and consistency is not None:  # (train_captioner refuses scst without one)
         model.eval()
         max_len = targets.shape[1] - 2
         drawn = sample(model, memory, mask, max_len).seqs
@@ -75,7 +88,7 @@ def _step_loss(
     logits = model(targets[:, :-1], memory, mask)
     loss = mle_loss(logits, targets)
     logs = {"mle": float(loss.detach())}
-    if cfg.strategy == "consistency":
+    if cfg.strategy == "consistency" and consistency is not None:
         words = (targets[:, 1:] != PAD) & (targets[:, 1:] != EOS)
         if cfg.soft == "gumbel":
             probs = F.gumbel_softmax(logits.float(), tau=cfg.gumbel_tau, hard=True)

@@ -17,9 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from accord.captioning.decode import Decoded, _constrain
+from accord.captioning.decode import Decoded, constrain
 from accord.captioning.model import Captioner, blank_memory
-from accord.captioning.reward import CaptionConsistency
+from accord.captioning.reward import CaptionConsistency, Media
 from accord.captioning.vocab import BOS, EOS, PAD
 
 
@@ -29,7 +29,7 @@ def magic(
     n: int,
     max_len: int,
     consistency: CaptionConsistency | None = None,
-    media: torch.Tensor | None = None,
+    media: Media | None = None,
     top_k: int = 5,
     alpha: float = 0.6,
     beta: float = 1.0,
@@ -42,14 +42,14 @@ def magic(
     lm.eval()
     param = next(lm.parameters())
     device, acc = param.device, torch.promote_types(param.dtype, torch.float32)  # scores in >= fp32
-    memory, mask = blank_memory(n, lm.memory_proj[0].in_features, device, param.dtype)
+    memory, mask = blank_memory(n, lm.memory_width, device, param.dtype)
     seqs = torch.full((n, 1), BOS, dtype=torch.long, device=device)
     total = torch.zeros(n, device=device, dtype=acc)
     done = torch.zeros(n, dtype=torch.bool, device=device)
     rows = torch.arange(n, device=device)
     for t in range(max_len + 1):
         # p(v | prefix) over the allowed tokens (no BOS / PAD; EOS at the length limit; PAD once done)
-        logp = _constrain(lm(seqs, memory, mask)[:, -1].to(acc), done, t == max_len).log_softmax(-1)
+        logp = constrain(lm(seqs, memory, mask)[:, -1].to(acc), done, t == max_len).log_softmax(-1)
         k = min(top_k, logp.shape[-1])
         cand_logp, cand = logp.topk(k, dim=-1)  # [n, k]
         extended = torch.cat([seqs.repeat_interleave(k, 0), cand.reshape(-1, 1)], dim=1)  # [n*k, t+2]
@@ -58,7 +58,7 @@ def magic(
         )
         penalty = (hidden[:, :-1] @ hidden[:, -1:].transpose(1, 2))[..., 0].max(dim=1).values.view(n, k)
         score = (1 - alpha) * cand_logp.exp() - alpha * penalty
-        if beta:
+        if beta and consistency is not None and media is not None:
             cons = consistency.score(extended[:, 1:], media.repeat_interleave(k, 0)).to(acc).view(n, k)
             score = score + beta * (cons / tau).softmax(dim=-1)
         score = score.masked_fill(torch.isinf(cand_logp), float("-inf"))  # impossible continuations

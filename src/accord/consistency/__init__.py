@@ -1,4 +1,4 @@
-"""Export of trained encoders and the cross-modal consistency score."""
+"""The cross-modal consistency score: the backbone directory (save, load), scoring, the score as a loss and metric."""
 
 from accord.consistency.backbone import Backbone, HFClipBackbone, load_backbone
 from accord.consistency.metric import ConsistencyMetric

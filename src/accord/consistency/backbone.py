@@ -1,4 +1,12 @@
-"""Load aligned encoders for scoring: an exported accord backbone, or a plain HF CLIPModel directory.
+"""The backbone directory: written by :func:`save_backbone` (``accord export``), read by :func:`load_backbone` for
+scoring, which also reads a plain HF CLIPModel directory.
+
+    backbone.json             format, embed_dim, pairs, model config, preprocessing per modality, source
+    towers/<modality>/        a transformers ``save_pretrained`` directory per tower
+    heads.safetensors         projections, temporal pooling, temperatures (and logit biases), the fusion head
+    tokenizer/                the text tokenizer (when there is a text tower)
+    README.md                 model card: towers, how to load, data, steps, last evaluation
+    onnx/<modality>.onnx      with ``accord export --onnx``: each tower (:mod:`accord.consistency.onnx`)
 
 ``Backbone.embed(modality, inputs)`` takes raw inputs and returns L2-normalised embeddings [B, D]:
 
@@ -22,18 +30,24 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from accord.config import from_dict
-from accord.data.config import AudioConfig, ImageConfig, VideoConfig
+from accord.config import from_dict, to_dict
+from accord.data.config import AudioConfig, DataConfig, ImageConfig, VideoConfig
 from accord.data.decode import decode_audio, decode_image, decode_video
 from accord.data.transforms import audio_features, normalize, resize_center_crop, video_to_tensor
 from accord.errors import InputError
+from accord.modalities import MEDIA
 from accord.models import AccordModel, ModelConfig
 from accord.models.towers import TowerOutput, cat_tokens
+from accord.resources import resolve_local_dir
+
+FORMAT = "accord-backbone"
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,16 +58,13 @@ def _read(item: Any) -> bytes:
     return Path(item).read_bytes()
 
 
-def _image_batch(images: Any, cfg: ImageConfig, device: torch.device | None = None) -> torch.Tensor:
+def image_batch(images: Any, cfg: ImageConfig, device: torch.device | None = None) -> torch.Tensor:
     """Raw images -> normalised [B, 3, S, S] (resize shorter side, centre crop, as the eval transform).
 
     uint8 tensors are resized as uint8 (as torchvision-backed HF image processors do, so CLIP directories give
     their own preprocessing's numbers), same-size images in one batched call; float tensors in [0, 1] take a
     differentiable float path. Tensors move to ``device`` first, so an accelerator does the resizing and the
     host sends uint8."""
-    import numpy as np
-    from PIL import Image
-
     if (
         isinstance(images, (list, tuple))
         and images
@@ -73,7 +84,7 @@ def _image_batch(images: Any, cfg: ImageConfig, device: torch.device | None = No
             item = torch.from_numpy(np.array(item.convert("RGB"))).permute(2, 0, 1)
         elif not torch.is_tensor(item):
             item = decode_image(_read(item), min_size=cfg.size)
-        out.append(_image_batch(item, cfg, device))
+        out.append(image_batch(item, cfg, device))
     return torch.cat(out)
 
 
@@ -83,9 +94,10 @@ class Backbone(nn.Module):
     def __init__(self, model: AccordModel, preprocess: dict[str, Any], tokenizer: Any | None, path: Path):
         super().__init__()
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
-        self.image_cfg = ImageConfig(
-            **{k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.get("image", {}).items()}
-        )
+        image: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.get("image", {}).items()
+        }
+        self.image_cfg = ImageConfig(**image)
         self.video_cfg = VideoConfig(**preprocess.get("video", {}))
         self.audio_cfg = AudioConfig(**preprocess.get("audio", {}))
         self.max_length = preprocess.get("text", {}).get("max_length", 77)
@@ -103,12 +115,14 @@ class Backbone(nn.Module):
         if modality == "text":
             if isinstance(inputs, dict):
                 return inputs
+            if self.tokenizer is None:
+                raise ValueError(f"{self.path}: this backbone has no tokenizer/ (give text as inputs_embeds)")
             enc = self.tokenizer(
                 list(inputs), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
             )
             return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         if modality == "image":
-            return {"pixel_values": _image_batch(inputs, self.image_cfg, self.device)}
+            return {"pixel_values": image_batch(inputs, self.image_cfg, self.device)}
         if modality == "video":
             if torch.is_tensor(inputs):  # [B, T, 3, H, W] in [0, 1]
                 frames = [
@@ -189,9 +203,8 @@ class HFClipBackbone(nn.Module):
         self.processor = CLIPImageProcessor.from_pretrained(path)
         crop = self.processor.crop_size
         size = crop if isinstance(crop, int) else (getattr(crop, "height", None) or crop["height"])
-        self.image_cfg = ImageConfig(
-            size=size, mean=tuple(self.processor.image_mean), std=tuple(self.processor.image_std)
-        )
+        mean, std = self.processor.image_mean, self.processor.image_std
+        self.image_cfg = ImageConfig(size=size, mean=(mean[0], mean[1], mean[2]), std=(std[0], std[1], std[2]))
         self.max_length = self.clip.config.text_config.max_position_embeddings
 
     @property
@@ -217,10 +230,8 @@ class HFClipBackbone(nn.Module):
                 # float: the differentiable path; uint8 on an accelerator: resized there (same numbers as the
                 # processor to 1e-5, tested). On CPU the processor's PIL resize is faster
                 # (44 vs 69 ms per 64 images: bench/score.py --breakdown).
-                pixels = _image_batch(inputs, self.image_cfg, self.device)
+                pixels = image_batch(inputs, self.image_cfg, self.device)
             else:
-                from PIL import Image
-
                 items = [Image.open(io.BytesIO(_read(i))) if isinstance(i, (str, Path, bytes)) else i for i in inputs]
                 pixels = self.processor(images=items, return_tensors="pt")["pixel_values"]
             emb = features(self.clip.get_image_features(pixel_values=pixels.to(self.device, self.clip.dtype)))
@@ -273,9 +284,90 @@ def load_backbone(
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        backbone: nn.Module = Backbone(model, meta["preprocess"], tokenizer, path)
+        backbone: Backbone | HFClipBackbone = Backbone(model, meta["preprocess"], tokenizer, path)
     elif (path / "config.json").exists() and json.loads((path / "config.json").read_text()).get("model_type") == "clip":
         backbone = HFClipBackbone(path)
     else:
         raise FileNotFoundError(f"{path}: neither an accord backbone (backbone.json) nor a HF CLIPModel directory")
     return backbone.to(device=device, dtype=dtype)
+
+
+def save_backbone(
+    model: AccordModel,
+    data: DataConfig,
+    out: Path,
+    dtype: str = "fp32",
+    source: dict[str, Any] | None = None,
+    card: list[str] | None = None,
+) -> None:
+    """Write ``model`` (with the preprocessing of ``data``) as a backbone directory that :func:`load_backbone`
+    reads: towers, heads, tokenizer, ``backbone.json`` and a model card (``card``: lines about its training)."""
+    torch_dtype = DTYPES[dtype]
+    out.mkdir(parents=True, exist_ok=True)
+    heads: dict[str, torch.Tensor] = {}
+    towers_cfg = {}
+    for modality, tower in model.towers.items():
+        tcfg = model.cfg.towers[modality]
+        if not tcfg.share_image_backbone:
+            tower.backbone.to(torch_dtype).save_pretrained(out / "towers" / modality)
+            tower.backbone.float()
+        for name, t in tower.state_dict().items():
+            if not name.startswith("backbone."):
+                heads[f"{modality}.{name}"] = t.detach().to(torch_dtype).contiguous()
+        pretrained = f"towers/{'image' if tcfg.share_image_backbone else modality}"
+        towers_cfg[modality] = {
+            **to_dict(tcfg),
+            "pretrained": pretrained,
+            "freeze": False,
+            "unfreeze_last_n": None,
+            "gradient_checkpointing": False,
+        }
+    if model.fusion is not None:
+        for name, t in model.fusion.state_dict().items():
+            heads[f"fusion.{name}"] = t.detach().to(torch_dtype).contiguous()
+    for kind in ("logit_scale", "logit_bias"):
+        params = getattr(model, kind)
+        if params is not None:
+            for name, p in params.items():
+                heads[f"{kind}.{name}"] = p.detach().float().contiguous()
+    save_file(heads, str(out / "heads.safetensors"))
+    if "text" in model.towers and data.text.tokenizer:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(resolve_local_dir(data.text.tokenizer)).save_pretrained(out / "tokenizer")
+    model_cfg = {**to_dict(model.cfg), "towers": towers_cfg}
+    preprocess = {m: to_dict(getattr(data, m)) for m in MEDIA if m in model.towers}
+    if "text" in model.towers:
+        preprocess["text"] = {"tokenizer": "tokenizer", "max_length": data.text.max_length}
+    meta = {
+        "format": FORMAT,
+        "version": 1,
+        "dtype": dtype,
+        "embed_dim": model.cfg.embed_dim,
+        "modalities": list(model.towers),
+        "pairs": [list(p) for p in model.pairs],
+        "model": model_cfg,
+        "preprocess": preprocess,
+        "source": source or {},
+    }
+    (out / "backbone.json").write_text(json.dumps(meta, indent=1, default=str))
+    (out / "README.md").write_text(model_card(meta, card or []))
+
+
+def model_card(meta: dict[str, Any], training: list[str]) -> str:
+    """The backbone directory's README: its towers, how to load it, and the given lines about its training."""
+    towers = ", ".join(f"{m} ({meta['model']['towers'][m]['kind']})" for m in meta["modalities"])
+    pairs = ", ".join("-".join(p) for p in meta["pairs"])
+    lines = ["# accord backbone", "", f"Towers: {towers}; embedding size {meta['embed_dim']}; pairs {pairs}.", ""]
+    if training:
+        lines += [training[0], ""]
+    lines += ["Load with `accord.load_backbone(DIR)` or `ConsistencyScorer.from_pretrained(DIR)`.", ""]
+    fusion = meta["model"].get("fusion")
+    if fusion:
+        lines += [
+            f"Fusion head: {fusion['layers']} cross-attention layers of width {fusion['dim']}"
+            f"{' (symmetric)' if fusion['symmetric'] else ''}, trained with mined hard negatives; "
+            '`scorer.score(..., mode="fused")` gives the match probability of text pairs.',
+            "",
+        ]
+    return "\n".join(lines + training[1:]) + "\n"

@@ -18,13 +18,14 @@ from typing import Any
 
 import torch
 
-from accord.models import AccordModel
-from accord.train.config import TrainConfig
+from accord.data.config import DataConfig
+from accord.models import AccordModel, ModelConfig
+from accord.resources import resolve_local_dir
 
 
-def hf_clip_problems(cfg: TrainConfig) -> list[str]:
+def hf_clip_problems(model_cfg: ModelConfig, data: DataConfig) -> list[str]:
     """Why this model has no CLIPModel form (empty when it has one)."""
-    towers = cfg.model.towers
+    towers = model_cfg.towers
     problems = []
     for modality, kind in (("text", "clip_text"), ("image", "clip_vision")):
         tower = towers.get(modality)
@@ -34,24 +35,22 @@ def hf_clip_problems(cfg: TrainConfig) -> list[str]:
             problems.append(f"the {modality} tower is {tower.kind!r}, not {kind!r}")
         elif tower.pooling != "default":
             problems.append(f"the {modality} tower pools with {tower.pooling!r}; CLIP uses the pooler output")
-    if "text" in towers and not cfg.data.text.tokenizer:
+    if "text" in towers and not data.text.tokenizer:
         problems.append("data.text.tokenizer is not set")
     return problems
 
 
-def left_out(cfg: TrainConfig) -> list[str]:
+def left_out(model_cfg: ModelConfig) -> list[str]:
     """Parts of the model a CLIPModel cannot hold (they are not exported in this format)."""
-    parts = [f"{m} tower" for m in cfg.model.towers if m not in ("text", "image")]
-    return parts + (["fusion head"] if cfg.model.fusion is not None else [])
+    parts = [f"{m} tower" for m in model_cfg.towers if m not in ("text", "image")]
+    return parts + (["fusion head"] if model_cfg.fusion is not None else [])
 
 
-def to_hf_clip(model: AccordModel, cfg: TrainConfig) -> tuple[Any, Any, Any]:
+def to_hf_clip(model: AccordModel, data: DataConfig) -> tuple[Any, Any, Any]:
     """The (CLIPModel, tokenizer, CLIPImageProcessor) equivalent of ``model``'s text and image towers."""
     import transformers as tr
 
-    from accord.models.towers import resolve_local_dir
-
-    problems = hf_clip_problems(cfg)
+    problems = hf_clip_problems(model.cfg, data)
     if problems:
         raise ValueError("--format hf-clip needs clip_text + clip_vision towers: " + "; ".join(problems))
     text, image = model.towers["text"], model.towers["image"]
@@ -59,7 +58,7 @@ def to_hf_clip(model: AccordModel, cfg: TrainConfig) -> tuple[Any, Any, Any]:
     config = tr.CLIPConfig(
         text_config=text.backbone.config.to_dict(),
         vision_config=image.backbone.config.to_dict(),
-        projection_dim=cfg.model.embed_dim,
+        projection_dim=model.cfg.embed_dim,
         logit_scale_init_value=scale,
     )
     clip = tr.CLIPModel(config)
@@ -71,27 +70,29 @@ def to_hf_clip(model: AccordModel, cfg: TrainConfig) -> tuple[Any, Any, Any]:
         "logit_scale": torch.tensor(scale),
     }
     clip.load_state_dict({k: v.detach().float() for k, v in state.items()}, strict=True)
-    tokenizer = tr.AutoTokenizer.from_pretrained(resolve_local_dir(cfg.data.text.tokenizer))
-    tokenizer.model_max_length = min(cfg.data.text.max_length, text.backbone.config.max_position_embeddings)
-    size = cfg.data.image.size
+    assert data.text.tokenizer is not None  # hf_clip_problems refuses a text tower without one
+    tokenizer = tr.AutoTokenizer.from_pretrained(resolve_local_dir(data.text.tokenizer))
+    tokenizer.model_max_length = min(data.text.max_length, text.backbone.config.max_position_embeddings)
+    size = data.image.size
     processor = tr.CLIPImageProcessor(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         resample=3,
-        image_mean=list(cfg.data.image.mean),  # 3: bicubic
-        image_std=list(cfg.data.image.std),
+        image_mean=list(data.image.mean),  # 3: bicubic
+        image_std=list(data.image.std),
         do_convert_rgb=True,
     )
     return clip.eval(), tokenizer, processor
 
 
-def save_hf_clip(model: AccordModel, cfg: TrainConfig, out: Path, dtype: torch.dtype = torch.float32) -> list[str]:
-    """Write the CLIPModel directory; returns what was left out (other towers, fusion head)."""
+def save_hf_clip(model: AccordModel, data: DataConfig, out: Path, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Write the CLIPModel directory of ``model`` trained on ``data``'s preprocessing; returns what was left out
+    (other towers, fusion head)."""
     import transformers as tr
 
-    clip, tokenizer, image_processor = to_hf_clip(model, cfg)
+    clip, tokenizer, image_processor = to_hf_clip(model, data)
     out.mkdir(parents=True, exist_ok=True)
     clip.to(dtype).save_pretrained(out)
     tr.CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
     image_processor.save_pretrained(out)  # preprocessor_config.json, for tools that load it alone
-    return left_out(cfg)
+    return left_out(model.cfg)

@@ -24,6 +24,8 @@ from accord.consistency.scorer import ConsistencyScorer, Mode, torchmetrics_aggr
 class ConsistencyMetric(Metric):
     """Mean cross-modal consistency over everything passed to :meth:`update` (across ranks when distributed)."""
 
+    total: torch.Tensor  # states (add_state)
+    count: torch.Tensor
     is_differentiable = False
     higher_is_better = True
     full_state_update = False

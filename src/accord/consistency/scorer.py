@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from accord.consistency.backbone import load_backbone
-from accord.models.config import MODALITIES
+from accord.consistency.backbone import Backbone, HFClipBackbone, load_backbone
+from accord.modalities import MODALITIES
 
 Mode = Literal["clipscore", "torchmetrics", "cosine", "refclip", "fused"]
 CLIPSCORE_W = 2.5
@@ -69,16 +69,20 @@ def _check_finite(emb: dict[str, torch.Tensor], passed: set[str]) -> None:
 def _aggregate(pairs: dict[str, torch.Tensor], weights: dict[str, float] | None) -> ScoreResult:
     w = weights or {}
     total = sum(w.get(k, 1.0) for k in pairs)
-    return ScoreResult(pairs, sum(w.get(k, 1.0) * v for k, v in pairs.items()) / total)
+    terms = [w.get(k, 1.0) * v for k, v in pairs.items()]
+    weighted = terms[0]
+    for term in terms[1:]:
+        weighted = weighted + term
+    return ScoreResult(pairs, weighted / total)
 
 
 class ConsistencyScorer(nn.Module):
     """Scores agreement between any modalities a backbone has. ``cache=True`` memoises embeddings of raw inputs
     (strings, paths, bytes) by content hash; tensors are never cached (they may need gradients)."""
 
-    def __init__(self, backbone: nn.Module, cache: bool = False):
+    def __init__(self, backbone: Backbone | HFClipBackbone, cache: bool = False):
         super().__init__()
-        self.backbone = backbone
+        self.backbone: Any = backbone  # any module with embed (and, for "fused", encode / match_logits)
         self.cache: dict[str, torch.Tensor] | None = {} if cache else None
 
     @classmethod
@@ -139,7 +143,7 @@ class ConsistencyScorer(nn.Module):
         for i, a in enumerate(present):
             for b in present[i + 1 :]:
                 cos = (emb[a] * emb[b]).sum(dim=-1)
-                pairs[f"{a}-{b}"] = self._apply(mode, cos, emb, references, a, b)
+                pairs[f"{a}-{b}"] = self._pair_score(mode, cos, emb, references, a, b)
         return _aggregate(pairs, weights)
 
     def _fused(
@@ -164,7 +168,7 @@ class ConsistencyScorer(nn.Module):
             pairs[f"text-{m}"] = torch.sigmoid(self.backbone.match_logits(text, other, m).float())
         return _aggregate(pairs, weights)
 
-    def _apply(
+    def _pair_score(
         self,
         mode: Mode,
         cos: torch.Tensor,
@@ -184,6 +188,7 @@ class ConsistencyScorer(nn.Module):
             raise ValueError(f"unknown mode {mode!r} (clipscore, torchmetrics, cosine, refclip, fused)")
         if "text" not in (a, b):
             return clip_s
+        assert references is not None  # checked in score()
         if len(references) != len(cos):
             raise ValueError(f"references: {len(references)} lists for {len(cos)} samples")
         counts = torch.tensor([len(r) for r in references], device=cos.device)

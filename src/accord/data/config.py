@@ -13,57 +13,98 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class TextConfig:
-    tokenizer: str | None = None  # local HF tokenizer dir (or pkg:NAME/dir); required when text is loaded
+    """How captions become token ids."""
+
+    tokenizer: str | None = None
+    """Local HF tokenizer directory (or ``pkg:NAME/dir``); required when a text tower is trained."""
     max_length: int = 77
+    """Tokens per caption; longer captions are truncated."""
 
 
 @dataclass
 class ImageConfig:
+    """Image preprocessing: random resized crop when training, resize + centre crop when evaluating."""
+
     size: int = 224
-    train_scale: tuple[float, float] = (0.9, 1.0)  # RandomResizedCrop area range (open_clip's default)
+    """Side of the square the tower sees, in pixels."""
+    train_scale: tuple[float, float] = (0.9, 1.0)
+    """RandomResizedCrop area range when training (open_clip's default)."""
     mean: tuple[float, float, float] = CLIP_MEAN
+    """Per-channel normalisation mean (CLIP's)."""
     std: tuple[float, float, float] = CLIP_STD
+    """Per-channel normalisation std (CLIP's)."""
 
 
 @dataclass
 class VideoConfig:
+    """Which frames of a clip are decoded, and at what size."""
+
     num_frames: int = 8
+    """Frames per clip."""
     size: int = 224
-    sampling: Literal["uniform", "random_segment", "fps"] = "uniform"  # train; eval always uniform
-    fps: float | None = None  # sampling: fps
+    """Side of each square frame, in pixels."""
+    sampling: Literal["uniform", "random_segment", "fps"] = "uniform"
+    """Training frame choice: segment centres, a random frame per segment, or a fixed rate; evaluation is uniform."""
+    fps: float | None = None
+    """Frames per second for ``sampling: fps``."""
     backend: Literal["decord", "torchcodec", "pyav"] = "decord"
+    """Video decoder."""
 
 
 @dataclass
 class AudioConfig:
+    """Waveform -> fixed-length filterbank features."""
+
     sample_rate: int = 16000
-    seconds: float = 10.0  # fixed length: random crop (train) / centre crop (eval), zero pad
+    """Rate the waveform is resampled to, in Hz."""
+    seconds: float = 10.0
+    """Fixed length: a random (training) or centre (evaluation) crop, zero padding when shorter."""
     features: Literal["fbank", "logmel"] = "fbank"
+    """Kaldi filterbank (AST) or log-mel spectrogram."""
     n_mels: int = 128
-    num_frames: int | None = None  # feature frames; default seconds / 10 ms
-    normalize_mean: float = -4.27  # AST's AudioSet statistics
+    """Mel bins per frame."""
+    num_frames: int | None = None
+    """Feature frames per clip; default ``seconds`` / 10 ms."""
+    normalize_mean: float = -4.27
+    """Feature normalisation mean (AST's AudioSet statistics)."""
     normalize_std: float = 4.57
+    """Feature normalisation std (AST's AudioSet statistics)."""
 
 
 @dataclass
 class DataConfig:
     """Where shards come from, how they are split and decoded, and the per-rank micro-batch size."""
 
-    train: str | None = None  # "dir/", "dir/shard-{000000..000031}.tar", several joined with "::"
-    weights: list[float] | None = None  # per source, resampled mode
+    train: str | None = None
+    """Training shards: a folder, a brace pattern (``dir/shard-{000000..000031}.tar``), a ``pipe:`` command or an
+    fsspec URL; several sources joined with ``::``."""
+    weights: list[float] | None = None
+    """One sampling weight per ``::``-joined source (resampled mode)."""
     val: str | None = None
+    """Validation shards (same forms as ``train``), evaluated every ``eval.every`` steps and at the end."""
     mode: Literal["finite", "resampled"] = "finite"
-    batch_size: int = 32  # per rank
+    """finite: every sample once per epoch; resampled: shards drawn with replacement."""
+    batch_size: int = 32
+    """Micro-batch per rank."""
     workers: int = 2
+    """Data-loader worker processes per rank (0: load in the training process)."""
     seed: int = 0
-    shuffle: bool = True  # shard order per epoch + a per-shard sample shuffle buffer
+    """Seeds the shard order, the shuffle buffers and the per-sample random crops."""
+    shuffle: bool = True
+    """Shuffle the shard order per epoch and samples through a per-shard buffer."""
     shuffle_buffer: int = 1000
-    epoch_samples: int | None = None  # resampled: samples per epoch (all ranks); default: dataset size
-    max_bad_fraction: float = 0.05  # stop when more of the samples seen are bad (after min_samples_for_check)
+    """Samples in each shuffle buffer."""
+    epoch_samples: int | None = None
+    """Resampled mode: samples per epoch over all ranks; default the dataset size."""
+    max_bad_fraction: float = 0.05
+    """Stop the run when more of the samples seen are bad (checked after ``min_samples_for_check``)."""
     min_samples_for_check: int = 200
+    """Samples seen before ``max_bad_fraction`` is checked."""
     persistent_workers: bool = True
-    # auto: fork (fast start), but forkserver when audio is loaded (torchaudio in forked workers can deadlock)
+    """Keep data workers alive across epochs."""
     start_method: Literal["auto", "forkserver", "spawn", "fork"] = "auto"
+    """How data workers start; auto: fork, but forkserver when audio is loaded (torchaudio in forked workers can
+    deadlock)."""
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     video: VideoConfig = field(default_factory=VideoConfig)

@@ -12,9 +12,6 @@ import torch
 from PIL import Image
 
 VideoBackend = Literal["decord", "pyav", "torchcodec"]
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTS = ("mp4", "webm", "mkv", "mov", "avi")
-AUDIO_EXTS = ("flac", "wav", "ogg", "mp3")
 
 
 def decode_image(data: bytes, min_size: int | None = None) -> torch.Tensor:
@@ -37,8 +34,8 @@ def decode_image(data: bytes, min_size: int | None = None) -> torch.Tensor:
 
         return tv_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     except RuntimeError:
-        img = Image.open(io.BytesIO(data)).convert("RGB")
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+        rgb = Image.open(io.BytesIO(data)).convert("RGB")
+        return torch.from_numpy(np.array(rgb)).permute(2, 0, 1).contiguous()
 
 
 def uniform_indices(total: int, num_frames: int) -> list[int]:

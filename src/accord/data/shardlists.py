@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import braceexpand
 import fsspec
+import webdataset as wds
 
 
 @dataclass(frozen=True)
@@ -51,13 +52,13 @@ def expand_source(spec: str, index: int = 0) -> list[Shard]:
         base = spec.rstrip("/")
         return [Shard(f"{base}/{n}", sizes.get(n), index) for n in names]
     urls = list(braceexpand.braceexpand(spec))
-    sizes: dict[str, dict[str, int]] = {}
+    by_folder: dict[str, dict[str, int]] = {}
     out = []
     for url in urls:
         folder = url.rsplit("/", 1)[0] if "/" in url else "."
-        if folder not in sizes:
-            sizes[folder] = _sizes_for(folder)
-        out.append(Shard(url, sizes[folder].get(posixpath.basename(url)), index))
+        if folder not in by_folder:
+            by_folder[folder] = _sizes_for(folder)
+        out.append(Shard(url, by_folder[folder].get(posixpath.basename(url)), index))
     return out
 
 
@@ -69,7 +70,5 @@ def expand_sources(spec: str) -> list[list[Shard]]:
 def open_shard(url: str):
     """Binary stream of a shard: local path, any fsspec URL, or ``pipe:COMMAND``."""
     if url.startswith("pipe:"):
-        import webdataset as wds
-
         return wds.gopen(url)
     return fsspec.open(url, "rb").open()

@@ -20,6 +20,7 @@ partial shard without decoding, so the resumed stream continues with exactly the
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import tarfile
 from collections import Counter
@@ -173,7 +174,8 @@ class ShardStream(IterableDataset):
     ) -> Iterator[dict[str, Any]]:
         """Decode and batch the samples of ``items`` (shard, samples of it to skip); resampled mode stops after
         ``quota`` samples and first replays ``skip`` of them without decoding."""
-        position, item, offset = 0, 0, 0
+        position, item = 0, 0
+        offset: int | None = 0
         counters: Counter = Counter()
         batch: list[dict[str, Any]] = []
         pad_id = 0
@@ -238,8 +240,6 @@ def _drain(buffer: list[dict[str, Any]], rng: random.Random) -> Iterator[dict[st
 
 def rank_and_world() -> tuple[int, int]:
     """From torch.distributed when initialised, else RANK / WORLD_SIZE, else (0, 1)."""
-    import os
-
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

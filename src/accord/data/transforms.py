@@ -6,6 +6,7 @@ a sample is transformed identically whichever worker, rank or resumed run handle
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from typing import Any
@@ -14,17 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from accord.data.config import AudioConfig, DataConfig, ImageConfig, VideoConfig
-from accord.data.decode import (
-    AUDIO_EXTS,
-    IMAGE_EXTS,
-    VIDEO_EXTS,
-    decode_audio,
-    decode_image,
-    decode_video,
-    uniform_indices,
-)
-
-MEDIA_EXTS = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}
+from accord.data.decode import decode_audio, decode_image, decode_video, uniform_indices
+from accord.modalities import member_of
+from accord.resources import resolve_local_dir
 
 
 class BadSample(Exception):
@@ -99,7 +92,8 @@ def frame_sampler(cfg: VideoConfig, train: bool, rng: random.Random):
             return uniform_indices(total, n)
         if cfg.sampling == "random_segment":
             return [min(total - 1, int(rng.uniform(i * total / n, (i + 1) * total / n))) for i in range(n)]
-        step = max(1.0, (fps or cfg.fps) / cfg.fps)
+        target = cfg.fps or fps or 1.0  # (DataConfig.validate requires video.fps for sampling "fps")
+        step = max(1.0, (fps or target) / target)
         span = step * (n - 1)
         start = rng.uniform(0, max(0.0, total - 1 - span))
         return [min(total - 1, int(start + i * step)) for i in range(n)]
@@ -159,7 +153,7 @@ class SampleDecoder:
     def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], train: bool, label_key: str | None = None):
         self.cfg, self.modalities, self.train = cfg, modalities, train
         self.label_key = label_key  # a field of the sample's json passed on as its label (None where absent)
-        self._tokenizer = None
+        self._tokenizer: Any = None
         if "text" in modalities and not cfg.text.tokenizer:
             raise ValueError("data.text.tokenizer: a local tokenizer directory is needed to load text")
 
@@ -168,9 +162,7 @@ class SampleDecoder:
         if self._tokenizer is None:  # loaded lazily, in the worker process
             from transformers import AutoTokenizer
 
-            from accord.models.towers import resolve_local_dir
-
-            self._tokenizer = AutoTokenizer.from_pretrained(resolve_local_dir(self.cfg.text.tokenizer))
+            self._tokenizer = AutoTokenizer.from_pretrained(resolve_local_dir(self.cfg.text.tokenizer or ""))
         return self._tokenizer
 
     def __getstate__(self) -> dict[str, Any]:
@@ -189,7 +181,7 @@ class SampleDecoder:
                 ids = self.tokenizer(text, truncation=True, max_length=self.cfg.text.max_length)["input_ids"]
                 out["text"] = torch.tensor(ids, dtype=torch.long)
                 continue
-            ext = next((e for e in MEDIA_EXTS[modality] if e in raw), None)
+            ext = member_of(raw, modality)
             if ext is None:
                 continue  # absent modality: normal, masked downstream
             try:
@@ -228,8 +220,6 @@ class SampleDecoder:
 
 def sample_label(meta: bytes | None, key: str) -> Any:
     """``key`` of a sample's json member, or None (no json, not an object, not valid json, no such key)."""
-    import json
-
     try:
         value = json.loads(meta) if meta else None
     except ValueError:

@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+from PIL import Image
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from accord.data.decode import decode_video
+from accord.evaluation.plots import pyplot
+from accord.shards.read import shard_items
+
+plt = pyplot()
 
 
 def _png(fig) -> str:
@@ -62,15 +65,11 @@ def _histograms(scores: dict[str, Any]) -> str:
 
 def _media(medium: str, data: bytes) -> str:
     """An example as the reader should meet it: an image, a video as an animation, a sound as a player."""
-    from PIL import Image
-
     if medium == "audio":  # the shard's FLAC, playable in the page
         return f'<audio controls preload="none" src="data:audio/flac;base64,{base64.b64encode(data).decode()}"></audio>'
     if medium == "image":
         frames = [Image.open(io.BytesIO(data)).convert("RGB")]
     else:
-        from accord.data.decode import decode_video
-
         frames = [Image.fromarray(f.numpy()) for f in decode_video(data, 8, "pyav")]
     frames = [f.resize((96, 96)) for f in frames]
     buf = io.BytesIO()
@@ -83,8 +82,6 @@ def _media(medium: str, data: bytes) -> str:
 
 def _chance(val_dir: Path, pairs: list[str]) -> dict[str, float]:
     """R@1 of a random model for medium->text: 1 / number of distinct captions among the pair's samples."""
-    from accord.consistency.commands import shard_items
-
     items = list(shard_items(str(val_dir)))
     out = {}
     for pair in pairs:

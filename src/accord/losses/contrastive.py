@@ -26,6 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from accord.config import ConfigError
 from accord.models.config import pair_name
 from accord.models.model import ModelOutput
 
@@ -100,21 +101,27 @@ def _sigmoid_terms(logits: torch.Tensor, labels: torch.Tensor, col_valid: torch.
 
 @dataclass
 class LossConfig:
+    """The contrastive loss over every trained pair, and the fusion head's matching loss."""
+
     kind: Literal["infonce", "siglip"] = "infonce"
+    """Symmetric softmax cross-entropy (CLIP) or pairwise sigmoid (SigLIP)."""
     gather: Literal["global", "local"] = "local"
+    """Logits per rank: its n rows against all N columns (local, O(n N) memory) or all N x N (global); both exact."""
     label_smoothing: float = 0.0
-    pair_weights: dict[str, float] = field(default_factory=dict)  # pair name ("text-image") -> weight (1.0)
-    match_weight: float = 1.0  # weight of the fusion head's matching loss (with model.fusion)
-    match_negatives: Literal["hard", "random"] = "hard"  # mined by similarity, or uniform (ablation)
-    # sampling temperature of hard negatives, p ~ exp(cos / T); null: the pair's learned temperature (ALBEF),
-    # much peakier, which small models trained from scratch do not learn from
+    """Label smoothing of the InfoNCE targets."""
+    pair_weights: dict[str, float] = field(default_factory=dict)
+    """Pair name (``text-image``) -> its weight in the total loss (default 1.0)."""
+    match_weight: float = 1.0
+    """Weight of the fusion head's matching loss (with ``model.fusion``)."""
+    match_negatives: Literal["hard", "random"] = "hard"
+    """Negatives of the matching loss: mined by similarity (ALBEF), or uniform (ablation)."""
     match_temperature: float | None = 1.0
-    # anneal the sampling temperature geometrically to this value over the run (easy -> hard negatives)
+    """Sampling temperature of hard negatives, p ~ exp(cos / T); null: the pair's learned temperature (ALBEF's,
+    much peakier, which small models trained from scratch do not learn from)."""
     match_temperature_end: float | None = None
+    """Anneal the sampling temperature geometrically to this value over the run (easy -> hard negatives)."""
 
     def validate(self, prefix: str = "") -> None:
-        from accord.config import ConfigError
-
         dot = f"{prefix}." if prefix else ""
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"{dot}label_smoothing: must be in [0, 1)")
@@ -162,6 +169,7 @@ class ContrastiveLoss(nn.Module):
                 + _softmax_ce(logits_ba, labels, all_valid, self.cfg.label_smoothing)
             )
         else:  # sigmoid: every (i, j) pair once; the a->b direction covers them all
+            assert bias is not None  # forward() refuses siglip without a logit bias
             per_row = _sigmoid_terms(logits_ab + bias, labels, all_valid)
         per_row = torch.where(row_valid, per_row, torch.zeros_like(per_row))
         return factor * per_row.sum() / n_valid.to(per_row.dtype), int(n_valid)
@@ -169,7 +177,7 @@ class ContrastiveLoss(nn.Module):
     def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cfg.kind == "siglip" and out.logit_bias is None:
             raise ValueError("the sigmoid loss needs a logit bias: set model.init_logit_bias (e.g. -10)")
-        total = 0.0
+        total: torch.Tensor | float = 0.0
         parts = {}
         for a, b in out.pairs:
             name = pair_name(a, b)
@@ -179,4 +187,5 @@ class ContrastiveLoss(nn.Module):
             if n_valid:  # a global count, so every rank reports the same pairs
                 parts[name] = loss.detach()
             total = total + self.cfg.pair_weights.get(name, 1.0) * loss
+        assert isinstance(total, torch.Tensor), "a model has at least one trained pair"
         return total, parts

@@ -90,6 +90,7 @@ class MatchingLoss(torch.nn.Module):
             if n_rows:
                 parts[f"match/{pair_name(a, b)}"] = loss.detach()
             total = total + share * loss
+        assert isinstance(total, torch.Tensor), "the fusion head scores at least one pair"
         return total, parts
 
     def pair_loss(

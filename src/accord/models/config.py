@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from accord.config import ConfigError
+from accord.modalities import MODALITIES
 
-MODALITIES = ("text", "image", "video", "audio")
 TowerKind = Literal["bert", "clip_text", "vit", "clip_vision", "frames", "videomae", "ast", "whisper"]
 KINDS_BY_MODALITY: dict[str, tuple[str, ...]] = {
     "text": ("bert", "clip_text"),
@@ -26,22 +26,36 @@ class TowerConfig:
     """
 
     kind: TowerKind
-    hf: dict[str, Any] = field(default_factory=dict)  # transformers config kwargs (random init)
-    pretrained: str | None = None  # local HF directory; never a hub name
+    """The backbone: text bert | clip_text, image vit | clip_vision, video frames | videomae, audio ast | whisper."""
+    hf: dict[str, Any] = field(default_factory=dict)
+    """transformers config kwargs of a randomly initialised backbone (e.g. ``hidden_size``)."""
+    pretrained: str | None = None
+    """A local HF model directory (or ``pkg:NAME/dir``) to load instead; never a hub name."""
     pooling: Literal["default", "cls", "mean"] = "default"
+    """Tokens -> one vector: the kind's default (BERT mean, ViT cls, CLIP pooler, ...), the first token, or the mean."""
     freeze: bool = False
-    unfreeze_last_n: int | None = None  # with freeze: train only the last N transformer layers
-    # A fully frozen backbone runs in eval mode (no dropout; frozen_dropout keeps it in training mode) and, when
-    # nothing in it is random, computes each distinct input once and reuses its features (models/frozen_cache.py)
+    """Keep the backbone's weights fixed (the projection still trains)."""
+    unfreeze_last_n: int | None = None
+    """With ``freeze``: train the last N transformer layers all the same."""
     frozen_dropout: bool = False
+    """A fully frozen backbone runs in eval mode (no dropout); true keeps it in training mode."""
     frozen_cache: bool = True
-    frozen_cache_items: int = 1_000_000  # distinct inputs kept (least recently used out); 0 recomputes every one
+    """A fully frozen backbone with nothing random in it computes each distinct input once and reuses its features
+    (exactly: ``accord.models.frozen_cache``)."""
+    frozen_cache_items: int = 1_000_000
+    """Distinct inputs the frozen cache keeps (least recently used out); 0 recomputes every one."""
     gradient_checkpointing: bool = False
-    lr_scale: float = 1.0  # this tower's backbone learns at optim.lr x lr_scale (tuning a pretrained tower gently)
-    frame_kind: Literal["vit", "clip_vision"] = "vit"  # frames: the per-frame backbone
-    share_image_backbone: bool = False  # frames: reuse the image tower's backbone
-    num_frames: int = 8  # video: frames per clip (temporal position embeddings)
+    """Recompute the backbone's activations in backward (HF gradient checkpointing): less memory, more compute."""
+    lr_scale: float = 1.0
+    """This tower's backbone learns at ``optim.lr`` x ``lr_scale`` (tune a pretrained tower gently)."""
+    frame_kind: Literal["vit", "clip_vision"] = "vit"
+    """Kind ``frames``: the per-frame image backbone."""
+    share_image_backbone: bool = False
+    """Kind ``frames``: run the image tower's backbone on every frame instead of a backbone of its own."""
+    num_frames: int = 8
+    """Video: frames per clip (the temporal position embeddings)."""
     temporal_heads: int = 4
+    """Kind ``frames``: attention heads of the temporal pooling."""
 
     def validate(self, prefix: str = "") -> None:
         modality = prefix.rsplit(".", 1)[-1]
@@ -73,11 +87,17 @@ class FusionConfig:
     """
 
     dim: int = 256
+    """Width of the cross-attention layers (tower tokens are projected to it)."""
     layers: int = 2
+    """Cross-attention layers."""
     heads: int = 4
+    """Attention heads (must divide ``dim``)."""
     mlp_ratio: float = 4.0
+    """MLP width as a multiple of ``dim``."""
     symmetric: bool = False
+    """The other modality's tokens also attend to the text (two streams)."""
     dropout: float = 0.0
+    """Dropout in attention and MLP."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
@@ -93,15 +113,24 @@ class FusionConfig:
 class ModelConfig:
     """Towers per modality, the shared embedding size, which pairs are trained, and the temperatures."""
 
-    towers: dict[str, TowerConfig]
+    towers: dict[str, TowerConfig] = field(metadata={"key": "modality"})
+    """One tower per modality (text, image, video, audio); at least two."""
     embed_dim: int = 512
+    """Size of the shared embedding space."""
     pairs: Literal["text_anchored", "image_anchored", "all"] = "text_anchored"
+    """Trained pairs: text with every other tower, image with every other, or every pair."""
     temperature: Literal["per_pair", "shared"] = "per_pair"
+    """One learned temperature per pair, or one for all."""
     init_temperature: float = 0.07
-    learn_temperature: bool = True  # false: the temperature stays at init_temperature (a fixed-temperature ablation)
+    """Initial softmax temperature (CLIP's 0.07)."""
+    learn_temperature: bool = True
+    """False keeps the temperature at ``init_temperature`` (fixed-temperature ablations)."""
     max_logit_scale: float = 100.0
-    init_logit_bias: float | None = None  # set (e.g. -10) for the sigmoid loss
-    fusion: FusionConfig | None = None  # optional cross-attention match head over text pairs
+    """Clamp of 1 / temperature in the forward (CLIP's 100)."""
+    init_logit_bias: float | None = None
+    """Initial logit bias of the sigmoid loss (e.g. -10); needed by ``loss.kind: siglip``."""
+    fusion: FusionConfig | None = None
+    """Optional cross-attention match head over the text pairs' tokens (a fused score beside the cosine)."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
@@ -131,7 +160,11 @@ class ModelConfig:
         if self.pairs == "all":
             return [(a, b) for i, a in enumerate(present) for b in present[i + 1 :]]
         anchor = "text" if self.pairs == "text_anchored" else "image"
-        return [tuple(sorted((anchor, m), key=MODALITIES.index)) for m in present if m != anchor]
+        return [
+            (anchor, m) if MODALITIES.index(anchor) < MODALITIES.index(m) else (m, anchor)
+            for m in present
+            if m != anchor
+        ]
 
     def fusion_pairs(self) -> list[tuple[str, str]]:
         """Trained pairs the fusion head scores: those with text (text tokens are its queries)."""

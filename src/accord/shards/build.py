@@ -26,14 +26,14 @@ import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 from tqdm import tqdm
 
 from accord.errors import command
+from accord.modalities import IMAGE_FORMATS, MEDIA
 from accord.shards.media import (
-    IMAGE_FORMATS,
     RESIZE_MODES,
     AudioOptions,
     ImageOptions,
@@ -46,7 +46,7 @@ from accord.shards.media import (
     process_video,
     process_waveform,
 )
-from accord.shards.sources import MODALITIES, SampleSource, read_sources
+from accord.shards.sources import SampleSource, read_sources
 from accord.shards.tario import TarWriter, read_tar, tar_size, write_tar
 
 STAGING = "_staging"
@@ -55,27 +55,47 @@ PLAN_VERSION = 1
 
 @dataclass
 class BuildConfig:
+    """One shard build (``accord build-shards``; each field is the flag of the same name)."""
+
     input: str
+    """A manifest (.jsonl / .csv / .tsv / .parquet) or a directory of stem-grouped files; fsspec URLs too."""
     output: str
+    """The output folder (local path or fsspec URL)."""
     prefix: str = "shard"
+    """Shard file name prefix: ``PREFIX-000000.tar``."""
     samples_per_shard: int = 1000
+    """Samples per shard (the last one may hold fewer)."""
     max_shard_bytes: int | None = None
-    dedupe: str = "none"  # none | media | sample
+    """Also close a shard before it would exceed this many bytes."""
+    dedupe: Literal["none", "media", "sample"] = "none"
+    """Drop exact duplicates by content hash of the media, or of media + caption."""
     shuffle_seed: int | None = None
+    """Write the samples in a random order seeded by this."""
     text_column: str = "text"
+    """The caption column of a manifest."""
     image: ImageOptions = field(default_factory=ImageOptions)
     video: VideoOptions = field(default_factory=VideoOptions)
     audio: AudioOptions = field(default_factory=AudioOptions)
     extract_audio: bool = False
+    """Store a video's sound track as the sample's audio when it has none of its own."""
     workers: int = 1
+    """Processes converting inputs (the output is identical for any number)."""
     num_nodes: int = 1
+    """Machines sharing the build over a shared output folder."""
     node_rank: int = 0
+    """This machine's part of the build (0 packs the shards)."""
     resume: bool = False
+    """Continue an interrupted build with the same options."""
     overwrite: bool = False
+    """Delete a previous build in ``output`` first."""
     keep_staging: bool = False
+    """Keep the staging folder of processed blocks after packing."""
     expect_workers: int | None = None
+    """Warn when shards < expect_workers x expect_world_size (loader workers would idle)."""
     expect_world_size: int | None = None
+    """See ``expect_workers``."""
     progress: bool = True
+    """Progress bars and the closing summary."""
 
     def validate(self) -> None:
         def bad(option: str, why: str) -> None:
@@ -147,7 +167,7 @@ def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str,
     }
     members: list[tuple[str, bytes]] = []
     video_bytes = b""
-    for modality in MODALITIES:
+    for modality in MEDIA:
         url = src.media.get(modality)
         if url is None:
             continue
@@ -170,17 +190,18 @@ def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str,
         out, ext, info = process_waveform(wav, rate, cfg.audio)
         meta["audio"] = {**info, "sha256": meta["video"]["sha256"], "from": "video"}
         members.append((ext, out))
-    digests = [f"{m}:{meta[m]['sha256']}" for m in MODALITIES if m in meta and "from" not in meta[m]]
+    digests = [f"{m}:{meta[m]['sha256']}" for m in MEDIA if m in meta and "from" not in meta[m]]
+    text = src.text or ""  # read_sources rejects inputs without a caption (src.error)
     if cfg.dedupe == "sample":
-        digests.append(f"text:{_sha256(src.text.encode())}")
-    members.append(("txt", src.text.encode("utf-8")))
+        digests.append(f"text:{_sha256(text.encode())}")
+    members.append(("txt", text.encode("utf-8")))
     members.append(("json", json.dumps(meta, sort_keys=True, default=str).encode("utf-8")))
     record = {
         "key": src.key,
         "index": src.index,
         "origin": src.origin,
         "hash": _sha256("|".join(digests).encode()),
-        "modalities": [m for m in MODALITIES if m in meta],
+        "modalities": [m for m in MEDIA if m in meta],
     }
     return members, record
 
@@ -366,7 +387,7 @@ def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: i
         "duplicates": len(duplicates),
         "shards": len(sizes),
         "bytes": total_bytes,
-        "modalities": {m: modalities.get(m, 0) for m in MODALITIES},
+        "modalities": {m: modalities.get(m, 0) for m in MEDIA},
         "reasons": dict(reasons.most_common()),
     }
 

@@ -14,17 +14,19 @@ import subprocess
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from types import SimpleNamespace
+from typing import Any, Literal, get_args
 
 import numpy as np
+import soundfile as sf
 from PIL import Image, ImageOps
+
+from accord.modalities import AUDIO_FORMAT, VIDEO_CONTAINERS, ImageFormat
 
 Image.MAX_IMAGE_PIXELS = 16384 * 16384  # larger inputs are rejected as decompression bombs
 
 ResizeMode = Literal["no", "keep_ratio", "center_crop", "border"]
-RESIZE_MODES: tuple[str, ...] = ("no", "keep_ratio", "center_crop", "border")
-IMAGE_FORMATS = ("jpg", "png", "webp")
-VIDEO_CONTAINERS = {"mp4": "mp4", "m4v": "mp4", "webm": "webm", "mkv": "mkv", "mov": "mov", "avi": "avi"}
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 
 
 class MediaError(ValueError):
@@ -33,30 +35,52 @@ class MediaError(ValueError):
 
 @dataclass(frozen=True)
 class ImageOptions:
+    """How images are converted (img2dataset's resize modes)."""
+
     resize_mode: ResizeMode = "keep_ratio"
+    """no: as is; keep_ratio: shorter side to ``size``; center_crop: then crop square; border: pad to square."""
     size: int = 256
+    """Target size of the resize mode, in pixels."""
     max_side: int | None = None
+    """Cap the longer side after resizing."""
     resize_only_if_bigger: bool = False
+    """Never upscale."""
     min_size: int = 0
-    format: str = "jpg"
+    """Reject images whose shorter side is smaller."""
+    format: ImageFormat = "jpg"
+    """Stored format."""
     quality: int = 95
+    """JPEG / WebP quality."""
 
 
 @dataclass(frozen=True)
 class VideoOptions:
+    """How clips are stored: as they are, or transcoded to H.264 MP4 by ffmpeg."""
+
     mode: Literal["keep", "transcode"] = "keep"
+    """keep: the input's bytes in its own container; transcode: H.264 MP4."""
     max_side: int | None = None
+    """Transcode: cap the longer side."""
     fps: float | None = None
+    """Transcode: frame rate."""
     max_seconds: float | None = None
+    """Transcode: keep the first seconds only."""
     crf: int = 23
+    """Transcode: x264 quality (lower is better)."""
     keep_audio: bool = False
+    """Transcode: keep the sound track (AAC)."""
 
 
 @dataclass(frozen=True)
 class AudioOptions:
+    """How sounds are stored: 16-bit FLAC."""
+
     sample_rate: int | None = None
+    """Resample to this rate; default: keep the input's."""
     mono: bool = True
+    """Downmix to one channel."""
     max_seconds: float | None = None
+    """Keep the first seconds only."""
 
 
 Processed = tuple[bytes, str, dict[str, Any]]  # stored bytes, member extension, metadata
@@ -110,8 +134,6 @@ def _no_fetch(url: str, resource_type: str) -> Any:
 def rasterise_svg(data: bytes, opts: ImageOptions) -> tuple[bytes, int, int]:
     """SVG -> PNG rendered directly at the size the resize options ask for (vector art is drawn at the target
     resolution, not drawn small and upscaled); returns the PNG and the SVG's own size in px (96 dpi)."""
-    from types import SimpleNamespace
-
     from cairosvg.helpers import node_format
     from cairosvg.parser import Tree
     from cairosvg.surface import PNGSurface
@@ -149,7 +171,7 @@ def process_image(data: bytes, opts: ImageOptions) -> Processed:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img: Image.Image = Image.open(io.BytesIO(data))
             w0, h0 = img.size
             scale = _target_scale(w0, h0, opts)
             if scale < 1.0 and img.format == "JPEG":
@@ -181,15 +203,15 @@ def process_image(data: bytes, opts: ImageOptions) -> Processed:
         canvas = Image.new("RGB", (opts.size, opts.size), (0, 0, 0))
         canvas.paste(img, ((opts.size - img.size[0]) // 2, (opts.size - img.size[1]) // 2))
         img = canvas
-    out = io.BytesIO()
+    encoded = io.BytesIO()
     if opts.format == "jpg":
-        img.save(out, format="JPEG", quality=opts.quality, optimize=False)
+        img.save(encoded, format="JPEG", quality=opts.quality, optimize=False)
     elif opts.format == "png":
-        img.save(out, format="PNG", compress_level=6)
+        img.save(encoded, format="PNG", compress_level=6)
     else:
-        img.save(out, format="WEBP", quality=opts.quality, method=4)
+        img.save(encoded, format="WEBP", quality=opts.quality, method=4)
     meta = {"width": img.size[0], "height": img.size[1], "original_width": orig_w, "original_height": orig_h}
-    return out.getvalue(), opts.format, meta
+    return encoded.getvalue(), opts.format, meta
 
 
 # ---------------------------------------------------------------------------------------------------- video
@@ -304,8 +326,6 @@ def decode_audio_track(data: bytes) -> tuple[np.ndarray, int]:
 
 def decode_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
     """Waveform float32 [frames, channels] and sample rate; soundfile first, PyAV for other codecs."""
-    import soundfile as sf
-
     if not data:
         raise MediaError("undecodable audio: empty file")
     try:
@@ -321,8 +341,6 @@ def decode_audio_bytes(data: bytes) -> tuple[np.ndarray, int]:
 
 
 def process_waveform(wav: np.ndarray, rate: int, opts: AudioOptions) -> Processed:
-    import soundfile as sf
-
     original = {"original_sample_rate": rate, "original_channels": int(wav.shape[1])}
     if wav.shape[0] == 0:
         raise MediaError("empty audio: no samples")
@@ -339,7 +357,7 @@ def process_waveform(wav: np.ndarray, rate: int, opts: AudioOptions) -> Processe
     out = io.BytesIO()
     sf.write(out, np.clip(wav, -1.0, 1.0), rate, format="FLAC", subtype="PCM_16")
     meta = {"sample_rate": rate, "channels": int(wav.shape[1]), "duration": wav.shape[0] / rate, **original}
-    return out.getvalue(), "flac", meta
+    return out.getvalue(), AUDIO_FORMAT, meta
 
 
 def process_audio(data: bytes, opts: AudioOptions) -> Processed:

@@ -18,16 +18,11 @@ from typing import Any
 import fsspec
 
 from accord.errors import InputError
+from accord.modalities import MEDIA, medium_of_input
 
-MODALITIES = ("image", "video", "audio")
-EXTENSIONS: dict[str, frozenset[str]] = {
-    "image": frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "svg"}),
-    "video": frozenset({"mp4", "m4v", "webm", "mkv", "mov", "avi"}),
-    "audio": frozenset({"wav", "flac", "ogg", "oga", "mp3", "opus", "m4a", "aac"}),
-}
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 # Fields accord writes into each sample's json; manifest columns may not reuse them.
-RESERVED_FIELDS = frozenset({"key", "source", "text", "sha256", *MODALITIES})
+RESERVED_FIELDS = frozenset({"key", "source", "text", "sha256", *MEDIA})
 
 
 @dataclass
@@ -46,14 +41,6 @@ class SampleSource:
         return f"{self.index:09d}"
 
 
-def modality_of(path: str) -> str | None:
-    ext = path.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(path) else ""
-    for modality, exts in EXTENSIONS.items():
-        if ext in exts:
-            return modality
-    return None
-
-
 def read_sources(
     src: str,
     text_column: str = "text",
@@ -67,7 +54,7 @@ def read_sources(
         return _scan_directory(fs, path, src)
     if not path.lower().endswith(MANIFEST_SUFFIXES):
         raise InputError(f"--input {src!r} is neither a directory nor a manifest ({', '.join(MANIFEST_SUFFIXES)})")
-    return _read_manifest(fs, path, src, text_column, media_columns or {m: m for m in MODALITIES})
+    return _read_manifest(fs, path, src, text_column, media_columns or {m: m for m in MEDIA})
 
 
 def _join(base_url: str, rel: str) -> str:
@@ -170,7 +157,7 @@ def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[
         problems = []
         for rel in groups[stem]:
             ext = rel.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(rel) else ""
-            modality = modality_of(rel)
+            modality = medium_of_input(rel)
             if modality is not None:
                 if modality in src.media:
                     problems.append(f"several {modality} files ({posixpath.basename(rel)})")

@@ -67,7 +67,9 @@ def read_tar(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Sample]:
                 continue
             name = info.name.rsplit("/", 1)[-1]
             k, _, ext = name.partition(".")
-            data = tar.extractfile(info).read()
+            member = tar.extractfile(info)
+            assert member is not None  # a regular file
+            data = member.read()
             if k != key and key is not None:
                 yield key, members
                 members = []

@@ -15,11 +15,11 @@ import fsspec
 import webdataset as wds
 from tqdm import tqdm
 
-from accord.data.decode import AUDIO_EXTS, IMAGE_EXTS, VIDEO_EXTS, decode_audio, decode_image, decode_video
+from accord.data.decode import decode_audio, decode_image, decode_video
 from accord.errors import InputError, command
+from accord.modalities import MEMBER_EXTS
 from accord.shards.build import check_shard_count
 
-MEDIA = {"image": IMAGE_EXTS, "video": VIDEO_EXTS, "audio": AUDIO_EXTS}
 MAX_LISTED = 50
 
 
@@ -97,7 +97,7 @@ def verify(
                     json.loads(sample.get("json", b""))
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     problem(f"{where}: missing or invalid .json")
-                present = [(m, ext) for m, exts in MEDIA.items() for ext in exts if ext in sample]
+                present = [(m, ext) for m, exts in MEMBER_EXTS.items() for ext in exts if ext in sample]
                 if not present:
                     problem(f"{where}: no image, video or audio member")
                 for modality, ext in present:

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from accord.config import ConfigError
+from accord.train.config import CheckpointConfig
+
 MARKER = "accord.json"
 UNIVERSAL = "universal"
 
@@ -125,8 +128,6 @@ def resolve(folder: Path, tag: str | None) -> dict[str, Any]:
 def needs_universal(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
     """Whether resuming the checkpoint ``meta`` describes on ``world`` ranks at ``zero_stage`` loads its universal
     form; raises ConfigError for what DeepSpeed 0.19.8 cannot do here."""
-    from accord.config import ConfigError
-
     if meta["zero_stage"] != zero_stage:
         raise ConfigError(
             f"deepspeed.zero_stage: the checkpoint was saved at stage {meta['zero_stage']}; resume it at the same stage"
@@ -206,3 +207,26 @@ def load(engine, folder: Path, meta: dict[str, Any], universal: bool) -> tuple[d
             "ranks): the folder must be shared by all nodes"
         )
     return client, [torch.load(f, weights_only=False) for f in files]
+
+
+class Checkpointer:
+    """The run's checkpoints in ``folder``: :func:`save` / :func:`load` with the engine, and the saving policy."""
+
+    def __init__(self, engine: Any, folder: Path, cfg: CheckpointConfig):
+        self.engine, self.folder, self.cfg = engine, folder, cfg
+        self.saved_at: int | None = None
+
+    def should_save(self, step: int, total_steps: int, last: bool = False) -> bool:
+        """Every ``checkpoint.every`` steps before the end (``last=False``); at the end of the run (``last=True``)
+        unless that step was just saved."""
+        if last:
+            return self.saved_at != step
+        return step % self.cfg.every == 0 and step < total_steps
+
+    def save(self, step: int, client: dict[str, Any], rank_state: dict[str, Any], meta: dict[str, Any]) -> str:
+        tag = save(self.engine, self.folder, step, client, rank_state, meta, self.cfg.keep_last)
+        self.saved_at = step
+        return tag
+
+    def load(self, meta: dict[str, Any], universal: bool) -> tuple[dict[str, Any], list[dict]]:
+        return load(self.engine, self.folder, meta, universal)

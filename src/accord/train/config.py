@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from accord.config import ConfigError
@@ -13,47 +14,95 @@ from accord.models.config import ModelConfig
 
 @dataclass
 class OptimConfig:
+    """AdamW and its schedule: linear warmup, then cosine decay."""
+
     lr: float = 5e-4
+    """Peak learning rate (per-tower multiples: ``model.towers.<m>.lr_scale``)."""
     weight_decay: float = 0.2
+    """Decoupled weight decay; norms, biases, embeddings and temperatures get none."""
     betas: tuple[float, float] = (0.9, 0.98)
+    """Adam's betas (CLIP's)."""
     eps: float = 1e-6
+    """Adam's epsilon."""
     warmup_steps: int = 100
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    """Optimiser steps of linear warmup from 0."""
+    min_lr_ratio: float = 0.0
+    """The cosine decays to ``lr`` x this at the last step."""
     grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this; null: no clipping."""
+
+    def validate(self, prefix: str = "") -> None:
+        dot = f"{prefix}." if prefix else ""
+        if self.lr <= 0:
+            raise ConfigError(f"{dot}lr: must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"{dot}warmup_steps: must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"{dot}min_lr_ratio: must be in [0, 1]")
 
 
 @dataclass
 class DeepSpeedConfig:
+    """How DeepSpeed shards and runs the model (``accord.train.ds_config`` writes its JSON)."""
+
     zero_stage: Literal[0, 1, 2, 3] = 2
+    """ZeRO stage: 0 plain data parallel, 1 optimiser states, 2 + gradients, 3 + parameters partitioned."""
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    """Tower precision (the loss is computed in fp32); fp16 is refused on CPU."""
     offload_optimizer: bool = False
-    offload_params: bool = False  # ZeRO-3 only
-    extra: dict[str, Any] = field(default_factory=dict)  # merged into the generated DeepSpeed JSON
+    """Keep optimiser states in CPU memory (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO-3 only)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Merged into the generated DeepSpeed JSON, key by key at the top level (last word)."""
 
 
 @dataclass
 class LogConfig:
+    """What is logged where: console, ``output_dir/metrics.jsonl``, wandb, TensorBoard; profiling."""
+
     every: int = 10
+    """Optimiser steps per log line (and at the last step)."""
     wandb: bool = False
+    """Log to wandb (offline unless ``wandb_online``)."""
     wandb_online: bool = False
+    """Sync wandb to its server while training."""
     wandb_project: str = "accord"
+    """wandb project name."""
     run_name: str | None = None
-    tensorboard: bool = False  # event files in <output_dir>/tensorboard, the metric names of metrics.jsonl
-    sample_keys: bool = False  # write samples/rank<R>.jsonl: the sample keys of every step, per rank
-    profile_start: int | None = None  # torch.profiler over steps [start, start + profile_steps): traces + stage table
+    """wandb run name."""
+    tensorboard: bool = False
+    """Event files in ``output_dir/tensorboard`` with the metric names of metrics.jsonl."""
+    sample_keys: bool = False
+    """Write ``output_dir/samples/rank<R>.jsonl``: the sample keys of every step, per rank (an audit trail)."""
+    profile_start: int | None = None
+    """Run torch.profiler over steps [start, start + profile_steps): traces and a per-stage table."""
     profile_steps: int = 5
+    """Steps in the profiled window."""
 
     def validate(self, prefix: str = "") -> None:
+        dot = f"{prefix}." if prefix else ""
         if self.every < 1:
-            raise ConfigError("log.every: must be >= 1")
+            raise ConfigError(f"{dot}every: must be >= 1")
         if self.profile_start is not None and (self.profile_start < 1 or self.profile_steps < 1):
-            raise ConfigError("log.profile_start / log.profile_steps: must be >= 1")
+            raise ConfigError(f"{dot}profile_start / {dot}profile_steps: must be >= 1")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500  # optimiser steps; a final checkpoint is always written
+    """When checkpoints are written and how many are kept (``accord.train.checkpoint``)."""
+
+    every: int = 500
+    """Optimiser steps between checkpoints; a final one is always written."""
     keep_last: int = 3
+    """Committed checkpoints kept (older ones are deleted); 0 keeps all."""
+
+    def validate(self, prefix: str = "") -> None:
+        dot = f"{prefix}." if prefix else ""
+        if self.every < 1:
+            raise ConfigError(f"{dot}every: must be >= 1 (a final checkpoint is always written)")
+        if self.keep_last < 0:
+            raise ConfigError(f"{dot}keep_last: must be >= 0")
 
 
 @dataclass
@@ -61,14 +110,16 @@ class ZeroShotConfig:
     """Zero-shot classification of data.val in every evaluation (as open_clip's ``--zeroshot-frequency``): class
     names and prompt templates, labels from a field of each sample's json (a class name or its index)."""
 
-    classes: str  # a text file, one class name per line
-    templates: str | None = None  # a text file, one "a photo of a {}." per line; default: one per modality
+    classes: str
+    """A text file, one class name per line."""
+    templates: str | None = None
+    """A text file, one prompt per line with ``{}`` for the class; default: one per modality ("a photo of a {}.")."""
     label_key: str = "label"
-    modality: Literal["image", "video", "audio"] | None = None  # default: the one non-text tower
+    """The field of each sample's json that holds its class."""
+    modality: Literal["image", "video", "audio"] | None = None
+    """The medium to classify; default: the one non-text tower."""
 
     def validate(self, prefix: str = "") -> None:
-        from pathlib import Path
-
         for name in ("classes", "templates"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
@@ -77,13 +128,25 @@ class ZeroShotConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # optimiser steps; 0 = only at the end (if data.val is set)
+    """Periodic evaluation on ``data.val`` (``accord.train.validate``)."""
+
+    every: int = 0
+    """Optimiser steps between evaluations; 0: only at the end (when data.val is set)."""
     max_samples: int | None = None
+    """Evaluate on at most this many samples (all ranks)."""
     zeroshot: ZeroShotConfig | None = None
+    """Zero-shot classification besides retrieval."""
+
+    def validate(self, prefix: str = "") -> None:
+        dot = f"{prefix}." if prefix else ""
+        if self.every < 0:
+            raise ConfigError(f"{dot}every: must be >= 0")
 
 
 @dataclass
 class TrainConfig:
+    """Everything one ``accord train`` run needs; YAML plus ``key=value`` overrides (``accord.config``)."""
+
     model: ModelConfig
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -93,11 +156,17 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "runs/accord"
+    """Where the run writes config.json, metrics.jsonl, ranks.json and checkpoints/ (shared by all nodes)."""
     epochs: int = 1
-    max_steps: int | None = None  # optimiser steps; overrides epochs
-    accum_steps: int = 1  # micro-batches per optimiser step (features cached, so the contrastive batch is k x)
+    """Passes over data.train (an epoch ends when every rank is out of samples)."""
+    max_steps: int | None = None
+    """Optimiser steps to train instead of ``epochs``."""
+    accum_steps: int = 1
+    """Micro-batches per optimiser step; features are cached so the contrastive batch is k times larger (exact)."""
     seed: int = 0
-    dist_timeout_s: float = 1800.0  # bound on every collective: a lost or stalled rank ends the run after this
+    """Seeds the initial weights (identical on every rank) and each rank's random streams."""
+    dist_timeout_s: float = 1800.0
+    """Bound on every collective: a lost or stalled rank ends the run after this many seconds, naming the rank."""
 
     def validate(self, prefix: str = "") -> None:
         if self.accum_steps < 1:

@@ -147,3 +147,36 @@ class Heartbeat:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------- lost ranks
+LOST_RANK_EXIT = 3  # exit status of a rank whose collective failed because another rank died or stalled
+
+
+def is_comm_failure(error: BaseException) -> bool:
+    """A collective that failed or timed out (gloo / NCCL), as opposed to an error in accord's own code."""
+    if isinstance(error, dist.DistError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out")
+    )
+
+
+def report_lost_ranks(
+    error: BaseException, heartbeat: Heartbeat, nodes: list[dict[str, Any]], step: int, timeout_s: float
+) -> str:
+    """One line: this rank, the failed collective, and which ranks stopped beating (lost or stalled)."""
+    me = describe_rank(nodes[heartbeat.rank])
+    cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    silent = heartbeat.silent_ranks()
+    if silent is None:
+        culprit = f"{describe_rank(nodes[0])} holds the rendezvous store and does not answer: lost or stalled"
+    elif silent:
+        culprit = "not responding (lost or stalled): " + "; ".join(describe_rank(nodes[r]) for r in silent)
+    else:
+        culprit = "every rank still responds: the network between them failed"
+    return (
+        f"accord train: {me}: a collective failed at step {step + 1} (timeout {timeout_s:g} s: {cause}); "
+        f"{culprit}. Continue the run with --resume latest."
+    )

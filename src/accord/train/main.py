@@ -8,71 +8,54 @@ accord train --config configs/tiny.yaml            # one process
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from accord.config import ConfigError, load_config, to_dict
+from accord.config import ConfigError, load_config, reference, to_dict
+from accord.data.batches import empty_batch, lockstep, real_samples, to_device
 from accord.data.loader import Loader
 from accord.losses import ContrastiveLoss, MatchingLoss
 from accord.models import AccordModel
+from accord.resources import config_file
 from accord.train import checkpoint
-from accord.train.batches import lockstep, real_samples, to_device
 from accord.train.config import TrainConfig
-from accord.train.distributed import Heartbeat, describe_rank, gather_node_info, init_distributed
-from accord.train.evaluate import embed_all, retrieval, zeroshot_metrics
-from accord.train.metrics import MetricLogger, SampleLog
+from accord.train.distributed import (
+    LOST_RANK_EXIT,
+    Heartbeat,
+    gather_node_info,
+    init_distributed,
+    is_comm_failure,
+    report_lost_ranks,
+)
+from accord.train.ds_config import deepspeed_config
+from accord.train.metrics import MetricLogger, MetricsWindow, SampleLog
 from accord.train.optim import lr_at, param_groups
 from accord.train.profile import StepProfiler, stage
-from accord.train.step import contrastive_step
-
-
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON of a config (``deepspeed.extra`` merged last, key by key at the top level)."""
-    ds = cfg.deepspeed
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu"}
-    optim_params = {
-        "lr": cfg.optim.lr,
-        "betas": list(cfg.optim.betas),
-        "eps": cfg.optim.eps,
-        "weight_decay": cfg.optim.weight_decay,
-    }
-    if not ds.offload_optimizer:
-        optim_params["torch_adam"] = True  # no fused_adam JIT build
-    config = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": cfg.accum_steps,
-        "optimizer": {"type": "AdamW", "params": optim_params},
-        "zero_optimization": zero,
-        "bf16": {"enabled": ds.precision == "bf16"},
-        "fp16": {"enabled": ds.precision == "fp16", "initial_scale_power": 16},
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.optim.grad_clip:
-        config["gradient_clipping"] = cfg.optim.grad_clip
-    return {**config, **ds.extra}
+from accord.train.step import accumulation_groups, contrastive_step
+from accord.train.validate import Validator
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="accord train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--config", required=True, help="YAML training config")
+    p.add_argument("--config", help="YAML training config: a path, or the name of a shipped one (tiny, text_image)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (stepNNNNNNNN) in output_dir")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print every config key with its type, default and meaning (with --config: and its value), then exit",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--verbose",
@@ -80,7 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the libraries' logs too (taken off argv by the entry points, listed here for --help)",
     )
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. optim.lr=1e-3 deepspeed.zero_stage=3")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.config is None and not args.print_config:
+        p.error("the following arguments are required: --config")
+    return args
 
 
 class Trainer:
@@ -101,7 +87,7 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str))
             (self.out / "ranks.json").write_text(json.dumps(self.nodes, indent=1))
-            per_node = {}
+            per_node: dict[int, list[str]] = {}
             for info in self.nodes:
                 per_node.setdefault(info["node_rank"], []).append(str(info["rank"]))
             print(
@@ -131,14 +117,8 @@ class Trainer:
         if self.fusion_pairs:
             self.match_loss = MatchingLoss(cfg.loss.match_negatives == "hard", cfg.loss.match_temperature)
         self.loader = Loader(cfg.data, self.modalities, train=True)
-        self.val_loader = None
-        if cfg.data.val:
-            self.val_loader = Loader(
-                dataclasses.replace(cfg.data, persistent_workers=False),
-                self.modalities,
-                train=False,
-                label_key=cfg.eval.zeroshot.label_key if cfg.eval.zeroshot else None,
-            )
+        self.validator = Validator(cfg, self.modalities, self.device, self.dtype)
+        self.checkpointer = checkpoint.Checkpointer(self.engine, self.ckpt_dir, cfg.checkpoint)
         per_step = self.world * cfg.data.batch_size * cfg.accum_steps
         self.steps_per_epoch = max(1, math.ceil(self.loader.num_samples / per_step))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
@@ -146,6 +126,7 @@ class Trainer:
         self.logger = MetricLogger(cfg.log, self.out, self.rank, to_dict(cfg))
         self.samples = SampleLog(self.out, self.rank) if cfg.log.sample_keys else None
         self.profiler = StepProfiler(cfg.log.profile_start, cfg.log.profile_steps, self.out, self.rank)
+        self._rng_after_resume: dict[str, Any] | None = None
         if self.resume_meta is not None:
             self._resume(self.resume_meta)
         else:  # a fresh run into an old output_dir starts fresh logs
@@ -158,6 +139,7 @@ class Trainer:
         """Frozen towers compute each distinct input once (models/frozen_cache.py); not under ZeRO-3, where every
         rank must run every module's forward to gather its partitioned parameters."""
         frozen = [m for m, t in model.towers.items() if t.cfg.freeze]
+        status: dict[str, str | None]
         if self.cfg.deepspeed.zero_stage == 3:
             status = {m: "ZeRO-3 partitions its parameters (every rank must run it)" for m in frozen}
         else:
@@ -177,7 +159,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ checkpoints
     def _resume(self, meta: dict[str, Any]) -> None:
-        client, states = checkpoint.load(self.engine, self.ckpt_dir, meta, universal=self.universal)
+        client, states = self.checkpointer.load(meta, universal=self.universal)
         self.step = client["step"]
         self.loader.load_state_dict([st["loader"] for st in states])
         # The same ranks continue their own random streams; on another world size they start fresh ones.
@@ -211,7 +193,7 @@ class Trainer:
             "nodes": len({n["node_rank"] for n in self.nodes}),
             "global_batch": self.world * self.cfg.data.batch_size * self.cfg.accum_steps,
         }
-        tag = checkpoint.save(self.engine, self.ckpt_dir, self.step, client, mine, meta, self.cfg.checkpoint.keep_last)
+        tag = self.checkpointer.save(self.step, client, mine, meta)
         if self.rank == 0:
             print(f"saved checkpoint {self.ckpt_dir / tag}", flush=True)
 
@@ -236,7 +218,7 @@ class Trainer:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # set by param_groups
         if self.match_loss is not None and self.cfg.loss.match_temperature_end is not None:
-            start, end = self.cfg.loss.match_temperature, self.cfg.loss.match_temperature_end
+            start, end = self.cfg.loss.match_temperature or 1.0, self.cfg.loss.match_temperature_end
             self.match_loss.temperature = start * (end / start) ** (self.step / max(1, self.total_steps - 1))
         batches = [to_device(b, self.device, self.dtype) for b in micro_batches]
         holder: dict[str, Any] = {}
@@ -259,66 +241,57 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------- loop
     def fit(self) -> dict[str, Any]:
-        cfg = self.cfg
-        if getattr(self, "_rng_after_resume", None) is not None:
+        """Train to the end (``epochs`` of data, or ``max_steps``), evaluating and saving as the policies say."""
+        if self._rng_after_resume is not None:
             checkpoint.set_rng_states(self._rng_after_resume)
-        window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "loss": [], "parts": {}}
+        window = MetricsWindow()
         last_eval: dict[str, float] = {}
-        saved_at = None
-        # max_steps counts steps; epochs count data: an epoch ends when every rank is out of samples, which can take
-        # a step or two more than total_steps estimates when ranks hold uneven shares (bad samples, a resume).
-        by_steps = cfg.max_steps is not None
-        while self.step < self.total_steps if by_steps else self.loader.epoch < cfg.epochs:
-            epoch_batches = lockstep(iter(self.loader), self.modalities, cfg.data.batch_size)
-            exhausted = False
-            while not exhausted and (self.step < self.total_steps or not by_steps):
-                group = []
+        while self._more_epochs():
+            groups = self._epoch_groups()
+            while self._more_steps():
                 self.profiler.before_step(self.step + 1)
                 t0 = time.perf_counter()
                 with stage("data_wait"):
-                    for _ in range(cfg.accum_steps):
-                        batch = next(epoch_batches, None)
-                        if batch is None:
-                            exhausted = True
-                            break
-                        group.append(batch)
-                window["wait"] += time.perf_counter() - t0
-                if not group:
+                    group = next(groups, None)
+                wait_s = time.perf_counter() - t0
+                if group is None:  # every rank is out of data: the epoch is over
                     break
-                while len(group) < cfg.accum_steps:  # the epoch's last step: keep DeepSpeed's GAS aligned
-                    group.append(
-                        {"present": {m: torch.zeros(cfg.data.batch_size, dtype=torch.bool) for m in self.modalities}}
-                    )
                 if self.samples is not None:
-                    keys = [k for b in group for k in b.get("__key__", [])]
-                    self.samples.write(self.step + 1, self.loader.epoch, keys)
+                    self.samples.write(self.step + 1, self.loader.epoch, [k for b in group for k in b["__key__"]])
                 loss, parts = self.train_step(group)
-                window["samples"] += sum(real_samples(b) for b in group)
-                window["loss"].append(float(loss))
-                for k, v in parts.items():
-                    window["parts"].setdefault(k, []).append(float(v))
-                if self.step % cfg.log.every == 0 or self.step >= self.total_steps:
+                window.add(
+                    sum(real_samples(b) for b in group), wait_s, float(loss), {k: float(v) for k, v in parts.items()}
+                )
+                if self.logger.should_log(self.step, self.total_steps):
                     with stage("log"):
                         self._log(window)
-                    window = {"samples": 0, "wait": 0.0, "start": time.perf_counter(), "loss": [], "parts": {}}
+                    window = MetricsWindow()
                 self._report_profile(self.profiler.after_step(self.step))
-                if cfg.eval.every and self.step % cfg.eval.every == 0 and self.val_loader is not None:
+                if self.validator.should_eval(self.step):
                     last_eval = self.evaluate()
-                if self.step % cfg.checkpoint.every == 0 and self.step < self.total_steps:
+                if self.checkpointer.should_save(self.step, self.total_steps):
                     self.save()
-                    saved_at = self.step
-            if exhausted:
-                for _ in epoch_batches:  # let the loader close its epoch (counts it, resets positions)
-                    pass
-            if cfg.max_steps is None and self.loader.epoch >= cfg.epochs:
-                break
         self._report_profile(self.profiler.close(self.step))  # a window the run ended inside
-        if self.val_loader is not None and (not cfg.eval.every or self.step % cfg.eval.every):
+        if self.validator.should_eval(self.step, last=True):
             last_eval = self.evaluate()
-        if saved_at != self.step:
+        if self.checkpointer.should_save(self.step, self.total_steps, last=True):
             self.save()
         self.logger.close()
         return {"step": self.step, "epoch": self.loader.epoch, "eval": last_eval}
+
+    # max_steps counts steps; epochs count data: an epoch ends when every rank is out of samples, which can take a
+    # step or two more than total_steps estimates when ranks hold uneven shares (bad samples, a resume).
+    def _more_epochs(self) -> bool:
+        return self.step < self.total_steps if self.cfg.max_steps is not None else self.loader.epoch < self.cfg.epochs
+
+    def _more_steps(self) -> bool:
+        return self.cfg.max_steps is None or self.step < self.total_steps
+
+    def _epoch_groups(self) -> Iterator[list[dict[str, Any]]]:
+        """This epoch's optimiser steps as groups of ``accum_steps`` micro-batches, in lock-step across ranks."""
+        size = self.cfg.data.batch_size
+        batches = lockstep(iter(self.loader), self.modalities, size)
+        return accumulation_groups(batches, self.cfg.accum_steps, lambda: empty_batch(self.modalities, size))
 
     def _report_profile(self, stages: dict[str, float] | None) -> None:
         if stages is not None and self.rank == 0:
@@ -328,14 +301,14 @@ class Trainer:
                 flush=True,
             )
 
-    def _log(self, window: dict[str, Any]) -> None:
-        elapsed = time.perf_counter() - window["start"]
+    def _log(self, window: MetricsWindow) -> None:
+        elapsed = window.elapsed_s()
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        stats = torch.tensor([window["samples"], window["wait"], elapsed, peak_rss_mib], dtype=torch.float64)
+        stats = torch.tensor([window.samples, window.wait_s, elapsed, peak_rss_mib], dtype=torch.float64)
         per_rank = [torch.zeros_like(stats) for _ in range(self.world)]
         dist.all_gather(per_rank, stats)
         parts = {}
-        for k, vs in window["parts"].items():  # each rank's loss share; their mean is the global-batch loss
+        for k, vs in window.parts.items():  # each rank's loss share; their mean is the global-batch loss
             t = torch.tensor(sum(vs) / len(vs), dtype=torch.float64)
             dist.all_reduce(t)
             parts[f"loss/{k}"] = float(t) / self.world
@@ -383,31 +356,7 @@ class Trainer:
             return {k: float(1.0 / v.detach().float()) for k, v in module.temperatures().items()}
 
     def evaluate(self) -> dict[str, float]:
-        self.engine.eval()
-        labels: list[Any] | None = [] if self.cfg.eval.zeroshot else None
-        emb = embed_all(
-            self.engine,
-            self.val_loader,
-            self.device,
-            self.dtype,
-            self.cfg.data.batch_size,
-            self.cfg.eval.max_samples,
-            labels=labels,
-        )
-        metrics = retrieval(emb, self.engine.module.pairs)
-        if self.cfg.eval.zeroshot is not None:
-            metrics.update(
-                zeroshot_metrics(
-                    self.engine.module,
-                    self.cfg.eval.zeroshot,
-                    emb,
-                    labels,
-                    self.val_loader.decoder,
-                    self.device,
-                    self.dtype,
-                )
-            )
-        self.engine.train()
+        metrics = self.validator.evaluate(self.engine, self.step)
         self.logger.log(
             self.step,
             {f"eval/{k}": v for k, v in metrics.items()},
@@ -416,45 +365,19 @@ class Trainer:
         return metrics
 
 
-LOST_RANK_EXIT = 3  # exit status of a rank whose collective failed because another rank died or stalled
-
-
-def is_comm_failure(error: BaseException) -> bool:
-    """A collective that failed or timed out (gloo / NCCL), as opposed to an error in accord's own code."""
-    if isinstance(error, dist.DistError):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and any(
-        s in text for s in ("gloo", "Gloo", "NCCL", "Connection closed", "Connection reset", "Timed out")
-    )
-
-
-def report_lost_ranks(
-    error: BaseException, heartbeat: Heartbeat, nodes: list[dict[str, Any]], step: int, timeout_s: float
-) -> str:
-    """One line: this rank, the failed collective, and which ranks stopped beating (lost or stalled)."""
-    me = describe_rank(nodes[heartbeat.rank])
-    cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    silent = heartbeat.silent_ranks()
-    if silent is None:
-        culprit = f"{describe_rank(nodes[0])} holds the rendezvous store and does not answer: lost or stalled"
-    elif silent:
-        culprit = "not responding (lost or stalled): " + "; ".join(describe_rank(nodes[r]) for r in silent)
-    else:
-        culprit = "every rank still responds: the network between them failed"
-    return (
-        f"accord train: {me}: a collective failed at step {step + 1} (timeout {timeout_s:g} s: {cause}); "
-        f"{culprit}. Continue the run with --resume latest."
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_config and args.config is None:
+        print(reference(TrainConfig), end="")
+        return 0
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = load_config(TrainConfig, config_file(args.config), args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"accord train: config error: {e}", file=sys.stderr)
         return 2
+    if args.print_config:
+        print(reference(TrainConfig, cfg), end="")
+        return 0
     init_distributed(cfg.dist_timeout_s)
     nodes = gather_node_info()
     heartbeat = Heartbeat() if dist.get_world_size() > 1 else None

@@ -1,21 +1,48 @@
-"""Training logs: a console line, ``metrics.jsonl`` and (optionally) wandb and TensorBoard, written by rank 0."""
+"""Training logs: a console line, ``metrics.jsonl`` and (optionally) wandb and TensorBoard, written by rank 0;
+the window of steps a log line summarises; the per-rank log of sample keys."""
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accord.train.config import LogConfig
 
 
+@dataclass
+class MetricsWindow:
+    """What this rank did since the last log line: samples trained, seconds waiting for data, and the loss (total
+    and per part) of each step."""
+
+    start: float = field(default_factory=time.perf_counter)
+    samples: int = 0
+    wait_s: float = 0.0
+    loss: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, samples: int, wait_s: float, loss: float, parts: dict[str, float]) -> None:
+        self.samples += samples
+        self.wait_s += wait_s
+        self.loss.append(loss)
+        for k, v in parts.items():
+            self.parts.setdefault(k, []).append(v)
+
+    def elapsed_s(self) -> float:
+        return time.perf_counter() - self.start
+
+
 class MetricLogger:
+    """Rank 0 writes; every rank may call. ``should_log`` is the policy: every ``log.every`` steps and the last."""
+
     def __init__(self, cfg: LogConfig, output_dir: Path, rank: int, run_config: dict[str, Any]):
         self.cfg, self.rank = cfg, rank
         self.path = output_dir / "metrics.jsonl"
-        self.wandb = None
-        self.tensorboard = None
+        self.wandb: Any = None
+        self.tensorboard: Any = None
         self._purge_step: int | None = None
         if rank == 0 and cfg.wandb:
             import wandb
@@ -28,6 +55,9 @@ class MetricLogger:
                 dir=str(output_dir),
                 mode="online" if cfg.wandb_online else "offline",
             )
+
+    def should_log(self, step: int, total_steps: int) -> bool:
+        return step % self.cfg.every == 0 or step >= total_steps
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps the killed run logged after its last checkpoint."""

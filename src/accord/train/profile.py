@@ -57,8 +57,8 @@ class StepProfiler:
 
     def before_step(self, step: int) -> None:
         """Call with the number of the step about to run."""
-        if self.start is None or step != self.start:
-            return
+        if self.start is None or step != self.start or self._prof is not None:
+            return  # (a step number asked twice: the end of an epoch, before its next step runs)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
         self._prof = profile(activities=activities)
         self._prof.start()
@@ -66,13 +66,13 @@ class StepProfiler:
 
     def after_step(self, step: int) -> dict[str, float] | None:
         """Call with the number of the step that just ran; returns the stage table when the window closes."""
-        if self._prof is None or step != self.start + self.steps - 1:
+        if self._prof is None or self.start is None or step != self.start + self.steps - 1:
             return None
         return self.close(step)
 
     def close(self, step: int) -> dict[str, float] | None:
         """End the window at ``step`` (the run ended inside it: the table covers the steps that ran)."""
-        if self._prof is None:
+        if self._prof is None or self.start is None:
             return None
         if torch.cuda.is_available():
             torch.cuda.synchronize()

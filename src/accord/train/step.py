@@ -10,8 +10,10 @@ token features of the live micro-batch only: it is the mean of the micro-batches
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator
 from dataclasses import replace
+from typing import Any
 
 import torch
 
@@ -20,8 +22,8 @@ from accord.models.model import ModelOutput
 Backward = Callable[[torch.Tensor], None]
 
 
-def _rng_state() -> dict:
-    state = {"cpu": torch.get_rng_state()}
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -88,3 +90,13 @@ def contrastive_step(
         backward(loss)
     _set_rng_state(after)
     return loss.detach(), parts
+
+
+def accumulation_groups(
+    batches: Iterator[dict[str, Any]], accum_steps: int, empty: Callable[[], dict[str, Any]]
+) -> Iterator[list[dict[str, Any]]]:
+    """Consecutive micro-batches in groups of ``accum_steps``, one group per optimiser step. The epoch's last group
+    is filled up with ``empty()`` batches, so every rank makes the same number of micro-steps and DeepSpeed's
+    accumulation boundary stays aligned."""
+    while group := list(itertools.islice(batches, accum_steps)):
+        yield group + [empty() for _ in range(accum_steps - len(group))]

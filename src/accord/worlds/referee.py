@@ -3,7 +3,7 @@ score it against the renderer's ground truth, so that a decoder that games the c
 
 Parsing reads object mentions (``[size] colour shape``) left to right, and a relation phrase between two mentions
 ("... to the left of ...") or after the second ("... with a ... to its left"). On every caption the grammar of
-:mod:`accord.captioning.world` writes, it returns the scene exactly (tested); on other text it keeps what it can
+:mod:`accord.worlds.scenes` writes, it returns the scene exactly (tested); on other text it keeps what it can
 read (a mention without a size, a relation) and ignores the rest.
 
 Per caption: attribute precision / recall (size, colour, shape of mentions matched one-to-one to true objects so
@@ -17,7 +17,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from accord.captioning.world import (
+from accord.worlds.scenes import (
     COLOURS,
     INVERSE,
     RELATION_PHRASES,
@@ -45,9 +45,10 @@ class Parsed:
 
     def scene(self) -> Scene | None:
         """The parsed scene when every mention has a size (a caption of the grammar), else None."""
-        if any(m.size is None for m in self.mentions) or not self.mentions:
+        sizes = [m.size for m in self.mentions]
+        if not self.mentions or None in sizes:
             return None
-        objs = [Obj(m.size, m.colour, m.shape) for m in self.mentions]
+        objs = [Obj(size or "", m.colour, m.shape) for size, m in zip(sizes, self.mentions, strict=True)]
         if self.relation is None:
             return Scene(tuple(objs))
         a, rel, b = self.relation
@@ -83,7 +84,8 @@ def judge(caption: str, truth: Scene) -> dict[str, float]:
     """The referee's figures for one caption (precision is 1 for a caption that states nothing)."""
     parsed = parse(caption)
     mentions, objs = parsed.mentions, truth.objects
-    best, match = -1, ()
+    best = -1
+    match: tuple[int, ...] = ()
     for perm in itertools.permutations(range(len(objs)), min(len(mentions), len(objs))):
         agree = sum(_agree(mentions[i], objs[j]) for i, j in enumerate(perm))
         if agree > best:

@@ -12,10 +12,11 @@ import json
 import deepspeed
 import torch
 import torch.distributed as dist
-from loss_worker import tiny_model
 
 from accord.losses import ContrastiveLoss, LossConfig
 from accord.train.distributed import init_distributed
+
+from helpers.tiny import tiny_model
 
 
 def batch(rank: int, step: int, n: int = 4) -> dict:
@@ -63,6 +64,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(args.out, "w") as f:
             json.dump(losses, f)
+    dist.destroy_process_group()  # before exit: gloo's threads must not be torn down by the interpreter's exit
 
 
 if __name__ == "__main__":

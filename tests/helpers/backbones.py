@@ -8,11 +8,11 @@ import torch
 import yaml
 
 from accord.config import apply_overrides, from_dict
-from accord.consistency.export import save_backbone
+from accord.consistency.backbone import save_backbone
 from accord.models import AccordModel
+from accord.resources import config_file
 from accord.train.config import TrainConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 # configs/tiny.yaml with CLIP-kind text and image towers (the sizes of tiny.yaml's towers)
 CLIP_TOWERS = [
     "model.towers.text.kind=clip_text",
@@ -24,7 +24,7 @@ CLIP_TOWERS = [
 
 
 def tiny_config(config: str = "tiny.yaml", overrides: list[str] | None = None) -> TrainConfig:
-    data = yaml.safe_load((ROOT / "configs" / config).read_text())
+    data = yaml.safe_load(config_file(config).read_text())
     data["data"]["train"] = "unused"
     return from_dict(TrainConfig, apply_overrides(data, overrides or []))
 
@@ -36,5 +36,5 @@ def random_model(cfg: TrainConfig, seed: int = 0) -> AccordModel:
 
 def random_backbone(config: str, out: Path, seed: int = 0, overrides: list[str] | None = None) -> Path:
     cfg = tiny_config(config, overrides)
-    save_backbone(random_model(cfg, seed), cfg, out)
+    save_backbone(random_model(cfg, seed), cfg.data, out)
     return out

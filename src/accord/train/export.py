@@ -1,0 +1,153 @@
+"""Export trained towers from a DeepSpeed checkpoint (any ZeRO stage) into a self-contained backbone directory.
+
+    accord export runs/tiny/checkpoints --out backbone/ [--tag step00000100] [--dtype bf16]
+    accord export runs/clip/checkpoints --out clip/ --format hf-clip    # a transformers CLIPModel directory
+
+The directory is written by :func:`accord.consistency.backbone.save_backbone` (its layout is described there) and
+read by ``load_backbone``; this module turns a training run's checkpoint into one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from accord.config import from_dict
+from accord.consistency.backbone import DTYPES, save_backbone
+from accord.consistency.hf_clip import hf_clip_problems, save_hf_clip
+from accord.consistency.onnx import save_onnx
+from accord.errors import command
+from accord.models import AccordModel
+from accord.train.config import TrainConfig
+from accord.verbosity import is_verbose
+
+FORMATS = ("accord", "hf-clip")
+
+
+def read_client_state(checkpoint_dir: Path, tag: str | None) -> tuple[str, dict[str, Any]]:
+    """The tag (default: ``latest``) and the client state of rank 0's model-states file: step, accord config."""
+    tag = tag or (checkpoint_dir / "latest").read_text().strip()
+    model_states = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
+    if not model_states:
+        raise FileNotFoundError(f"{checkpoint_dir / tag}: no DeepSpeed model states (is this a checkpoint folder?)")
+    return tag, torch.load(model_states[0], map_location="cpu", weights_only=False)
+
+
+def consolidated_state_dict(checkpoint_dir: Path, tag: str, client: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """fp32 weights of any ZeRO stage (stage 0: the module state itself)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if (
+        list((checkpoint_dir / tag).glob("*optim_states.pt"))
+        and client.get("ds_config", {}).get("zero_optimization", {}).get("stage", 0) > 0
+    ):
+        with contextlib.nullcontext() if is_verbose() else contextlib.redirect_stdout(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)  # prints 4 lines
+    return {k: v.float() for k, v in client["module"].items()}
+
+
+def export(
+    checkpoint_dir: str | Path,
+    out: str | Path,
+    tag: str | None = None,
+    dtype: str = "fp32",
+    onnx: bool = False,
+    format: str = "accord",
+) -> Path:
+    """Export the checkpoint as an accord backbone directory, or (``format="hf-clip"``) a CLIPModel directory
+    (see :mod:`accord.consistency.hf_clip`; refused before the weights are read when the towers have no such form)."""
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if format not in FORMATS:
+        raise ValueError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
+    tag, client = read_client_state(checkpoint_dir, tag)
+    if "config" not in client:
+        raise ValueError(f"{checkpoint_dir}: the checkpoint carries no accord config (not written by accord train)")
+    cfg = from_dict(TrainConfig, client["config"])
+    if format == "hf-clip" and (problems := hf_clip_problems(cfg.model, cfg.data)):
+        raise ValueError(
+            f"{checkpoint_dir}: --format hf-clip needs clip_text + clip_vision towers: " + "; ".join(problems)
+        )
+    state = consolidated_state_dict(checkpoint_dir, tag, client)
+    model = AccordModel(cfg.model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = (
+        {k for k in missing if k.startswith("towers.video.backbone.")}
+        if cfg.model.towers.get("video") and cfg.model.towers["video"].share_image_backbone
+        else set()
+    )
+    if set(missing) - tied or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
+    if format == "hf-clip":
+        skipped = save_hf_clip(model, cfg.data, out, DTYPES[dtype])
+        if skipped:
+            print(f"hf-clip: not exported (a CLIPModel has no place for them): {', '.join(skipped)}")
+        return out
+    save_backbone(
+        model,
+        cfg.data,
+        out,
+        dtype=dtype,
+        source={"checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "step": client.get("step")},
+        card=model_card_lines(cfg, client.get("step")),
+    )
+    if onnx:
+        save_onnx(model, out / "onnx")
+    return out
+
+
+def model_card_lines(cfg: TrainConfig, step: int | None) -> list[str]:
+    """What the backbone's model card says about its training: data, steps, loss, and the last evaluation."""
+    last_eval: dict[str, Any] = {}
+    metrics = Path(cfg.output_dir) / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            if any(k.startswith("eval/") for k in row):
+                last_eval = row
+    lines = [
+        f"Trained by `accord train` on `{cfg.data.train}` for {step} steps "
+        f"({cfg.loss.kind} loss, ZeRO-{cfg.deepspeed.zero_stage}, {cfg.deepspeed.precision})."
+    ]
+    if last_eval:
+        lines += [
+            f"## Zero-shot retrieval at step {last_eval['step']} on `{cfg.data.val}`",
+            "",
+            "| metric | value |",
+            "|---|---|",
+        ]
+        lines += [f"| {k[5:]} | {v:.4f} |" for k, v in last_eval.items() if k.startswith("eval/") and "/R@" in k]
+    return lines
+
+
+@command("accord export", also=(ValueError, RuntimeError))
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="accord export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("checkpoint_dir", help="the run's checkpoints/ folder (with 'latest' and stepNNNNNNNN/)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: latest)")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--onnx", action="store_true", help="also write onnx/<modality>.onnx per tower (fp32)")
+    p.add_argument(
+        "--format",
+        default="accord",
+        choices=FORMATS,
+        help="accord: the backbone directory (every tower); hf-clip: a transformers CLIPModel "
+        "directory (clip_text + clip_vision towers)",
+    )
+    args = p.parse_args(argv)
+    if args.onnx and args.format != "accord":
+        raise ValueError("--onnx: only with --format accord")
+    out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx, args.format)
+    print(f"exported {args.checkpoint_dir} -> {out}")
+    return 0

@@ -1,0 +1,55 @@
+"""Starting real processes: free ports, the environment every launched rank gets, the deepspeed launcher command of
+an ``accord.train`` run, and a run's logged metrics."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout
+TESTS = ROOT / "tests"
+WORKERS = TESTS / "workers"
+LAUNCHER = str(Path(sys.executable).parent / "deepspeed")
+# every rank and worker a test starts: CPU accelerator, one thread per rank, offline, and tests/ importable (the
+# worker scripts import helpers)
+ENV = {
+    **os.environ,
+    "DS_ACCELERATOR": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(shards: Path, out: Path, *overrides: str, resume: bool = False, config: str = "tiny.yaml") -> list[str]:
+    """The deepspeed launcher command of a 2-rank CPU ``accord.train`` run on ``shards`` into ``out``."""
+    cmd = [
+        LAUNCHER,
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "--module",
+        "accord.train",
+        "--config",
+        str(ROOT / "configs" / config),
+        f"data.train={shards}",
+        f"output_dir={out}",
+        *overrides,
+    ]
+    return [*cmd, "--resume", "latest"] if resume else cmd
+
+
+def metrics(out: Path) -> list[dict]:
+    """Every line a run logged to ``out/metrics.jsonl``."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
