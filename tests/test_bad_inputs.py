@@ -122,6 +122,7 @@ def test_build_shards_missing_input(tmp_path: Path, capsys) -> None:
     assert "none.csv' does not exist" in one_line_error(capsys, "build_shards")
 
 
+@pytest.mark.slow
 def test_commands_as_users_run_them_print_no_traceback(mixed_shards, tmp_path: Path) -> None:
     """The installed entry points and data_tools scripts, as separate processes: status 2, one line, no traceback."""
     shards, _ = mixed_shards
@@ -155,6 +156,7 @@ def test_commands_as_users_run_them_print_no_traceback(mixed_shards, tmp_path: P
     assert "no such file, so no checkpoint to resume" in proc.stderr
 
 
+@pytest.mark.slow
 def test_commands_are_quiet_unless_verbose(backbone: Path, mixed_shards) -> None:
     shards, _ = mixed_shards
     cmd = [str(BIN / "accord"), "eval", "--backbone", str(backbone), "--data", str(shards)]

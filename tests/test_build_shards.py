@@ -153,6 +153,7 @@ def test_verify_decode_catches_corrupt_member(tmp_path: Path) -> None:
     assert not summary["ok"] and "shard-000000.tar:a.jpg: cannot decode image" in summary["problems"][0]
 
 
+@pytest.mark.slow
 @pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_resume_after_kill_gives_identical_shards(tmp_path: Path) -> None:
     src = tmp_path / "many"

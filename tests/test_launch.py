@@ -28,6 +28,7 @@ def _steps(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["launch_script", "accord_cli"])
 def test_entry_points_train(mixed_shards, tmp_path: Path, how: str) -> None:
     shards, _ = mixed_shards

@@ -44,6 +44,7 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return torch.load(out, weights_only=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(map(str, v)))
 def test_two_ranks_equal_one_process(two_rank_results: dict, variant: tuple) -> None:
     dist_res = two_rank_results[variant]

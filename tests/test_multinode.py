@@ -149,6 +149,7 @@ def reference(mixed_shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["deepspeed", "slurm"])
 def test_two_nodes_give_the_loss_curve_of_one_node(reference, mixed_shards, tmp_path: Path, how: str) -> None:
     shards, media = mixed_shards
@@ -165,6 +166,7 @@ def test_two_nodes_give_the_loss_curve_of_one_node(reference, mixed_shards, tmp_
     assert sorted(epoch_keys(out)) == sorted(epoch_keys(reference)) == sorted(media)
 
 
+@pytest.mark.slow
 def test_elastic_resume_2x2_to_1x1_to_2x1_sees_every_sample_once(reference, mixed_shards, tmp_path: Path) -> None:
     """Preempted at step 2 (2 ranks x 2 workers), back on 1 rank x 1 worker; preempted again at step 4, back on
     2 ranks x 1 worker: the epoch's steps train on every sample exactly once, listed by key in the sample logs."""
@@ -191,6 +193,7 @@ def test_elastic_resume_2x2_to_1x1_to_2x1_sees_every_sample_once(reference, mixe
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 6  # uneven shares may need one step more
 
 
+@pytest.mark.slow
 def test_weights_and_adam_moments_survive_a_change_of_world_size(reference, mixed_shards, tmp_path: Path) -> None:
     """The step-2 checkpoint of 2 ranks at ZeRO-2, loaded by 2 ranks (plain) and by 1 rank (through the universal
     checkpoint): every parameter's fp32 value and both Adam moments are the same. What is not supported is refused."""
@@ -248,6 +251,7 @@ def _wait_for(path: Path, ok, timeout: float) -> None:
     raise AssertionError(f"{path} did not appear in {timeout} s")
 
 
+@pytest.mark.slow
 @pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_a_stalled_or_killed_rank_on_the_other_node_ends_the_run_naming_it(mixed_shards, tmp_path: Path) -> None:
     """Node 1's rank is stopped (SIGSTOP: a hung file system, a frozen host): node 0 fails after the collective
@@ -281,6 +285,7 @@ def test_a_stalled_or_killed_rank_on_the_other_node_ends_the_run_naming_it(mixed
         assert waited < bound, (fault, waited)
 
 
+@pytest.mark.slow
 @pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shards, tmp_path: Path) -> None:
     """Rank 1 dies while DeepSpeed writes its optimiser file of step 4: ``latest`` stays on step 2, step 4 is

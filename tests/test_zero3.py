@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers.procs import ENV, WORKERS, free_port
 
 
+@pytest.mark.slow
 def test_zero3_rank_without_a_modality_does_not_hang(tmp_path: Path) -> None:
     out = tmp_path / "losses.json"
     launcher = Path(sys.executable).parent / "deepspeed"

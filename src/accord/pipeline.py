@@ -84,9 +84,10 @@ def launch_training(
 ) -> None:
     """Train with the deepspeed launcher on ``ranks`` CPU ranks (ZeRO-2, see ``CPU_RUN``); ``config`` is a path or
     the name of a shipped config. Step, eval and checkpoint lines are echoed; the whole log is ``run/train.log``."""
-    launcher = Path(sys.executable).parent / "deepspeed"
-    cmd = [
-        str(launcher),
+    cmd = [  # the deepspeed launcher of this interpreter's environment (a venv's bin/ may not hold its script)
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
         "--num_gpus",
         str(ranks),
         "--master_port",

@@ -77,7 +77,8 @@ def write_video(
     pattern: str = "testsrc",
     color: str | None = None,
 ) -> Path:
-    """An h264 mp4 of an ffmpeg test pattern (or a plain ``color``), optionally with a 440 Hz AAC track."""
+    """An h264 mp4 of an ffmpeg test pattern (or a plain ``color``), optionally with a 440 Hz AAC track; a path
+    ending in .avi gets MPEG-4 part 2 in an AVI container instead."""
     source = f"color=c={color}:" if color else f"{pattern}="
     cmd = [
         "ffmpeg",
@@ -92,7 +93,10 @@ def write_video(
     ]
     if audio:
         cmd += ["-f", "lavfi", "-i", f"sine=frequency=440:sample_rate=16000:duration={seconds}"]
-    cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast"]
+    if path.suffix == ".avi":
+        cmd += ["-c:v", "mpeg4", "-q:v", "5"]
+    else:
+        cmd += ["-c:v", "libx264", "-pix_fmt", "yuv420p", "-preset", "ultrafast"]
     cmd += ["-c:a", "aac", "-shortest"] if audio else []
     subprocess.run(cmd + [str(path)], check=True)
     return path

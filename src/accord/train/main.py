@@ -214,6 +214,10 @@ class Trainer:
             self.engine.step()
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimiser step over the group of micro-batches (its sample keys logged first, with log.sample_keys)."""
+        if self.samples is not None:
+            keys = [k for b in micro_batches for k in b.get("__key__", [])]
+            self.samples.write(self.step + 1, self.loader.epoch, keys)
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # set by param_groups
@@ -256,8 +260,6 @@ class Trainer:
                 wait_s = time.perf_counter() - t0
                 if group is None:  # every rank is out of data: the epoch is over
                     break
-                if self.samples is not None:
-                    self.samples.write(self.step + 1, self.loader.epoch, [k for b in group for k in b["__key__"]])
                 loss, parts = self.train_step(group)
                 window.add(
                     sum(real_samples(b) for b in group), wait_s, float(loss), {k: float(v) for k, v in parts.items()}
