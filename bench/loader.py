@@ -76,7 +76,7 @@ def run_open_clip(shards: str, workers: int, batch: int, samples: int) -> dict:
     from open_clip_train.data import get_wds_dataset
     from transformers import AutoTokenizer
 
-    from accord.models.towers import resolve_local_dir
+    from accord.resources import resolve_local_dir
 
     tok = AutoTokenizer.from_pretrained(resolve_local_dir(TOKENIZER))
 

@@ -57,7 +57,7 @@ SIZES = {
 def make_clip(folder: Path, size: str) -> None:
     import transformers as tr
 
-    from accord.models.towers import resolve_local_dir
+    from accord.resources import resolve_local_dir
 
     spec = SIZES[size]
     cfg = tr.CLIPConfig(

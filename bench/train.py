@@ -170,7 +170,7 @@ def accord_config(args: argparse.Namespace, folder: Path) -> Path:
 
 def open_clip_model_dir(args: argparse.Namespace, folder: Path) -> Path:
     """The same model as an open_clip local-dir config, with the MiniLM tokenizer's files beside it."""
-    from accord.models.towers import resolve_local_dir
+    from accord.resources import resolve_local_dir
 
     s = sizes(args)
     model = folder / "open_clip_model"

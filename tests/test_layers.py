@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import shutil
 from pathlib import Path
 
@@ -45,3 +47,19 @@ def test_each_rule_fails_on_a_planted_violation(tmp_path: Path, plant: str) -> N
         f.write("\n" + code)
     problems = check(tmp_path, LAYERS)
     assert len(problems) == 1 and expected in problems[0], problems
+
+
+def test_scripts_outside_src_import_names_that_exist() -> None:
+    """bench/ and data_tools/ run by hand, not in CI: every accord name they import must still exist (and be public)
+    after a change of rooms."""
+    missing = []
+    for script in sorted([*(ROOT / "bench").glob("*.py"), *(ROOT / "data_tools").glob("*.py")]):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("accord"):
+                module = importlib.import_module(node.module)
+                for a in node.names:
+                    if not hasattr(module, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None:
+                        missing.append(f"{script.name}: {node.module}.{a.name} does not exist")
+                    elif a.name.startswith("_"):
+                        missing.append(f"{script.name}: {node.module}.{a.name} is private")
+    assert not missing, missing
