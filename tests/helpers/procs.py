@@ -31,6 +31,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def torchrun(script: Path, *args: str, ranks: int = 2) -> list[str]:
+    """The torchrun command running ``script`` (a worker) on ``ranks`` local ranks."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(ranks),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *args,
+    ]
+
+
 def launch(shards: Path, out: Path, *overrides: str, resume: bool = False, config: str = "tiny.yaml") -> list[str]:
     """The deepspeed launcher command of a 2-rank CPU ``accord.train`` run on ``shards`` into ``out``."""
     cmd = [
