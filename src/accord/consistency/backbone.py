@@ -157,19 +157,25 @@ class Backbone(nn.Module):
         feats = [audio_features(w, rate, self.audio_cfg, False, random.Random(0)) for w in waves]
         return {"features": torch.stack(feats)}
 
-    def encode(self, modality: str, inputs: Any) -> TowerOutput:
-        """Embeddings [B, D] and token features (for the fusion head) of raw inputs."""
+    def _tower_inputs(self, modality: str, inputs: Any) -> dict[str, torch.Tensor]:
         if modality not in self.model.towers:
             raise ValueError(f"this backbone has no {modality} tower (it has {', '.join(self.modalities)})")
         dtype = next(self.parameters()).dtype
-        prepared = {
+        return {
             k: v.to(self.device, dtype=dtype if v.is_floating_point() else v.dtype)
             for k, v in self.prepare(modality, inputs).items()
         }
-        return self.model.towers[modality](prepared)
+
+    def encode(self, modality: str, inputs: Any) -> TowerOutput:
+        """Embeddings [B, D] and token features (for the fusion head) of raw inputs."""
+        return self.model.towers[modality](self._tower_inputs(modality, inputs))
 
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
         return self.encode(modality, inputs).embedding.float()  # scores in fp32 whatever the towers' dtype
+
+    def pooled(self, modality: str, inputs: Any) -> torch.Tensor:
+        """A tower's backbone features [B, W] before the projection (fp32): what the projection has to work with."""
+        return self.model.towers[modality].pooled(self._tower_inputs(modality, inputs)).float()
 
     def encode_all(self, modality: str, inputs: list[Any], chunk: int = 64) -> TowerOutput:
         """``encode`` in chunks; tokens padded to the longest chunk (mask False on the padding)."""

@@ -21,6 +21,7 @@ import torch
 from accord.consistency import ConsistencyScorer
 from accord.demo.report import write_report
 from accord.errors import command
+from accord.evaluation.compositional import compositional_eval
 from accord.modalities import MEDIA
 from accord.pipeline import build_shards, evaluate, export_backbone, fresh_output_dir, launch_training
 from accord.shards.read import shard_items
@@ -110,9 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     retrieval = evaluate(out / "backbone", out / "shards" / "val", plot=out / "similarity.png")
     timings["eval"] = time.perf_counter() - t
 
-    t = _step("6/6 consistency scores: matched vs mismatched captions, report")
+    t = _step("6/6 consistency scores: matched vs mismatched captions, compositional negatives, report")
     scores = score_examples(out / "backbone", out / "shards" / "val", args.seed)
-    summary = write_report(out, counts, train_stats, val_stats, retrieval, scores, timings)
+    compositional = compositional_eval(
+        str(out / "backbone"), str(out / "shards" / "val"), str(out / "shards" / "train")
+    )
+    summary = write_report(out, counts, train_stats, val_stats, retrieval, scores, timings, compositional)
     timings["report"] = time.perf_counter() - t
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

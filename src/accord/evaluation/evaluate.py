@@ -5,6 +5,7 @@ CLIP_benchmark do it.
     accord eval --backbone backbone/ --data shards/ [--plot sim.png] [--rerank 10]
     accord eval --backbone backbone/ --data shards/ --classes classes.txt [--templates templates.txt]
                 [--label-key label] [--modality image] [--confusion confusion.png]
+    accord eval --backbone backbone/ --data shards/ --compositional [--train-data train_shards/] [--out DIR]
 
 Samples that cannot be used are counted by reason and reported beside the figures, never dropped silently.
 """
@@ -24,6 +25,8 @@ from accord.consistency.backbone import Backbone, load_backbone
 from accord.data.config import DataConfig, TextConfig
 from accord.data.loader import Loader
 from accord.errors import InputError, command
+from accord.evaluation.compositional import compositional_eval
+from accord.evaluation.compositional import write as write_compositional
 from accord.evaluation.embed import embed_all
 from accord.evaluation.plots import confusion_plot, similarity_plot
 from accord.evaluation.retrieval import retrieval
@@ -176,7 +179,23 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--label-key", default="label", help="the sample json field holding the class (name or index)")
     z.add_argument("--modality", default=None, choices=("image", "video", "audio"))
     z.add_argument("--confusion", default=None, help="confusion-matrix PNG")
+    c = p.add_argument_group("compositional evaluation (instead of retrieval; see accord.evaluation.compositional)")
+    c.add_argument(
+        "--compositional",
+        action="store_true",
+        help="each caption against its one-edit negatives per category, beside blind text-only baselines",
+    )
+    c.add_argument("--train-data", default=None, help="training shards: the vocabulary and the blind baselines")
+    c.add_argument("--out", default=None, help="write compositional.json, .md and .png into this folder")
     args = p.parse_args(argv)
+    if args.compositional:
+        result = compositional_eval(args.backbone, args.data, args.train_data, args.batch_size)
+        if args.out:
+            write_compositional(result, Path(args.out))
+        print(json.dumps(result, indent=2))
+        if result["samples"]["skipped"]:
+            print(f"accord eval: warning: samples not evaluated: {result['samples']['skipped']}", file=sys.stderr)
+        return 0
     if args.classes:
         result = zeroshot_eval(
             args.backbone,

@@ -174,6 +174,16 @@ class Tower(nn.Module):
             return {"input_values": inputs["features"]}, None
         return {"input_features": inputs["features"].transpose(1, 2)}, None  # whisper: [B, n_mels, T]
 
+    def pooled(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone's pooled features [B, W] before the projection (what a probe of the backbone reads)."""
+        kwargs, mask = self._backbone_inputs(inputs)
+        text_mask = {"attention_mask": mask} if mask is not None else {}
+        pooled, tokens = self._run(mask, **kwargs, **text_mask)
+        if self.temporal is not None:
+            b, t = inputs["pixel_values"].shape[:2]
+            pooled, _ = self.temporal(pooled.view(b, t, -1), tokens.view(b, t, tokens.shape[1], -1))
+        return pooled
+
     def forward(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
         kwargs, mask = self._backbone_inputs(inputs)
         if self.cache is not None and "inputs_embeds" not in kwargs:

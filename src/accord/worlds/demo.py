@@ -13,6 +13,7 @@ those, so retrieval on it measures generalisation to unseen combinations of know
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -108,6 +109,11 @@ def generate(out: Path, size: WorldSize, seed: int = 0, progress: bool = True) -
             sf.write(stem.with_suffix(".wav"), _tone(pitch, rhythm, rng), RATE)
             caption = f"a {first} {second} with a {pitch} {rhythm} tone"
         stem.with_suffix(".txt").write_text(caption + "\n")
+        # the combinations never seen in training (the sample json's held_out, read by compositional evaluation)
+        held = [f"{first} {second}"] if split == "val" else []
+        if kind == "pair" and split == "val":
+            held.append(" ".join(extra))
+        stem.with_suffix(".json").write_text(json.dumps({"held_out": held}))
         counts[f"{split}/{kind}"] = counts.get(f"{split}/{kind}", 0) + 1
     counts.update(add_real_media(out / "train", rng))
     return counts

@@ -158,3 +158,27 @@ def write_world(out: Path, train: int, heldout: int, seed: int = 0, progress: bo
         stem.with_suffix(".txt").write_text(caption(scene, str(rng.choice(TEMPLATES[len(scene.objects)]))) + "\n")
         stem.with_suffix(".json").write_text(json.dumps({"scene": scene.to_json(), "held_out": scene.held_out_parts()}))
     return {"train": train, "heldout": heldout}
+
+
+def write_minimal_pairs(out: Path, pairs: int, seed: int = 0, heldout: bool = True) -> int:
+    """``pairs`` Winoground-style minimal pairs: a scene and the same scene with one thing changed (``one_change``),
+    each rendered and captioned in the same phrasing; both samples' json carry the pair id (and the scene, and its
+    held-out parts). Returns the number of samples written (2 per pair)."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for i in range(pairs):
+        while True:
+            scene = random_scene(rng, heldout=heldout)
+            other = one_change(scene, str(rng.choice(CHANGES)), rng)
+            if other is not None and other != scene:
+                break
+        template = str(rng.choice(TEMPLATES[len(scene.objects)]))
+        for j, s in enumerate((scene, other)):
+            stem = out / f"p{i:05d}_{j}"
+            render(s, rng).save(stem.with_suffix(".png"))
+            stem.with_suffix(".txt").write_text(caption(s, template) + "\n")
+            meta = {"scene": s.to_json(), "held_out": s.held_out_parts(), "pair": f"p{i:05d}"}
+            stem.with_suffix(".json").write_text(json.dumps(meta))
+            written += 1
+    return written

@@ -1,0 +1,215 @@
+"""Typed one-edit negatives and the compositional evaluation: every negative type on hand-written captions, no
+negative true of its scene, the per-category figures equal a hand count, blind baselines at 0.5 where a category is
+balanced (and flagged where it is not), Winoground groups, the command."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from accord.consistency import load_backbone
+from accord.data.negatives import Vocabulary, negatives
+from accord.evaluation.blind import NgramLM, same_bag_of_words
+from accord.evaluation.compositional import compositional_eval, preference
+from accord.evaluation.evaluate import main as main_eval
+from accord.pipeline import build_shards
+from accord.worlds import scenes
+from accord.worlds.referee import parse
+
+from helpers.backbones import random_backbone
+
+CAPTIONS = [
+    "a small red circle to the left of a large blue square",
+    "a large blue square with a small red circle to its left",
+    "a small green triangle, a large yellow square and a small purple circle",
+    "there is one small red circle in the picture",
+    "a green square moving left",
+    "a blue circle moving up",
+    "a high beeping tone",
+    "a low steady tone",
+]
+VOCAB = Vocabulary.from_captions(CAPTIONS)
+
+
+def test_each_negative_type_on_hand_written_captions() -> None:
+    assert VOCAB.noun == ("circle", "square", "triangle") and VOCAB.size == ("small", "large")
+    two = negatives(VOCAB, CAPTIONS[0], key="k")
+    assert two["replace relation"] == "a small red circle to the right of a large blue square"
+    assert two["swap arguments"] == "a large blue square to the left of a small red circle"
+    assert two["swap binding"] in (
+        "a small blue circle to the left of a large red square",
+        "a large red circle to the left of a small blue square",
+    )
+    assert two["replace size"] in (
+        "a large red circle to the left of a large blue square",
+        "a small red circle to the left of a small blue square",
+    )
+    assert two["replace colour"].count("red") + two["replace colour"].count("blue") == 1
+    assert {"add object", "drop object"}.isdisjoint(two)  # a relation caption: neither
+    it = negatives(VOCAB, CAPTIONS[1], key="k")  # "B with A to its left": A left of B
+    assert it["replace relation"] == "a large blue square with a small red circle to its right"
+    assert it["swap arguments"] == "a small red circle with a large blue square to its left"
+    three = negatives(VOCAB, CAPTIONS[2], key="k")
+    assert three["drop object"] == "a small green triangle and a large yellow square"
+    one = negatives(VOCAB, CAPTIONS[3], key="k")
+    assert one["add object"].startswith("there is one small red circle and a ") and "replace relation" not in one
+    assert negatives(VOCAB, CAPTIONS[4], key="k")["replace direction"] in (
+        "a green square moving right",
+        "a green square moving up",
+        "a green square moving down",
+    )
+    tone = negatives(VOCAB, CAPTIONS[6], key="k")
+    assert tone == {"replace pitch": "a low beeping tone", "replace rhythm": "a high steady tone"}
+    assert negatives(VOCAB, CAPTIONS[0], key="k") == two  # seeded by the key
+    assert negatives(VOCAB, "nothing to edit here", key="k") == {}
+
+
+def test_no_negative_equals_its_caption_or_another_true_caption() -> None:
+    same = "a small red circle above a small red circle"  # swapping identical objects changes nothing
+    edits = negatives(VOCAB, same, key="k")
+    assert "swap arguments" not in edits and "replace relation" not in edits  # "A below A" = "A above A"
+    vocab = Vocabulary.from_captions([scenes.caption(s, t) for s, t in _every_caption()])
+    for scene, template in _every_caption():
+        text = scenes.caption(scene, template)
+        truth = _canonical(parse(text).scene())
+        assert truth == _canonical(scene)  # the world's referee reads its captions exactly
+        for category, edited in negatives(vocab, text, key=text).items():
+            assert edited != text, category
+            parsed = parse(edited).scene()
+            assert parsed is None or _canonical(parsed) != truth, (text, category, edited)
+            if category.startswith("swap"):
+                assert same_bag_of_words(text, edited)
+
+
+def _every_caption() -> list[tuple[scenes.Scene, str]]:
+    rng = np.random.default_rng(0)
+    out = []
+    for _ in range(60):
+        scene = scenes.random_scene(rng, heldout=bool(rng.integers(2)))
+        out += [(scene, t) for t in scenes.TEMPLATES[len(scene.objects)]]
+    return out
+
+
+def _canonical(scene: scenes.Scene | None) -> tuple | None:
+    """A scene's meaning: its objects as a multiset and the relation read in one direction."""
+    if scene is None:
+        return None
+    relation = None
+    if scene.relation is not None:
+        a, b = scene.objects
+        rel = scene.relation
+        if rel in ("right of", "below"):
+            a, b, rel = b, a, scenes.INVERSE[rel]
+        relation = (a, rel, b)
+    return tuple(sorted(scene.objects, key=str)), relation
+
+
+def test_blind_baselines_sit_at_one_half_on_a_balanced_category_and_flag_a_biased_one() -> None:
+    colours, shapes = ("red", "green", "blue"), ("circle", "square", "triangle")
+    balanced = [f"a {c} {s}" for c, s in itertools.product(colours, shapes)]
+    true = ["a red circle", "a blue square", "a green triangle"]
+    edits = ["a green circle", "a red square", "a blue triangle"]
+    for n in (1, 2):
+        lm = NgramLM(balanced, n)
+        logp = lambda texts, lm=lm: torch.tensor([lm.logp(t) for t in texts])  # noqa: E731
+        assert float(preference(logp(true), logp(edits)).mean()) == 0.5  # every colour equally likely: ties
+    swapped = ["a small blue circle left of a large red square"]
+    original = ["a small red circle left of a large blue square"]
+    bow = NgramLM(original + swapped, 1)
+    assert bow.logp(original[0]) == bow.logp(swapped[0])  # a bag of words cannot tell a swap
+    skewed = NgramLM(["a red circle"] * 10 + ["a blue square"] * 10, 2)
+    assert skewed.logp("a red circle") > skewed.logp("a blue circle")  # the prior alone "solves" it: biased
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Captioning-world shards (train, held-out, minimal pairs) and a tiny random backbone."""
+    root = tmp_path_factory.mktemp("world")
+    scenes.write_world(root / "raw", train=40, heldout=24, seed=0, progress=False)
+    scenes.write_minimal_pairs(root / "raw" / "pairs", pairs=6, seed=1)
+    out = {}
+    for split in ("train", "heldout", "pairs"):
+        build_shards(root / "raw" / split, root / split, samples_per_shard=16, image_size=32)
+        out[split] = root / split
+    out["backbone"] = random_backbone("tiny.yaml", root / "backbone")
+    return out
+
+
+def test_per_category_figures_equal_a_hand_count(world: dict[str, Path]) -> None:
+    result = compositional_eval(str(world["backbone"]), str(world["heldout"]), str(world["train"]))
+    image = result["media"]["image"]
+    assert result["samples"] == {"read": 24, "evaluated": 24, "skipped": {}}
+    backbone = load_backbone(world["backbone"])
+    from accord.shards.read import shard_items
+
+    items = list(shard_items(str(world["heldout"]), with_json=True))
+    train = [i["text"].strip() for i in shard_items(str(world["train"]))]
+    vocab = Vocabulary.from_captions(train + [i["text"].strip() for i in items])
+    with torch.no_grad():
+        for category, got in image["categories"].items():
+            wins, seen_wins, n_seen = [], [], 0
+            for item in items:
+                edit = negatives(vocab, item["text"].strip(), key=item["id"]).get(category)
+                if edit is None:
+                    continue
+                medium = backbone.embed("image", [item["image"]])[0]
+                cos_true = float(medium @ backbone.embed("text", [item["text"].strip()])[0])
+                cos_edit = float(medium @ backbone.embed("text", [edit])[0])
+                wins.append(1.0 if cos_true > cos_edit else 0.5 if cos_true == cos_edit else 0.0)
+                if not json.loads(item["json"])["held_out"]:
+                    n_seen += 1
+                    seen_wins.append(wins[-1])
+            assert got["n"] == len(wins), category
+            assert got["scores"]["cosine"]["all"] == pytest.approx(sum(wins) / len(wins), abs=1e-6), category
+            assert got["scores"]["cosine"]["unseen"] == pytest.approx(sum(wins) / len(wins), abs=1e-6)  # held out
+            assert got["scores"]["cosine"]["seen"] is None and n_seen == 0
+            assert set(got["blind"]) == {"bag of words", "bigram"} and "text_probe_cos" in got
+            if category.startswith("swap"):
+                assert got["same_bag_of_words"] == 1.0 and got["blind"]["bag of words"] == 0.5
+    assert {"replace colour", "replace shape", "replace size"} <= set(image["categories"])
+
+
+def test_winoground_groups_by_hand(world: dict[str, Path]) -> None:
+    result = compositional_eval(str(world["backbone"]), str(world["pairs"]), str(world["train"]))
+    groups = result["media"]["image"]["winoground"]
+    assert groups["pairs"] == 6
+    from accord.shards.read import shard_items
+
+    backbone = load_backbone(world["backbone"])
+    by_pair: dict[str, list[dict]] = {}
+    for item in shard_items(str(world["pairs"]), with_json=True):
+        by_pair.setdefault(json.loads(item["json"])["pair"], []).append(item)
+    text = image = group = 0
+    with torch.no_grad():
+        for a, b in by_pair.values():
+            ia, ib = backbone.embed("image", [a["image"], b["image"]])
+            ta, tb = backbone.embed("text", [a["text"].strip(), b["text"].strip()])
+            t_ok = bool(ia @ ta > ia @ tb) and bool(ib @ tb > ib @ ta)
+            i_ok = bool(ia @ ta > ib @ ta) and bool(ib @ tb > ia @ tb)
+            text, image, group = text + t_ok, image + i_ok, group + (t_ok and i_ok)
+    assert groups["cosine"] == {"text": text / 6, "image": image / 6, "group": group / 6}
+
+
+def test_the_command_writes_its_table_and_plot_and_refuses_bad_inputs(
+    world: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["--backbone", str(world["backbone"]), "--data", str(world["heldout"]), "--compositional"]
+    assert main_eval([*argv, "--train-data", str(world["train"]), "--out", str(tmp_path / "out")]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["media"]["image"]["n"] == 24
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {
+        "compositional.json",
+        "compositional.md",
+        "compositional.png",
+    }
+    table = (tmp_path / "out" / "compositional.md").read_text()
+    assert "| replace shape" in table and "blind: bigram" in table
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main_eval(["--backbone", str(world["backbone"]), "--data", str(empty), "--compositional"]) == 2
+    assert "no sample with a caption and one medium" in capsys.readouterr().err
