@@ -1,6 +1,6 @@
 # Developer entry points; `make ci` is what .ci/run runs on a clean clone.
 PY := .venv/bin/python
-.PHONY: setup lint format typecheck test-quick test demo ci
+.PHONY: setup lint format typecheck test-quick test demo ci config-reference
 
 setup:  ## apt packages, .venv, accord (editable) with its dev tools
 	bash launch/setup.sh
@@ -22,6 +22,9 @@ test-quick:  ## everything in-process (no launcher, no ranks, no commands): unde
 
 test:  ## the whole suite (under 20 minutes on 2 cores)
 	$(PY) -m pytest -q tests
+
+config-reference:  ## rewrite the README's config reference from accord train --print-config
+	$(PY) .ci/config_reference.py
 
 demo:  ## the whole chain on embedded data (about 4 minutes on 2 cores)
 	.venv/bin/accord demo

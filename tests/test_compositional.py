@@ -213,3 +213,21 @@ def test_the_command_writes_its_table_and_plot_and_refuses_bad_inputs(
     empty.mkdir()
     assert main_eval(["--backbone", str(world["backbone"]), "--data", str(empty), "--compositional"]) == 2
     assert "no sample with a caption and one medium" in capsys.readouterr().err
+
+
+def test_the_experiment_summarises_seeds_as_mean_and_std(world: dict[str, Path]) -> None:
+    from accord.experiments.compositional import markdown, summarise
+
+    runs = [
+        compositional_eval(str(world["backbone"]), str(world[split]), str(world["train"])) for split in ("heldout",)
+    ]
+    runs[0]["media"]["image"]["winoground"] = compositional_eval(
+        str(world["backbone"]), str(world["pairs"]), str(world["train"])
+    )["media"]["image"]["winoground"]
+    table = summarise(runs + runs)  # two identical "seeds": the mean is the figure, the spread 0
+    colour = runs[0]["media"]["image"]["categories"]["replace colour"]
+    assert table["replace colour"]["cosine"] == (colour["scores"]["cosine"]["all"], 0.0)
+    assert table["replace colour"]["blind: bigram"] == (colour["blind"]["bigram"], 0.0)
+    assert table["Winoground-style group"]["cosine"][1] == 0.0
+    md = markdown(table, [0, 1])
+    assert "| replace colour |" in md and "+- 0.000" in md and "seeds [0, 1]" in md

@@ -64,4 +64,4 @@ def test_readme_config_reference_is_the_print_config_output() -> None:
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"<!-- config-reference[^>]*-->\n(.*?)<!-- /config-reference -->", readme, re.S)
     assert block is not None, "README.md has no config-reference block"
-    assert block.group(1) == reference(TrainConfig), "regenerate it: accord train --print-config"
+    assert block.group(1) == reference(TrainConfig), "regenerate it: make config-reference"

@@ -37,6 +37,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
             f"eval.zeroshot.classes={tmp_path / 'classes.txt'}",
             "eval.zeroshot.modality=image",
             f"eval.zeroshot.templates={tmp_path / 'templates.txt'}",
+            "eval.compositional.max_samples=100",
         ]
         if stage == 3
         else []
@@ -114,6 +115,20 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
         for k in ("top1", "top5", "mean_per_class_recall"):
             assert logged.pop(f"zeroshot/image/{k}") == pytest.approx(zs[k], abs=1e-6), k
         assert zs["top1"] > 0.5, zs  # trained on "a red picture": colours are classified well above chance (1/6)
+        # and its compositional figures: those of `accord eval --compositional` on the export (same samples, every
+        # rank scoring all of them under ZeRO-3)
+        from accord.evaluation.compositional import compositional_eval
+
+        comp = compositional_eval(str(backbone), str(shards), str(shards))
+        expected = {
+            f"compositional/{m}/{c}/cosine": v["scores"]["cosine"]["all"]
+            for m, res in comp["media"].items()
+            for c, v in res["categories"].items()
+        }
+        got = {k: logged.pop(k) for k in list(logged) if k.startswith("compositional/")}
+        assert got.keys() == expected.keys() and "compositional/image/replace colour/cosine" in got
+        for k, v in expected.items():
+            assert got[k] == pytest.approx(v, abs=1e-6), k
     assert exported.keys() == logged.keys()
     for k, v in logged.items():
         assert exported[k] == pytest.approx(v, abs=1e-6), k

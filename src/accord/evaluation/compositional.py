@@ -60,10 +60,13 @@ class Item:
     pair: str | None  # Winoground-style minimal pair id
 
 
-def read_items(data: str, skipped: Counter[str]) -> list[Item]:
-    """The samples of ``data`` with a caption and one medium; the others counted in ``skipped`` by reason."""
-    items = []
+def read_items(data: str, skipped: Counter[str], limit: int | None = None) -> list[Item]:
+    """The samples of ``data`` with a caption and one medium (the first ``limit`` of them); the others counted in
+    ``skipped`` by reason."""
+    items: list[Item] = []
     for raw in shard_items(data, with_json=True):
+        if limit is not None and len(items) >= limit:
+            break
         if raw.get("error"):
             skipped["unreadable"] += 1
             continue

@@ -17,6 +17,7 @@ EXPERIMENTS = {
     "fusion": "accord.experiments.fusion",
     "captioning": "accord.experiments.captioning",
     "recipes": "accord.experiments.recipes",
+    "compositional": "accord.experiments.compositional",
 }
 
 

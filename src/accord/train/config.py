@@ -127,6 +127,22 @@ class ZeroShotConfig:
 
 
 @dataclass
+class CompositionalConfig:
+    """Compositional evaluation of data.val in every evaluation (``accord.evaluation.compositional``): each caption
+    against its one-edit negatives per category, beside blind text-only baselines. data.val and data.train must be
+    shard folders."""
+
+    train_captions: int = 10000
+    """Captions of data.train read once at start: the negatives' vocabulary and the blind baselines' training text."""
+    max_samples: int | None = 2000
+    """Evaluate on at most this many samples of data.val (every rank scores the same ones)."""
+
+    def validate(self, prefix: str = "") -> None:
+        if self.train_captions < 0 or (self.max_samples is not None and self.max_samples < 1):
+            raise ConfigError(f"{prefix}.train_captions / {prefix}.max_samples: must be >= 0 / >= 1")
+
+
+@dataclass
 class EvalConfig:
     """Periodic evaluation on ``data.val`` (``accord.train.validate``)."""
 
@@ -136,6 +152,8 @@ class EvalConfig:
     """Evaluate on at most this many samples (all ranks)."""
     zeroshot: ZeroShotConfig | None = None
     """Zero-shot classification besides retrieval."""
+    compositional: CompositionalConfig | None = None
+    """Compositional evaluation (captions against their one-edit negatives) besides retrieval."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
@@ -185,6 +203,11 @@ class TrainConfig:
             raise ConfigError("data.train: no training shards given")
         if "text" in self.model.towers and not self.data.text.tokenizer:
             raise ConfigError("data.text.tokenizer: the text tower needs a local tokenizer directory")
+        if self.eval.compositional is not None:
+            if "text" not in self.model.towers:
+                raise ConfigError("eval.compositional: needs a text tower (captions are text)")
+            if self.data.val is None:
+                raise ConfigError("eval.compositional: needs data.val (the samples to evaluate)")
         zeroshot = self.eval.zeroshot
         if zeroshot is not None:
             media = [m for m in self.model.towers if m != "text"]
