@@ -1,6 +1,6 @@
 """Rewrite the README's config reference (between its config-reference markers) from `accord train --print-config`.
 
-    make config-reference
+make config-reference
 """
 
 import re
