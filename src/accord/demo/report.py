@@ -118,7 +118,7 @@ def _compositional_section(out: Path, result: dict[str, Any] | None) -> str:
     return (
         "<h2>Compositional: each caption against its one-edit negatives</h2><p>The share of held-out samples whose "
         "own caption scores above the same caption with one thing made false (0.5: the score cannot tell). Blind "
-        "models see only the text (trained on the training captions); '(biased)': the text alone decides. The text "
+        "models see only the text (trained on the training captions); '(biased)': the text alone solves it. The text "
         "tower column is the cosine of the two captions' features before the projection: near 1, the projection "
         f'has nothing to separate.</p><img src="data:image/png;base64,{plot}" width=900>{tables}'
     )

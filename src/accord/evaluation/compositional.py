@@ -12,10 +12,10 @@ direction or a tone's pitch or rhythm). Reported per medium and category, for ev
   all samples and split into combinations seen and not seen in training (the sample json's ``held_out``: a list of
   held-out parts or a bool);
 - **blind baselines** (:mod:`accord.evaluation.blind`): the same preference by text-only models trained on the
-  training captions; a category where one is more than 0.03 from 0.5 is flagged ``biased``: the text alone tells
-  which caption is the true one (above 0.5) or the edit (below, e.g. a shorter caption is likelier), so the
-  score's figure there measures language priors as much as the medium; and the share of edits that keep the bag of
-  words identical;
+  training captions; a category where one beats 0.5 by more than 0.03 is flagged ``biased`` (the text alone solves
+  it: the score's figure there measures language priors as much as the medium), one more than 0.03 below 0.5
+  ``against_prior`` (the training text makes the edit likelier: combinations held out of training, or a shorter
+  edit); and the share of edits that keep the bag of words identical;
 - a **text-tower probe**: mean and std of cos(text(caption), text(negative)) on the text tower's pooled features
   before the projection, so a user sees when the text side cannot tell the two apart;
 - **Winoground-style groups** where two samples share a json ``pair`` id (two media, two captions that differ in
@@ -264,7 +264,8 @@ def _category(
         name: float(preference(torch.tensor(list(map(lm.logp, true))), torch.tensor(list(map(lm.logp, edited)))).mean())
         for name, lm in blind.items()
     }
-    entry["biased"] = sorted(name for name, v in entry["blind"].items() if abs(v - 0.5) > BIAS)
+    entry["biased"] = sorted(name for name, v in entry["blind"].items() if v > 0.5 + BIAS)
+    entry["against_prior"] = sorted(name for name, v in entry["blind"].items() if v < 0.5 - BIAS)
     entry["same_bag_of_words"] = sum(map(same_bag_of_words, true, edited)) / len(true)
     probe = _probe(backbone, list(zip(true, edited, strict=True)), batch_size)
     if probe:
@@ -320,7 +321,8 @@ def markdown(result: dict[str, Any]) -> str:
             def fmt(v: float | None) -> str:
                 return "-" if v is None else f"{v:.3f}"
 
-            cells = [category + (" (biased)" if c["biased"] else ""), str(c["n"])]
+            flag = " (biased)" if c["biased"] else " (prior favours the edit)" if c.get("against_prior") else ""
+            cells = [category + flag, str(c["n"])]
             cells += [" / ".join(fmt(c["scores"][n][k]) for k in ("all", "seen", "unseen")) for n in names]
             cells += [fmt(c["blind"].get(b)) for b in blind]
             cells.append(f"{c['same_bag_of_words']:.2f}")
@@ -341,7 +343,9 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append("")
     lines.append(
         f"Preference for the true caption over its edit (0.5 = blind). Blind baselines: "
-        f"{result['blind_baselines']}; '(biased)': a blind model is more than {BIAS} from 0.5 (the text alone decides)."
+        f"{result['blind_baselines']}; '(biased)': a blind model beats 0.5 by more than {BIAS} (the text alone "
+        "solves it); '(prior favours the edit)': a blind model is more than that below 0.5 (the training text makes "
+        "the edit likelier, as for combinations held out of training)."
     )
     return "\n".join(lines) + "\n"
 
