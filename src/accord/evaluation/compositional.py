@@ -136,7 +136,8 @@ class PairScores:
 
 
 class _Captions:
-    """Every distinct caption (true and edited) encoded once by the text tower."""
+    """Every distinct caption (true and edited) encoded once by the text tower: its embedding, and (accord
+    backbones) its token features for the fused score and its pooled features before the projection for the probe."""
 
     def __init__(self, backbone: Backbone | HFClipBackbone, texts: list[str], chunk: int):
         self.index = {t: i for i, t in enumerate(texts)}
@@ -144,24 +145,22 @@ class _Captions:
             if isinstance(backbone, Backbone):
                 self.out: TowerOutput | None = backbone.encode_all("text", texts, chunk)
                 self.emb = self.out.embedding.float()
+                self.pooled: torch.Tensor | None = torch.cat(
+                    [backbone.pooled("text", texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
+                )
             else:
-                self.out = None
+                self.out, self.pooled = None, None
                 self.emb = torch.cat(
                     [backbone.embed("text", texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
                 )
 
 
-def _probe(backbone: Backbone | HFClipBackbone, pairs: list[tuple[str, str]], chunk: int) -> list[float]:
-    """cos(pooled(caption), pooled(negative)) before the projection (accord backbones only)."""
-    if not isinstance(backbone, Backbone) or not pairs:
+def _probe(captions: _Captions, true: list[str], edited: list[str]) -> list[float]:
+    """cos(pooled(caption), pooled(negative)) before the projection (accord backbones only; else empty)."""
+    if captions.pooled is None:
         return []
-    with torch.no_grad():
-        a = torch.cat(
-            [backbone.pooled("text", [p[0] for p in pairs[i : i + chunk]]) for i in range(0, len(pairs), chunk)]
-        )
-        b = torch.cat(
-            [backbone.pooled("text", [p[1] for p in pairs[i : i + chunk]]) for i in range(0, len(pairs), chunk)]
-        )
+    a = captions.pooled[torch.tensor([captions.index[t] for t in true])]
+    b = captions.pooled[torch.tensor([captions.index[e] for e in edited])]
     return F.cosine_similarity(a, b, dim=-1).tolist()
 
 
@@ -230,7 +229,7 @@ def evaluate_items(
         for category in CATEGORIES:
             chosen = [r for r in rows if category in edits.get(items[r].key, {})]
             if chosen:
-                per_category[category] = _category(backbone, items, chosen, edits, category, scores, blind, batch_size)
+                per_category[category] = _category(items, chosen, edits, category, scores, captions, blind)
         result["media"][medium] = {
             "n": len(rows),
             "categories": per_category,
@@ -242,14 +241,13 @@ def evaluate_items(
 
 
 def _category(
-    backbone: Backbone | HFClipBackbone,
     items: list[Item],
     chosen: list[int],
     edits: dict[str, dict[str, str]],
     category: str,
     scores: PairScores,
+    captions: _Captions,
     blind: dict[str, NgramLM],
-    batch_size: int,
 ) -> dict[str, Any]:
     """One category's figures over the samples ``chosen`` (rows of ``items``)."""
     true = [items[r].caption for r in chosen]
@@ -267,7 +265,7 @@ def _category(
     entry["biased"] = sorted(name for name, v in entry["blind"].items() if v > 0.5 + BIAS)
     entry["against_prior"] = sorted(name for name, v in entry["blind"].items() if v < 0.5 - BIAS)
     entry["same_bag_of_words"] = sum(map(same_bag_of_words, true, edited)) / len(true)
-    probe = _probe(backbone, list(zip(true, edited, strict=True)), batch_size)
+    probe = _probe(captions, true, edited)
     if probe:
         entry["text_probe_cos"] = {"mean": statistics.fmean(probe), "std": statistics.pstdev(probe)}
     return entry

@@ -174,15 +174,21 @@ class Tower(nn.Module):
             return {"input_values": inputs["features"]}, None
         return {"input_features": inputs["features"].transpose(1, 2)}, None  # whisper: [B, n_mels, T]
 
-    def pooled(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The backbone's pooled features [B, W] before the projection (what a probe of the backbone reads)."""
-        kwargs, mask = self._backbone_inputs(inputs)
+    def _features(
+        self, inputs: dict[str, torch.Tensor], kwargs: dict[str, torch.Tensor], mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features [B, W] before the projection and the token features [B, L, W] (video: every frame's)."""
         text_mask = {"attention_mask": mask} if mask is not None else {}
         pooled, tokens = self._run(mask, **kwargs, **text_mask)
         if self.temporal is not None:
             b, t = inputs["pixel_values"].shape[:2]
-            pooled, _ = self.temporal(pooled.view(b, t, -1), tokens.view(b, t, tokens.shape[1], -1))
-        return pooled
+            pooled, tokens = self.temporal(pooled.view(b, t, -1), tokens.view(b, t, tokens.shape[1], -1))
+        return pooled, tokens
+
+    def pooled(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone's pooled features [B, W] before the projection (what a probe of the backbone reads)."""
+        kwargs, mask = self._backbone_inputs(inputs)
+        return self._features(inputs, kwargs, mask)[0]
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
         kwargs, mask = self._backbone_inputs(inputs)
@@ -195,11 +201,7 @@ class Tower(nn.Module):
                 empty,
                 torch.ones(empty.shape[:2], dtype=torch.bool, device=pooled.device),
             )
-        text_mask = {"attention_mask": mask} if mask is not None else {}
-        pooled, tokens = self._run(mask, **kwargs, **text_mask)
-        if self.temporal is not None:
-            b, t = inputs["pixel_values"].shape[:2]
-            pooled, tokens = self.temporal(pooled.view(b, t, -1), tokens.view(b, t, tokens.shape[1], -1))
+        pooled, tokens = self._features(inputs, kwargs, mask)
         if mask is None:
             mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
         return TowerOutput(F.normalize(self.proj(pooled), dim=-1), tokens, mask.to(torch.bool))
