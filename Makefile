@@ -1,4 +1,4 @@
-# Developer entry points; `make ci` is what .ci/run runs on a clean clone.
+# Developer entry points; `make ci` runs what .ci/run runs (the README's test command) on a clean clone.
 PY := .venv/bin/python
 .PHONY: setup lint format typecheck test-quick test demo ci config-reference
 
