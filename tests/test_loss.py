@@ -13,7 +13,7 @@ from accord.losses import ContrastiveLoss, LossConfig
 from accord.models.model import ModelOutput
 
 from helpers.procs import ENV, WORKERS, torchrun
-from helpers.tiny import VARIANTS, global_batch, run, tiny_model
+from helpers.tiny import VARIANTS, run, tiny_model, variant_batch
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -36,7 +36,7 @@ def two_rank_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_two_ranks_equal_one_process(two_rank_results: dict, variant: tuple) -> None:
     dist_res = two_rank_results[variant]
     model = tiny_model(init_logit_bias=-10.0)
-    ref = run(model, variant, global_batch(variant[2]))
+    ref = run(model, variant, variant_batch(variant))
     assert rel_err(dist_res["loss"], ref["loss"]) < 1e-5
     for m, g in ref["features"].items():
         assert rel_err(dist_res["features"][m], g) < 1e-5, m
@@ -46,6 +46,11 @@ def test_two_ranks_equal_one_process(two_rank_results: dict, variant: tuple) -> 
         checked += int(g.abs().sum() > 0)
     # Towers, projections and temperatures all received real (non-zero) gradients.
     assert checked > 0.8 * len(ref["params"]) - 8
+    if variant[4] is not None:  # the negatives are columns that matter, and their embeddings take gradient
+        grad = ref["features"]["text_negatives"]
+        assert grad[variant_batch(variant)["text_negatives"]["present"]].abs().sum(dim=-1).min() > 0
+        plain = run(model, (*variant[:4], None), variant_batch(variant))
+        assert abs(plain["loss"].item() - ref["loss"].item()) > 1e-3
     kind = variant[0]
     for pair in ("text-image", "text-video", "text-audio"):
         assert ref["params"][f"logit_scale.{pair}"].abs().sum() > 0

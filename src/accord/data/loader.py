@@ -25,6 +25,7 @@ from typing import Any
 from torch.utils.data import DataLoader
 
 from accord.data.config import DataConfig
+from accord.data.negatives import NegativeSampler
 from accord.data.shardlists import expand_sources
 from accord.data.stream import ShardStream, rank_and_world
 from accord.data.transforms import SampleDecoder
@@ -65,6 +66,7 @@ class Loader:
         rank: int | None = None,
         world: int | None = None,
         label_key: str | None = None,
+        negatives: NegativeSampler | None = None,
     ):
         spec = spec or (cfg.train if train else cfg.val)
         if not spec:
@@ -72,7 +74,7 @@ class Loader:
         if rank is None or world is None:
             rank, world = rank_and_world()
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.decoder = SampleDecoder(cfg, modalities, train, label_key)
+        self.decoder = SampleDecoder(cfg, modalities, train, label_key, negatives)
         self.dataset = ShardStream(
             expand_sources(spec), cfg, self.decoder, train, rank, world, cfg.weights if train else None
         )

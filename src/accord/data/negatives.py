@@ -252,3 +252,19 @@ def negatives(vocab: Vocabulary, caption: str, key: str = "") -> dict[str, str]:
             rng = random.Random(zlib.crc32(f"{key}/{category}".encode()))
             out[category] = valid[rng.randrange(len(valid))]
     return out
+
+
+@dataclass(frozen=True)
+class NegativeSampler:
+    """Draws a caption's hard negatives for training: up to ``per_caption`` edits, each of another category of
+    ``types``, the categories and edits chosen by ``rng`` (the loader's per-sample generator: another draw each
+    epoch, the same on a resume)."""
+
+    vocab: Vocabulary
+    types: tuple[str, ...]
+    per_caption: int
+
+    def __call__(self, caption: str, rng: random.Random) -> list[str]:
+        options = negatives(self.vocab, caption, key=f"{rng.getrandbits(64):016x}")
+        allowed = [c for c in self.types if c in options]
+        return [options[c] for c in rng.sample(allowed, min(self.per_caption, len(allowed)))]

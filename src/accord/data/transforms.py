@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from accord.data.config import AudioConfig, DataConfig, ImageConfig, VideoConfig
 from accord.data.decode import decode_audio, decode_image, decode_video, uniform_indices
+from accord.data.negatives import NegativeSampler
 from accord.modalities import member_of
 from accord.resources import resolve_local_dir
 
@@ -150,9 +151,17 @@ def audio_features(wav: torch.Tensor, rate: int, cfg: AudioConfig, train: bool, 
 class SampleDecoder:
     """Turns one raw webdataset sample (``{"__key__", "txt", "jpg", ...}``) into model inputs per modality."""
 
-    def __init__(self, cfg: DataConfig, modalities: tuple[str, ...], train: bool, label_key: str | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        modalities: tuple[str, ...],
+        train: bool,
+        label_key: str | None = None,
+        negatives: NegativeSampler | None = None,
+    ):
         self.cfg, self.modalities, self.train = cfg, modalities, train
         self.label_key = label_key  # a field of the sample's json passed on as its label (None where absent)
+        self.negatives = negatives  # draws each caption's hard negatives (tokenized as ``text_negatives``)
         self._tokenizer: Any = None
         if "text" in modalities and not cfg.text.tokenizer:
             raise ValueError("data.text.tokenizer: a local tokenizer directory is needed to load text")
@@ -190,6 +199,16 @@ class SampleDecoder:
                 raise BadSample(f"undecodable {modality}") from e
         if not set(out) - {"__key__", "label", "text"}:
             raise BadSample("none of the trained media", bad=False)
+        if self.negatives is not None and "text" in out:  # drawn last: the media's random crops stay the same
+            edits = self.negatives(text, rng)
+            out["text_negatives"] = (
+                [
+                    torch.tensor(ids, dtype=torch.long)
+                    for ids in self.tokenizer(edits, truncation=True, max_length=self.cfg.text.max_length)["input_ids"]
+                ]
+                if edits
+                else []
+            )
         return out
 
     def _decode(self, modality: str, data: bytes, rng: random.Random) -> torch.Tensor:
@@ -227,6 +246,20 @@ def sample_label(meta: bytes | None, key: str) -> Any:
     return value.get(key) if isinstance(value, dict) else None
 
 
+def collate_negatives(samples: list[dict[str, Any]], k: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Each sample's caption negatives as ``input_ids`` / ``attention_mask`` [B, k, L] and ``present`` [B, k]
+    (a caption that allows fewer than k has the rest absent)."""
+    rows = [s.get("text_negatives", []) for s in samples]
+    longest = max((len(t) for r in rows for t in r), default=1)
+    ids = torch.full((len(samples), k, longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), k, longest), dtype=torch.long)
+    present = torch.zeros((len(samples), k), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        for j, t in enumerate(r[:k]):
+            ids[i, j, : len(t)], mask[i, j, : len(t)], present[i, j] = t, 1, True
+    return {"input_ids": ids, "attention_mask": mask, "present": present}
+
+
 INPUT_NAMES = {"image": "pixel_values", "video": "pixel_values", "audio": "features"}
 
 
@@ -249,6 +282,8 @@ def collate(samples: list[dict[str, Any]], decoder: SampleDecoder, pad_id: int =
                     ids[i, : len(s["text"])] = s["text"]
                     mask[i, : len(s["text"])] = 1
             batch["text"] = {"input_ids": ids, "attention_mask": mask}
+            if decoder.negatives is not None:
+                batch["text_negatives"] = collate_negatives(samples, decoder.negatives.per_caption, pad_id)
         else:
             stacked = torch.stack([s[modality] if modality in s else decoder.placeholder(modality) for s in samples])
             batch[modality] = {INPUT_NAMES[modality]: stacked}

@@ -97,33 +97,62 @@ class WorldPlan:
 PLANS = {"quick": WorldPlan(400, 48, 3, 4, 1), "full": WorldPlan(3000, 300, 8, 15, 4)}
 
 
-def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Path, Path, Path]:
-    """Render the captioning world, build its shards, train and export the backbone (reused when ``out`` holds one
-    built with the same plan and seed). Returns (backbone, train shards, held-out shards)."""
-    stamp = json.dumps({"plan": plan.__dict__, "seed": seed})
-    backbone, shards = out / "backbone", out / "shards"
+def build_world(out: Path, plan: WorldPlan, seed: int) -> tuple[Path, Path]:
+    """Render the captioning world and build its shards (reused when ``out`` holds the same plan and seed).
+    Returns (train shards, held-out shards)."""
+    stamp = json.dumps({"train": plan.train, "heldout": plan.heldout, "seed": seed})
+    shards = out / "shards"
+    if not ((out / "world.json").exists() and (out / "world.json").read_text() == stamp):
+        write_world(out / "raw", plan.train, plan.heldout, seed=seed)
+        # at least 3 shards per split: 2 ranks (x 1 loader worker) each need one in finite mode
+        build_shards(out / "raw" / "train", shards / "train", samples_per_shard=min(250, math.ceil(plan.train / 4)))
+        build_shards(
+            out / "raw" / "heldout", shards / "heldout", samples_per_shard=min(100, math.ceil(plan.heldout / 3))
+        )
+        (out / "world.json").write_text(stamp)
+    return shards / "train", shards / "heldout"
+
+
+def train_backbone(
+    out: Path, train: Path, heldout: Path, plan: WorldPlan, seed: int, port: int, overrides: tuple[str, ...] = ()
+) -> Path:
+    """Train the world's backbone (``configs/captioning_world.yaml`` + ``overrides``) into ``out/run`` and export
+    it to ``out/backbone`` (reused when ``out`` holds one trained the same way). Returns the backbone."""
+    stamp = json.dumps({"epochs": plan.backbone_epochs, "seed": seed, "data": str(train), "overrides": overrides})
+    backbone = out / "backbone"
     if (out / "plan.json").exists() and (out / "plan.json").read_text() == stamp and backbone.exists():
-        print(f"reusing the world and backbone in {out}", flush=True)
-        return backbone, shards / "train", shards / "heldout"
+        print(f"reusing the backbone in {out}", flush=True)
+        return backbone
     t = time.perf_counter()
-    write_world(out / "raw", plan.train, plan.heldout, seed=seed)
-    # at least 3 shards per split: 2 ranks (x 1 loader worker) each need one in finite mode
-    build_shards(out / "raw" / "train", shards / "train", samples_per_shard=min(250, math.ceil(plan.train / 4)))
-    build_shards(out / "raw" / "heldout", shards / "heldout", samples_per_shard=min(100, math.ceil(plan.heldout / 3)))
     print(f"training the backbone on {plan.train} scenes (2 CPU ranks, {plan.backbone_epochs} epochs)", flush=True)
     launch_training(
-        shards / "train",
-        shards / "heldout",
+        train,
+        heldout,
         out / "run",
         plan.backbone_epochs,
         port,
         config="captioning_world.yaml",
-        overrides=(f"seed={seed}", f"data.seed={seed}", "data.batch_size=32", "optim.lr=2e-3", "optim.warmup_steps=20"),
+        overrides=(
+            f"seed={seed}",
+            f"data.seed={seed}",
+            "data.batch_size=32",
+            "optim.lr=2e-3",
+            "optim.warmup_steps=20",
+            *overrides,
+        ),
     )
     export_backbone(out / "run", backbone)
+    (out / "train_seconds").write_text(f"{time.perf_counter() - t:.1f}\n")
     (out / "plan.json").write_text(stamp)
-    print(f"world ready in {time.perf_counter() - t:.0f} s", flush=True)
-    return backbone, shards / "train", shards / "heldout"
+    print(f"backbone ready in {time.perf_counter() - t:.0f} s", flush=True)
+    return backbone
+
+
+def prepare_world(out: Path, plan: WorldPlan, seed: int, port: int) -> tuple[Path, Path, Path]:
+    """The captioning world's shards and its backbone trained with the shipped config (both reused when ``out``
+    holds them). Returns (backbone, train shards, held-out shards)."""
+    train, heldout = build_world(out, plan, seed)
+    return train_backbone(out, train, heldout, plan, seed, port), train, heldout
 
 
 def read_items(shards: str, modality: str) -> list[dict[str, Any]]:

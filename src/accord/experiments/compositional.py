@@ -1,12 +1,19 @@
 """``accord experiment compositional``: what the captioning world's consistency score sees, per kind of edit.
 
     accord experiment compositional [--quick] [--seeds 0 1 2] [--out DIR]
+    accord experiment compositional --recipes all [--quick] [--seeds 0 1 2]     # the recipe study (docs/recipes.md)
 
 Per seed it builds the captioning world and trains its backbone (as ``accord experiment captioning`` does, reusing
 a world built with the same plan and seed), renders Winoground-style minimal pairs of held-out scenes, and runs the
 compositional evaluation (:mod:`accord.evaluation.compositional`) on the held-out scenes and on the pairs, with the
 blind baselines trained on the world's training captions. Writes ``OUT/compositional.md`` and ``.json`` (mean +-
 std over seeds per category and score) and each seed's own report under ``OUT/seed<S>/``.
+
+With ``--recipes`` it trains one backbone per recipe (:data:`RECIPES`: text tower frozen or cut-and-tuned, with or
+without hard negatives, of all types or of :data:`TRAINED_TYPES` only, image tower size) on each seed's world and
+compares them: per category on held-out scenes, the Winoground-style group, held-out retrieval R@1 and training
+time, mean +- std over seeds (``OUT/recipes.md``, ``.json``, ``.png``), and names the recipe that wins on
+:data:`CRITERION`.
 """
 
 from __future__ import annotations
@@ -20,27 +27,186 @@ from typing import Any
 
 from tqdm import tqdm
 
-from accord.errors import command
+from accord.errors import InputError, command
 from accord.evaluation.compositional import compositional_eval, write
-from accord.experiments.captioning import PLANS, prepare_world
+from accord.evaluation.plots import pyplot
+from accord.experiments.captioning import PLANS, build_world, prepare_world, train_backbone
 from accord.pipeline import build_shards
 from accord.worlds.scenes import write_minimal_pairs
 
 PAIRS = {"quick": 24, "full": 150}
 
+CUT = ("model.towers.text.unfreeze_last_n=2", "model.towers.text.lr_scale=0.1")
+FROZEN = ("model.towers.text.unfreeze_last_n=null",)
+NO_NEGATIVES = ("loss.hard_negatives=null",)
+ALL_NEGATIVES = ("loss.hard_negatives={per_caption: 2}",)
+TRAINED_TYPES = ("replace colour", "replace shape", "replace relation")  # the others are unseen in training
+SOME_NEGATIVES = (f"loss.hard_negatives={{per_caption: 2, types: [{', '.join(TRAINED_TYPES)}]}}",)
+LARGER_VIT = (
+    "model.towers.image.hf={image_size: 64, patch_size: 8, hidden_size: 128, num_hidden_layers: 6, "
+    "num_attention_heads: 4, intermediate_size: 256}",
+)
+# name -> overrides of configs/captioning_world.yaml; each states the text tower and the negatives itself
+RECIPES: dict[str, tuple[str, ...]] = {
+    "frozen": (*FROZEN, *NO_NEGATIVES),
+    "frozen + negatives": (*FROZEN, *ALL_NEGATIVES),
+    "cut 2": (*CUT, *NO_NEGATIVES),
+    "cut 2 + negatives": (*CUT, *ALL_NEGATIVES),
+    "cut 2 + negatives of 3 types": (*CUT, *SOME_NEGATIVES),
+    "cut 2 + negatives, larger ViT": (*CUT, *ALL_NEGATIVES, *LARGER_VIT),
+}
+TARGETS = (
+    "replace shape",
+    "replace size",
+    "replace relation",
+    "swap arguments",
+    "swap binding",
+    "replace colour",
+    "Winoground-style group",
+)
+BASELINE = "frozen"
+CRITERION = (
+    f"the highest mean cosine figure over {', '.join(TARGETS)} (held-out scenes, mean over seeds), among the recipes "
+    f"whose held-out retrieval R@1 is at most 0.01 below the '{BASELINE}' recipe's"
+)
 
-def run_seed(out: Path, plan_name: str, seed: int, port: int) -> dict[str, Any]:
-    """The world, backbone and evaluation of one seed; the evaluation's result (with the pairs' groups)."""
-    backbone, train, heldout = prepare_world(out / "world", PLANS[plan_name], seed, port)
-    pairs = out / "world" / "shards" / "pairs"
+
+def minimal_pairs(world: Path, plan_name: str, seed: int) -> Path:
+    """Shards of Winoground-style minimal pairs of held-out scenes (built once per world)."""
+    pairs = world / "shards" / "pairs"
     if not (pairs / "sizes.json").exists():
-        write_minimal_pairs(out / "world" / "raw" / "pairs", PAIRS[plan_name], seed=seed + 1000)
-        build_shards(out / "world" / "raw" / "pairs", pairs, samples_per_shard=100)
+        write_minimal_pairs(world / "raw" / "pairs", PAIRS[plan_name], seed=seed + 1000)
+        build_shards(world / "raw" / "pairs", pairs, samples_per_shard=100)
+    return pairs
+
+
+def evaluate(backbone: Path, heldout: Path, pairs: Path, train: Path, out: Path) -> dict[str, Any]:
+    """The compositional evaluation on the held-out scenes, with the pairs' groups; written to ``out``."""
     result = compositional_eval(str(backbone), str(heldout), str(train))
     groups = compositional_eval(str(backbone), str(pairs), str(train))
     result["media"]["image"]["winoground"] = groups["media"]["image"]["winoground"]
     write(result, out)
     return result
+
+
+def run_seed(out: Path, plan_name: str, seed: int, port: int) -> dict[str, Any]:
+    """The world, backbone and evaluation of one seed; the evaluation's result (with the pairs' groups)."""
+    backbone, train, heldout = prepare_world(out / "world", PLANS[plan_name], seed, port)
+    return evaluate(backbone, heldout, minimal_pairs(out / "world", plan_name, seed), train, out)
+
+
+def final_retrieval(run: Path) -> float:
+    """Held-out R@1 at the run's last evaluation, the mean of text->image and image->text."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = [r for r in rows if "eval/text-image/text->image/R@1" in r][-1]
+    return (last["eval/text-image/text->image/R@1"] + last["eval/text-image/image->text/R@1"]) / 2
+
+
+def run_recipe(out: Path, plan_name: str, seed: int, port: int, recipe: str) -> dict[str, Any]:
+    """One recipe's backbone on one seed's world and its evaluation, with ``retrieval R@1`` and ``train_s``."""
+    plan = PLANS[plan_name]
+    train, heldout = build_world(out / "world", plan, seed)
+    pairs = minimal_pairs(out / "world", plan_name, seed)
+    folder = out / "recipes" / recipe.replace(" ", "_").replace(",", "").replace("+", "and")
+    backbone = train_backbone(folder, train, heldout, plan, seed, port, RECIPES[recipe])
+    result = evaluate(backbone, heldout, pairs, train, folder / "eval")
+    result["retrieval R@1"] = final_retrieval(folder / "run")
+    result["train_s"] = float((folder / "train_seconds").read_text())
+    return result
+
+
+def study_table(by_recipe: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """recipe -> {"summary": summarise(...), "retrieval R@1": (mean, std), "train_s": (mean, std)}."""
+
+    def stats(values: list[float]) -> tuple[float, float]:
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    return {
+        name: {
+            "summary": summarise(results),
+            "retrieval R@1": stats([r["retrieval R@1"] for r in results]),
+            "train_s": stats([r["train_s"] for r in results]),
+        }
+        for name, results in by_recipe.items()
+    }
+
+
+def winner(table: dict[str, dict[str, Any]]) -> tuple[str | None, dict[str, float]]:
+    """The recipe that wins on :data:`CRITERION` and every eligible recipe's target mean."""
+    floor = table[BASELINE]["retrieval R@1"][0] - 0.01 if BASELINE in table else float("-inf")
+    means = {
+        name: statistics.fmean(row["summary"][t]["cosine"][0] for t in TARGETS if t in row["summary"])
+        for name, row in table.items()
+        if row["retrieval R@1"][0] >= floor
+    }
+    return (max(means, key=lambda n: means[n]) if means else None), means
+
+
+def study_markdown(table: dict[str, dict[str, Any]], seeds: list[int]) -> str:
+    names = list(table)
+    cats = [c for c in next(iter(table.values()))["summary"] if c != "Winoground-style group"]
+    lines = [
+        "| category (cosine) | " + " | ".join(names) + " | blind: bag of words | blind: bigram |",
+        "|---" * (len(names) + 3) + "|",
+    ]
+
+    def cell(row: dict[str, Any], category: str, figure: str) -> str:
+        value = row["summary"].get(category, {}).get(figure)
+        return "-" if value is None else f"{value[0]:.3f} +- {value[1]:.3f}"
+
+    first = table[names[0]]
+    for c in [*cats, "Winoground-style group"]:
+        marks = " (trained)" if c in TRAINED_TYPES else ""
+        row = [cell(table[n], c, "cosine") for n in names]
+        lines.append(
+            f"| {c}{marks} | "
+            + " | ".join(row)
+            + f" | {cell(first, c, 'blind: bag of words')} | {cell(first, c, 'blind: bigram')} |"
+        )
+    for label, key, fmt in (
+        ("retrieval R@1 (held-out)", "retrieval R@1", "{:.3f} +- {:.3f}"),
+        ("train time (s)", "train_s", "{:.0f} +- {:.0f}"),
+    ):
+        lines.append(f"| {label} | " + " | ".join(fmt.format(*table[n][key]) for n in names) + " | | |")
+    fused = [n for n in names if "fused" in table[n]["summary"].get("replace colour", {})]
+    if fused:
+        lines += ["", "| category (fused) | " + " | ".join(fused) + " |", "|---" * (len(fused) + 1) + "|"]
+        for c in [*cats, "Winoground-style group"]:
+            lines.append(f"| {c} | " + " | ".join(cell(table[n], c, "fused") for n in fused) + " |")
+    best, means = winner(table)
+    lines += [
+        "",
+        f"Held-out scenes of the captioning world, mean +- std over seeds {seeds}; each recipe trains its own backbone "
+        "on each seed's world. (trained): a category of the negatives that 'negatives of 3 types' trains on.",
+        "",
+        f"Criterion (stated before the study): {CRITERION}. Target means: "
+        + ", ".join(f"{n} {v:.3f}" for n, v in means.items())
+        + f". Winner: **{best}**.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def study_plot(table: dict[str, dict[str, Any]], path: Path) -> None:
+    """Bars per category (cosine, mean over seeds, std as error bars), one colour per recipe; chance at 0.5."""
+    plt = pyplot()
+    names = list(table)
+    cats = list(next(iter(table.values()))["summary"])
+    fig, ax = plt.subplots(figsize=(13, 4))
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        rows = table[name]["summary"]
+        means = [rows.get(c, {}).get("cosine", (float("nan"), 0.0))[0] for c in cats]
+        stds = [rows.get(c, {}).get("cosine", (0.0, 0.0))[1] for c in cats]
+        ax.bar([i + k * width for i in range(len(cats))], means, width, yerr=stds, label=name, capsize=2)
+    ax.axhline(0.5, color="grey", ls="--", lw=0.8)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(cats))], [c.replace(" ", "\n", 1) for c in cats], fontsize=7)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("true caption preferred (cosine)")
+    ax.set_title("captioning world, held-out scenes: recipes")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -103,10 +269,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="the small world (a few minutes a seed)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--port", type=int, default=29601)
+    p.add_argument(
+        "--recipes", nargs="+", default=None, help=f"'all' or some of: {'; '.join(RECIPES)} (the recipe study)"
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     plan = "quick" if args.quick else "full"
+    if args.recipes is not None:
+        names = list(RECIPES) if args.recipes == ["all"] else args.recipes
+        unknown = [n for n in names if n not in RECIPES]
+        if unknown:
+            raise InputError(f"--recipes: unknown recipe {unknown[0]!r} (recipes: {'; '.join(RECIPES)})")
+        runs = [(n, s) for s in args.seeds for n in names]
+        by_recipe: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+        for name, seed in tqdm(runs, desc="recipes x seeds", unit="run"):
+            by_recipe[name].append(run_recipe(out / f"seed{seed}", plan, seed, args.port, name))
+        study = study_table(by_recipe)
+        md = study_markdown(study, args.seeds)
+        best, means = winner(study)
+        (out / "recipes.json").write_text(
+            json.dumps(
+                {"seeds": args.seeds, "plan": plan, "criterion": CRITERION, "winner": best, "recipes": study}, indent=1
+            )
+        )
+        (out / "recipes.md").write_text(md)
+        study_plot(study, out / "recipes.png")
+        print("\n" + md + f"\n{out / 'recipes.md'}")
+        return 0
     results = [run_seed(out / f"seed{s}", plan, s, args.port) for s in tqdm(args.seeds, desc="seeds", unit="seed")]
     table = summarise(results)
     md = markdown(table, args.seeds)

@@ -14,10 +14,17 @@ Two ways to compute the logits:
 
 Masks: a pair (a, b) only uses samples that have both; other rows and columns are dropped from the softmax and the
 mean. ``N_valid`` is the global count of such samples.
+
+Hard negatives (NegCLIP, ``loss.hard_negatives``): each caption's K one-edit negatives are embedded by the text tower
+and appended as N x K extra *columns* of the medium->text logits (every medium row sees every sample's negatives);
+text->medium keeps the real captions only. They are gathered with gradient like the captions, so the argument above
+holds unchanged: a negative is one more column of the same global matrix, and its gradient reaches the rank that
+embedded it. A negative column counts only where its sample is valid for the pair and the negative exists.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -27,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from accord.config import ConfigError
+from accord.data.negatives import CATEGORIES
 from accord.models.config import pair_name
 from accord.models.model import ModelOutput
 
@@ -100,6 +108,42 @@ def _sigmoid_terms(logits: torch.Tensor, labels: torch.Tensor, col_valid: torch.
 
 
 @dataclass
+class HardNegativesConfig:
+    """Typed one-edit negatives of each caption as extra text columns (NegCLIP), from ``accord.data.negatives``."""
+
+    per_caption: int = 1
+    """Negatives per caption, each of another category (fewer where a caption allows fewer)."""
+    types: list[str] = field(default_factory=lambda: list(CATEGORIES))
+    """Categories to draw from (``accord.data.negatives.CATEGORIES``); train on some to test on the others."""
+    weight: float = 1.0
+    """Each negative counts ``weight`` times: exp(logit) x weight in the softmax denominator (1: NegCLIP), the
+    sigmoid loss's term of a negative x weight."""
+    match: bool = True
+    """With a fusion head: its matching loss also scores (caption negative, medium) as a non-match, beside the
+    mined negatives."""
+    vocabulary: str | None = None
+    """Where the words of each class come from: a shard folder or a text file of captions (one per line); default
+    ``data.train`` (then a folder)."""
+    vocabulary_captions: int = 100_000
+    """Captions read to build the vocabulary (the first ones)."""
+
+    def validate(self, prefix: str = "") -> None:
+        dot = f"{prefix}." if prefix else ""
+        if self.per_caption < 1:
+            raise ConfigError(f"{dot}per_caption: must be >= 1")
+        unknown = sorted(set(self.types) - set(CATEGORIES))
+        if unknown or not self.types:
+            raise ConfigError(
+                f"{dot}types: {'unknown category ' + repr(unknown[0]) if unknown else 'empty'} "
+                f"(categories: {', '.join(CATEGORIES)})"
+            )
+        if self.weight <= 0:
+            raise ConfigError(f"{dot}weight: must be > 0")
+        if self.vocabulary_captions < 1:
+            raise ConfigError(f"{dot}vocabulary_captions: must be >= 1")
+
+
+@dataclass
 class LossConfig:
     """The contrastive loss over every trained pair, and the fusion head's matching loss."""
 
@@ -120,6 +164,8 @@ class LossConfig:
     much peakier, which small models trained from scratch do not learn from)."""
     match_temperature_end: float | None = None
     """Anneal the sampling temperature geometrically to this value over the run (easy -> hard negatives)."""
+    hard_negatives: HardNegativesConfig | None = None
+    """One-edit negatives of each caption as extra medium->text columns (needs a text tower)."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
@@ -135,6 +181,8 @@ class LossConfig:
             raise ConfigError(f"{dot}match_temperature_end: must be > 0, with a fixed match_temperature to start from")
         if self.kind == "siglip" and self.label_smoothing:
             raise ConfigError(f"{dot}label_smoothing: only for kind 'infonce'")
+        if self.hard_negatives is not None:
+            self.hard_negatives.validate(f"{dot}hard_negatives")
 
 
 class ContrastiveLoss(nn.Module):
@@ -146,33 +194,72 @@ class ContrastiveLoss(nn.Module):
         self.cfg = cfg
 
     def pair_loss(
-        self, a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        valid: torch.Tensor,
+        scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        negatives: torch.Tensor | None = None,
+        negative_valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, int]:
         """Loss of one pair and the global count of samples that have both modalities; ``a``, ``b`` [n, D] local
-        features, ``valid`` bool [n]."""
+        features, ``valid`` bool [n]; ``negatives`` [n, K, D] of ``a`` (text) with ``negative_valid`` bool [n, K]."""
         rank, size = world()
         all_a, all_b = gather_with_grad(a), gather_with_grad(b)
         all_valid = gather_nograd(valid)
         n_valid = all_valid.sum()
         if n_valid == 0:  # keep the graph (zero gradients), no NaN
-            return 0.0 * (a.sum() + b.sum() + scale.sum() + (bias.sum() if bias is not None else 0.0)), 0
+            zero = 0.0 * (a.sum() + b.sum() + scale.sum() + (bias.sum() if bias is not None else 0.0))
+            if negatives is not None:  # the gather's backward is a collective: every rank runs it
+                zero = zero + 0.0 * gather_with_grad(negatives.flatten(0, 1)).sum()
+            return zero, 0
         if self.cfg.gather == "global":
             rows_a, rows_b, row_valid, offset, factor = all_a, all_b, all_valid, 0, 1.0
         else:
             rows_a, rows_b, row_valid, offset, factor = a, b, valid, rank * a.shape[0], float(size)
         labels = torch.arange(rows_a.shape[0], device=a.device) + offset
         logits_ab = scale * rows_a @ all_b.T
+        neg_logits = neg_valid = None
+        if negatives is not None:
+            assert negative_valid is not None
+            all_neg = gather_with_grad(negatives.flatten(0, 1))  # [N K, D], sample-major
+            neg_valid = gather_nograd((negative_valid & valid[:, None]).flatten())
+            neg_logits = scale * rows_b @ all_neg.T  # medium rows vs every negative
+        weight = self.cfg.hard_negatives.weight if self.cfg.hard_negatives is not None else 1.0
         if self.cfg.kind == "infonce":
-            logits_ba = scale * rows_b @ all_a.T
+            logits_ba, col_valid = scale * rows_b @ all_a.T, all_valid
+            if neg_logits is not None and neg_valid is not None:
+                logits_ba = torch.cat([logits_ba, neg_logits + math.log(weight)], dim=1)
+                col_valid = torch.cat([all_valid, neg_valid])
             per_row = 0.5 * (
                 _softmax_ce(logits_ab, labels, all_valid, self.cfg.label_smoothing)
-                + _softmax_ce(logits_ba, labels, all_valid, self.cfg.label_smoothing)
+                + _softmax_ce(logits_ba, labels, col_valid, self.cfg.label_smoothing)
             )
         else:  # sigmoid: every (i, j) pair once; the a->b direction covers them all
             assert bias is not None  # forward() refuses siglip without a logit bias
             per_row = _sigmoid_terms(logits_ab + bias, labels, all_valid)
+            if neg_logits is not None and neg_valid is not None:  # each (medium, negative) pair once, label -1
+                per_row = per_row - weight * (
+                    F.logsigmoid(-(neg_logits + bias)) * neg_valid[None, :].to(neg_logits.dtype)
+                ).sum(dim=-1)
         per_row = torch.where(row_valid, per_row, torch.zeros_like(per_row))
         return factor * per_row.sum() / n_valid.to(per_row.dtype), int(n_valid)
+
+    def negatives_of(self, out: ModelOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The text negatives [n, K, D] and their mask [n, K]; zeros (all masked) for a batch without them, so
+        that every rank gathers the same shapes."""
+        hn = self.cfg.hard_negatives
+        if hn is None or "text" not in out.embeddings:
+            return None
+        if out.negatives is not None and out.negative_present is not None:
+            return out.negatives, out.negative_present
+        text = out.embeddings["text"]
+        n = text.shape[0]
+        return (
+            text.new_zeros(n, hn.per_caption, text.shape[1]),
+            torch.zeros(n, hn.per_caption, dtype=torch.bool, device=text.device),
+        )
 
     def forward(self, out: ModelOutput) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.cfg.kind == "siglip" and out.logit_bias is None:
@@ -183,7 +270,10 @@ class ContrastiveLoss(nn.Module):
             name = pair_name(a, b)
             valid = out.present[a] & out.present[b]
             bias = out.logit_bias[name] if out.logit_bias is not None else None
-            loss, n_valid = self.pair_loss(out.embeddings[a], out.embeddings[b], valid, out.logit_scale[name], bias)
+            negs = self.negatives_of(out) if a == "text" else None
+            loss, n_valid = self.pair_loss(
+                out.embeddings[a], out.embeddings[b], valid, out.logit_scale[name], bias, *(negs or (None, None))
+            )
             if n_valid:  # a global count, so every rank reports the same pairs
                 parts[name] = loss.detach()
             total = total + self.cfg.pair_weights.get(name, 1.0) * loss

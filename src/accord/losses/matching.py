@@ -12,7 +12,10 @@ Candidates are the globally valid samples other than i itself and other than exa
 caption or same medium: cosine 1 within 1e-5), which are not negatives. Token features are all-gathered with
 gradient, so a negative taken from another rank trains that rank's towers too. As in the contrastive loss, each
 rank's loss is scaled so that the mean over ranks is the binary cross-entropy over all rows of the global batch.
-Every rank runs the fusion head on 3 x n rows for every pair in every step, whatever its data (ZeRO-3).
+Every rank runs the fusion head once for every pair in every step, whatever its data (ZeRO-3).
+
+With ``loss.hard_negatives`` (``constructed=True``) each caption's one-edit negatives add rows (negative_ik, m_i),
+label 0: the caption made false on the sample's own medium, the negatives a mined text can hardly be.
 """
 
 from __future__ import annotations
@@ -52,11 +55,12 @@ def _global_max(value: int) -> int:
 class MatchingLoss(torch.nn.Module):
     """Binary cross-entropy of the fusion head over positives and mined negatives, summed over its pairs.
     ``temperature``: of the sampling softmax; None uses the pair's learned contrastive temperature (as ALBEF).
-    ``hard=False`` draws negatives uniformly instead (the ablation)."""
+    ``hard=False`` draws negatives uniformly instead (the ablation); ``constructed`` adds the batch's caption
+    negatives (``ModelOutput.negative_tokens``) as non-matching rows."""
 
-    def __init__(self, hard: bool = True, temperature: float | None = None):
+    def __init__(self, hard: bool = True, temperature: float | None = None, constructed: bool = False):
         super().__init__()
-        self.hard, self.temperature = hard, temperature
+        self.hard, self.temperature, self.constructed = hard, temperature, constructed
 
     def forward(
         self, out: ModelOutput, fusion: torch.nn.Module, pairs: list[tuple[str, str]]
@@ -86,12 +90,20 @@ class MatchingLoss(torch.nn.Module):
                 out.embeddings[b][rows].detach(),
                 out.present[a][rows] & out.present[b][rows],
                 scale,
+                self._constructed(out, rows) if a == "text" else None,
             )
             if n_rows:
                 parts[f"match/{pair_name(a, b)}"] = loss.detach()
             total = total + share * loss
         assert isinstance(total, torch.Tensor), "the fusion head scores at least one pair"
         return total, parts
+
+    def _constructed(self, out: ModelOutput, rows: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The live rows' caption negatives: tokens [n, K, L, W], token mask [n, K, L], present [n, K]."""
+        if not self.constructed or out.negative_tokens is None or out.negative_token_mask is None:
+            return None
+        assert out.negative_present is not None
+        return out.negative_tokens, out.negative_token_mask, out.negative_present[rows]
 
     def pair_loss(
         self,
@@ -105,8 +117,10 @@ class MatchingLoss(torch.nn.Module):
         other_emb: torch.Tensor,
         valid: torch.Tensor,
         scale: torch.Tensor,
+        constructed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, int]:
-        """Loss of one pair on this rank's n rows and the global number of scored rows."""
+        """Loss of one pair on this rank's n rows and the global number of scored rows; ``constructed``: the
+        captions' negatives (tokens [n, K, L, W], mask [n, K, L], present [n, K]) as extra non-matching rows."""
         rank, size = world()
         n = text.shape[0]
         length = _global_max(text.shape[1])  # text lengths differ across ranks (dynamic padding)
@@ -135,6 +149,23 @@ class MatchingLoss(torch.nn.Module):
         o_mask = torch.cat([other_mask, all_other_mask[neg_other.clamp(min=0)], other_mask])
         labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).to(text.device)
         weight = torch.cat([valid, valid & (neg_other >= 0), valid & (neg_text >= 0)]).float()
+        if constructed is not None:
+            c_tokens, c_mask, c_present = constructed
+            k = c_tokens.shape[1]
+            width = max(t_rows.shape[1], c_tokens.shape[2])
+            t_rows = torch.cat(
+                [
+                    F.pad(t_rows, (0, 0, 0, width - t_rows.shape[1])),
+                    F.pad(c_tokens.flatten(0, 1), (0, 0, 0, width - c_tokens.shape[2])),
+                ]
+            )
+            t_mask = torch.cat(
+                [F.pad(t_mask, (0, width - t_mask.shape[1])), F.pad(c_mask.flatten(0, 1), (0, width - c_mask.shape[2]))]
+            )
+            o_rows = torch.cat([o_rows, other.repeat_interleave(k, dim=0)])
+            o_mask = torch.cat([o_mask, other_mask.repeat_interleave(k, dim=0)])
+            labels = torch.cat([labels, labels.new_zeros(n * k)])
+            weight = torch.cat([weight, (c_present & valid[:, None]).flatten().float()])
 
         logits = fusion(t_rows, t_mask, o_rows, o_mask, modality).float()
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * weight

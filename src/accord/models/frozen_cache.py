@@ -11,6 +11,10 @@ same padding whatever its neighbours; mask zero on it).
 A cached run and a run that keeps nothing (``max_items=0``) then give bit-identical features, losses and
 gradients; both differ from an ordinary padded batch forward by float noise only.
 
+With ``per_token`` the cache keeps a caption's *token states* [length, W] instead of one pooled vector: the output
+of a text tower's frozen bottom layers (a cut-layer tower, ``unfreeze_last_n``), on which its trainable top layers
+run every step. The same fixed shapes make them exact in the same way.
+
 Keys are BLAKE2b-128 digests of each row's bytes, shape and dtype.
 """
 
@@ -21,11 +25,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 CHUNK = 8  # rows per backbone call: the fixed shape every input is computed in
 LENGTH_STEP = 8  # text: each caption is padded to its length rounded up to a multiple of this (always the same)
 
-# (backbone inputs of one chunk, text mask or None) -> pooled features [CHUNK, W]
+# (backbone inputs of one chunk, text mask or None) -> pooled features [CHUNK, W] (per_token: states [CHUNK, L, W])
 RunFn = Callable[[dict[str, torch.Tensor], torch.Tensor | None], torch.Tensor]
 
 
@@ -42,10 +47,13 @@ def row_key(row: dict[str, torch.Tensor]) -> bytes:
 class FrozenFeatureCache:
     """Pooled features of a frozen backbone per distinct input, up to ``max_items`` (least recently used first
     out; 0 keeps nothing and recomputes every input in the same fixed shape). ``text`` rows are trimmed to their
-    attention mask before keying and computing."""
+    attention mask before keying and computing; ``per_token`` (text only) keeps each caption's token states, returned
+    padded with zeros to the batch's length."""
 
-    def __init__(self, run: RunFn, max_items: int, text: bool):
-        self.run, self.max_items, self.text = run, max_items, text
+    def __init__(self, run: RunFn, max_items: int, text: bool, per_token: bool = False):
+        if per_token and not text:
+            raise ValueError("per-token features are cached for text towers only")
+        self.run, self.max_items, self.text, self.per_token = run, max_items, text, per_token
         self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.hits = self.lookups = 0
 
@@ -79,11 +87,15 @@ class FrozenFeatureCache:
                 batch = {"input_ids": ids}
             else:
                 batch, mask = {k: torch.stack([r[k] for r in chunk]) for k in chunk[0]}, None
-            out.extend(self.run(batch, mask)[: len(rows) - start].unbind(0))
+            features = self.run(batch, mask)[: len(rows) - start].unbind(0)
+            if self.per_token:  # each caption's own tokens, not the chunk's padding
+                features = tuple(f[: len(r["input_ids"])].clone() for f, r in zip(features, chunk, strict=False))
+            out.extend(features)
         return out
 
     def __call__(self, inputs: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Pooled features [B, W] of a batch of backbone inputs (text: ``input_ids`` with its ``mask``)."""
+        """Pooled features [B, W] of a batch of backbone inputs (text: ``input_ids`` with its ``mask``); per token:
+        states [B, L, W], L the batch's padded length, zeros past each caption's end."""
         rows = self._rows(inputs, mask)
         on_cpu = self._rows({k: v.detach().cpu() for k, v in inputs.items()}, mask)  # one copy, not one per row
         keys = [row_key(r) for r in on_cpu]
@@ -110,6 +122,9 @@ class FrozenFeatureCache:
                     self.store[key] = feature
         while len(self.store) > self.max_items:
             self.store.popitem(last=False)
+        if self.per_token:
+            length = inputs["input_ids"].shape[1]
+            return torch.stack([F.pad(found[k], (0, 0, 0, length - found[k].shape[0])) for k in keys])
         return torch.stack([found[k] for k in keys])
 
     def stats(self) -> dict[str, float]:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from accord.modalities import MODALITIES
@@ -13,7 +14,9 @@ from accord.models.config import ModelConfig, pair_name
 from accord.models.fusion import FusionHead
 from accord.models.towers import Tower, TowerDict, TowerOutput, backbone_width
 
-Batch = dict  # {modality: {input name: tensor}, "present": {modality: bool[B]}}
+# {modality: {input name: tensor}, "present": {modality: bool[B]}}, and optionally the captions' hard negatives
+# "text_negatives": {"input_ids": [B, K, L], "attention_mask": [B, K, L], "present": bool [B, K]}
+Batch = dict
 
 
 @dataclass
@@ -26,6 +29,10 @@ class ModelOutput:
     tokens: dict[str, torch.Tensor] | None = None  # fusion head's modalities -> [B, L, W] token features
     token_mask: dict[str, torch.Tensor] | None = None  # modality -> bool [B, L]
     token_rows: slice | None = None  # rows of ``embeddings`` the tokens belong to (accumulation); None = all
+    negatives: torch.Tensor | None = None  # text embeddings of each caption's hard negatives [B, K, D]
+    negative_present: torch.Tensor | None = None  # bool [B, K]
+    negative_tokens: torch.Tensor | None = None  # with a fusion head: their token features [B, K, L, W]
+    negative_token_mask: torch.Tensor | None = None  # bool [B, K, L]
 
 
 class AccordModel(nn.Module):
@@ -73,7 +80,7 @@ class AccordModel(nn.Module):
             if tower.cfg.freeze:
                 status[modality] = (
                     "the fusion head reads its token features"
-                    if modality in self.token_modalities
+                    if modality in self.token_modalities and tower.cut is None
                     else tower.enable_cache()
                 )
         return status
@@ -150,23 +157,58 @@ class AccordModel(nn.Module):
         if len(sizes) != 1:
             raise ValueError(f"inconsistent batch sizes across modalities: {sorted(sizes)}")
         batch_size = sizes.pop()
+        negatives = batch.get("text_negatives") if "text" in self.towers else None
         outputs, masks = {}, {}
         for modality in self.towers:
+            if modality == "text" and negatives is not None:
+                outputs[modality], masks[modality], neg = self._embed_with_negatives(batch, negatives, batch_size)
+                continue
             outputs[modality], masks[modality] = self.embed(
                 modality, batch.get(modality), present.get(modality), batch_size
             )
         bias = None
         if self.logit_bias is not None:
             bias = {pair_name(*p): self.logit_bias[self._param_key(p)] for p in self.pairs}
-        embeddings = {m: o.embedding for m, o in outputs.items()}
-        if self.fusion is None:
-            return ModelOutput(embeddings, masks, self.temperatures(), bias, self.pairs)
-        return ModelOutput(
-            embeddings,
-            masks,
-            self.temperatures(),
-            bias,
-            self.pairs,
-            tokens={m: outputs[m].tokens for m in self.token_modalities},
-            token_mask={m: outputs[m].mask for m in self.token_modalities},
-        )
+        out = ModelOutput({m: o.embedding for m, o in outputs.items()}, masks, self.temperatures(), bias, self.pairs)
+        if negatives is not None:
+            out.negatives, out.negative_present = neg.embedding, negatives["present"].to(torch.bool)
+        if self.fusion is not None:
+            out.tokens = {m: outputs[m].tokens for m in self.token_modalities}
+            out.token_mask = {m: outputs[m].mask for m in self.token_modalities}
+            if negatives is not None:
+                out.negative_tokens, out.negative_token_mask = neg.tokens, neg.mask
+        return out
+
+    def _embed_with_negatives(
+        self, batch: Batch, negatives: dict[str, torch.Tensor], batch_size: int
+    ) -> tuple[TowerOutput, torch.Tensor, TowerOutput]:
+        """Captions and their negatives in one text-tower call (one call per step on every rank, as ZeRO-3 needs);
+        returns the captions' output, their mask, and the negatives' output shaped [B, K, ...]."""
+        ids, attn = negatives["input_ids"], negatives["attention_mask"]
+        k = ids.shape[1]
+        captions = batch.get("text")
+        cap_present = batch.get("present", {}).get("text")
+        if captions is None:  # no caption in this batch: zero rows, masked out
+            captions = {"input_ids": ids.new_zeros(batch_size, 1), "attention_mask": attn.new_zeros(batch_size, 1)}
+            cap_present = torch.zeros(batch_size, dtype=torch.bool, device=ids.device)
+        elif cap_present is None:
+            cap_present = torch.ones(batch_size, dtype=torch.bool, device=ids.device)
+        length = max(captions["input_ids"].shape[1], ids.shape[2])
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, length - t.shape[-1]))
+
+        inputs = {
+            "input_ids": torch.cat([pad(captions["input_ids"]), pad(ids.flatten(0, 1))]),
+            "attention_mask": torch.cat([pad(captions["attention_mask"]), pad(attn.flatten(0, 1))]),
+        }
+        rows_present = torch.cat([cap_present.to(torch.bool), negatives["present"].to(torch.bool).flatten()])
+        both, _ = self.embed("text", inputs, rows_present, batch_size * (1 + k))
+        cap = TowerOutput(both.embedding[:batch_size], both.tokens[:batch_size], both.mask[:batch_size])
+        if "text" not in self.token_modalities:  # tokens of the live rows only: no loss reads them
+            neg_tokens, neg_mask = both.tokens[:0], both.mask[:0]
+        else:
+            neg_tokens = both.tokens[batch_size:].unflatten(0, (batch_size, k))
+            neg_mask = both.mask[batch_size:].unflatten(0, (batch_size, k))
+        neg = TowerOutput(both.embedding[batch_size:].unflatten(0, (batch_size, k)), neg_tokens, neg_mask)
+        return cap, cap_present.to(torch.bool), neg

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
 
 from accord.models.config import TowerConfig
 from accord.models.frozen_cache import FrozenFeatureCache, active_dropout
@@ -97,6 +98,11 @@ class TemporalPool(nn.Module):
         return pooled[:, 0] + frames.mean(dim=1), (patches + self.pos[:, :t, None, :]).flatten(1, 2)
 
 
+def _required(mask: torch.Tensor | None) -> torch.Tensor:
+    assert mask is not None, "text is computed with its attention mask"
+    return mask
+
+
 def _masked_mean(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return hidden.mean(dim=1)
@@ -174,10 +180,46 @@ class Tower(nn.Module):
             return {"input_values": inputs["features"]}, None
         return {"input_features": inputs["features"].transpose(1, 2)}, None  # whisper: [B, n_mels, T]
 
+    # ------------------------------------------------------------------------------------ cut-layer text towers
+    @property
+    def cut(self) -> int | None:
+        """A BERT text tower frozen but for its last ``unfreeze_last_n`` layers: the index of its first trainable
+        layer (the frozen bottom's token states can be cached per caption); None otherwise."""
+        n = self.cfg.unfreeze_last_n or 0
+        if self.cfg.kind != "bert" or not self.cfg.freeze or n <= 0:
+            return None
+        return max(0, self.backbone.config.num_hidden_layers - n)
+
+    def _layers(self, hidden: torch.Tensor, mask: torch.Tensor, layers: list[nn.Module]) -> torch.Tensor:
+        attn = create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden, attention_mask=mask)
+        for layer in layers:
+            hidden = layer(hidden, attn)
+        return hidden
+
+    @torch.no_grad()
+    def cut_states(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token states [B, L, W] at the cut: the frozen embeddings and bottom layers (eval mode, no gradient)."""
+        assert self.cut is not None
+        hidden = self.backbone.embeddings(input_ids=input_ids)
+        return self._layers(hidden, mask, list(self.backbone.encoder.layer)[: self.cut])
+
+    def _cut_features(self, input_ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pooled features and last hidden states of a cut-layer tower: cached (or computed) bottom, trained top."""
+        assert self.cut is not None
+        if self.cache is not None:
+            states = self.cache({"input_ids": input_ids}, mask)
+        else:
+            states = self.cut_states(input_ids, mask)
+        hidden = self._layers(states, mask, list(self.backbone.encoder.layer)[self.cut :])
+        pooling = self.cfg.pooling if self.cfg.pooling != "default" else _DEFAULT_POOLING[self.backbone_kind]
+        return (hidden[:, 0] if pooling == "cls" else _masked_mean(hidden, mask)), hidden
+
     def _features(
         self, inputs: dict[str, torch.Tensor], kwargs: dict[str, torch.Tensor], mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features [B, W] before the projection and the token features [B, L, W] (video: every frame's)."""
+        if self.cut is not None and "input_ids" in kwargs and mask is not None:
+            return self._cut_features(kwargs["input_ids"], mask)
         text_mask = {"attention_mask": mask} if mask is not None else {}
         pooled, tokens = self._run(mask, **kwargs, **text_mask)
         if self.temporal is not None:
@@ -192,7 +234,7 @@ class Tower(nn.Module):
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
         kwargs, mask = self._backbone_inputs(inputs)
-        if self.cache is not None and "inputs_embeds" not in kwargs:
+        if self.cache is not None and self.cut is None and "inputs_embeds" not in kwargs:
             # token features are not kept: the model caches only towers whose tokens no loss reads
             pooled = self.cache(kwargs, mask)
             empty = pooled.new_zeros(pooled.shape[0], 0, pooled.shape[1])
@@ -213,18 +255,25 @@ class Tower(nn.Module):
         return not any(p.requires_grad for p in self.backbone.parameters())
 
     def train(self, mode: bool = True) -> Tower:
-        """A fully frozen backbone stays in eval mode (no dropout), unless ``frozen_dropout`` keeps it training."""
+        """A fully frozen backbone (a cut-layer tower: its frozen bottom) stays in eval mode (no dropout), unless
+        ``frozen_dropout`` keeps it training."""
         super().train(mode)
-        if self.fully_frozen and not self.cfg.frozen_dropout:
+        if self.cfg.frozen_dropout:
+            return self
+        if self.fully_frozen:
             self.backbone.eval()
+        elif self.cut is not None:
+            self.backbone.embeddings.eval()
+            for layer in list(self.backbone.encoder.layer)[: self.cut]:
+                layer.eval()
         return self
 
     def cache_refusal(self) -> str | None:
         """Why this tower's backbone features cannot be cached (None: they can)."""
         if not self.cfg.freeze:
             return "not frozen"
-        if not self.fully_frozen:
-            return f"unfreeze_last_n = {self.cfg.unfreeze_last_n} leaves layers trainable"
+        if not self.fully_frozen and self.cut is None:
+            return f"unfreeze_last_n = {self.cfg.unfreeze_last_n} leaves layers trainable (a cut-layer cache: bert)"
         if self.cfg.kind == "frames":
             return "the frames tower's temporal pooling needs every frame's patch features"
         if self.cfg.frozen_dropout:
@@ -238,7 +287,14 @@ class Tower(nn.Module):
     def enable_cache(self) -> str | None:
         """Cache the backbone's features when :meth:`cache_refusal` allows; returns the refusal otherwise."""
         refusal = self.cache_refusal()
-        if refusal is None:
+        if refusal is None and self.cut is not None:  # the bottom's token states per caption
+            self.cache = FrozenFeatureCache(
+                lambda kw, mask: self.cut_states(kw["input_ids"], _required(mask)),
+                self.cfg.frozen_cache_items,
+                text=True,
+                per_token=True,
+            )
+        elif refusal is None:
             self.cache = FrozenFeatureCache(
                 lambda kw, mask: self._run(mask, **kw, **({"attention_mask": mask} if mask is not None else {}))[0],
                 self.cfg.frozen_cache_items,

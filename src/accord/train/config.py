@@ -203,6 +203,8 @@ class TrainConfig:
             raise ConfigError("data.train: no training shards given")
         if "text" in self.model.towers and not self.data.text.tokenizer:
             raise ConfigError("data.text.tokenizer: the text tower needs a local tokenizer directory")
+        if self.loss.hard_negatives is not None and "text" not in self.model.towers:
+            raise ConfigError("loss.hard_negatives: needs a text tower (the negatives are edited captions)")
         if self.eval.compositional is not None:
             if "text" not in self.model.towers:
                 raise ConfigError("eval.compositional: needs a text tower (captions are text)")

@@ -8,22 +8,27 @@ accord train --config configs/tiny.yaml            # one process
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
 import resource
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import torch
 import torch.distributed as dist
 
 from accord.config import ConfigError, load_config, reference, to_dict
 from accord.data.batches import empty_batch, lockstep, real_samples, to_device
 from accord.data.loader import Loader
+from accord.data.negatives import NegativeSampler, Vocabulary
+from accord.evaluation.compositional import read_items
 from accord.losses import ContrastiveLoss, MatchingLoss
 from accord.models import AccordModel
 from accord.resources import config_file
@@ -67,6 +72,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.config is None and not args.print_config:
         p.error("the following arguments are required: --config")
     return args
+
+
+def negative_sampler(cfg: TrainConfig) -> NegativeSampler | None:
+    """The loader's draw of hard negatives (``loss.hard_negatives``), its vocabulary read from the configured
+    captions; None without hard negatives."""
+    hn = cfg.loss.hard_negatives
+    if hn is None:
+        return None
+    key = "loss.hard_negatives.vocabulary" if hn.vocabulary else "data.train"
+    source = hn.vocabulary or cfg.data.train or ""
+    fs, path = fsspec.core.url_to_fs(source)
+    if fs.isfile(path):
+        with fs.open(path, "rt", encoding="utf-8") as f:
+            captions = [line.strip() for line in itertools.islice(f, hn.vocabulary_captions) if line.strip()]
+    elif "::" not in source and not source.startswith("pipe:") and fs.isdir(path):
+        captions = [i.caption for i in read_items(source, Counter(), hn.vocabulary_captions)]
+    else:
+        raise ConfigError(
+            f"{key}: the hard negatives' vocabulary needs a folder of shards or a text file of captions, not "
+            f"{source!r} (set loss.hard_negatives.vocabulary)"
+        )
+    vocab = Vocabulary.from_captions(captions)
+    if not captions or not (vocab.noun or vocab.colour or vocab.direction or vocab.pitch):
+        raise ConfigError(f"{key}: no caption of {source!r} has a word that an edit could change")
+    return NegativeSampler(vocab, tuple(hn.types), hn.per_caption)
 
 
 class Trainer:
@@ -115,8 +145,19 @@ class Trainer:
         self.fusion_pairs = cfg.model.fusion_pairs()
         self.match_loss = None
         if self.fusion_pairs:
-            self.match_loss = MatchingLoss(cfg.loss.match_negatives == "hard", cfg.loss.match_temperature)
-        self.loader = Loader(cfg.data, self.modalities, train=True)
+            constructed = cfg.loss.hard_negatives is not None and cfg.loss.hard_negatives.match
+            self.match_loss = MatchingLoss(
+                cfg.loss.match_negatives == "hard", cfg.loss.match_temperature, constructed=constructed
+            )
+        negatives = negative_sampler(cfg)
+        if negatives is not None and self.rank == 0:
+            v = negatives.vocab
+            print(
+                f"hard negatives: {negatives.per_caption} per caption of {len(negatives.types)} type(s); vocabulary "
+                f"{len(v.noun)} nouns, {len(v.colour)} colours, {len(v.size)} sizes",
+                flush=True,
+            )
+        self.loader = Loader(cfg.data, self.modalities, train=True, negatives=negatives)
         self.validator = Validator(cfg, self.modalities, self.device, self.dtype)
         self.checkpointer = checkpoint.Checkpointer(self.engine, self.ckpt_dir, cfg.checkpoint)
         per_step = self.world * cfg.data.batch_size * cfg.accum_steps

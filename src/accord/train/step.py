@@ -43,12 +43,13 @@ def as_fp32(out: ModelOutput) -> ModelOutput:
         embeddings={m: e.float() for m, e in out.embeddings.items()},
         logit_scale={k: v.float() for k, v in out.logit_scale.items()},
         logit_bias=bias,
+        negatives=out.negatives.float() if out.negatives is not None else None,
     )
 
 
 def _merge(outs: list[ModelOutput], live: ModelOutput, i: int) -> ModelOutput:
-    """Embeddings of all micro-batches (only the i-th with gradient); temperatures live in pass 0 only; token
-    features (fusion head) of the i-th only."""
+    """Embeddings of all micro-batches (only the i-th with gradient), hard negatives likewise; temperatures live
+    in pass 0 only; token features (fusion head) of the i-th only."""
     emb = {
         m: torch.cat([live.embeddings[m] if j == i else o.embeddings[m] for j, o in enumerate(outs)])
         for m in live.embeddings
@@ -58,6 +59,7 @@ def _merge(outs: list[ModelOutput], live: ModelOutput, i: int) -> ModelOutput:
     scale = {k: keep(v) for k, v in live.logit_scale.items()}
     bias = {k: keep(v) for k, v in live.logit_bias.items()} if live.logit_bias is not None else None
     n = len(next(iter(live.present.values())))
+    negatives, negative_present = _merge_negatives([live if j == i else o for j, o in enumerate(outs)])
     return ModelOutput(
         emb,
         present,
@@ -67,7 +69,31 @@ def _merge(outs: list[ModelOutput], live: ModelOutput, i: int) -> ModelOutput:
         tokens=live.tokens,
         token_mask=live.token_mask,
         token_rows=slice(i * n, (i + 1) * n),
+        negatives=negatives,
+        negative_present=negative_present,
+        negative_tokens=live.negative_tokens,
+        negative_token_mask=live.negative_token_mask,
     )
+
+
+def _merge_negatives(outs: list[ModelOutput]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The micro-batches' hard negatives in one [sum n, K, D] (a micro-batch without them, e.g. an epoch's filler,
+    contributes zeros, all absent)."""
+    have = [o for o in outs if o.negatives is not None]
+    if not have:
+        return None, None
+    ref = have[0].negatives
+    assert ref is not None
+    parts, masks = [], []
+    for o in outs:
+        n = len(next(iter(o.present.values())))
+        if o.negatives is None or o.negative_present is None:
+            parts.append(ref.new_zeros(n, *ref.shape[1:]))
+            masks.append(torch.zeros(n, ref.shape[1], dtype=torch.bool, device=ref.device))
+        else:
+            parts.append(o.negatives)
+            masks.append(o.negative_present)
+    return torch.cat(parts), torch.cat(masks)
 
 
 def contrastive_step(
@@ -82,7 +108,11 @@ def contrastive_step(
     with torch.no_grad():
         for mb in micro_batches:
             states.append(_rng_state())
-            cached.append(replace(as_fp32(model(mb)), tokens=None, token_mask=None))
+            cached.append(
+                replace(
+                    as_fp32(model(mb)), tokens=None, token_mask=None, negative_tokens=None, negative_token_mask=None
+                )
+            )
     after = _rng_state()
     for i, mb in enumerate(micro_batches):
         _set_rng_state(states[i])
