@@ -169,3 +169,60 @@ def test_a_vocabulary_that_is_not_a_folder_or_file_exits_2_naming_it(mixed_shard
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "loss.hard_negatives.vocabulary: the hard negatives' vocabulary needs a folder" in proc.stderr
+
+
+@pytest.mark.parametrize("unfreeze", [0, 1], ids=["frozen", "cut-layer"])
+def test_a_frozen_text_tower_caches_negatives_like_any_caption(unfreeze: int) -> None:
+    """The negatives run through the text tower beside the captions: cached per distinct text (a cut-layer tower:
+    its bottom's token states), and embedded exactly as the same text would be as a caption."""
+    from accord.config import from_dict
+    from accord.models import AccordModel
+    from accord.models.config import ModelConfig
+
+    bert = {
+        "vocab_size": 200,
+        "hidden_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+        "max_position_embeddings": 32,
+    }
+    vit = {
+        "image_size": 16,
+        "patch_size": 8,
+        "hidden_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "intermediate_size": 64,
+    }
+    text = {"kind": "bert", "hf": bert, "freeze": True, **({"unfreeze_last_n": unfreeze} if unfreeze else {})}
+    torch.manual_seed(0)
+    model = AccordModel(
+        from_dict(ModelConfig, {"embed_dim": 16, "towers": {"text": text, "image": {"kind": "vit", "hf": vit}}})
+    )
+    assert model.enable_frozen_caches() == {"text": None}
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 200, (4, 6), generator=g)
+    negs = torch.randint(1, 200, (4, 2, 7), generator=g)
+    negs[3, 1] = torch.cat([ids[0], torch.zeros(1, dtype=torch.long)])  # one negative is another sample's caption
+    neg_mask = torch.ones_like(negs)
+    neg_mask[3, 1, 6] = 0
+    batch = {
+        "text": {"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+        "image": {"pixel_values": torch.randn(4, 3, 16, 16, generator=g)},
+        "text_negatives": {
+            "input_ids": negs,
+            "attention_mask": neg_mask,
+            "present": torch.tensor([[1, 1], [1, 1], [1, 0], [1, 1]]).bool(),
+        },
+    }
+    with torch.no_grad():
+        out = model(batch)
+        assert model.frozen_cache_stats()["frozen_cache/text/items"] == 4 + 7 - 1  # distinct live texts
+        assert torch.equal(out.negatives[3, 1], out.embeddings["text"][0])  # the same text, the same features
+        assert not out.negatives[2, 1].any()  # absent: a zero row
+        alone = model(
+            {"text": {"input_ids": negs[:, 0], "attention_mask": neg_mask[:, 0]}, "image": batch["image"]}
+        ).embeddings["text"]
+        assert torch.equal(alone, out.negatives[:, 0])

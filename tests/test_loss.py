@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from accord.losses import ContrastiveLoss, LossConfig
+from accord.losses.contrastive import HardNegativesConfig
 from accord.models.model import ModelOutput
 
 from helpers.procs import ENV, WORKERS, torchrun
@@ -108,3 +109,34 @@ def test_siglip_matches_paper_formula() -> None:
     z = 2 * torch.eye(5, dtype=torch.float64) - 1
     expected = -F.logsigmoid(z * (10.0 * a @ b.T - 10.0)).sum() / 5
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+
+
+def test_hard_negatives_match_the_negclip_formula() -> None:
+    """image->text: softmax over the captions and every caption's negatives (absent ones dropped, each negative
+    counted ``weight`` times); text->image: over the images only; sigmoid: each (image, negative) a -1 pair."""
+    g = torch.Generator().manual_seed(0)
+    n, k = 5, 2
+    a = F.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=-1)
+    b = F.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=-1)
+    negs = F.normalize(torch.randn(n, k, 16, generator=g, dtype=torch.float64), dim=-1)
+    present = torch.tensor([[1, 1], [1, 0], [0, 0], [1, 1], [0, 1]]).bool()
+    out = _output(a, b, torch.ones(n, dtype=torch.bool))
+    out.negatives, out.negative_present = negs, present
+    live = negs[present]  # [5, 16]: the columns that exist
+    labels = torch.arange(n)
+    for weight in (1.0, 0.3):
+        cfg = LossConfig(hard_negatives=HardNegativesConfig(per_caption=k, weight=weight))
+        loss, _ = ContrastiveLoss(cfg)(out)
+        i2t = torch.cat([10.0 * b @ a.T, 10.0 * b @ live.T + math.log(weight)], dim=1)
+        expected = (F.cross_entropy(10.0 * a @ b.T, labels) + F.cross_entropy(i2t, labels)) / 2
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    sig, _ = ContrastiveLoss(LossConfig(kind="siglip", hard_negatives=HardNegativesConfig(per_caption=k)))(out)
+    z = 2 * torch.eye(n, dtype=torch.float64) - 1
+    expected = (-F.logsigmoid(z * (10.0 * a @ b.T - 10.0)).sum() - F.logsigmoid(-(10.0 * b @ live.T - 10.0)).sum()) / n
+    assert sig.item() == pytest.approx(expected.item(), rel=1e-12)
+    # label smoothing spreads over the real captions only
+    smooth, _ = ContrastiveLoss(LossConfig(label_smoothing=0.1, hard_negatives=HardNegativesConfig(per_caption=k)))(out)
+    logp = torch.cat([10.0 * b @ a.T, 10.0 * b @ live.T], dim=1).log_softmax(dim=-1)
+    i2t = -(0.9 * logp[labels, labels] + 0.1 * logp[:, :n].mean(dim=1))
+    expected = (F.cross_entropy(10.0 * a @ b.T, labels, label_smoothing=0.1) + i2t.mean()) / 2
+    assert smooth.item() == pytest.approx(expected.item(), rel=1e-12)

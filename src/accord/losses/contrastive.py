@@ -19,7 +19,8 @@ Hard negatives (NegCLIP, ``loss.hard_negatives``): each caption's K one-edit neg
 and appended as N x K extra *columns* of the medium->text logits (every medium row sees every sample's negatives);
 text->medium keeps the real captions only. They are gathered with gradient like the captions, so the argument above
 holds unchanged: a negative is one more column of the same global matrix, and its gradient reaches the rank that
-embedded it. A negative column counts only where its sample is valid for the pair and the negative exists.
+embedded it. A negative column counts only where its sample is valid for the pair and the negative exists; label
+smoothing never puts target mass on one.
 """
 
 from __future__ import annotations
@@ -90,12 +91,20 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def _softmax_ce(logits: torch.Tensor, labels: torch.Tensor, col_valid: torch.Tensor, smoothing: float) -> torch.Tensor:
-    """Per-row cross-entropy over the valid columns only, with optional label smoothing over those columns."""
+def _softmax_ce(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    col_valid: torch.Tensor,
+    smoothing: float,
+    smooth_cols: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-row cross-entropy over the valid columns only, with optional label smoothing over ``smooth_cols`` (default
+    the valid columns; never a hard negative, which is known to be false)."""
     logp = logits.masked_fill(~col_valid[None, :], float("-inf")).log_softmax(dim=-1)
     nll = -logp.gather(1, labels[:, None])[:, 0]
     if smoothing > 0:
-        uniform = -logp.masked_fill(~col_valid[None, :], 0.0).sum(dim=-1) / col_valid.sum()
+        cols = col_valid if smooth_cols is None else smooth_cols
+        uniform = -logp.masked_fill(~cols[None, :], 0.0).sum(dim=-1) / cols.sum()
         nll = (1 - smoothing) * nll + smoothing * uniform
     return nll
 
@@ -228,13 +237,14 @@ class ContrastiveLoss(nn.Module):
             neg_logits = scale * rows_b @ all_neg.T  # medium rows vs every negative
         weight = self.cfg.hard_negatives.weight if self.cfg.hard_negatives is not None else 1.0
         if self.cfg.kind == "infonce":
-            logits_ba, col_valid = scale * rows_b @ all_a.T, all_valid
+            logits_ba, col_valid, smooth_cols = scale * rows_b @ all_a.T, all_valid, all_valid
             if neg_logits is not None and neg_valid is not None:
                 logits_ba = torch.cat([logits_ba, neg_logits + math.log(weight)], dim=1)
                 col_valid = torch.cat([all_valid, neg_valid])
+                smooth_cols = torch.cat([all_valid, torch.zeros_like(neg_valid)])
             per_row = 0.5 * (
                 _softmax_ce(logits_ab, labels, all_valid, self.cfg.label_smoothing)
-                + _softmax_ce(logits_ba, labels, col_valid, self.cfg.label_smoothing)
+                + _softmax_ce(logits_ba, labels, col_valid, self.cfg.label_smoothing, smooth_cols)
             )
         else:  # sigmoid: every (i, j) pair once; the a->b direction covers them all
             assert bias is not None  # forward() refuses siglip without a logit bias
