@@ -177,13 +177,18 @@ def _split(values: torch.Tensor, seen: list[bool | None]) -> dict[str, float | N
 
 
 def compositional_eval(
-    backbone_dir: str, data: str, train_data: str | None = None, batch_size: int = 64
+    backbone_dir: str,
+    data: str,
+    train_data: str | None = None,
+    batch_size: int = 64,
+    max_samples: int | None = None,
 ) -> dict[str, Any]:
     """The figures described in the module docstring for an exported backbone on a shard folder (``train_data``:
-    the training shards, whose captions give the vocabulary and train the blind baselines)."""
+    the training shards, whose captions give the vocabulary and train the blind baselines; ``max_samples``: the
+    first ones of ``data`` only)."""
     backbone = load_backbone(backbone_dir)
     skipped: Counter[str] = Counter()
-    items = read_items(data, skipped)
+    items = read_items(data, skipped, max_samples)
     train_captions = [i.caption for i in read_items(train_data, Counter())] if train_data else []
     if not items:
         raise InputError(f"{data}: no sample with a caption and one medium (skipped: {dict(skipped) or 'none'})")
