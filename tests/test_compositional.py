@@ -231,3 +231,40 @@ def test_the_experiment_summarises_seeds_as_mean_and_std(world: dict[str, Path])
     assert table["Winoground-style group"]["cosine"][1] == 0.0
     md = markdown(table, [0, 1])
     assert "| replace colour |" in md and "+- 0.000" in md and "seeds [0, 1]" in md
+
+
+def test_the_recipe_study_picks_its_winner_by_the_stated_criterion() -> None:
+    """The highest target mean wins only within 0.01 of the frozen recipe's retrieval; the tables say so."""
+    from accord.experiments.compositional import TARGETS, study_markdown, study_table, winner
+
+    def result(level: float, r1: float) -> dict:
+        cats = {
+            c: {"scores": {"cosine": {"all": level}}, "blind": {"bag of words": 0.5}, "n": 10} for c in TARGETS[:-1]
+        }
+        return {
+            "media": {"image": {"categories": cats, "winoground": {"cosine": {"group": level / 2}}}},
+            "seen": {c: level + 0.1 for c in TARGETS[:-1]},
+            "retrieval R@1": r1,
+            "train_s": 100.0,
+        }
+
+    by_recipe = {
+        "frozen": [result(0.5, 0.30), result(0.52, 0.32)],
+        "better": [result(0.7, 0.30), result(0.72, 0.31)],
+        "best but forgets": [result(0.9, 0.28), result(0.9, 0.29)],  # R@1 0.285 < 0.31 - 0.01
+    }
+    table = study_table(by_recipe)
+    assert table["better"]["retrieval R@1"][0] == pytest.approx(0.305)
+    best, means = winner(table)
+    assert best == "better" and "best but forgets" not in means
+    assert means["better"] == pytest.approx((6 * 0.71 + 0.355) / 7)
+    md = study_markdown(table, [0, 1])
+    assert "Winner: **better**" in md and "| replace shape (trained) |" in md and "seen combinations" in md
+
+
+def test_an_unknown_recipe_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from accord.experiments.compositional import main
+
+    assert main(["--recipes", "frozen", "tuned twice", "--out", str(tmp_path)]) == 2
+    assert "--recipes: unknown recipe 'tuned twice'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything ran

@@ -74,6 +74,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="demo_out")
     p.add_argument("--seed", type=int, default=0, help="seeds the world, the weights, the data order and the scoring")
     p.add_argument("--port", type=int, default=29577)
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="training config overrides after the demo's recipe, e.g. loss.hard_negatives=null (what-if runs)",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     size, epochs = SIZES["quick" if args.quick else "full"]
@@ -99,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "run",
         epochs,
         args.port,
-        overrides=(f"seed={args.seed}", f"data.seed={args.seed}", *TEXT_RECIPE),
+        overrides=(f"seed={args.seed}", f"data.seed={args.seed}", *TEXT_RECIPE, *args.overrides),
     )
     timings["train"] = time.perf_counter() - t
 
