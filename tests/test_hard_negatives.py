@@ -226,3 +226,25 @@ def test_a_frozen_text_tower_caches_negatives_like_any_caption(unfreeze: int) ->
             {"text": {"input_ids": negs[:, 0], "attention_mask": neg_mask[:, 0]}, "image": batch["image"]}
         ).embeddings["text"]
         assert torch.equal(alone, out.negatives[:, 0])
+
+
+def test_seen_only_negatives_never_assert_a_combination_outside_training() -> None:
+    from accord.data.negatives import seen_facts
+
+    train = ["a red circle", "a blue square", "a red square", "a red circle to the left of a blue square"]
+    vocab = Vocabulary.from_captions(train)
+    seen = seen_facts(train, vocab)
+    assert ("object", (None, "red", "square")) in seen and ("object", (None, "blue", "circle")) not in seen
+    free = negatives(vocab, "a red circle", key="k")
+    kept = negatives(vocab, "a red circle", key="k", seen=seen)
+    assert free["replace colour"] == "a blue circle" and "replace colour" not in kept  # blue circles: never seen
+    assert kept["replace shape"] == "a red square"
+    # the relation with its arguments swapped asserts "blue square left of red circle": not seen either
+    rel = "a red circle to the left of a blue square"
+    assert "swap arguments" in negatives(vocab, rel, key="k") and "swap arguments" not in negatives(
+        vocab, rel, "k", seen
+    )
+    sampler = NegativeSampler(vocab, tuple(CATEGORIES), per_caption=3, seen=seen)
+    for seed in range(10):
+        for edit in sampler(rel, random.Random(seed)) + sampler("a blue square", random.Random(seed)):
+            assert read(edit, vocab).facts() <= seen, edit

@@ -43,7 +43,12 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
         if stage == 3
         else []
     )
-    negatives = ["loss.hard_negatives={per_caption: 2}"] if stage >= 2 else []  # NegCLIP columns, under ZeRO 2-3
+    # NegCLIP columns, under ZeRO 2-3 (stage 2: only edits that form combinations seen in training)
+    negatives = {
+        2: ["loss.hard_negatives={per_caption: 2, seen_only: true}"],
+        3: ["loss.hard_negatives={per_caption: 2}"],
+    }
+    negatives = negatives.get(stage, [])
     proc = subprocess.run(
         launch(
             shards,

@@ -133,6 +133,21 @@ class Reading:
         typed = tuple((cls, self.word(span)) for cls, span in self.typed)
         return tuple(sorted(objects, key=str)), relation, typed
 
+    def facts(self) -> set[tuple]:
+        """The combinations the caption asserts: each object (size, colour, noun), the relation between two, the
+        typed words together. An edit recombines words; these are what a recombination can make new."""
+        objects, relation, typed = self.meaning()
+        return (
+            {("object", o) for o in objects}
+            | ({("relation", relation)} if relation else set())
+            | ({("typed", typed)} if typed else set())
+        )
+
+
+def seen_facts(captions: Iterable[str], vocab: Vocabulary) -> frozenset[tuple]:
+    """Every combination (:meth:`Reading.facts`) that some caption asserts."""
+    return frozenset(f for c in captions for f in read(c, vocab).facts())
+
 
 def read(caption: str, vocab: Vocabulary) -> Reading:
     """The mentions, relation and typed words of ``caption``."""
@@ -237,17 +252,17 @@ def _candidates(r: Reading, vocab: Vocabulary) -> dict[str, list[str]]:
     return out
 
 
-def negatives(vocab: Vocabulary, caption: str, key: str = "") -> dict[str, str]:
+def negatives(vocab: Vocabulary, caption: str, key: str = "", seen: frozenset[tuple] | None = None) -> dict[str, str]:
     """One negative per category that the caption allows: ``{category: edited caption}``, drawn among the valid
-    edits with a generator seeded by ``key`` and the category."""
+    edits with a generator seeded by ``key`` and the category; with ``seen`` (:func:`seen_facts`), only edits that
+    assert no combination outside it."""
     reading = read(caption, vocab)
     truth = reading.meaning()
     norm = " ".join(caption.lower().split())
     out = {}
     for category, options in _candidates(reading, vocab).items():
-        valid = sorted(
-            {c for c in options if " ".join(c.lower().split()) != norm and read(c, vocab).meaning() != truth}
-        )
+        readings = {c: read(c, vocab) for c in options if " ".join(c.lower().split()) != norm}
+        valid = sorted(c for c, r in readings.items() if r.meaning() != truth and (seen is None or r.facts() <= seen))
         if valid:
             rng = random.Random(zlib.crc32(f"{key}/{category}".encode()))
             out[category] = valid[rng.randrange(len(valid))]
@@ -263,8 +278,9 @@ class NegativeSampler:
     vocab: Vocabulary
     types: tuple[str, ...]
     per_caption: int
+    seen: frozenset[tuple] | None = None  # only edits within these combinations (:func:`seen_facts`)
 
     def __call__(self, caption: str, rng: random.Random) -> list[str]:
-        options = negatives(self.vocab, caption, key=f"{rng.getrandbits(64):016x}")
+        options = negatives(self.vocab, caption, key=f"{rng.getrandbits(64):016x}", seen=self.seen)
         allowed = [c for c in self.types if c in options]
         return [options[c] for c in rng.sample(allowed, min(self.per_caption, len(allowed)))]

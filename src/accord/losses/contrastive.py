@@ -127,6 +127,9 @@ class HardNegativesConfig:
     weight: float = 1.0
     """Each negative counts ``weight`` times: exp(logit) x weight in the softmax denominator (1: NegCLIP), the
     sigmoid loss's term of a negative x weight."""
+    seen_only: bool = False
+    """Only negatives whose every object, relation and typed-word combination occurs in some caption of the
+    vocabulary's source: an edit that forms a combination never seen in training would teach that it is false."""
     match: bool = True
     """With a fusion head: its matching loss also scores (caption negative, medium) as a non-match, beside the
     mined negatives."""

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from accord.config import ConfigError, load_config, reference, to_dict
 from accord.data.batches import empty_batch, lockstep, real_samples, to_device
 from accord.data.loader import Loader
-from accord.data.negatives import NegativeSampler, Vocabulary
+from accord.data.negatives import NegativeSampler, Vocabulary, seen_facts
 from accord.evaluation.compositional import read_items
 from accord.losses import ContrastiveLoss, MatchingLoss
 from accord.models import AccordModel
@@ -96,7 +96,8 @@ def negative_sampler(cfg: TrainConfig) -> NegativeSampler | None:
     vocab = Vocabulary.from_captions(captions)
     if not captions or not (vocab.noun or vocab.colour or vocab.direction or vocab.pitch):
         raise ConfigError(f"{key}: no caption of {source!r} has a word that an edit could change")
-    return NegativeSampler(vocab, tuple(hn.types), hn.per_caption)
+    seen = seen_facts(captions, vocab) if hn.seen_only else None
+    return NegativeSampler(vocab, tuple(hn.types), hn.per_caption, seen)
 
 
 class Trainer:
@@ -154,7 +155,8 @@ class Trainer:
             v = negatives.vocab
             print(
                 f"hard negatives: {negatives.per_caption} per caption of {len(negatives.types)} type(s); vocabulary "
-                f"{len(v.noun)} nouns, {len(v.colour)} colours, {len(v.size)} sizes",
+                f"{len(v.noun)} nouns, {len(v.colour)} colours, {len(v.size)} sizes"
+                + (f"; only within {len(negatives.seen)} seen combinations" if negatives.seen is not None else ""),
                 flush=True,
             )
         self.loader = Loader(cfg.data, self.modalities, train=True, negatives=negatives)
