@@ -44,11 +44,11 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
         else []
     )
     # NegCLIP columns, under ZeRO 2-3 (stage 2: only edits that form combinations seen in training)
-    negatives = {
+    by_stage = {
         2: ["loss.hard_negatives={per_caption: 2, seen_only: true}"],
         3: ["loss.hard_negatives={per_caption: 2}"],
     }
-    negatives = negatives.get(stage, [])
+    negatives = by_stage.get(stage, [])
     proc = subprocess.run(
         launch(
             shards,
