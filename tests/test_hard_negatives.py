@@ -141,6 +141,7 @@ def test_config_errors_name_the_key(value: dict, message: str) -> None:
         HardNegativesConfig(**value).validate("loss.hard_negatives")
 
 
+@pytest.mark.slow
 def test_a_vocabulary_that_is_not_a_folder_or_file_exits_2_naming_it(mixed_shards, tmp_path: Path) -> None:
     shards, _ = mixed_shards
     cmd = [
