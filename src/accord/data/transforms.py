@@ -201,14 +201,12 @@ class SampleDecoder:
             raise BadSample("none of the trained media", bad=False)
         if self.negatives is not None and "text" in out:  # drawn last: the media's random crops stay the same
             edits = self.negatives(text, rng)
-            out["text_negatives"] = (
-                [
-                    torch.tensor(ids, dtype=torch.long)
-                    for ids in self.tokenizer(edits, truncation=True, max_length=self.cfg.text.max_length)["input_ids"]
-                ]
+            ids = (
+                self.tokenizer(edits, truncation=True, max_length=self.cfg.text.max_length)["input_ids"]
                 if edits
                 else []
             )
+            out["text_negatives"] = [torch.tensor(i, dtype=torch.long) for i in ids]
         return out
 
     def _decode(self, modality: str, data: bytes, rng: random.Random) -> torch.Tensor:
