@@ -1,7 +1,7 @@
 """``accord experiment compositional``: what the captioning world's consistency score sees, per kind of edit.
 
     accord experiment compositional [--quick] [--seeds 0 1 2] [--out DIR]
-    accord experiment compositional --recipes all [--quick] [--seeds 0 1 2]     # the recipe study (docs/recipes.md)
+    accord experiment compositional --recipes study [--quick] [--seeds 0 1 2]   # the recipe study (docs/recipes.md)
 
 Per seed it builds the captioning world and trains its backbone (as ``accord experiment captioning`` does, reusing
 a world built with the same plan and seed), renders Winoground-style minimal pairs of held-out scenes, and runs the
@@ -57,6 +57,8 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "cut 2 + seen-only negatives": (*CUT, *SEEN_NEGATIVES),
     "cut 2 + negatives, larger ViT": (*CUT, *ALL_NEGATIVES, *LARGER_VIT),
 }
+# the study of docs/recipes.md (issue #25): every recipe but the larger ViT, which was dropped for time
+STUDY = tuple(name for name in RECIPES if "larger ViT" not in name)
 TARGETS = (
     "replace shape",
     "replace size",
@@ -294,14 +296,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--port", type=int, default=29601)
     p.add_argument(
-        "--recipes", nargs="+", default=None, help=f"'all' or some of: {'; '.join(RECIPES)} (the recipe study)"
+        "--recipes",
+        nargs="+",
+        default=None,
+        help=f"'study' (docs/recipes.md), 'all', or some of: {'; '.join(RECIPES)}",
     )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
     plan = "quick" if args.quick else "full"
     if args.recipes is not None:
-        names = list(RECIPES) if args.recipes == ["all"] else args.recipes
+        names = {"all": list(RECIPES), "study": list(STUDY)}.get(" ".join(args.recipes), args.recipes)
         unknown = [n for n in names if n not in RECIPES]
         if unknown:
             raise InputError(f"--recipes: unknown recipe {unknown[0]!r} (recipes: {'; '.join(RECIPES)})")
