@@ -46,7 +46,12 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     # NegCLIP columns, under ZeRO 2-3 (stage 2: only edits that form combinations seen in training)
     by_stage = {
         2: ["loss.hard_negatives={per_caption: 2, seen_only: true}"],
-        3: ["loss.hard_negatives={per_caption: 2}"],
+        # and a cut-layer text tower: its frozen bottom and trained top layer, each rank running both (no cache)
+        3: [
+            "loss.hard_negatives={per_caption: 2}",
+            "model.towers.text.freeze=true",
+            "model.towers.text.unfreeze_last_n=1",
+        ],
     }
     negatives = by_stage.get(stage, [])
     proc = subprocess.run(
