@@ -189,8 +189,8 @@ def write_report(
 <style>body{{font-family:sans-serif;max-width:980px;margin:2em auto}}table{{border-collapse:collapse}}
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:center}}pre{{background:#f6f6f6;padding:1em}}</style>
 </head><body><h1>accord demo</h1>
-<p>Tiny image, video and audio towers trained from scratch against a frozen pretrained text tower (all-MiniLM-L6-v2,
-its features computed once per distinct caption) for {
+<p>Tiny image, video and audio towers trained from scratch against the pretrained all-MiniLM-L6-v2 (its bottom 4
+layers frozen and computed once per distinct caption, its top 2 tuned; hard negatives of each caption) for {
         metrics[-1]["step"]
     } steps with the deepspeed launcher on 2 CPU ranks (ZeRO-2), on a rendered world of coloured
 shapes, moving shapes and tones plus real photos, clips and speech. Validation holds only

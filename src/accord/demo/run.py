@@ -1,7 +1,8 @@
 """``accord demo``: the whole chain on 2 CPU cores with embedded data.
 
-render a compositional world (+ real media) -> build shards -> train tiny image, video and audio towers against a
-frozen pretrained text tower (all-MiniLM-L6-v2) with the deepspeed launcher (2 ranks, ZeRO-2) -> export the backbone
+render a compositional world (+ real media) -> build shards -> train tiny image, video and audio towers against the
+pretrained all-MiniLM-L6-v2, its top 2 layers tuned, with hard negatives (deepspeed launcher, 2 ranks, ZeRO-2) ->
+export the backbone
 -> zero-shot retrieval on held-out combinations -> matched vs mismatched consistency scores -> ``OUT/report.html`` and
 ``OUT/summary.json``.
 """
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     timings["shards"] = time.perf_counter() - t
 
     t = _step(
-        f"3/6 training image, video and audio towers against a frozen MiniLM text tower on 2 CPU ranks "
-        f"(ZeRO-2, {epochs} epochs)"
+        f"3/6 training image, video and audio towers against MiniLM (top 2 layers tuned, hard negatives) on 2 CPU "
+        f"ranks (ZeRO-2, {epochs} epochs)"
     )
     launch_training(
         out / "shards" / "train",

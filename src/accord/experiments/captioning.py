@@ -6,7 +6,7 @@
 By default it builds the captioning world (:mod:`accord.worlds.scenes`: 64 px scenes of 1-3 objects with size,
 colour, shape and relations; a held-out split of object kinds and placements never seen in training), turns it into
 shards, trains the consistency backbone on the training split with accord's trainer (``configs/captioning_world.yaml``:
-frozen MiniLM text tower, ViT image tower, fusion head; 2 CPU ranks, ZeRO-2) and exports it. ``--backbone`` with
+cut-layer MiniLM with hard negatives, ViT, fusion head; 2 CPU ranks, ZeRO-2) and exports it. ``--backbone`` with
 ``--data`` / ``--val`` uses any exported backbone and shards instead.
 
 The backbone stays frozen. Per seed:
