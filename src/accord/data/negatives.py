@@ -252,17 +252,23 @@ def _candidates(r: Reading, vocab: Vocabulary) -> dict[str, list[str]]:
     return out
 
 
+def _is_negative(candidate: str, truth: tuple, norm: str, vocab: Vocabulary, seen: frozenset[tuple] | None) -> bool:
+    """Another sentence with another meaning (and, with ``seen``, no combination outside it)."""
+    if " ".join(candidate.lower().split()) == norm:
+        return False
+    r = read(candidate, vocab)
+    return r.meaning() != truth and (seen is None or r.facts() <= seen)
+
+
 def negatives(vocab: Vocabulary, caption: str, key: str = "", seen: frozenset[tuple] | None = None) -> dict[str, str]:
     """One negative per category that the caption allows: ``{category: edited caption}``, drawn among the valid
     edits with a generator seeded by ``key`` and the category; with ``seen`` (:func:`seen_facts`), only edits that
     assert no combination outside it."""
     reading = read(caption, vocab)
-    truth = reading.meaning()
-    norm = " ".join(caption.lower().split())
+    truth, norm = reading.meaning(), " ".join(caption.lower().split())
     out = {}
     for category, options in _candidates(reading, vocab).items():
-        readings = {c: read(c, vocab) for c in options if " ".join(c.lower().split()) != norm}
-        valid = sorted(c for c, r in readings.items() if r.meaning() != truth and (seen is None or r.facts() <= seen))
+        valid = sorted(c for c in set(options) if _is_negative(c, truth, norm, vocab, seen))
         if valid:
             rng = random.Random(zlib.crc32(f"{key}/{category}".encode()))
             out[category] = valid[rng.randrange(len(valid))]
@@ -281,6 +287,19 @@ class NegativeSampler:
     seen: frozenset[tuple] | None = None  # only edits within these combinations (:func:`seen_facts`)
 
     def __call__(self, caption: str, rng: random.Random) -> list[str]:
-        options = negatives(self.vocab, caption, key=f"{rng.getrandbits(64):016x}", seen=self.seen)
-        allowed = [c for c in self.types if c in options]
-        return [options[c] for c in rng.sample(allowed, min(self.per_caption, len(allowed)))]
+        """Categories in a random order, in each the candidates in a random order, the first valid one taken: the
+        same distribution as :func:`negatives` (uniform over the valid edits) at the cost of the candidates read
+        until a valid one, not of all of them (a large noun vocabulary)."""
+        reading = read(caption, self.vocab)
+        truth, norm = reading.meaning(), " ".join(caption.lower().split())
+        candidates = _candidates(reading, self.vocab)
+        out: list[str] = []
+        for category in rng.sample(self.types, len(self.types)):
+            options = sorted(set(candidates.get(category, ())))
+            rng.shuffle(options)
+            found = next((c for c in options if _is_negative(c, truth, norm, self.vocab, self.seen)), None)
+            if found is not None:
+                out.append(found)
+                if len(out) == self.per_caption:
+                    break
+        return out

@@ -136,8 +136,9 @@ class HardNegativesConfig:
     vocabulary: str | None = None
     """Where the words of each class come from: a shard folder or a text file of captions (one per line); default
     ``data.train`` (then a folder)."""
-    vocabulary_captions: int = 100_000
-    """Captions read to build the vocabulary (the first ones)."""
+    vocabulary_captions: int = 10_000
+    """Captions read to build the vocabulary (the first ones; every rank reads those samples of the source once at
+    start, media bytes included)."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
