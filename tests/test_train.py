@@ -304,6 +304,10 @@ def test_accumulation_replays_dropout_exactly() -> None:
         ("loss.kind=siglip", "model.init_logit_bias: the siglip loss needs a logit bias"),
         ("data.workers=17", "16 shards < world size x data workers = 1 x 17"),
         ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
+        (
+            "loss.hard_negatives={per_caption: 1, vocabulary: 'pipe:cat x'}",
+            "loss.hard_negatives.vocabulary: the hard negatives' vocabulary needs a folder",
+        ),
     ],
 )
 @pytest.mark.slow

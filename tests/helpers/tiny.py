@@ -13,6 +13,23 @@ from accord.losses.contrastive import HardNegativesConfig
 from accord.models import AccordModel, ModelConfig
 from accord.resources import config_file
 
+# the smallest BERT and ViT that transformers builds (random init) for tower-level tests
+BERT = {
+    "vocab_size": 200,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
+VIT = {
+    "image_size": 16,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+}
 GLOBAL_BATCH = 8
 NEGATIVES = 2  # hard negatives per caption in the variants that have them
 # (loss kind, gather, presence masks, label smoothing, hard negatives' weight or None)
