@@ -262,6 +262,53 @@ def test_resume_needs_every_rank_and_the_same_seed(mixed_shards) -> None:
         loader.load_state_dict(states[1:])
     with pytest.raises(ValueError, match=r"saved data.seed=0, now 5"):
         Loader(data_config(str(shards), workers=0, seed=5), MODALITIES, rank=0, world=1).load_state_dict(states)
+    # The shuffle decides which samples a consumed count stands for: changing it would break exactly-once.
+    for key, value in (("shuffle", False), ("shuffle_buffer", 8)):
+        with pytest.raises(ValueError, match=rf"saved data.{key}=.*, now {value}"):
+            Loader(data_config(str(shards), workers=0, **{key: value}), MODALITIES, rank=0, world=1).load_state_dict(
+                states
+            )
+
+
+def _image_shard(path: Path, keys: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    jpg = io.BytesIO()
+    gradient(16, 16).save(jpg, "JPEG")
+    with tarfile.open(path, "w") as t:
+        for key in keys:
+            _member(t, f"{key}.txt", f"caption {path.parent.name} {key}".encode())
+            _member(t, f"{key}.jpg", jpg.getvalue())
+    sizes = path.parent / "sizes.json"
+    known = json.loads(sizes.read_text()) if sizes.exists() else {}
+    sizes.write_text(json.dumps({**known, path.name: len(keys)}))
+
+
+def test_one_pattern_over_two_builds_resumes_exactly_once(tmp_path: Path) -> None:
+    """Two builds whose shards and keys have the same names (``a/shard-000000.tar`` and ``b/shard-000000.tar``, keys
+    from 000000000): one brace pattern over both, interrupted inside the second shard, resumed: every (shard, key)
+    exactly once, as README's exact-resume claim says."""
+    keys = [f"{i:09d}" for i in range(4)]
+    for build in ("a", "b"):
+        _image_shard(tmp_path / build / "shard-000000.tar", keys)
+        _image_shard(tmp_path / build / "shard-000001.tar", keys[:2])
+    spec = f"{tmp_path}/{{a,b}}/shard-{{000000..000001}}.tar"
+    cfg = data_config(spec, workers=0, batch_size=2, shuffle=False)
+
+    def ids(batch: dict) -> list[str]:
+        return [f"{s}/{k}" for s, k in zip(batch["__shard__"], batch["__key__"], strict=True)]
+
+    loader = Loader(cfg, ("text", "image"), rank=0, world=1)
+    seen: list[str] = []
+    for i, batch in enumerate(loader):
+        seen += ids(batch)
+        if i == 3:  # a/shard-000000 and a/shard-000001 read, inside b/shard-000000
+            break
+    state = json.loads(json.dumps(loader.state_dict()))
+    resumed = Loader(cfg, ("text", "image"), rank=0, world=1)
+    resumed.load_state_dict(state)
+    seen += [i for b in resumed for i in ids(b)]
+    expected = [f"0:{b}/shard-00000{n}.tar/{k}" for b in "ab" for n in (0, 1) for k in keys[: 4 - 2 * n]]
+    assert sorted(seen) == sorted(expected)
 
 
 def test_resampled_elastic_resume_keeps_the_epoch_length(mixed_shards) -> None:

@@ -126,7 +126,9 @@ def kill_all(procs: list[subprocess.Popen]) -> None:
 def epoch_keys(out: Path, epoch: int = 0) -> list[str]:
     """Every sample key that the run's steps of ``epoch`` trained on, over all ranks' sample logs."""
     rows = [json.loads(line) for f in sorted((out / "samples").glob("rank*.jsonl")) for line in f.open()]
-    return [k for r in rows if r["epoch"] == epoch for k in r["keys"]]
+    ids = [k for r in rows if r["epoch"] == epoch for k in r["keys"]]
+    assert all(i.startswith("0:shard-") for i in ids), ids[:3]  # source 0, shard file, sample key
+    return [i.rsplit("/", 1)[1] for i in ids]
 
 
 def assert_same_curve(out: Path, reference: Path) -> None:

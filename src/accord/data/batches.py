@@ -17,6 +17,7 @@ def pad_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
     out: dict[str, Any] = {
         "present": {m: torch.cat([p, p.new_zeros(size - n)]) for m, p in batch["present"].items()},
         "__key__": batch.get("__key__", []),
+        "__shard__": batch.get("__shard__", []),
     }
     if "labels" in batch:
         out["labels"] = batch["labels"] + [None] * (size - n)
@@ -28,7 +29,7 @@ def pad_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
 
 def empty_batch(modalities: tuple[str, ...], size: int) -> dict[str, Any]:
     """No samples at all: every tower still runs (on a dummy input), every loss term is masked out."""
-    return {"present": {m: torch.zeros(size, dtype=torch.bool) for m in modalities}, "__key__": []}
+    return {"present": {m: torch.zeros(size, dtype=torch.bool) for m in modalities}, "__key__": [], "__shard__": []}
 
 
 def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:

@@ -165,6 +165,8 @@ class Loader:
             "workers": workers,
             "seed": self.cfg.seed,
             "mode": self.cfg.mode,
+            "shuffle": self.cfg.shuffle,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
             "epoch": self._epoch,
             "done": self._done,
             "consumed": consumed,
@@ -179,8 +181,9 @@ class Loader:
         if not states or any(st.get("version") != 2 for st in states):
             raise ValueError("cannot resume the data loader: no state, or a state saved by an older accord")
         first = states[0]
-        for key, mine in (("seed", self.cfg.seed), ("mode", self.cfg.mode)):
-            if first[key] != mine:
+        for key in ("seed", "mode", "shuffle", "shuffle_buffer"):  # what decides the samples a count stands for
+            mine = getattr(self.cfg, key)
+            if first.get(key, mine) != mine:
                 raise ValueError(f"cannot resume the data loader: saved data.{key}={first[key]!r}, now {mine!r}")
         if [st["rank"] for st in states] != list(range(first["world"])):
             raise ValueError(

@@ -16,11 +16,24 @@ class Shard:
     url: str
     size: int | None  # samples, from sizes.json
     source: int  # index of the '::'-joined source it came from
+    path: str = ""  # its path below the source's root (the folder all its shards share); default the file name
 
     @property
     def name(self) -> str:
-        """Location-independent identity (source index + file name): seeds do not change when data moves."""
-        return f"{self.source}:{posixpath.basename(self.url)}"
+        """Location-independent identity (source index + path below the source's root): unique within a run, and
+        seeds and resume states do not change when the data moves."""
+        return f"{self.source}:{self.path or posixpath.basename(self.url)}"
+
+
+def _below_common_folder(urls: list[str]) -> list[str]:
+    """Each URL's path below the deepest folder all of them share (``/d/a/0.tar``, ``/d/b/0.tar`` -> ``a/0.tar``,
+    ``b/0.tar``; one folder: the file names)."""
+    parts = [u.split("/") for u in urls]
+    common = 0
+    folders = [p[:-1] for p in parts]
+    while all(len(f) > common for f in folders) and len({tuple(f[: common + 1]) for f in folders}) == 1:
+        common += 1
+    return ["/".join(p[common:]) for p in parts]
 
 
 def _fs_and_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -54,11 +67,14 @@ def expand_source(spec: str, index: int = 0) -> list[Shard]:
     urls = list(braceexpand.braceexpand(spec))
     by_folder: dict[str, dict[str, int]] = {}
     out = []
-    for url in urls:
+    for url, below in zip(urls, _below_common_folder(urls), strict=True):
         folder = url.rsplit("/", 1)[0] if "/" in url else "."
         if folder not in by_folder:
             by_folder[folder] = _sizes_for(folder)
-        out.append(Shard(url, by_folder[folder].get(posixpath.basename(url)), index))
+        out.append(Shard(url, by_folder[folder].get(posixpath.basename(url)), index, below))
+    if len({s.name for s in out}) < len(out):
+        dup = next(s.url for s in out if sum(o.name == s.name for o in out) > 1)
+        raise ValueError(f"data source {spec!r}: {dup} is listed more than once")
     return out
 
 

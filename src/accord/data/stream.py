@@ -221,7 +221,7 @@ class ShardStream(IterableDataset):
                     continue
                 rng = random.Random(seed_of(self.cfg.seed, epoch, shard.name, raw["__key__"]))
                 try:
-                    batch.append(self.decoder(raw, rng))
+                    batch.append({**self.decoder(raw, rng), "__shard__": shard.name})
                 except BadSample as e:
                     counters[("bad: " if e.bad else "filtered: ") + e.reason] += 1
                     continue

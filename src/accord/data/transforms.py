@@ -264,6 +264,8 @@ INPUT_NAMES = {"image": "pixel_values", "video": "pixel_values", "audio": "featu
 def collate(samples: list[dict[str, Any]], decoder: SampleDecoder, pad_id: int = 0) -> dict[str, Any]:
     """Decoded samples -> batch with a presence mask per modality; a modality no sample has is left out."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples], "present": {}}
+    if all("__shard__" in s for s in samples):  # the shard each sample came from (Shard.name): keys repeat across
+        batch["__shard__"] = [s["__shard__"] for s in samples]  # builds, (shard, key) does not
     if decoder.label_key is not None:
         batch["labels"] = [s.get("label") for s in samples]
     for modality in decoder.modalities:

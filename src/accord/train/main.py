@@ -259,7 +259,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One optimiser step over the group of micro-batches (its sample keys logged first, with log.sample_keys)."""
         if self.samples is not None:
-            keys = [k for b in micro_batches for k in b.get("__key__", [])]
+            keys = [f"{s}/{k}" for b in micro_batches for s, k in zip(b["__shard__"], b["__key__"], strict=True)]
             self.samples.write(self.step + 1, self.loader.epoch, keys)
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
         for group in self.engine.optimizer.param_groups:
