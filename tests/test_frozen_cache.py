@@ -104,6 +104,28 @@ def test_features_do_not_depend_on_batch_neighbours_or_padding() -> None:
     assert torch.allclose(full, (plain * m).sum(1) / m.sum(1), atol=1e-5)
 
 
+def test_captions_near_the_position_limit_are_cached_within_it() -> None:
+    """A frozen clip_text tower with 13 positions (CLIP: 77): a 12- or 13-token caption is computed in 13 positions,
+    not rounded up to 16, past the position embeddings; the features equal the plain forward's."""
+    hf = {"vocab_size": 50, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2}
+    t = Tower(
+        "text",
+        TowerConfig(kind="clip_text", hf={**hf, "intermediate_size": 32, "max_position_embeddings": 13}, freeze=True),
+        embed_dim=8,
+    )
+    assert t.enable_cache() is None
+    ids = torch.randint(1, 49, (3, 13))
+    ids[0, 12] = ids[1, 11] = ids[2, 4] = 49  # the end token (CLIP pools at the highest id)
+    mask = torch.ones_like(ids)
+    mask[1, 12:] = mask[2, 5:] = 0
+    cached = t.cache({"input_ids": ids}, mask)
+    with torch.no_grad():
+        plain = torch.stack(
+            [t.backbone(input_ids=ids[i : i + 1, : int(mask[i].sum())]).pooler_output[0] for i in range(3)]
+        )
+    assert torch.allclose(cached, plain, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "text, refusal",
     [

@@ -6,8 +6,9 @@ features for a caption that recurs can be kept and reused. For the reuse to be *
 depend on what else was in the batch, and on CPU they do: BLAS picks other kernels for other matrix shapes and
 attention sums over the batch's padded length, so the same caption embeds differently (by ~1e-6) in different
 batches. Every input is therefore computed in a fixed shape: in chunks of exactly ``CHUNK`` rows (a short chunk is
-filled with copies of its first row), a caption padded to its own length rounded up to ``LENGTH_STEP`` tokens (the
-same padding whatever its neighbours; mask zero on it).
+filled with copies of its first row), a caption padded to its own length rounded up to ``LENGTH_STEP`` tokens, or to
+the backbone's position limit where that is lower (CLIP's 77: a 73-token caption is computed in 77 positions, not
+80), the same padding whatever its neighbours; mask zero on it.
 A cached run and a run that keeps nothing (``max_items=0``) then give bit-identical features, losses and
 gradients; both differ from an ordinary padded batch forward by float noise only.
 
@@ -50,10 +51,13 @@ class FrozenFeatureCache:
     attention mask before keying and computing; ``per_token`` (text only) keeps each caption's token states, returned
     padded with zeros to the batch's length."""
 
-    def __init__(self, run: RunFn, max_items: int, text: bool, per_token: bool = False):
+    def __init__(
+        self, run: RunFn, max_items: int, text: bool, per_token: bool = False, max_positions: int | None = None
+    ):
         if per_token and not text:
             raise ValueError("per-token features are cached for text towers only")
         self.run, self.max_items, self.text, self.per_token = run, max_items, text, per_token
+        self.max_positions = max_positions  # text: the backbone's position embeddings (padding never goes past)
         self.store: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.hits = self.lookups = 0
 
@@ -65,9 +69,13 @@ class FrozenFeatureCache:
         return [{"input_ids": inputs["input_ids"][i, : int(length)]} for i, length in enumerate(lengths)]
 
     def _shape(self, row: dict[str, torch.Tensor]) -> tuple:
-        """The shape a row is computed in: text rounded up to a multiple of LENGTH_STEP tokens (padding masked)."""
+        """The shape a row is computed in: text rounded up to a multiple of LENGTH_STEP tokens, at most
+        ``max_positions`` (padding masked)."""
         if self.text:
-            return (-(-len(row["input_ids"]) // LENGTH_STEP) * LENGTH_STEP,)
+            width = -(-len(row["input_ids"]) // LENGTH_STEP) * LENGTH_STEP
+            if self.max_positions is not None:
+                width = min(width, max(self.max_positions, len(row["input_ids"])))
+            return (width,)
         return tuple((k, tuple(v.shape)) for k, v in sorted(row.items()))
 
     @torch.no_grad()

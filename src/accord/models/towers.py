@@ -287,18 +287,21 @@ class Tower(nn.Module):
     def enable_cache(self) -> str | None:
         """Cache the backbone's features when :meth:`cache_refusal` allows; returns the refusal otherwise."""
         refusal = self.cache_refusal()
+        positions = getattr(self.backbone.config, "max_position_embeddings", None)
         if refusal is None and self.cut is not None:  # the bottom's token states per caption
             self.cache = FrozenFeatureCache(
                 lambda kw, mask: self.cut_states(kw["input_ids"], _required(mask)),
                 self.cfg.frozen_cache_items,
                 text=True,
                 per_token=True,
+                max_positions=positions,
             )
         elif refusal is None:
             self.cache = FrozenFeatureCache(
                 lambda kw, mask: self._run(mask, **kw, **({"attention_mask": mask} if mask is not None else {}))[0],
                 self.cfg.frozen_cache_items,
                 text=self.cfg.kind in ("bert", "clip_text"),
+                max_positions=positions if self.cfg.kind in ("bert", "clip_text") else None,
             )
         return refusal
 
