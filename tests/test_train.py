@@ -198,8 +198,13 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
 @pytest.mark.slow
 @pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, tmp_path: Path) -> None:
+    """README: after a SIGKILL, ``--resume latest`` reproduces the uninterrupted loss curve exactly, with dropout on
+    (the RNG states are restored, and no data-loader iterator draws from them); resuming the finished run again
+    trains nothing and rewrites no checkpoint (a kill during a rewrite would lose the final weights)."""
     shards, _ = mixed_shards
     opts = [
+        "model.towers.text.hf.hidden_dropout_prob=0.2",
+        "model.towers.image.hf.hidden_dropout_prob=0.2",
         "max_steps=16",
         "log.every=1",
         "checkpoint.every=4",
@@ -245,6 +250,13 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, t
                 if step <= 8:  # logged by the killed run before its checkpoint: two fresh runs, one seed, same bits
                     assert got[step][key] == ref[step][key], (step, key)
     assert len(list((out / "checkpoints").glob("step*"))) == 2  # keep_last
+    final = {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "step00000016").rglob("*")}
+    again = subprocess.run(
+        launch(shards, out, *opts, resume=True), capture_output=True, text=True, env=ENV, timeout=600
+    )
+    assert again.returncode == 0, again.stderr[-4000:]
+    assert "resumed from" in again.stdout and "saved checkpoint" not in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "step00000016").rglob("*")} == final
     # TensorBoard: the killed run's steps after its checkpoint are purged, every step's loss shows once
     board = tensorboard_scalars(out / "tensorboard", "loss")
     assert [s for s, _ in board] == list(range(1, 17))

@@ -22,12 +22,13 @@ from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
+import torch
 from torch.utils.data import DataLoader
 
 from accord.data.config import DataConfig
 from accord.data.negatives import NegativeSampler
 from accord.data.shardlists import expand_sources
-from accord.data.stream import ShardStream, rank_and_world
+from accord.data.stream import ShardStream, rank_and_world, seed_of
 from accord.data.transforms import SampleDecoder
 
 
@@ -105,6 +106,9 @@ class Loader:
             prefetch_factor=2 if workers > 0 else None,
             in_order=True,
             worker_init_fn=functools.partial(exit_with_owner, os.getpid()) if workers > 0 else None,
+            # Its own generator: an iterator draws its workers' base seed from it, not from the global one, so
+            # creating one (a new epoch, an evaluation, a resume) leaves the training process's RNG (dropout) as it was.
+            generator=torch.Generator().manual_seed(seed_of(self.cfg.seed, "loader", self.rank, self._epoch) >> 1),
         )
 
     @property

@@ -1,10 +1,11 @@
 """Checkpoints: the DeepSpeed checkpoint (weights, optimiser, any ZeRO stage) plus, per rank, the data-loader state
 and RNG states, so that a resumed run continues with the same samples and the same randomness.
 
-A checkpoint counts only once it is whole: every rank writes its files, then rank 0 writes ``accord.json`` (what
-the run looked like: step, world size, data workers, ZeRO stage) into the tag's folder and only then moves the
-``latest`` pointer, each by an atomic rename. A run killed while writing leaves ``latest`` on the previous
-checkpoint, and a folder without ``accord.json`` is never loaded.
+A checkpoint counts only once it is whole: every rank writes its files and fsyncs them, then rank 0 writes
+``accord.json`` (what the run looked like: step, world size, data workers, ZeRO stage) into the tag's folder and
+only then moves the ``latest`` pointer, each by an atomic rename. A run killed while writing leaves ``latest`` on the
+previous checkpoint, and a folder without ``accord.json`` is never loaded. The checkpoint ``latest`` names is never
+rewritten (a resumed run saves nothing at the step it resumed from).
 
 Resuming on another world size (same ZeRO stage, 1 or 2) goes through DeepSpeed's universal checkpoint: rank 0
 converts the tag once (``ds_to_universal``, into ``universal/<tag>``) and every rank loads its new partition of the
@@ -62,6 +63,21 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(
     engine,
     folder: Path,
@@ -80,7 +96,10 @@ def save(
 
     tag = tag_of(step)
     rank = dist.get_rank()
-    if rank == 0:  # a tag written again (a run resumed from an earlier one) starts empty: no stale rank files
+    if rank == 0 and latest_tag(folder) == tag and (folder / tag / MARKER).exists():
+        # Rewriting it would delete the only checkpoint ``latest`` names until the new one is committed.
+        raise RuntimeError(f"checkpoint {folder / tag} is the latest one and would be overwritten")
+    if rank == 0:  # a later tag of an abandoned run (resumed from an earlier one) starts empty: no stale rank files
         shutil.rmtree(folder / tag, ignore_errors=True)
         shutil.rmtree(folder / UNIVERSAL / tag, ignore_errors=True)
         (folder / tag).mkdir(parents=True)
@@ -91,6 +110,8 @@ def save(
         UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE},
     }
     engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)  # ends in a barrier
+    _fsync_tree(folder / tag)  # every rank (each node's own writes): on disk before the marker says it is whole
+    dist.barrier()
     if rank == 0:
         _write_atomic(folder / tag / MARKER, json.dumps({"tag": tag, "step": step, **meta}, indent=1))
         _write_atomic(folder / "latest", tag)
@@ -229,4 +250,6 @@ class Checkpointer:
         return tag
 
     def load(self, meta: dict[str, Any], universal: bool) -> tuple[dict[str, Any], list[dict]]:
-        return load(self.engine, self.folder, meta, universal)
+        client, states = load(self.engine, self.folder, meta, universal)
+        self.saved_at = meta["step"]  # on disk already: a resumed run that trains no further step saves nothing
+        return client, states
