@@ -316,6 +316,9 @@ def test_accumulation_replays_dropout_exactly() -> None:
         ("loss.kind=siglip", "model.init_logit_bias: the siglip loss needs a logit bias"),
         ("data.workers=17", "16 shards < world size x data workers = 1 x 17"),
         ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
+        ("checkpoint.every=0", "checkpoint.every: must be >= 1"),
+        # without sample counts an epoch's length, and so the lr schedule, is unknown (it used to collapse to 1 step)
+        ("data.train=pipe:cat /nonexistent/shard.tar", "data.train: 1 of 1 shards have no sizes.json entry"),
         (
             "loss.hard_negatives={per_caption: 1, vocabulary: 'pipe:cat x'}",
             "loss.hard_negatives.vocabulary: the hard negatives' vocabulary needs a folder",

@@ -162,6 +162,14 @@ class Trainer:
         self.loader = Loader(cfg.data, self.modalities, train=True, negatives=negatives)
         self.validator = Validator(cfg, self.modalities, self.device, self.dtype)
         self.checkpointer = checkpoint.Checkpointer(self.engine, self.ckpt_dir, cfg.checkpoint)
+        unknown = [sh.url for sh in self.loader.dataset.shards if sh.size is None]
+        if cfg.data.mode == "finite" and unknown and cfg.max_steps is None:
+            # The schedule (warmup, cosine, checkpoint.every) is laid out in steps from the epoch's sample count.
+            raise ConfigError(
+                f"data.train: {len(unknown)} of {len(self.loader.dataset.shards)} shards have no sizes.json entry "
+                f"(e.g. {unknown[0]}), so the epoch's length and the learning-rate schedule are unknown: add "
+                "sizes.json beside the shards (shard name -> samples) or set max_steps"
+            )
         per_step = self.world * cfg.data.batch_size * cfg.accum_steps
         self.steps_per_epoch = max(1, math.ceil(self.loader.num_samples / per_step))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
