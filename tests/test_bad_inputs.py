@@ -94,6 +94,59 @@ def test_eval_reports_read_skipped_and_expected(truncated, backbone: Path, capsy
     assert f"accord eval: warning: read {samples['read']} of {total} samples" in captured.err
 
 
+@pytest.fixture(scope="module")
+def truncated_big(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """250 labelled image samples in 5 shards (one with json that is not JSON), one shard cut to its first fifth:
+    more than 5% of at least 200 samples lost, the default data.max_bad_fraction of training."""
+    import io
+    import tarfile
+
+    from helpers.media import gradient
+
+    out = tmp_path_factory.mktemp("truncated_big")
+    jpg = io.BytesIO()
+    gradient(8, 8).save(jpg, "JPEG")
+    sizes = {}
+    for s in range(5):
+        name = f"shard-{s:06d}.tar"
+        with tarfile.open(out / name, "w") as tar:
+            for i in range(50):
+                key = f"{s * 50 + i:09d}"
+                meta = b"{not json" if (s, i) == (0, 7) else json.dumps({"label": "red" if i % 2 else "blue"}).encode()
+                for ext, data in (("txt", b"a red thing"), ("jpg", jpg.getvalue()), ("json", meta)):
+                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        sizes[name] = 50
+    (out / "sizes.json").write_text(json.dumps(sizes))
+    cut = out / "shard-000004.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 5])
+    return out, 250
+
+
+def test_eval_counts_a_truncated_shard_instead_of_stopping(
+    truncated_big, backbone: Path, tmp_path: Path, capsys
+) -> None:
+    """README: accord eval prints read / skipped / expected (it used to raise TooManyBadSamples past 5% of 200);
+    --classes counts every sample a truncated shard lost and a json that is not JSON, each by reason."""
+    shards, total = truncated_big
+    assert main_eval(["--backbone", str(backbone), "--data", str(shards)]) == 0
+    samples = json.loads(capsys.readouterr().out)["samples"]
+    assert samples["expected"] == total and samples["read"] < 215
+    assert samples["read"] + sum(samples["skipped"].values()) == total
+    classes = tmp_path / "classes.txt"
+    classes.write_text("red\nblue\n")
+    assert (
+        main_eval(
+            ["--backbone", str(backbone), "--data", str(shards), "--classes", str(classes), "--modality", "image"]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)["samples"]
+    assert result["skipped"]["json not a JSON object"] == 1 and result["skipped"]["unreadable"] > 35
+    assert result["classified"] + sum(result["skipped"].values()) == total
+
+
 def test_eval_missing_backbone(tmp_path: Path, mixed_shards, capsys) -> None:
     assert main_eval(["--backbone", str(tmp_path / "nope"), "--data", str(mixed_shards[0])]) == 2
     assert "neither an accord backbone" in one_line_error(capsys, "accord eval")

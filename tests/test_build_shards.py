@@ -444,3 +444,16 @@ def test_svg_inputs_are_rasterised_at_the_requested_size(tmp_path: Path) -> None
         "remote": "SVG references an external resource (http://example.com/a.png); only inline data: URLs are read",
         "sizeless": "SVG without a size: needs width and height in absolute units, or a viewBox",
     }
+
+
+def test_read_tar_keeps_samples_of_different_folders_apart(tmp_path: Path) -> None:
+    """``a/x.txt`` and ``b/x.txt`` are two samples (webdataset's keys keep the folder); they were merged into one."""
+    with tarfile.open(tmp_path / "t.tar", "w") as tar:
+        for name, data in (("a/x.txt", b"one"), ("a/x.jpg", b"1"), ("b/x.txt", b"two"), ("b/x.jpg", b"2")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    import fsspec
+
+    samples = list(read_tar(fsspec.filesystem("file"), str(tmp_path / "t.tar")))
+    assert samples == [("a/x", [("txt", b"one"), ("jpg", b"1")]), ("b/x", [("txt", b"two"), ("jpg", b"2")])]

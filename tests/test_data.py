@@ -130,6 +130,24 @@ def test_bad_samples_are_skipped_counted_and_stop_the_run_above_threshold(tmp_pa
         list(strict)
 
 
+def test_a_tar_error_after_the_last_sample_loses_no_sample(tmp_path: Path) -> None:
+    """All 3 samples sizes.json promises, then a tail cut inside a member (an interrupted append): 3 read, nothing
+    counted bad (a phantom bad sample was counted)."""
+    jpg = io.BytesIO()
+    gradient(16, 16).save(jpg, "JPEG")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for k in range(4):
+            _member(t, f"{k:03d}.txt", b"a caption")
+            _member(t, f"{k:03d}.jpg", jpg.getvalue())
+    cut = buf.getvalue()[:9500]  # inside 003.jpg, after 003.txt (which releases sample 002)
+    (tmp_path / "shard-000000.tar").write_bytes(cut)
+    (tmp_path / "sizes.json").write_text(json.dumps({"shard-000000.tar": 3}))
+    loader = Loader(data_config(str(tmp_path), workers=0, shuffle=False), ("text", "image"), rank=0, world=1)
+    assert flat([b["__key__"] for b in loader]) == ["000", "001", "002"]
+    assert loader.skip_stats() == {"seen": 3}
+
+
 def test_too_few_shards_for_workers_times_ranks_fails_at_start(mixed_shards) -> None:
     shards, _ = mixed_shards
     with pytest.raises(ValueError, match=r"16 shards < world size x data workers = 4 x 8 = 32"):

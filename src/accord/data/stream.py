@@ -142,7 +142,9 @@ class ShardStream(IterableDataset):
                     yield buffer.pop()
         except (tarfile.TarError, OSError, ValueError) as e:
             yield from _drain(buffer, rng)
-            yield from [f"corrupt tar ({type(e).__name__})"] * max(1, (shard.size or 0) - read)
+            # the samples sizes.json promised and did not come; 1 where it does not know (nothing after the last one)
+            lost = shard.size - read if shard.size is not None else 1
+            yield from [f"corrupt tar ({type(e).__name__})"] * lost
             return
         yield from _drain(buffer, rng)
         if shard.size is not None and read < shard.size:

@@ -43,7 +43,7 @@ from accord.evaluation.blind import NgramLM, blind_models, same_bag_of_words
 from accord.evaluation.plots import pyplot
 from accord.modalities import MEDIA
 from accord.models.towers import TowerOutput
-from accord.shards.read import shard_items
+from accord.shards.read import sample_json, shard_items
 
 BIAS = 0.03  # a blind model this far from 0.5 makes a category biased
 
@@ -68,7 +68,7 @@ def read_items(data: str, skipped: Counter[str], limit: int | None = None) -> li
         if limit is not None and len(items) >= limit:
             break
         if raw.get("error"):
-            skipped["unreadable"] += 1
+            skipped["unreadable"] += raw.get("lost", 1)
             continue
         media = [m for m in MEDIA if raw.get(m) is not None]
         caption = (raw.get("text") or "").strip()
@@ -76,8 +76,9 @@ def read_items(data: str, skipped: Counter[str], limit: int | None = None) -> li
             skipped["no caption"] += 1
         elif len(media) != 1:
             skipped["no medium" if not media else "more than one medium"] += 1
+        elif (meta := sample_json(raw)) is None:
+            skipped["json not a JSON object"] += 1
         else:
-            meta = json.loads(raw["json"]) if raw.get("json") else {}
             held = meta.get("held_out")
             seen = None if held is None else not bool(held)
             pair = meta.get("pair")

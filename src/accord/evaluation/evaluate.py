@@ -31,7 +31,7 @@ from accord.evaluation.embed import embed_all
 from accord.evaluation.plots import confusion_plot, similarity_plot
 from accord.evaluation.retrieval import retrieval
 from accord.evaluation.zeroshot import DEFAULT_TEMPLATES, class_embeddings, classify, label_index, read_lines
-from accord.shards.read import shard_items
+from accord.shards.read import sample_json, shard_items
 
 
 def evaluate_backbone(
@@ -54,6 +54,7 @@ def evaluate_backbone(
         batch_size=batch_size,
         workers=workers,
         persistent_workers=False,
+        max_bad_fraction=1.0,  # an evaluation counts what it could not read (report) instead of stopping
         text=TextConfig(tokenizer=str(Path(backbone_dir) / "tokenizer"), max_length=backbone.max_length),
         image=backbone.image_cfg,
         video=backbone.video_cfg,
@@ -107,13 +108,16 @@ def zeroshot_eval(
     read = 0
     for item in shard_items(data, with_json=True):
         if item.get("error"):
-            skipped["unreadable"] += 1
+            skipped["unreadable"] += item.get("lost", 1)
             continue
         read += 1
         if item.get(modality) is None:
             skipped[f"no {modality}"] += 1
             continue
-        meta = json.loads(item["json"]) if item.get("json") else {}
+        meta = sample_json(item)
+        if meta is None:
+            skipped["json not a JSON object"] += 1
+            continue
         if label_key not in meta:
             skipped[f"no {label_key!r} in the sample json"] += 1
             continue

@@ -57,8 +57,25 @@ def shard_items(folder: str, with_json: bool = False) -> Iterator[Item]:
             problem = f"unreadable after {read} samples ({type(e).__name__}: {e})"
         expected = sizes.get(name)
         if problem or (expected is not None and read < expected):
-            lost = f"{expected - read} of {expected} samples lost" if expected is not None else "samples lost"
-            yield {"id": name, "error": f"{name}: {problem or 'truncated'}; {lost} (sizes.json)"}
+            # "lost": how many samples this one error item stands for (1 where sizes.json does not know)
+            lost = max(1, expected - read) if expected is not None else 1
+            told = (
+                f"{expected - read} of {expected} samples lost (sizes.json)"
+                if expected is not None
+                else ("an unknown number of samples lost (no sizes.json entry)")
+            )
+            yield {"id": name, "error": f"{name}: {problem or 'truncated'}; {told}", "lost": lost}
+
+
+def sample_json(item: Item) -> dict[str, Any] | None:
+    """The item's json member as a dict ({} when it has none); None when it is not a JSON object."""
+    if not item.get("json"):
+        return {}
+    try:
+        meta = json.loads(item["json"])
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None
 
 
 def manifest_items(path: str) -> Iterator[Item]:

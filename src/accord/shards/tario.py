@@ -59,14 +59,15 @@ def write_tar(fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[Sample
 
 
 def read_tar(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Sample]:
-    """Samples of a tar in file order, members grouped by key (the name up to the first dot)."""
+    """Samples of a tar in file order, members grouped by key (the path up to the first dot of the file name)."""
     key, members = None, []
     with fs.open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|") as tar:
         for info in tar:
             if not info.isfile():
                 continue
-            name = info.name.rsplit("/", 1)[-1]
-            k, _, ext = name.partition(".")
+            folder, _, name = info.name.rpartition("/")
+            stem, _, ext = name.partition(".")
+            k = f"{folder}/{stem}" if folder else stem  # a/x.jpg and b/x.jpg are two samples (as in webdataset)
             member = tar.extractfile(info)
             assert member is not None  # a regular file
             data = member.read()

@@ -74,8 +74,7 @@ class LogConfig:
     tensorboard: bool = False
     """Event files in ``output_dir/tensorboard`` with the metric names of metrics.jsonl."""
     sample_keys: bool = False
-    """Write ``output_dir/samples/rank<R>.jsonl``: every step's samples as ``shard/key`` (``0:a/shard-000000.tar/000000042``),
-    per rank (an audit trail)."""
+    """Write ``output_dir/samples/rank<R>.jsonl``: every step's samples as ``shard/key``, per rank (an audit trail)."""
     profile_start: int | None = None
     """Run torch.profiler over steps [start, start + profile_steps): traces and a per-stage table."""
     profile_steps: int = 5
