@@ -85,7 +85,7 @@ def test_every_input_is_written_or_accounted_for(built: Path) -> None:
     sizes = json.loads((built / "sizes.json").read_text())
     assert sum(sizes.values()) == stats["written"] == len(samples)
     assert all(n <= 4 for n in sizes.values()) and list(sizes.values())[:-1] == [4] * (len(sizes) - 1)
-    assert stats["modalities"] == {"image": 14, "video": 2, "audio": 4}
+    assert stats["modalities"] == {"image": 15, "video": 2, "audio": 4}
     assert not (built / "_staging").exists()
 
 
@@ -114,7 +114,7 @@ def test_verify_passes_and_decodes_everything(built: Path) -> None:
     )
     summary = json.loads(proc.stdout)
     assert proc.returncode == 0, summary
-    assert summary["samples"] == 19 and summary["modalities"] == {"image": 14, "video": 2, "audio": 4}
+    assert summary["samples"] == 20 and summary["modalities"] == {"image": 15, "video": 2, "audio": 4}
 
 
 def test_output_identical_for_any_worker_count(raw_corpus: Path, built: Path, tmp_path: Path) -> None:
@@ -271,9 +271,9 @@ def test_dedupe_shuffle_and_byte_limit(raw_corpus: Path, built: Path, tmp_path: 
         progress=False,
     )
     stats = build(cfg)
-    assert stats["duplicates"] == 0 and stats["written"] == 20  # no --dedupe: the copy is kept
+    assert stats["duplicates"] == 0 and stats["written"] == 21  # no --dedupe: the copy is kept
     keys = [k for tar in sorted((tmp_path / "a").glob("*.tar")) for k, _ in read_tar_local(tar)]
-    assert keys != sorted(keys) and len(keys) == 20
+    assert keys != sorted(keys) and len(keys) == 21
     for tar in (tmp_path / "a").glob("*.tar"):
         assert tar.stat().st_size <= 60_000 + 10240 or len(list(read_tar_local(tar))) == 1  # + tar end blocks
     again = build(
@@ -290,7 +290,7 @@ def test_dedupe_shuffle_and_byte_limit(raw_corpus: Path, built: Path, tmp_path: 
     assert output_files(tmp_path / "a") == output_files(tmp_path / "b")
     with pytest.raises(FileExistsError, match="--overwrite"):
         build(cfg)
-    assert build(BuildConfig(**{**cfg.__dict__, "overwrite": True}))["written"] == 20
+    assert build(BuildConfig(**{**cfg.__dict__, "overwrite": True}))["written"] == 21
 
 
 def read_tar_local(path: Path):

@@ -35,6 +35,9 @@ EXPECTED = {
     "broken/text_as_wav": "undecodable audio",
     "broken/no_caption": "missing caption",
     "broken/unknown": "unsupported file type",
+    "cameras/_DSC0001": "ok",  # a camera's default name: read like any other
+    ".DS_Store": "hidden",  # OS litter: an input, rejected unread with its reason
+    ".thumbnails/img_000": "hidden",
 }
 
 
@@ -42,7 +45,7 @@ def make_raw_corpus(root: Path) -> Path:
     def caption(stem: str, text: str) -> None:
         (root / f"{stem}.txt").write_text(text + "\nsecond line is ignored\n")
 
-    for d in ("animals", "modes", "clips", "sounds", "mixed", "dups", "broken"):
+    for d in ("animals", "modes", "clips", "sounds", "mixed", "dups", "broken", "cameras", ".thumbnails"):
         (root / d).mkdir(parents=True, exist_ok=True)
     for i in range(6):
         write_image(root / f"animals/img_{i:03d}.jpg", "jpg", seed=i, size=(160 + 8 * i, 120))
@@ -82,5 +85,8 @@ def make_raw_corpus(root: Path) -> Path:
     write_image(root / "broken/no_caption.png", "png", seed=9)
     (root / "broken/unknown.xyz").write_bytes(b"\x00\x01")
     caption("broken/unknown", "a file of unknown type")
-    (root / ".DS_Store").write_bytes(b"junk")  # OS litter: not an input
+    write_image(root / "cameras/_DSC0001.JPG", "jpg", seed=11)
+    caption("cameras/_DSC0001", "a photo straight from the camera")
+    (root / ".DS_Store").write_bytes(b"junk")
+    write_image(root / ".thumbnails/img_000.png", "png", seed=1)
     return root

@@ -141,19 +141,25 @@ def _read_manifest(
 
 
 def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[SampleSource]:
-    """Files sharing a stem (relative path without extension) form one sample."""
+    """Files sharing a stem (relative path without extension) form one sample. Every file is an input: hidden ones
+    (a name or folder starting with ``.``: ``.DS_Store``, ``.git/``) are rejected unread, with that reason; names
+    starting with ``_`` (``_DSC0001.JPG``, a camera's default) are read like any other."""
     root = root.rstrip("/")
     groups: dict[str, list[str]] = {}
     for full in sorted(fs.find(root)):
         rel = full[len(root) + 1 :]
-        if any(part.startswith(".") or part.startswith("_") for part in rel.split("/")):
-            continue  # hidden files, our own staging, OS litter
-        stem = rel.rsplit(".", 1)[0] if "." in posixpath.basename(rel) else rel
+        name = posixpath.basename(rel)
+        dot = name.rfind(".")
+        stem = rel[: len(rel) - len(name) + dot] if dot > 0 else rel  # ".DS_Store" is a stem, not an extension
         groups.setdefault(stem, []).append(rel)
     base = url.rstrip("/")
     out = []
     for i, stem in enumerate(sorted(groups)):
         src = SampleSource(index=i, origin=stem)
+        if any(part.startswith(".") for part in stem.split("/")):
+            src.error = f"hidden (a name starting with '.'), not read: {', '.join(groups[stem])}"
+            out.append(src)
+            continue
         problems = []
         for rel in groups[stem]:
             ext = rel.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(rel) else ""
