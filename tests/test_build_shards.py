@@ -457,3 +457,25 @@ def test_read_tar_keeps_samples_of_different_folders_apart(tmp_path: Path) -> No
 
     samples = list(read_tar(fsspec.filesystem("file"), str(tmp_path / "t.tar")))
     assert samples == [("a/x", [("txt", b"one"), ("jpg", b"1")]), ("b/x", [("txt", b"two"), ("jpg", b"2")])]
+
+
+def test_a_new_build_never_overwrites_or_deletes_shards_it_did_not_write(tmp_path: Path, capsys) -> None:
+    """Another tool's shard-*.tar in the output folder: refused with exit 2 naming them, left untouched (the builder
+    overwrote shard-000000.tar and deleted the rest); --overwrite replaces them."""
+    from accord.shards.build import main as main_build
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_image(raw / "a.png", "png", seed=1)
+    (raw / "a.txt").write_text("a picture")
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = {f"shard-{i:06d}.tar": f"not ours {i}".encode() for i in (0, 7)}
+    for name, data in theirs.items():
+        (out / name).write_bytes(data)
+    assert main_build(["--input", str(raw), "--output", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no accord build here wrote (shard-000000.tar, shard-000007.tar)" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == theirs
+    assert main_build(["--input", str(raw), "--output", str(out), "--quiet", "--overwrite"]) == 0
+    assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]

@@ -310,6 +310,15 @@ def _prepare(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, plan: di
         if diff:
             raise ValueError(f"--resume: the unfinished build in {cfg.output} used different {', '.join(diff)}")
     else:
+        # A new build writes (and at the end prunes) {prefix}-*.tar: never over files it did not write.
+        foreign = sorted(p.rsplit("/", 1)[-1] for p in fs.glob(f"{out}/{cfg.prefix}-*.tar*"))
+        foreign += [n for n in ("sizes.json", "stats.json") if fs.exists(f"{out}/{n}")]
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise FileExistsError(
+                f"{cfg.output} holds files this build would overwrite that no accord build here wrote ({shown}); "
+                "choose another --output, another --prefix, or pass --overwrite to replace them"
+            )
         fs.makedirs(staging, exist_ok=True)
         _write_json(fs, f"{staging}/plan.json", plan)
     return False
