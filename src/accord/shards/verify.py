@@ -7,31 +7,34 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from collections import Counter
 from typing import Any
 
 import fsspec
 import webdataset as wds
+import yaml
 from tqdm import tqdm
 
-from accord.data.decode import decode_audio, decode_image, decode_video
+from accord.config import ConfigError, from_dict
+from accord.data.config import DataConfig
+from accord.data.stream import seed_of
+from accord.data.transforms import SampleDecoder
 from accord.errors import InputError, command
-from accord.modalities import MEMBER_EXTS
+from accord.modalities import MEDIA, MEMBER_EXTS
 from accord.shards.build import check_shard_count
 
 MAX_LISTED = 50
 
 
-def _decode(modality: str, data: bytes) -> None:
-    if modality == "image":
-        decode_image(data)
-    elif modality == "video":
-        decode_video(data, num_frames=2)
-    else:
-        wav, _ = decode_audio(data)
-        if wav.numel() == 0:
-            raise ValueError("no audio samples")
+def data_config_of(path: str) -> DataConfig:
+    """The ``data`` section of a training config file (or a file that is only that section)."""
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return from_dict(DataConfig, raw["data"] if "data" in raw else raw, "data")
 
 
 def verify(
@@ -41,9 +44,14 @@ def verify(
     workers: int | None = None,
     world_size: int | None = None,
     progress: bool = True,
+    data: DataConfig | None = None,
 ) -> dict[str, Any]:
-    """Check every shard in ``folder``; returns the summary whose ``problems`` list is empty when all is well."""
+    """Check every shard in ``folder``; returns the summary whose ``problems`` list is empty when all is well.
+    ``decode`` decodes every media member with the training loader's decoder (``accord.data.transforms``) under
+    ``data`` (frames, size, video backend, sample rate, features; default DataConfig()), with training's random
+    crops, seeded per sample."""
     fs, root = fsspec.core.url_to_fs(folder)
+    decoder = SampleDecoder(data or DataConfig(), MEDIA, train=True)
     if not fs.isdir(root):
         raise InputError(f"{folder}: {'not a directory' if fs.exists(root) else 'no such directory'}")
     base = folder.rstrip("/")
@@ -104,7 +112,8 @@ def verify(
                     modalities[modality] += 1
                     if decode:
                         try:
-                            _decode(modality, sample[ext])
+                            rng = random.Random(seed_of(name, sample["__key__"]))
+                            decoder.decode_medium(modality, sample[ext], rng)
                         except Exception as e:
                             problem(f"{where}.{ext}: cannot decode {modality}: {type(e).__name__}: {e}")
         except Exception as e:
@@ -128,8 +137,18 @@ def verify(
         "samples": sum(counts.values()),
         "modalities": dict(modalities),
         "decoded": decode,
+        "decode_settings": decode_settings(decoder.cfg) if decode else None,
         "problems": problems,
         "warnings": warnings,
+    }
+
+
+def decode_settings(cfg: DataConfig) -> dict[str, Any]:
+    """What a decode check used (the data config's media settings)."""
+    return {
+        "image": {"size": cfg.image.size},
+        "video": {"frames": cfg.video.num_frames, "size": cfg.video.size, "backend": cfg.video.backend},
+        "audio": {"sample_rate": cfg.audio.sample_rate, "seconds": cfg.audio.seconds, "features": cfg.audio.features},
     }
 
 
@@ -138,12 +157,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="verify_shards", description=__doc__)
     p.add_argument("folder", help="shard folder written by build_shards")
     p.add_argument("--decode", action="store_true", help="decode every media member with the training decoders")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="the training config whose data section --decode uses (frames, size, video backend, sample rate, "
+        "features); default: the data defaults",
+    )
     p.add_argument("--prefix", default="shard")
     p.add_argument("--workers", type=int, default=None, help="data-loader workers per rank, for the shard check")
     p.add_argument("--world-size", type=int, default=None, help="training ranks, for the shard check")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args(argv)
-    summary = verify(args.folder, args.decode, args.prefix, args.workers, args.world_size, not args.quiet)
+    data = data_config_of(args.config) if args.config else None
+    summary = verify(args.folder, args.decode, args.prefix, args.workers, args.world_size, not args.quiet, data)
     print(json.dumps(summary, indent=2))
     for w in summary["warnings"]:
         print(f"verify_shards: warning: {w}", file=sys.stderr)
