@@ -118,6 +118,8 @@ def test_bad_samples_are_skipped_counted_and_stop_the_run_above_threshold(tmp_pa
     assert stats["bad: missing text"] == 1 and stats["bad: undecodable image"] == 1
     corrupt = sum(v for k, v in stats.items() if k.startswith("bad: corrupt tar"))
     assert corrupt == 5 - (len(keys) - 3) and stats["seen"] == 10
+    list(loader)  # a second epoch: the counts cover the run, not the epoch (README: skipped samples are logged)
+    assert loader.skip_stats() == {k: 2 * v for k, v in stats.items()}
     strict = Loader(
         data_config(
             str(tmp_path), workers=0, batch_size=1, shuffle=False, max_bad_fraction=0.1, min_samples_for_check=2
@@ -254,6 +256,29 @@ def test_elastic_resume_sees_every_remaining_sample_exactly_once(mixed_shards, b
     if after[0] > 1:
         assert all(rank_keys for rank_keys, _ in resumed), "a new rank got nothing to read"
     assert sorted(k for _, next_epoch in resumed for k in next_epoch) == sorted(media)
+
+
+def test_elastic_resume_deals_the_unfinished_shards_round_robin(tmp_path: Path) -> None:
+    """README: on another layout the shards not yet consumed are dealt round-robin to the new slots. Rank 0 of 2
+    finished its small shards, rank 1 is inside its first big one; on 4 ranks each new rank gets one of the 4
+    unfinished shards (the old deal of the whole list gave ranks 0 and 2 only finished ones: they idled)."""
+    for i in range(8):
+        _image_shard(tmp_path / f"shard-{i:06d}.tar", [f"{i}{k:03d}" for k in range(1 if i % 2 == 0 else 10)])
+    cfg = data_config(str(tmp_path), workers=0, batch_size=1, shuffle=False)
+    states, consumed = [], []
+    for rank in range(2):
+        keys, state = _take(Loader(cfg, ("text", "image"), rank=rank, world=2), 4)
+        consumed += keys
+        states.append(state)
+    rest = []
+    for rank in range(4):
+        loader = Loader(cfg, ("text", "image"), rank=rank, world=4)
+        loader.load_state_dict(states)
+        mine = flat([b["__key__"] for b in loader])
+        assert mine, f"new rank {rank} got nothing to read"
+        rest += mine
+    everything = [f"{i}{k:03d}" for i in range(8) for k in range(1 if i % 2 == 0 else 10)]
+    assert sorted(consumed + rest) == sorted(everything) and len(rest) == len(set(rest))
 
 
 def test_elastic_resume_twice_in_one_epoch(mixed_shards) -> None:

@@ -84,7 +84,8 @@ class Loader:
         self.progress: dict[int, dict[str, Any]] = {}  # slot -> progress of its last batch this epoch
         self.last_local: int | None = None  # local slot of the last batch (next epoch's rotation)
         self._start: dict[str, Any] = {}  # where this epoch started: consumed / positions / elastic / rotation
-        self._counters: dict[int, dict[str, int]] = {}  # slot -> cumulative counters of this run
+        self._counters: dict[int, dict[str, int]] = {}  # slot -> counters of this epoch so far
+        self._past: Counter = Counter()  # the counters of this run's earlier epochs
         self._loader: DataLoader | None = None
 
     @property
@@ -120,11 +121,15 @@ class Loader:
         if self._done:  # a new epoch: nothing of it consumed yet
             self._epoch, self._done, self.progress, self.last_local = self._epoch + 1, False, {}, None
             self._start = {}
+            for counters in self._counters.values():  # each epoch's stream counts from zero
+                self._past.update(counters)
+            self._counters = {}
         persistent = self._loader is not None and self.cfg.persistent_workers and self.cfg.workers > 0
         if not persistent:
             # Fresh workers get this epoch and (when resuming) where to start; persistent ones count epochs.
             self.dataset.start_epoch = self._epoch
             self.dataset.start_consumed = self._start.get("consumed", {})
+            self.dataset.start_redeal = self._start.get("redeal", False)
             self.dataset.start_positions = self._start.get("positions", {})
             self.dataset.elastic = self._start.get("elastic")
             self.dataset.rotation = self._start.get("rotation", 0)
@@ -147,14 +152,17 @@ class Loader:
         and per slot the samples consumed (resampled mode)."""
         workers = max(1, self.cfg.workers)
         rotation = 0 if self.last_local is None else (self.last_local + 1) % workers
-        consumed: dict[str, int | None] = {}
+        start_consumed = self._start.get("consumed", {})
+        redeal = self._start.get("redeal", False)
+        # After a re-deal the shards finished before it are in no slot's items: every rank carries them on.
+        consumed: dict[str, int | None] = dict(self.dataset.finished_shards(start_consumed)) if redeal else {}
         positions: dict[int, int] = {}
         for slot in range(self.rank * workers, (self.rank + 1) * workers):
             meta = self.progress.get(slot)
             positions[slot] = meta["position"] if meta else self._start.get("positions", {}).get(slot, 0)
             if self.cfg.mode != "finite":
                 continue
-            items = self.dataset.slot_items(self._epoch, slot, self._start.get("consumed", {}))
+            items = self.dataset.slot_items(self._epoch, slot, start_consumed, redeal)
             for j, (shard, before) in enumerate(items):
                 if self._done or (meta is not None and j < meta["item"]):
                     consumed[shard.name] = None
@@ -177,6 +185,7 @@ class Loader:
             "positions": positions,
             "rotation": rotation,
             "elastic": self._start.get("elastic"),
+            "redeal": redeal,
         }
 
     def load_state_dict(self, states: dict[str, Any] | list[dict[str, Any]]) -> None:
@@ -204,7 +213,9 @@ class Loader:
         if inside and same_layout:
             start["rotation"] = states[self.rank]["rotation"]
         if inside and self.cfg.mode == "finite":
-            start["consumed"] = {name: n for st in inside for name, n in st["consumed"].items()}  # disjoint
+            # disjoint, but for the finished shards every rank carries on after a re-deal (all None)
+            start["consumed"] = {name: n for st in inside for name, n in st["consumed"].items()}
+            start["redeal"] = not same_layout or any(st.get("redeal") for st in inside)
         elif inside:
             positions = {int(k): v for st in inside for k, v in st["positions"].items()}
             elastic = inside[0]["elastic"]
@@ -218,7 +229,7 @@ class Loader:
     # ---------------------------------------------------------------------------------------- bad samples
     def skip_stats(self) -> dict[str, int]:
         """This rank's counts since the start of this run: 'seen', 'bad: <reason>', 'filtered: <reason>'."""
-        total: Counter = Counter()
+        total: Counter = Counter(self._past)
         for counters in self._counters.values():
             total.update(counters)
         return dict(total)

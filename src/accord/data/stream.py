@@ -78,6 +78,7 @@ class ShardStream(IterableDataset):
         # (samples left in the epoch, the saved layout) - fresh draws for the rest of the epoch.
         self.start_epoch, self.rotation, self._iterations = 0, 0, 0
         self.start_consumed: dict[str, int | None] = {}
+        self.start_redeal = False  # finite mode: start_consumed came from another layout (see slot_items)
         self.start_positions: dict[int, int] = {}
         self.elastic: tuple[int, int] | None = None
 
@@ -89,9 +90,20 @@ class ShardStream(IterableDataset):
             random.Random(seed_of(self.cfg.seed, epoch)).shuffle(order)
         return order
 
-    def slot_items(self, epoch: int, slot: int, consumed: dict[str, int | None]) -> list[tuple[Shard, int | None]]:
-        """Finite mode: the (shard, samples already consumed) items slot ``slot`` reads this epoch."""
-        return [(s, consumed.get(s.name, 0)) for s in self.epoch_order(epoch)][slot :: self.slots]
+    def slot_items(
+        self, epoch: int, slot: int, consumed: dict[str, int | None], redeal: bool = False
+    ) -> list[tuple[Shard, int | None]]:
+        """Finite mode: the (shard, samples already consumed) items slot ``slot`` reads this epoch. ``redeal`` (a
+        resume on another layout): only the shards not yet finished are dealt round-robin, so no new slot idles
+        while another has several left."""
+        items = [(s, consumed.get(s.name, 0)) for s in self.epoch_order(epoch)]
+        if redeal:
+            items = [(s, n) for s, n in items if not finished(s, n)]
+        return items[slot :: self.slots]
+
+    def finished_shards(self, consumed: dict[str, int | None]) -> dict[str, None]:
+        """The shards ``consumed`` says are read to the end (as None)."""
+        return {s.name: None for s in self.shards if s.name in consumed and finished(s, consumed[s.name])}
 
     def resampled_shards(self, epoch: int, slot: int, elastic: bool) -> Iterator[Shard]:
         """Resampled mode: the shards slot ``slot`` draws (after a change of layout, fresh draws for it)."""
@@ -163,7 +175,11 @@ class ShardStream(IterableDataset):
         first = self._iterations == 0
         self._iterations += 1
         if self.cfg.mode == "finite":
-            items = self.slot_items(epoch, slot, self.start_consumed if first else {})
+            items = (
+                self.slot_items(epoch, slot, self.start_consumed, self.start_redeal)
+                if first
+                else self.slot_items(epoch, slot, {})
+            )
             yield from self._read(epoch, local, slot, items, quota=None, skip=0)
         else:
             elastic = first and self.elastic is not None
@@ -232,6 +248,11 @@ class ShardStream(IterableDataset):
             else:
                 offset = None  # the whole shard is consumed (also when sizes.json does not know its size)
         yield emit()  # the last partial batch, or just the final progress and counters
+
+
+def finished(shard: Shard, consumed: int | None) -> bool:
+    """Whether a shard with ``consumed`` samples consumed (None: all) has nothing left to read."""
+    return consumed is None or (shard.size is not None and consumed >= shard.size)
 
 
 def _drain(buffer: list[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
