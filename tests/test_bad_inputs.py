@@ -165,9 +165,28 @@ def test_verify_shards_needs_a_folder(what: str, tmp_path: Path, capsys) -> None
 def test_export_without_latest(tmp_path: Path, capsys) -> None:
     (tmp_path / "checkpoints").mkdir()
     assert main_export([str(tmp_path / "checkpoints"), "--out", str(tmp_path / "bb")]) == 2
-    assert f"{tmp_path / 'checkpoints' / 'latest'}: No such file or directory" in one_line_error(
-        capsys, "accord export"
-    )
+    assert f"{tmp_path / 'checkpoints' / 'latest'}: no such file" in one_line_error(capsys, "accord export")
+
+
+class NotData:
+    """Stands for any object a checkpoint file could carry whose unpickling runs code."""
+
+
+def test_export_reads_only_committed_tags_and_plain_data(tmp_path: Path, capsys) -> None:
+    """--tag of a checkpoint whose save never finished (no accord.json) is refused (it was exported); a model-states
+    file holding anything but tensors and plain data is refused unread (weights_only=True)."""
+    import torch
+
+    folder = tmp_path / "checkpoints"
+    (folder / "step00000005").mkdir(parents=True)
+    torch.save({"module": {}, "config": {}}, folder / "step00000005" / "mp_rank_00_model_states.pt")
+    args = [str(folder), "--out", str(tmp_path / "bb"), "--tag", "step00000005"]
+    assert main_export(args) == 2
+    assert "step00000005 is incomplete (no accord.json)" in one_line_error(capsys, "accord export")
+    (folder / "step00000005" / "accord.json").write_text('{"tag": "step00000005"}')
+    torch.save({"module": {}, "config": {}, "x": NotData()}, folder / "step00000005" / "mp_rank_00_model_states.pt")
+    assert main_export(args) == 2
+    assert "holds objects other than tensors and plain data" in one_line_error(capsys, "accord export")
 
 
 def test_build_shards_missing_input(tmp_path: Path, capsys) -> None:
@@ -206,7 +225,7 @@ def test_commands_as_users_run_them_print_no_traceback(mixed_shards, tmp_path: P
         proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=tmp_path)
         assert proc.returncode == 2, (name, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, (name, proc.stderr[-2000:])
-    assert "no such file, so no checkpoint to resume" in proc.stderr
+    assert "no such file, so no committed checkpoint" in proc.stderr
 
 
 @pytest.mark.slow

@@ -36,7 +36,10 @@ UNIVERSAL = "universal"
 
 
 def rng_states() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This process's RNG states, as tensors and plain values only (the rank file loads with weights_only=True)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -44,7 +47,8 @@ def rng_states() -> dict[str, Any]:
 
 def set_rng_states(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -133,7 +137,7 @@ def resolve(folder: Path, tag: str | None) -> dict[str, Any]:
         tag = latest_tag(folder)
         if tag is None:
             raise FileNotFoundError(
-                f"{folder / 'latest'}: no such file, so no checkpoint to resume (is output_dir right?)"
+                f"{folder / 'latest'}: no such file, so no committed checkpoint in {folder} (is the folder right?)"
             )
     marker = folder / tag / MARKER
     if not (folder / tag).is_dir():
@@ -227,7 +231,7 @@ def load(engine, folder: Path, meta: dict[str, Any], universal: bool) -> tuple[d
             f"checkpoint {folder / tag} lacks {', '.join(missing)} (saved by {meta['world']} "
             "ranks): the folder must be shared by all nodes"
         )
-    return client, [torch.load(f, weights_only=False) for f in files]
+    return client, [torch.load(f, weights_only=True) for f in files]  # plain data: see rng_states
 
 
 class Checkpointer:

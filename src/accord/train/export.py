@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import io
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from accord.config import from_dict
 from accord.consistency.backbone import DTYPES, save_backbone
 from accord.consistency.hf_clip import hf_clip_problems, save_hf_clip
 from accord.consistency.onnx import save_onnx
-from accord.errors import command
+from accord.errors import InputError, command
 from accord.models import AccordModel
+from accord.train.checkpoint import resolve
 from accord.train.config import TrainConfig
 from accord.verbosity import is_verbose
 
@@ -31,12 +33,20 @@ FORMATS = ("accord", "hf-clip")
 
 
 def read_client_state(checkpoint_dir: Path, tag: str | None) -> tuple[str, dict[str, Any]]:
-    """The tag (default: ``latest``) and the client state of rank 0's model-states file: step, accord config."""
-    tag = tag or (checkpoint_dir / "latest").read_text().strip()
+    """The tag (default: ``latest``) and the client state of rank 0's model-states file: step, accord config.
+    Only a committed tag (with its ``accord.json``) is read, and with ``weights_only=True``: tensors and plain
+    data, no code."""
+    tag = resolve(checkpoint_dir, tag)["tag"]
     model_states = sorted((checkpoint_dir / tag).glob("*model_states.pt"))
     if not model_states:
         raise FileNotFoundError(f"{checkpoint_dir / tag}: no DeepSpeed model states (is this a checkpoint folder?)")
-    return tag, torch.load(model_states[0], map_location="cpu", weights_only=False)
+    try:
+        return tag, torch.load(model_states[0], map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputError(
+            f"{model_states[0]}: holds objects other than tensors and plain data; accord does not load it "
+            f"(weights_only=True): {str(e).splitlines()[0]}"
+        ) from None
 
 
 def consolidated_state_dict(checkpoint_dir: Path, tag: str, client: dict[str, Any]) -> dict[str, torch.Tensor]:
