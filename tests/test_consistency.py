@@ -192,7 +192,7 @@ def test_gradients_reach_every_input_kind_and_the_towers(accord_dir: Path) -> No
     assert torch.allclose(result.aggregate, result.pairs["text-image"])
 
 
-def test_raw_inputs_from_files_and_cache(accord_dir: Path, tmp_path: Path) -> None:
+def test_raw_inputs_from_files_and_cache(accord_dir: Path, tmp_path: Path, monkeypatch) -> None:
     solid((200, 30, 30), 48, 40, 0).save(tmp_path / "red.png")
     write_video(tmp_path / "clip.mp4", seconds=0.5, size=(32, 24), color="red")
     write_audio(tmp_path / "tone.wav", seconds=0.5, rate=22050, channels=2)
@@ -221,6 +221,16 @@ def test_raw_inputs_from_files_and_cache(accord_dir: Path, tmp_path: Path) -> No
     with torch.no_grad():
         odd = scorer.score(text=["", "."], image=[str(tmp_path / "red.png")] * 2)
     assert odd.aggregate.shape == (2,)
+    # a caption that names an existing file is still that caption (it was keyed by the file's bytes: two captions
+    # naming files with equal bytes shared one embedding); one with a path component over 255 bytes is no error
+    monkeypatch.chdir(tmp_path)
+    Path("red").write_text("same")
+    Path("blue").write_text("same")
+    captions = ["red", "blue", "a very long caption " * 20]
+    with torch.no_grad():
+        cached = scorer.embed("text", captions)
+        plain = scorer.backbone.embed("text", captions)
+    assert torch.allclose(cached, plain, atol=1e-6) and not torch.allclose(cached[0], cached[1])
 
 
 def test_load_backbone_rejects_other_folders(tmp_path: Path) -> None:

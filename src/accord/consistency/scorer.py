@@ -44,11 +44,17 @@ def torchmetrics_aggregate(scores: torch.Tensor) -> torch.Tensor:
     return torch.clamp(scores.mean(), min=0.0)
 
 
-def _key(item: Any) -> str | None:
-    if isinstance(item, str) and not Path(item).is_file():  # "" or "." name the working directory, not a file
-        return "s:" + hashlib.sha256(item.encode()).hexdigest()
+def _key(item: Any, modality: str) -> str | None:
+    """The cache key of one input: a caption by its text (never read as a path, even when a file has that name);
+    a medium by its bytes (a path: the file's); None for what is not hashed (tensors, PIL images, unreadable paths:
+    embedded every time, and the tower reports the problem)."""
+    if modality == "text":
+        return "s:" + hashlib.sha256(item.encode()).hexdigest() if isinstance(item, str) else None
     if isinstance(item, (str, Path)):
-        return "f:" + hashlib.sha256(Path(item).read_bytes()).hexdigest()
+        try:
+            return "f:" + hashlib.sha256(Path(item).read_bytes()).hexdigest()
+        except OSError:
+            return None
     if isinstance(item, bytes):
         return "b:" + hashlib.sha256(item).hexdigest()
     return None
@@ -99,7 +105,7 @@ class ConsistencyScorer(nn.Module):
     def embed(self, modality: str, inputs: Any) -> torch.Tensor:
         if self.cache is None or torch.is_tensor(inputs) or isinstance(inputs, dict):
             return self.backbone.embed(modality, inputs)
-        keys = [_key(x) for x in inputs]
+        keys = [_key(x, modality) for x in inputs]
         todo = [i for i, k in enumerate(keys) if k is None or f"{modality}:{k}" not in self.cache]
         if todo:
             fresh = self.backbone.embed(modality, [inputs[i] for i in todo]).detach()
