@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -381,3 +382,21 @@ def test_deepspeed_accumulation_equals_the_larger_batch(mixed_shards, tmp_path: 
         for key in ("loss", "loss/text-image", "loss/text-video", "loss/text-audio", "grad_norm"):
             if key in big:
                 assert acc[key] == pytest.approx(big[key], rel=1e-5, abs=1e-6), (big["step"], key)
+
+
+@pytest.mark.slow
+def test_accumulated_steps_are_logged_under_their_epoch(mixed_shards, tmp_path: Path) -> None:
+    """accum_steps 2, 5 samples a micro-batch, 2 ranks, 48 samples: each epoch's last step has one real micro-batch
+    and was logged (metrics and sample log) under the next epoch. Every epoch's steps now cover every sample once."""
+    shards, media = mixed_shards
+    out = tmp_path / "run"
+    opts = ["epochs=2", "log.every=1", "data.batch_size=5", "accum_steps=2", "log.sample_keys=true"]
+    proc = subprocess.run(launch(shards, out, *opts), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for f in sorted((out / "samples").glob("rank*.jsonl")) for line in f.open()]
+    for epoch in (0, 1):
+        keys = [k.rsplit("/", 1)[1] for r in rows if r["epoch"] == epoch for k in r["keys"]]
+        assert sorted(keys) == sorted(media), epoch
+    epochs = {r["step"]: r["epoch"] for r in metrics(out) if "loss" in r}
+    steps = {r["step"]: r["epoch"] for r in rows}
+    assert epochs == steps and sorted(set(epochs.values())) == [0, 1]

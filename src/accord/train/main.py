@@ -174,6 +174,7 @@ class Trainer:
         self.steps_per_epoch = max(1, math.ceil(self.loader.num_samples / per_step))
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.step = 0
+        self.epoch = 0  # the epoch of the step being trained (set by fit)
         self.logger = MetricLogger(cfg.log, self.out, self.rank, to_dict(cfg))
         self.samples = SampleLog(self.out, self.rank) if cfg.log.sample_keys else None
         self.profiler = StepProfiler(cfg.log.profile_start, cfg.log.profile_steps, self.out, self.rank)
@@ -268,7 +269,7 @@ class Trainer:
         """One optimiser step over the group of micro-batches (its sample keys logged first, with log.sample_keys)."""
         if self.samples is not None:
             keys = [f"{s}/{k}" for b in micro_batches for s, k in zip(b["__shard__"], b["__key__"], strict=True)]
-            self.samples.write(self.step + 1, self.loader.epoch, keys)
+            self.samples.write(self.step + 1, self.epoch, keys)
         lr = lr_at(self.step, self.total_steps, self.cfg.optim)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]  # set by param_groups
@@ -302,6 +303,9 @@ class Trainer:
         window = MetricsWindow()
         last_eval: dict[str, float] = {}
         while self._more_epochs():
+            # The epoch these steps train on: the loader's counter moves on as soon as its last batch is taken,
+            # which with accum_steps > 1 happens while the epoch's last group is being filled.
+            self.epoch = self.loader.epoch
             groups = self._epoch_groups()
             while self._more_steps():
                 self.profiler.before_step(self.step + 1)
@@ -371,7 +375,7 @@ class Trainer:
         temps = {f"temperature/{k}": v for k, v in self._temperatures().items()}
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {
-            "epoch": self.loader.epoch,
+            "epoch": self.epoch,
             "loss": sum(self._weight(k[5:]) * v for k, v in parts.items()) if parts else float("nan"),
             **parts,
             **temps,
@@ -389,7 +393,7 @@ class Trainer:
             self.step,
             metrics,
             console=(
-                f"step {self.step}/{self.total_steps} epoch {self.loader.epoch} loss {metrics['loss']:.4f} ({pairs}) "
+                f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {metrics['loss']:.4f} ({pairs}) "
                 f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s"
             ),
         )
