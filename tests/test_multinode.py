@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -319,3 +320,35 @@ def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shard
     assert "at step 2" in proc.stdout
     assert_same_curve(out, reference)
     assert (ckpt / "step00000004/accord.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
+def test_a_hung_data_worker_ends_the_run_naming_it_on_every_node(mixed_shards, tmp_path: Path) -> None:
+    """One shard is a FIFO nobody writes to: opening it hangs as a read on a dead file system does. The rank whose
+    data worker reads it exits after data.worker_timeout_s naming that worker, and the other node says which rank
+    stalled in its data (before, that rank hung for good and the other blamed the network after dist_timeout_s)."""
+    shards = tmp_path / "shards"
+    shutil.copytree(mixed_shards[0], shards)
+    (shards / "shard-000005.tar").unlink()
+    os.mkfifo(shards / "shard-000005.tar")
+    out = tmp_path / "run"
+    opts = ["dist_timeout_s=90", "data.worker_timeout_s=10", "data.workers=1"]
+    procs = two_nodes("deepspeed", shards, out, tmp_path, *opts)
+    t0 = time.time()
+    try:
+        codes = [p.wait(timeout=200) for p in procs]
+    finally:
+        kill_all(procs)
+    waited = time.time() - t0
+    logs = [(tmp_path / f"node{n}.log").read_text() for n in (0, 1)]
+    stalled = re.compile(r"data worker 0 \(pid \d+\) of rank (\d) sent no batch for 10 s \(data.worker_timeout_s\)")
+    match = next(m for m in map(stalled.search, logs) if m is not None)
+    hung = int(match.group(1))  # the rank, and node, whose worker opened the FIFO
+    own = f"accord train: rank {hung} (node {hung}, local rank 0"
+    assert own in logs[hung] and f"{match.group(0)}" in logs[hung] and all(c != 0 for c in codes), logs[hung][-3000:]
+    other = logs[1 - hung]
+    assert f"rank {hung} (node {hung}, local rank 0" in other, other[-3000:]
+    assert f"stopped, its data stalled: {match.group(0)}" in other, other[-3000:]
+    assert "the network between them failed" not in other
+    assert waited < 90, waited  # the stalled rank's timeout, not the collective's

@@ -321,6 +321,7 @@ def test_accumulation_replays_dropout_exactly() -> None:
         ("data.workers=17", "16 shards < world size x data workers = 1 x 17"),
         ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
         ("checkpoint.every=0", "checkpoint.every: must be >= 1"),
+        ("data.worker_timeout_s=2000", "data.worker_timeout_s: 2000 s must be below dist_timeout_s (1800 s)"),
         # without sample counts an epoch's length, and so the lr schedule, is unknown (it used to collapse to 1 step)
         ("data.train=pipe:cat /nonexistent/shard.tar", "data.train: 1 of 1 shards have no sizes.json entry"),
         (

@@ -36,6 +36,10 @@ class TooManyBadSamples(RuntimeError):
     pass
 
 
+class DataStalled(RuntimeError):
+    """A data worker sent no batch within the worker timeout; the message names the rank, worker and pid."""
+
+
 def exit_with_owner(owner_pid: int, _worker_id: int, interval_s: float = 1.0) -> None:
     """DataLoader ``worker_init_fn``: end this worker once the process that owns the loader is gone.
 
@@ -68,6 +72,7 @@ class Loader:
         world: int | None = None,
         label_key: str | None = None,
         negatives: NegativeSampler | None = None,
+        worker_timeout_s: float | None = None,
     ):
         spec = spec or (cfg.train if train else cfg.val)
         if not spec:
@@ -75,6 +80,7 @@ class Loader:
         if rank is None or world is None:
             rank, world = rank_and_world()
         self.cfg, self.rank, self.world = cfg, rank, world
+        self.worker_timeout_s = cfg.worker_timeout_s or worker_timeout_s  # None: wait for a worker forever
         self.decoder = SampleDecoder(cfg, modalities, train, label_key, negatives)
         self.dataset = ShardStream(
             expand_sources(spec), cfg, self.decoder, train, rank, world, cfg.weights if train else None
@@ -105,6 +111,7 @@ class Loader:
             persistent_workers=self.cfg.persistent_workers and workers > 0,
             multiprocessing_context=method if workers > 0 else None,
             prefetch_factor=2 if workers > 0 else None,
+            timeout=(self.worker_timeout_s or 0) if workers > 0 else 0,
             in_order=True,
             worker_init_fn=functools.partial(exit_with_owner, os.getpid()) if workers > 0 else None,
             # Its own generator: an iterator draws its workers' base seed from it, not from the global one, so
@@ -136,7 +143,18 @@ class Loader:
             self.dataset._iterations = 0
         if self._loader is None or not persistent:
             self._loader = self._make_loader()
-        for batch in self._loader:
+        batches: Any = None
+        while True:
+            try:  # iter(): persistent workers are told the new epoch, and that waits on them too
+                batches = iter(self._loader) if batches is None else batches
+                batch = next(batches)
+            except StopIteration:
+                break
+            except RuntimeError as e:
+                if "DataLoader timed out" not in str(e):
+                    raise
+                stuck = batches if batches is not None else getattr(self._loader, "_iterator", None)
+                raise DataStalled(self._stalled(stuck)) from None
             meta = batch.pop("__meta__")
             self.progress[meta["slot"]] = meta
             self.last_local = meta["local"]
@@ -145,6 +163,19 @@ class Loader:
             if batch:  # the stream's last item may carry counters only
                 yield batch
         self._done = True
+
+    def _stalled(self, batches: Any) -> str:
+        """Which worker the loader was waiting for (read from the DataLoader iterator; torch keeps it private)."""
+        worker, pid = "?", "?"
+        try:
+            worker = batches._task_info[batches._rcvd_idx][0]
+            pid = batches._workers[worker].pid
+        except (AttributeError, KeyError, IndexError, TypeError):
+            pass
+        return (
+            f"data worker {worker} (pid {pid}) of rank {self.rank} sent no batch for {self.worker_timeout_s:g} s "
+            "(data.worker_timeout_s): a hung read (file system, network) or decode"
+        )
 
     # ------------------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

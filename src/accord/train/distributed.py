@@ -144,6 +144,22 @@ class Heartbeat:
             return None
         return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a == b and r != self.rank]
 
+    def report_stall(self, message: str) -> None:
+        """This rank stops because its data stalled: tell the others (they read it in :meth:`stalled_ranks`)."""
+        try:
+            self._store.set(f"accord/stalled/{self.rank}", message)
+        except Exception:  # the store's host is gone: the others will find this rank silent instead
+            pass
+
+    def stalled_ranks(self) -> dict[int, str]:
+        """Ranks that stopped because their data stalled, with what they said."""
+        try:
+            store = self._connect()
+            keys = {r: f"accord/stalled/{r}" for r in range(self.world) if r != self.rank}
+            return {r: store.get(k).decode() for r, k in keys.items() if store.check([k])}
+        except Exception:
+            return {}
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
@@ -169,8 +185,11 @@ def report_lost_ranks(
     """One line: this rank, the failed collective, and which ranks stopped beating (lost or stalled)."""
     me = describe_rank(nodes[heartbeat.rank])
     cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    silent = heartbeat.silent_ranks()
-    if silent is None:
+    stalled = heartbeat.stalled_ranks()
+    silent = heartbeat.silent_ranks() if not stalled else []
+    if stalled:
+        culprit = "; ".join(f"{describe_rank(nodes[r])} stopped, its data stalled: {m}" for r, m in stalled.items())
+    elif silent is None:
         culprit = f"{describe_rank(nodes[0])} holds the rendezvous store and does not answer: lost or stalled"
     elif silent:
         culprit = "not responding (lost or stalled): " + "; ".join(describe_rank(nodes[r]) for r in silent)

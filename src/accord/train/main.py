@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from accord.config import ConfigError, load_config, reference, to_dict
 from accord.data.batches import empty_batch, lockstep, real_samples, to_device
-from accord.data.loader import Loader
+from accord.data.loader import DataStalled, Loader
 from accord.data.negatives import NegativeSampler, Vocabulary, seen_facts
 from accord.evaluation.compositional import read_items
 from accord.losses import ContrastiveLoss, MatchingLoss
@@ -37,6 +37,7 @@ from accord.train.config import TrainConfig
 from accord.train.distributed import (
     LOST_RANK_EXIT,
     Heartbeat,
+    describe_rank,
     gather_node_info,
     init_distributed,
     is_comm_failure,
@@ -159,7 +160,9 @@ class Trainer:
                 + (f"; only within {len(negatives.seen)} seen combinations" if negatives.seen is not None else ""),
                 flush=True,
             )
-        self.loader = Loader(cfg.data, self.modalities, train=True, negatives=negatives)
+        self.loader = Loader(
+            cfg.data, self.modalities, train=True, negatives=negatives, worker_timeout_s=cfg.dist_timeout_s / 2
+        )
         self.validator = Validator(cfg, self.modalities, self.device, self.dtype)
         self.checkpointer = checkpoint.Checkpointer(self.engine, self.ckpt_dir, cfg.checkpoint)
         unknown = [sh.url for sh in self.loader.dataset.shards if sh.size is None]
@@ -451,6 +454,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"accord train: error: {e}", file=sys.stderr)  # every rank finds the same bad input
         code = 2
+    except DataStalled as e:  # this rank's data worker hung: say so, tell the others, and stop (no collectives)
+        if heartbeat is not None:
+            heartbeat.report_stall(str(e))
+        me = describe_rank(nodes[dist.get_rank()])
+        step = trainer.step if trainer is not None else 0
+        print(f"accord train: {me}: at step {step + 1}, {e}. Continue the run with --resume latest.", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(LOST_RANK_EXIT)
     except Exception as e:
         if heartbeat is None or not is_comm_failure(e):
             raise
