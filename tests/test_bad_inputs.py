@@ -147,6 +147,30 @@ def test_eval_counts_a_truncated_shard_instead_of_stopping(
     assert result["classified"] + sum(result["skipped"].values()) == total
 
 
+@pytest.mark.slow
+def test_training_on_too_many_bad_samples_stops_with_one_line(truncated, tmp_path: Path) -> None:
+    """README: above data.max_bad_fraction the run stops with the counts: exit 2, one line naming the rank, step
+    and reasons (it was a traceback)."""
+    shards, _ = truncated
+    cmd = [
+        sys.executable,
+        "-m",
+        "accord.train",
+        "--config",
+        str(ROOT / "configs/tiny.yaml"),
+        f"data.train={shards}",
+        f"output_dir={tmp_path / 'run'}",
+        "data.workers=0",
+        "data.shuffle=false",
+        "data.max_bad_fraction=0.01",
+        "data.min_samples_for_check=10",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("accord train: rank 0 (node 0"))
+    assert ": at step 2, 3 of 19 samples on rank 0 are bad (" in line and "above data.max_bad_fraction=0.01" in line
+
+
 def test_eval_missing_backbone(tmp_path: Path, mixed_shards, capsys) -> None:
     assert main_eval(["--backbone", str(tmp_path / "nope"), "--data", str(mixed_shards[0])]) == 2
     assert "neither an accord backbone" in one_line_error(capsys, "accord eval")

@@ -349,6 +349,6 @@ def test_a_hung_data_worker_ends_the_run_naming_it_on_every_node(mixed_shards, t
     assert own in logs[hung] and f"{match.group(0)}" in logs[hung] and all(c != 0 for c in codes), logs[hung][-3000:]
     other = logs[1 - hung]
     assert f"rank {hung} (node {hung}, local rank 0" in other, other[-3000:]
-    assert f"stopped, its data stalled: {match.group(0)}" in other, other[-3000:]
+    assert f"stopped: its data stalled: {match.group(0)}" in other, other[-3000:]
     assert "the network between them failed" not in other
     assert waited < 90, waited  # the stalled rank's timeout, not the collective's

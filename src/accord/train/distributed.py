@@ -144,18 +144,19 @@ class Heartbeat:
             return None
         return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a == b and r != self.rank]
 
-    def report_stall(self, message: str) -> None:
-        """This rank stops because its data stalled: tell the others (they read it in :meth:`stalled_ranks`)."""
+    def report_stop(self, reason: str) -> None:
+        """This rank stops on its own (its data stalled, too many bad samples): tell the others why, so that they
+        do not blame the network (they read it in :meth:`stopped_ranks`)."""
         try:
-            self._store.set(f"accord/stalled/{self.rank}", message)
+            self._connect().set(f"accord/stopped/{self.rank}", reason)
         except Exception:  # the store's host is gone: the others will find this rank silent instead
             pass
 
-    def stalled_ranks(self) -> dict[int, str]:
-        """Ranks that stopped because their data stalled, with what they said."""
+    def stopped_ranks(self) -> dict[int, str]:
+        """The other ranks that stopped on their own, with their reasons."""
         try:
             store = self._connect()
-            keys = {r: f"accord/stalled/{r}" for r in range(self.world) if r != self.rank}
+            keys = {r: f"accord/stopped/{r}" for r in range(self.world) if r != self.rank}
             return {r: store.get(k).decode() for r, k in keys.items() if store.check([k])}
         except Exception:
             return {}
@@ -185,10 +186,10 @@ def report_lost_ranks(
     """One line: this rank, the failed collective, and which ranks stopped beating (lost or stalled)."""
     me = describe_rank(nodes[heartbeat.rank])
     cause = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-    stalled = heartbeat.stalled_ranks()
-    silent = heartbeat.silent_ranks() if not stalled else []
-    if stalled:
-        culprit = "; ".join(f"{describe_rank(nodes[r])} stopped, its data stalled: {m}" for r, m in stalled.items())
+    stopped = heartbeat.stopped_ranks()
+    silent = heartbeat.silent_ranks() if not stopped else []
+    if stopped:
+        culprit = "; ".join(f"{describe_rank(nodes[r])} stopped: {m}" for r, m in stopped.items())
     elif silent is None:
         culprit = f"{describe_rank(nodes[0])} holds the rendezvous store and does not answer: lost or stalled"
     elif silent:

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from accord.config import ConfigError, load_config, reference, to_dict
 from accord.data.batches import empty_batch, lockstep, real_samples, to_device
-from accord.data.loader import DataStalled, Loader
+from accord.data.loader import DataStalled, Loader, TooManyBadSamples
 from accord.data.negatives import NegativeSampler, Vocabulary, seen_facts
 from accord.evaluation.compositional import read_items
 from accord.losses import ContrastiveLoss, MatchingLoss
@@ -454,14 +454,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"accord train: error: {e}", file=sys.stderr)  # every rank finds the same bad input
         code = 2
-    except DataStalled as e:  # this rank's data worker hung: say so, tell the others, and stop (no collectives)
+    except (DataStalled, TooManyBadSamples) as e:  # this rank's data: say so, tell the others, stop (no collectives)
+        stalled = isinstance(e, DataStalled)
         if heartbeat is not None:
-            heartbeat.report_stall(str(e))
+            heartbeat.report_stop(("its data stalled: " if stalled else "bad data: ") + str(e))
         me = describe_rank(nodes[dist.get_rank()])
         step = trainer.step if trainer is not None else 0
-        print(f"accord train: {me}: at step {step + 1}, {e}. Continue the run with --resume latest.", file=sys.stderr)
+        advice = "Continue the run with --resume latest." if stalled else ""
+        print(f"accord train: {me}: at step {step + 1}, {e}. {advice}".rstrip(), file=sys.stderr)
+        sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(LOST_RANK_EXIT)
+        os._exit(LOST_RANK_EXIT if stalled else 2)
     except Exception as e:
         if heartbeat is None or not is_comm_failure(e):
             raise
