@@ -37,8 +37,8 @@ UNIVERSAL = "universal"
 
 def rng_states() -> dict[str, Any]:
     """This process's RNG states, as tensors and plain values only (the rank file loads with weights_only=True)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    numpy_state = (name, torch.from_numpy(np.asarray(keys, dtype=np.int64)), int(pos), int(has_gauss), float(cached))
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
