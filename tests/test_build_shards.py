@@ -532,3 +532,45 @@ def test_verify_decode_is_the_training_decode(tmp_path: Path) -> None:
         "bad: undecodable video": 1,
         "bad: undecodable audio": 1,
     }
+
+
+def test_jpegs_are_decoded_at_reduced_dct_scale_when_downscaling(monkeypatch) -> None:
+    """README: the builder and the loader decode a JPEG at reduced DCT scale (PIL draft) when the target is at most
+    half its size, never below the target."""
+    from PIL import JpegImagePlugin
+
+    from accord.data.decode import decode_image
+
+    buf = io.BytesIO()
+    gradient(1024, 768).save(buf, "JPEG", quality=90)
+    drafted: list[tuple[int, int]] = []
+    real = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        result = real(self, mode, size)
+        drafted.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    out, _, meta = process_image(buf.getvalue(), ImageOptions(resize_mode="keep_ratio", size=128))
+    assert drafted == [(256, 192)] and (meta["width"], meta["height"]) == (171, 128)  # 1/4 scale, then resized
+    assert decode_image(buf.getvalue(), min_size=96).shape == (3, 96, 128)  # 1/8 scale: the shorter side 96
+    assert drafted[-1] == (128, 96)
+    assert decode_image(buf.getvalue(), min_size=400).shape == (3, 768, 1024)  # under 2x: the full decode
+    assert len(drafted) == 2
+
+
+def test_resume_with_other_options_names_them(tmp_path: Path, capsys) -> None:
+    """README: --resume with different options names them (here --image-size), and touches nothing."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for i in range(3):
+        write_image(raw / f"p{i}.png", "png", seed=i)
+        (raw / f"p{i}.txt").write_text(f"picture {i}")
+    out = tmp_path / "out"
+    assert main_build(["--input", str(raw), "--output", str(out), "--quiet"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main_build(["--input", str(raw), "--output", str(out), "--quiet", "--resume", "--image-size", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was built with different image.size" in err[0], err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -365,3 +365,25 @@ def test_resampled_elastic_resume_keeps_the_epoch_length(mixed_shards) -> None:
     rest = _rest_of_epoch(states, shards, 1, 2, **kw)
     assert seen + len(rest[0][0]) == 30 and set(rest[0][0]) <= set(media)
     assert len(rest[0][1]) == 30
+
+
+def test_a_sample_looks_the_same_whichever_worker_reads_it(mixed_shards) -> None:
+    """README: random choices (crops, frames, audio windows) are seeded per sample: one epoch read in-process and by
+    2 workers (other slots, other processes) gives every sample the same tensors."""
+    shards, media = mixed_shards
+
+    def tensors(workers: int) -> dict[str, dict[str, torch.Tensor]]:
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        loader = Loader(data_config(str(shards), workers=workers, batch_size=4), MODALITIES, rank=0, world=1)
+        for batch in loader:
+            for i, key in enumerate(batch["__key__"]):
+                out[key] = {m: batch[m][next(iter(batch[m]))][i] for m in ("image", "video", "audio") if m in batch}
+                out[key] = {m: t for m, t in out[key].items() if batch["present"][m][i]}
+        loader.close()
+        gc.collect()
+        return out
+
+    one, two = tensors(0), tensors(2)
+    assert one.keys() == two.keys() == media.keys()
+    for key in one:
+        assert one[key].keys() == two[key].keys() and all(torch.equal(one[key][m], two[key][m]) for m in one[key])

@@ -280,8 +280,16 @@ def _remove_outputs(fs: fsspec.AbstractFileSystem, out: str, prefix: str) -> Non
         fs.rm(f"{out}/{STAGING}", recursive=True)
 
 
-def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+def _differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """The (dotted) option names whose values differ: ``image.size``, not ``image``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}")
+    return out
 
 
 def _prepare(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, plan: dict[str, Any]) -> bool:

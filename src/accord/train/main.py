@@ -454,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"accord train: error: {e}", file=sys.stderr)  # every rank finds the same bad input
         code = 2
+    except FloatingPointError as e:  # every rank sees the same flags (all-gathered): all stop here, no hang
+        print(f"accord train: error: {e}", file=sys.stderr)
+        code = 2
     except (DataStalled, TooManyBadSamples) as e:  # this rank's data: say so, tell the others, stop (no collectives)
         stalled = isinstance(e, DataStalled)
         if heartbeat is not None:
