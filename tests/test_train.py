@@ -388,10 +388,11 @@ def test_deepspeed_accumulation_equals_the_larger_batch(mixed_shards, tmp_path: 
 @pytest.mark.slow
 def test_accumulated_steps_are_logged_under_their_epoch(mixed_shards, tmp_path: Path) -> None:
     """accum_steps 2, 5 samples a micro-batch, 2 ranks, 48 samples: each epoch's last step has one real micro-batch
-    and was logged (metrics and sample log) under the next epoch. Every epoch's steps now cover every sample once."""
+    and was logged (metrics and sample log) under the next epoch. Every epoch's steps now cover every sample once.
+    The run also logs to wandb, offline."""
     shards, media = mixed_shards
     out = tmp_path / "run"
-    opts = ["epochs=2", "log.every=1", "data.batch_size=5", "accum_steps=2", "log.sample_keys=true"]
+    opts = ["epochs=2", "log.every=1", "data.batch_size=5", "accum_steps=2", "log.sample_keys=true", "log.wandb=true"]
     proc = subprocess.run(launch(shards, out, *opts), capture_output=True, text=True, env=ENV, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for f in sorted((out / "samples").glob("rank*.jsonl")) for line in f.open()]
@@ -401,3 +402,10 @@ def test_accumulated_steps_are_logged_under_their_epoch(mixed_shards, tmp_path: 
     epochs = {r["step"]: r["epoch"] for r in metrics(out) if "loss" in r}
     steps = {r["step"]: r["epoch"] for r in rows}
     assert epochs == steps and sorted(set(epochs.values())) == [0, 1]
+    # README: wandb logs offline (nothing leaves the machine unless log.wandb_online), the metric names of metrics.jsonl
+    (run,) = (out / "wandb").glob("offline-run-*")
+    (records,) = run.glob("run-*.wandb")  # wandb's own record file (protobuf): the metric names appear in it as is
+    data = records.read_bytes()
+    last = [r for r in metrics(out) if "loss" in r][-1]
+    scalars = [k for k, v in last.items() if isinstance(v, (int, float)) and k != "step"]  # per-rank lists stay out
+    assert len(scalars) > 8 and all(k.encode() in data for k in scalars), [k for k in scalars if k.encode() not in data]
