@@ -90,6 +90,10 @@ def test_every_input_is_written_or_accounted_for(built: Path) -> None:
     assert all(n <= 4 for n in sizes.values()) and list(sizes.values())[:-1] == [4] * (len(sizes) - 1)
     assert stats["modalities"] == {"image": 15, "video": 2, "audio": 4}
     assert not (built / "_staging").exists()
+    # README: keys are the input's position (sorted stems), stable whatever was rejected before it
+    position = {origin: i for i, origin in enumerate(sorted(EXPECTED))}
+    assert all(key == f"{position[json.loads(m['json'])['origin']]:09d}" for key, m in samples.items())
+    assert all(f["key"] == f"{position[f['origin']]:09d}" for f in failures)
 
 
 def test_sample_members_and_json(built: Path) -> None:
