@@ -262,7 +262,8 @@ def test_a_stalled_or_killed_rank_on_the_other_node_ends_the_run_naming_it(mixed
     on; now node 1's rank is killed: node 0 fails at once, naming it."""
     shards, _ = mixed_shards
     out = tmp_path / "run"
-    long = ["epochs=1000", "max_steps=400", "dist_timeout_s=5", "data.workers=1"]
+    # a 5 s collective timeout: the data workers' default (2.5 s) would not even fit their start-up
+    long = ["epochs=1000", "max_steps=400", "dist_timeout_s=5", "data.worker_timeout_s=0", "data.workers=1"]
     latest = out / "checkpoints/latest"
     for fault, signum in (("stall", signal.SIGSTOP), ("kill", signal.SIGKILL)):
         start_at = int(latest.read_text()[4:]) if latest.exists() else 0

@@ -103,8 +103,9 @@ class DataConfig:
     persistent_workers: bool = True
     """Keep data workers alive across epochs."""
     worker_timeout_s: float | None = None
-    """Seconds a data worker may take for one batch before its rank stops, naming it (a hung read or decode); default
-    in training: half of ``dist_timeout_s`` (the stalled rank exits before the others' collective times out)."""
+    """Seconds a data worker may take for one batch (its first: start-up and shuffle buffer included) before its rank
+    stops, naming it (a hung read or decode); 0: wait forever; default in training: half of ``dist_timeout_s`` (the
+    stalled rank exits before the others' collective times out)."""
     start_method: Literal["auto", "forkserver", "spawn", "fork"] = "auto"
     """How data workers start; auto: fork, but forkserver when audio is loaded (torchaudio in forked workers can
     deadlock)."""
@@ -119,8 +120,8 @@ class DataConfig:
             raise ConfigError(f"{dot}batch_size: must be >= 1")
         if self.workers < 0:
             raise ConfigError(f"{dot}workers: must be >= 0")
-        if self.worker_timeout_s is not None and self.worker_timeout_s <= 0:
-            raise ConfigError(f"{dot}worker_timeout_s: must be > 0 (seconds)")
+        if self.worker_timeout_s is not None and self.worker_timeout_s < 0:
+            raise ConfigError(f"{dot}worker_timeout_s: must be >= 0 (seconds; 0: no timeout)")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"{dot}max_bad_fraction: must be in [0, 1]")
         if self.weights is not None:

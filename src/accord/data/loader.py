@@ -80,7 +80,8 @@ class Loader:
         if rank is None or world is None:
             rank, world = rank_and_world()
         self.cfg, self.rank, self.world = cfg, rank, world
-        self.worker_timeout_s = cfg.worker_timeout_s or worker_timeout_s  # None: wait for a worker forever
+        # cfg's value, else the caller's default; 0 or None: wait for a worker forever
+        self.worker_timeout_s = worker_timeout_s if cfg.worker_timeout_s is None else cfg.worker_timeout_s
         self.decoder = SampleDecoder(cfg, modalities, train, label_key, negatives)
         self.dataset = ShardStream(
             expand_sources(spec), cfg, self.decoder, train, rank, world, cfg.weights if train else None

@@ -191,7 +191,7 @@ class TrainConfig:
             raise ConfigError("accum_steps: must be >= 1")
         if self.dist_timeout_s <= 0:
             raise ConfigError("dist_timeout_s: must be > 0 (seconds)")
-        if self.data.worker_timeout_s is not None and self.data.worker_timeout_s >= self.dist_timeout_s:
+        if self.data.worker_timeout_s and self.data.worker_timeout_s >= self.dist_timeout_s:
             raise ConfigError(
                 f"data.worker_timeout_s: {self.data.worker_timeout_s:g} s must be below dist_timeout_s "
                 f"({self.dist_timeout_s:g} s), or the other ranks time out first and cannot tell a stalled data worker "
