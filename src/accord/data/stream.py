@@ -6,7 +6,8 @@ Every data-loader worker of every rank is a *slot* ``g = rank * workers + local`
   on the number of ranks or workers. Each shard carries how many of its samples are already *consumed* this epoch
   (0 at the start; set when resuming), and slot g reads the items ``g, g + S, g + 2S, ...`` of that list
   (S = world x workers), skipping each shard's consumed samples: every sample is read exactly once per epoch across
-  all ranks and workers, also after a resume on another world size (the consumed counts are global);
+  all ranks and workers, also after a resume on another world size (the consumed counts are global; there the
+  shards not yet finished are dealt round-robin instead, so that no new slot idles);
 - resampled mode: slot g draws shards with replacement (per-source weights) from an RNG seeded with
   (seed, epoch, g), and reads ``epoch_samples / S`` samples.
 
