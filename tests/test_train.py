@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -409,3 +411,43 @@ def test_accumulated_steps_are_logged_under_their_epoch(mixed_shards, tmp_path: 
     last = [r for r in metrics(out) if "loss" in r][-1]
     scalars = [k for k, v in last.items() if isinstance(v, (int, float)) and k != "step"]  # per-rank lists stay out
     assert len(scalars) > 8 and all(k.encode() in data for k in scalars), [k for k in scalars if k.encode() not in data]
+
+
+@pytest.mark.slow
+def test_the_schedule_ends_on_the_last_step_when_ranks_hold_uneven_shares(tmp_path: Path) -> None:
+    """6 shards of 1 or 12 samples over 2 ranks, unshuffled: rank 0 reads 3 samples an epoch, rank 1 36, so an epoch
+    lasts 9 steps (the larger share in batches of 4). The schedule counts those steps: the run ends at step 18/18 with
+    the learning rate at its floor (it planned ceil(39 / 8) = 5 steps an epoch and ran 8 past the end at lr 0)."""
+    from helpers.media import gradient
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    jpg = io.BytesIO()
+    gradient(16, 16).save(jpg, "JPEG")
+    sizes = {}
+    for i, n in enumerate([1, 12, 1, 12, 1, 12]):
+        name = f"shard-{i:06d}.tar"
+        with tarfile.open(shards / name, "w") as tar:
+            for k in range(n):
+                for ext, data in (("txt", f"a red picture {k}".encode()), ("jpg", jpg.getvalue())):
+                    info = tarfile.TarInfo(f"{i}{k:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        sizes[name] = n
+    (shards / "sizes.json").write_text(json.dumps(sizes))
+    out = tmp_path / "run"
+    opts = [
+        "epochs=2",
+        "log.every=1",
+        "data.batch_size=4",
+        "data.workers=1",
+        "optim.warmup_steps=2",
+        "data.shuffle=false",
+    ]
+    proc = subprocess.run(launch(shards, out, *opts), capture_output=True, text=True, env=ENV, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [r for r in metrics(out) if "loss" in r]
+    total = rows[-1]["step"]
+    assert [r["step"] for r in rows] == list(range(1, total + 1)) and total == 18
+    assert f"step {total}/{total} " in proc.stdout
+    assert rows[-1]["lr"] == 0.0 and rows[-2]["lr"] > 0.0  # optim.min_lr_ratio 0: the floor on the last step

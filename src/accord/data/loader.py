@@ -100,6 +100,15 @@ class Loader:
         """Samples per epoch across all ranks (finite: from sizes.json; resampled: epoch_samples)."""
         return self.dataset.epoch_samples
 
+    def planned_steps(self, epoch: int, accum_steps: int = 1) -> int:
+        """Optimiser steps of a whole ``epoch`` over every rank of this layout: ranks run in lock-step until the one
+        with the most batches is done (groups of ``accum_steps``), counted from sizes.json without reading a shard."""
+        workers = max(1, self.cfg.workers)
+        per_rank = (
+            sum(self.dataset.planned_batches(epoch, r * workers + w) for w in range(workers)) for r in range(self.world)
+        )
+        return max(-(-b // accum_steps) for b in per_rank)
+
     def _make_loader(self) -> DataLoader:
         workers = self.cfg.workers
         method = self.cfg.start_method

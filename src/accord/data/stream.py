@@ -102,6 +102,15 @@ class ShardStream(IterableDataset):
             items = [(s, n) for s, n in items if not finished(s, n)]
         return items[slot :: self.slots]
 
+    def planned_batches(self, epoch: int, slot: int) -> int:
+        """Batches slot ``slot`` yields in a whole ``epoch`` when no sample is bad or filtered (sizes.json counts; a
+        slot's last batch may be partial)."""
+        if self.cfg.mode == "finite":
+            samples = sum(s.size or 0 for s, _ in self.slot_items(epoch, slot, {}))
+        else:
+            samples = self.slot_quota(slot, elastic=False)
+        return -(-samples // self.cfg.batch_size)
+
     def finished_shards(self, consumed: dict[str, int | None]) -> dict[str, None]:
         """The shards ``consumed`` says are read to the end (as None)."""
         return {s.name: None for s in self.shards if s.name in consumed and finished(s, consumed[s.name])}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import math
 import os
 import resource
 import sys
@@ -173,9 +172,11 @@ class Trainer:
                 f"(e.g. {unknown[0]}), so the epoch's length and the learning-rate schedule are unknown: add "
                 "sizes.json beside the shards (shard name -> samples) or set max_steps"
             )
-        per_step = self.world * cfg.data.batch_size * cfg.accum_steps
-        self.steps_per_epoch = max(1, math.ceil(self.loader.num_samples / per_step))
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        # The schedule's length: each epoch's steps as the ranks' real shares give them (the rank with the most
+        # batches sets it), so the learning rate reaches its floor on the run's last step.
+        self.total_steps = cfg.max_steps or max(
+            1, sum(self.loader.planned_steps(e, cfg.accum_steps) for e in range(cfg.epochs))
+        )
         self.step = 0
         self.epoch = 0  # the epoch of the step being trained (set by fit)
         self.logger = MetricLogger(cfg.log, self.out, self.rank, to_dict(cfg))
@@ -339,8 +340,8 @@ class Trainer:
         self.logger.close()
         return {"step": self.step, "epoch": self.loader.epoch, "eval": last_eval}
 
-    # max_steps counts steps; epochs count data: an epoch ends when every rank is out of samples, which can take a
-    # step or two more than total_steps estimates when ranks hold uneven shares (bad samples, a resume).
+    # max_steps counts steps; epochs count data: an epoch ends when every rank is out of samples (total_steps counts
+    # those steps; bad samples can end an epoch a step or so earlier, an elastic resume changes the plan).
     def _more_epochs(self) -> bool:
         return self.step < self.total_steps if self.cfg.max_steps is not None else self.loader.epoch < self.cfg.epochs
 

@@ -44,10 +44,11 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``total_steps``."""
+    """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at the last step (the
+    0-based ``step`` = ``total_steps - 1``)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(1, total_steps - cfg.warmup_steps)
+    span = max(1, total_steps - 1 - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
