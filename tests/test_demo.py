@@ -70,7 +70,8 @@ def test_quick_demo_learns_held_out_combinations(installed: Path, tmp_path: Path
     assert summary["loss_last"] < 0.7 * summary["loss_first"]
     report = (out / "report.html").read_text()
     assert "held-out" in report and report.count("data:image/png;base64") >= 3
-    assert "real/photo" in report
+    assert "real/photo</td>" in report and "<h3>Shards</h3><table>" in report  # the data section as tables
+    assert "<pre>{" not in report
     assert "<audio controls" in report and "data:audio/flac;base64" in report  # sounds as players
     assert "data:image/gif;base64" in report  # videos as animations
     # the compositional table beside retrieval, for every medium (the figures are reported, not asserted: seed noise)

@@ -124,6 +124,31 @@ def _compositional_section(out: Path, result: dict[str, Any] | None) -> str:
     )
 
 
+def _table(header: list[str], rows: list[list[object]]) -> str:
+    """An HTML table (cells escaped)."""
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _data_section(
+    counts: dict[str, int], train_stats: dict[str, Any], val_stats: dict[str, Any], timings: dict[str, float]
+) -> str:
+    """What the demo rendered, what the shard builder made of it, and where the time went: three tables."""
+    keys = ("inputs", "written", "rejected", "shards")
+    return (
+        "<h3>Rendered samples</h3>"
+        + _table(["kind", "samples"], [[k, v] for k, v in counts.items()])
+        + "<h3>Shards</h3>"
+        + _table(
+            ["split", *keys],
+            [[name, *(st[k] for k in keys)] for name, st in (("train", train_stats), ("val", val_stats))],
+        )
+        + "<h3>Time</h3>"
+        + _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])
+    )
+
+
 def write_report(
     out: Path,
     counts: dict[str, int],
@@ -206,19 +231,7 @@ text→medium ranks individual samples, several of which share the caption, so i
 <h2>Consistency score: matched vs one-word-swapped captions</h2><img src="{_histograms(scores)}">
 <table><tr><th>medium</th><th>caption</th><th>CLIP-S</th><th>swapped caption</th><th>CLIP-S</th></tr>{examples}</table>
 {_compositional_section(out, compositional)}
-<h2>Data</h2><pre>{
-        html.escape(
-            json.dumps(
-                {
-                    "rendered": counts,
-                    "train shards": {k: train_stats[k] for k in ("inputs", "written", "rejected", "shards")},
-                    "val shards": {k: val_stats[k] for k in ("inputs", "written", "rejected", "shards")},
-                    "seconds": {k: round(v, 1) for k, v in timings.items()},
-                },
-                indent=1,
-            )
-        )
-    }</pre>
+<h2>Data</h2>{_data_section(counts, train_stats, val_stats, timings)}
 </body></html>"""
     (out / "report.html").write_text(page)
     return {
