@@ -104,9 +104,8 @@ class Loader:
         """Optimiser steps of a whole ``epoch`` over every rank of this layout: ranks run in lock-step until the one
         with the most batches is done (groups of ``accum_steps``), counted from sizes.json without reading a shard."""
         workers = max(1, self.cfg.workers)
-        per_rank = (
-            sum(self.dataset.planned_batches(epoch, r * workers + w) for w in range(workers)) for r in range(self.world)
-        )
+        batches = self.dataset.planned_batches(epoch)  # per slot; rank r holds slots r * workers ...
+        per_rank = (sum(batches[r * workers : (r + 1) * workers]) for r in range(self.world))
         return max(-(-b // accum_steps) for b in per_rank)
 
     def _make_loader(self) -> DataLoader:

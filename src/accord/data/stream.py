@@ -102,14 +102,15 @@ class ShardStream(IterableDataset):
             items = [(s, n) for s, n in items if not finished(s, n)]
         return items[slot :: self.slots]
 
-    def planned_batches(self, epoch: int, slot: int) -> int:
-        """Batches slot ``slot`` yields in a whole ``epoch`` when no sample is bad or filtered (sizes.json counts; a
-        slot's last batch may be partial)."""
+    def planned_batches(self, epoch: int) -> list[int]:
+        """Batches each slot yields in a whole ``epoch`` when no sample is bad or filtered (sizes.json counts; a
+        slot's last batch may be partial). One pass over the epoch's shard order."""
         if self.cfg.mode == "finite":
-            samples = sum(s.size or 0 for s, _ in self.slot_items(epoch, slot, {}))
+            sizes = [s.size or 0 for s in self.epoch_order(epoch)]
+            samples = [sum(sizes[slot :: self.slots]) for slot in range(self.slots)]
         else:
-            samples = self.slot_quota(slot, elastic=False)
-        return -(-samples // self.cfg.batch_size)
+            samples = [self.slot_quota(slot, elastic=False) for slot in range(self.slots)]
+        return [-(-n // self.cfg.batch_size) for n in samples]
 
     def finished_shards(self, consumed: dict[str, int | None]) -> dict[str, None]:
         """The shards ``consumed`` says are read to the end (as None)."""
