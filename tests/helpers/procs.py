@@ -48,6 +48,12 @@ def torchrun(script: Path, *args: str, ranks: int = 2) -> list[str]:
     ]
 
 
+def train_once(shards: Path, out: Path, *overrides: str, config: str = "tiny.yaml") -> list[str]:
+    """The command of a one-process ``accord.train`` run on ``shards`` into ``out`` (no launcher)."""
+    cmd = [sys.executable, "-m", "accord.train", "--config", str(ROOT / "configs" / config)]
+    return [*cmd, f"data.train={shards}", f"output_dir={out}", *overrides]
+
+
 def launch(shards: Path, out: Path, *overrides: str, resume: bool = False, config: str = "tiny.yaml") -> list[str]:
     """The deepspeed launcher command of a 2-rank CPU ``accord.train`` run on ``shards`` into ``out``."""
     cmd = [

@@ -186,11 +186,7 @@ class ShardStream(IterableDataset):
         first = self._iterations == 0
         self._iterations += 1
         if self.cfg.mode == "finite":
-            items = (
-                self.slot_items(epoch, slot, self.start_consumed, self.start_redeal)
-                if first
-                else self.slot_items(epoch, slot, {})
-            )
+            items = self.slot_items(epoch, slot, self.start_consumed if first else {}, first and self.start_redeal)
             yield from self._read(epoch, local, slot, items, quota=None, skip=0)
         else:
             elastic = first and self.elastic is not None
@@ -229,7 +225,7 @@ class ShardStream(IterableDataset):
             offset = consumed
             if quota is not None and position >= quota:
                 break
-            if consumed is None or (shard.size is not None and consumed >= shard.size):
+            if consumed is None or finished(shard, consumed):  # (None: finished, said for the type checker)
                 continue  # resume: a shard consumed before, not opened
             if shard.size is not None and position + shard.size <= skip:
                 position += shard.size  # resume (resampled): skip a whole shard without opening it
