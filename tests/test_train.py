@@ -441,3 +441,19 @@ def test_the_schedule_ends_on_the_last_step_when_ranks_hold_uneven_shares(tmp_pa
     assert [r["step"] for r in rows] == list(range(1, total + 1)) and total == 18
     assert f"step {total}/{total} " in proc.stdout
     assert rows[-1]["lr"] == 0.0 and rows[-2]["lr"] > 0.0  # optim.min_lr_ratio 0: the floor on the last step
+
+
+def test_a_fresh_run_into_an_old_output_dir_keeps_its_own_checkpoints(mixed_shards, tmp_path: Path) -> None:
+    """A run started again (no --resume) in an output_dir whose older run got further: keep_last keeps the new run's
+    checkpoint, which ``latest`` names, not the old run's later one (it pruned the new one and left ``latest``
+    naming a deleted folder)."""
+    out = tmp_path / "run"
+    opts = ["data.workers=0", "checkpoint.keep_last=1"]
+    for steps in (4, 2):
+        cmd = train_once(mixed_shards[0], out, *opts, f"max_steps={steps}", f"checkpoint.every={steps}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step00000002"
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000002"]
+    assert "removed 1 checkpoint(s) after step00000002 of a replaced run: step00000004" in proc.stdout

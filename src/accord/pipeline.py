@@ -124,9 +124,10 @@ def launch_training(
         raise RuntimeError(f"training failed (exit {proc.returncode}); see {run / 'train.log'}:\n" + "".join(log[-30:]))
 
 
-def export_backbone(run: Path, out: Path) -> Path:
-    """The last checkpoint of the training run in ``run`` as a backbone directory ``out``."""
-    return export(run / "checkpoints", out)
+def export_backbone(run: Path, out: Path, alpha_data: Path | None = None) -> Path:
+    """The last checkpoint of the training run in ``run`` as a backbone directory ``out`` (``alpha_data``: the
+    shards a generative head's alpha is chosen on, default the run's ``data.val``)."""
+    return export(run / "checkpoints", out, alpha_data=str(alpha_data) if alpha_data else None)
 
 
 def evaluate(backbone: Path, val: Path, plot: Path | None = None) -> dict[str, float]:

@@ -8,10 +8,11 @@ import yaml
 
 from accord.config import from_dict
 from accord.data.config import AudioConfig, DataConfig, ImageConfig, TextConfig, VideoConfig
-from accord.losses import ContrastiveLoss, LossConfig
+from accord.losses import CaptionLoss, ContrastiveLoss, LossConfig
 from accord.losses.contrastive import HardNegativesConfig
 from accord.models import AccordModel, ModelConfig
 from accord.resources import config_file
+from accord.train.step import contrastive_step
 
 # the smallest BERT and ViT that transformers builds (random init) for tower-level tests
 BERT = {
@@ -140,3 +141,31 @@ def data_config(shards: str, **kw) -> DataConfig:
     )
     base.update(kw)
     return DataConfig(**base)
+
+
+# the generative head of the exactness tests: small, with the null-medium term on
+GENERATIVE = {"dim": 16, "layers": 1, "heads": 2, "null_weight": 0.5}
+CAPTION_WEIGHT = 2.0
+
+
+def generative_model() -> AccordModel:
+    """tiny.yaml's model with a small generative head over image, video and audio (float64, eval mode)."""
+    return tiny_model(generative=GENERATIVE)
+
+
+def generative_step(model: AccordModel, batch: dict, accum: int) -> dict:
+    """One optimiser step's contrastive + caption loss on ``batch`` split into ``accum`` micro-batches: its loss
+    parts and this process's raw parameter gradients."""
+    model.zero_grad(set_to_none=True)
+    n = len(batch["image"]["pixel_values"])
+    micro = [slice_batch(batch, i * n // accum, (i + 1) * n // accum) for i in range(accum)]
+    contrastive, caption = ContrastiveLoss(LossConfig()), CaptionLoss(GENERATIVE["null_weight"])
+
+    def loss_fn(out):
+        loss, parts = contrastive(out)
+        cap, cap_parts = caption(out, model.generative, model.cfg.generative_pairs())
+        return loss + CAPTION_WEIGHT * cap, {**parts, **cap_parts}
+
+    _, parts = contrastive_step(model, loss_fn, micro, backward=lambda loss: loss.backward())
+    grads = {k: (p.grad if p.grad is not None else torch.zeros_like(p)).clone() for k, p in model.named_parameters()}
+    return {"parts": parts, "params": grads}

@@ -16,7 +16,9 @@ scoring, which also reads a plain HF CLIPModel directory.
 - audio: paths or bytes, or float waveforms [B, samples] at the backbone's sample rate
 
 ``Backbone.encode`` also returns token features, and ``match_logits`` runs the fusion head on them (when the
-backbone was trained with one).
+backbone was trained with one); ``caption_log_likelihood`` runs the generative head (``model.generative``):
+the mean per-token log-probability of captions given encoded media, or given its null medium. The generative
+score's debiasing weight alpha lives in ``backbone.json`` (``generative.alpha``, chosen on validation data at export).
 
 Float tensors go through differentiable torch ops only (resize, crop, normalise, fbank), so gradients reach the
 pixels, frames and waveforms.
@@ -91,9 +93,17 @@ def image_batch(images: Any, cfg: ImageConfig, device: torch.device | None = Non
 class Backbone(nn.Module):
     """Towers + preprocessing of an exported accord backbone."""
 
-    def __init__(self, model: AccordModel, preprocess: dict[str, Any], tokenizer: Any | None, path: Path):
+    def __init__(
+        self,
+        model: AccordModel,
+        preprocess: dict[str, Any],
+        tokenizer: Any | None,
+        path: Path,
+        generative: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.model, self.tokenizer, self.path = model.eval(), tokenizer, path
+        self.generative_info = generative or {}  # backbone.json's "generative": alpha and how it was chosen
         image: dict[str, Any] = {
             k: tuple(v) if isinstance(v, list) else v for k, v in preprocess.get("image", {}).items()
         }
@@ -192,6 +202,36 @@ class Backbone(nn.Module):
             raise ValueError(f"{self.path}: this backbone has no fusion head (train with model.fusion set)")
         return self.model.fusion(text.tokens, text.mask, other.tokens, other.mask, modality)
 
+    @property
+    def has_generative(self) -> bool:
+        return self.model.generative is not None
+
+    @property
+    def generative_alpha(self) -> float:
+        """The weight of the caption prior the generative score subtracts (0 where export chose none)."""
+        return float(self.generative_info.get("alpha", 0.0))
+
+    def caption_log_likelihood(self, captions: Any, medium: TowerOutput | None, modality: str) -> torch.Tensor:
+        """Mean per-token log-probability [B] (fp32) of each caption (strings, or ``input_ids`` +
+        ``attention_mask``) given the encoded ``medium`` rows (:meth:`encode`; one row serves every caption), or,
+        with ``medium=None``, given the head's null ``modality`` medium: the caption prior."""
+        head = self.model.generative
+        if head is None:
+            raise ValueError(f"{self.path}: this backbone has no generative head (train with model.generative set)")
+        text = captions if isinstance(captions, dict) else self._tower_inputs("text", captions)
+        if "input_ids" not in text:
+            raise ValueError("the generative score reads captions as token ids, not inputs_embeds")
+        ids, mask = text["input_ids"].to(self.device), text["attention_mask"].to(self.device).to(torch.bool)
+        memory = memory_mask = None
+        if medium is not None:
+            memory, memory_mask = medium.tokens, medium.mask
+            if memory.shape[0] == 1 and ids.shape[0] > 1:  # N captions against one medium: one pass
+                memory, memory_mask = memory.expand(ids.shape[0], -1, -1), memory_mask.expand(ids.shape[0], -1)
+            if memory.shape[0] != ids.shape[0]:
+                raise ValueError(f"batch sizes differ: {ids.shape[0]} captions, {memory.shape[0]} {modality} rows")
+        logp = head.token_log_probs(ids, mask, memory, memory_mask, modality)
+        return (logp.sum(dim=1) / mask[:, 1:].sum(dim=1).clamp(min=1)).float()
+
 
 class HFClipBackbone(nn.Module):
     """A plain transformers CLIPModel directory (text + image), with its own tokenizer and image processor."""
@@ -273,7 +313,9 @@ def load_backbone(
         state = {}
         for key, value in heads.items():
             head, _, rest = key.partition(".")
-            state[key if head in ("logit_scale", "logit_bias", "fusion") else f"towers.{head}.{rest}"] = value
+            state[key if head in ("logit_scale", "logit_bias", "fusion", "generative") else f"towers.{head}.{rest}"] = (
+                value
+            )
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # size mismatches: towers/ and heads.safetensors from different models
@@ -290,7 +332,9 @@ def load_backbone(
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(path / "tokenizer")
-        backbone: Backbone | HFClipBackbone = Backbone(model, meta["preprocess"], tokenizer, path)
+        backbone: Backbone | HFClipBackbone = Backbone(
+            model, meta["preprocess"], tokenizer, path, generative=meta.get("generative")
+        )
     elif (path / "config.json").exists() and json.loads((path / "config.json").read_text()).get("model_type") == "clip":
         backbone = HFClipBackbone(path)
     else:
@@ -305,9 +349,11 @@ def save_backbone(
     dtype: str = "fp32",
     source: dict[str, Any] | None = None,
     card: list[str] | None = None,
+    generative: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model`` (with the preprocessing of ``data``) as a backbone directory that :func:`load_backbone`
-    reads: towers, heads, tokenizer, ``backbone.json`` and a model card (``card``: lines about its training)."""
+    reads: towers, heads, tokenizer, ``backbone.json`` and a model card (``card``: lines about its training;
+    ``generative``: the generative score's alpha and how it was chosen)."""
     torch_dtype = DTYPES[dtype]
     out.mkdir(parents=True, exist_ok=True)
     heads: dict[str, torch.Tensor] = {}
@@ -328,9 +374,11 @@ def save_backbone(
             "unfreeze_last_n": None,
             "gradient_checkpointing": False,
         }
-    if model.fusion is not None:
-        for name, t in model.fusion.state_dict().items():
-            heads[f"fusion.{name}"] = t.detach().to(torch_dtype).contiguous()
+    for kind in ("fusion", "generative"):
+        module = getattr(model, kind)
+        if module is not None:
+            for name, t in module.state_dict().items():
+                heads[f"{kind}.{name}"] = t.detach().to(torch_dtype).contiguous()
     for kind in ("logit_scale", "logit_bias"):
         params = getattr(model, kind)
         if params is not None:
@@ -356,6 +404,16 @@ def save_backbone(
         "preprocess": preprocess,
         "source": source or {},
     }
+    if model.generative is not None:
+        meta["generative"] = generative or {"alpha": 0.0, "chosen_on": None}
+    (out / "backbone.json").write_text(json.dumps(meta, indent=1, default=str))
+    (out / "README.md").write_text(model_card(meta, card or []))
+
+
+def set_generative_info(out: Path, info: dict[str, Any], card: list[str] | None = None) -> None:
+    """Store the generative score's alpha and how it was chosen in a written backbone (``backbone.json``, card)."""
+    meta = json.loads((out / "backbone.json").read_text())
+    meta["generative"] = info
     (out / "backbone.json").write_text(json.dumps(meta, indent=1, default=str))
     (out / "README.md").write_text(model_card(meta, card or []))
 
@@ -374,6 +432,17 @@ def model_card(meta: dict[str, Any], training: list[str]) -> str:
             f"Fusion head: {fusion['layers']} cross-attention layers of width {fusion['dim']}"
             f"{' (symmetric)' if fusion['symmetric'] else ''}, trained with mined hard negatives; "
             '`scorer.score(..., mode="fused")` gives the match probability of text pairs.',
+            "",
+        ]
+    generative = meta["model"].get("generative")
+    if generative:
+        alpha = meta.get("generative", {})
+        chosen = alpha.get("chosen_on")
+        lines += [
+            f"Generative head: a {generative['layers']}-layer caption decoder of width {generative['dim']} over the "
+            f'media\'s token features, trained with the towers (CoCa); `scorer.score(..., mode="generative")` gives '
+            f"the mean token log-likelihood of a caption given the medium minus alpha = {alpha.get('alpha', 0.0):g} x "
+            f"its likelihood from the null medium ({'alpha chosen on ' + chosen if chosen else 'alpha not chosen'}).",
             "",
         ]
     return "\n".join(lines + training[1:]) + "\n"

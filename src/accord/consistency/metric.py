@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torchmetrics import Metric
 
-from accord.consistency.scorer import ConsistencyScorer, Mode, torchmetrics_aggregate
+from accord.consistency.scorer import MODES, ConsistencyScorer, Mode, torchmetrics_aggregate
 
 
 class ConsistencyMetric(Metric):
@@ -38,8 +38,8 @@ class ConsistencyMetric(Metric):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        if mode not in ("clipscore", "torchmetrics", "cosine", "refclip", "fused"):
-            raise ValueError(f"mode: {mode!r} is not one of clipscore, torchmetrics, cosine, refclip, fused")
+        if mode not in MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
         self.scorer = (
             backbone if isinstance(backbone, ConsistencyScorer) else ConsistencyScorer.from_pretrained(backbone)
         )

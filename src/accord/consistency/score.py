@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from accord.consistency.backbone import DTYPES
-from accord.consistency.scorer import ConsistencyScorer, Mode, torchmetrics_aggregate
+from accord.consistency.scorer import MODES, ConsistencyScorer, Mode, torchmetrics_aggregate
 from accord.errors import InputError, command
 from accord.modalities import MODALITIES
 from accord.shards.read import manifest_items, read_sizes, shard_items
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbone", required=True, help="exported accord backbone or HF CLIPModel directory")
     p.add_argument("--input", required=True, help="manifest (.jsonl/.csv/.tsv/.parquet) or folder of shards")
     p.add_argument("--out", required=True, help="scores.jsonl")
-    p.add_argument("--mode", default="clipscore", choices=("clipscore", "torchmetrics", "cosine", "fused"))
+    p.add_argument("--mode", default="clipscore", choices=tuple(m for m in MODES if m != "refclip"))
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None)
     p.add_argument(

@@ -11,6 +11,10 @@ For two modalities a, b of the same sample with embeddings e_a, e_b (L2-normalis
 
 - ``fused``:       sigmoid of the fusion head's match logit (text tokens attending to the other modality's tokens):
   the probability that the pair matches; text pairs only, needs a backbone trained with ``model.fusion``
+- ``generative``:  the mean per-token log-likelihood of the caption given the medium, minus alpha times its
+  likelihood given the generative head's null medium (the caption prior; VisualGPTScore's debiasing, alpha stored
+  with the backbone or passed as ``alpha``): text pairs only, needs ``model.generative``. One medium row scores N
+  captions in one batched pass (give ``image=[one]`` with N texts); differentiable in float media inputs
 
 With more than two modalities every pair is scored and ``aggregate`` is their weighted mean (weights per pair name,
 default 1). Everything is batched tensor maths, so gradients flow to the inputs and the towers.
@@ -29,7 +33,8 @@ from torch import nn
 from accord.consistency.backbone import Backbone, HFClipBackbone, load_backbone
 from accord.modalities import MODALITIES
 
-Mode = Literal["clipscore", "torchmetrics", "cosine", "refclip", "fused"]
+Mode = Literal["clipscore", "torchmetrics", "cosine", "refclip", "fused", "generative"]
+MODES: tuple[str, ...] = ("clipscore", "torchmetrics", "cosine", "refclip", "fused", "generative")
 CLIPSCORE_W = 2.5
 
 
@@ -128,11 +133,13 @@ class ConsistencyScorer(nn.Module):
         references: list[list[str]] | None = None,
         weights: dict[str, float] | None = None,
         embeddings: dict[str, torch.Tensor] | None = None,
+        alpha: float | None = None,
     ) -> ScoreResult:
-        """Per-sample scores of every pair of the given modalities and their weighted aggregate."""
+        """Per-sample scores of every pair of the given modalities and their weighted aggregate (``alpha``: the
+        generative mode's prior weight instead of the backbone's)."""
         given = {"text": text, "image": image, "video": video, "audio": audio}
-        if mode == "fused":
-            return self._fused(given, weights, embeddings)
+        if mode in ("fused", "generative"):
+            return self._head_score(mode, given, weights, embeddings, alpha)
         emb = {m: self.embed(m, v) for m, v in given.items() if v is not None}
         for m, e in (embeddings or {}).items():
             emb[m] = torch.nn.functional.normalize(e, dim=-1)
@@ -152,26 +159,45 @@ class ConsistencyScorer(nn.Module):
                 pairs[f"{a}-{b}"] = self._pair_score(mode, cos, emb, references, a, b)
         return _aggregate(pairs, weights)
 
-    def _fused(
-        self, given: dict[str, Any], weights: dict[str, float] | None, embeddings: dict[str, torch.Tensor] | None
+    def _head_score(
+        self,
+        mode: str,
+        given: dict[str, Any],
+        weights: dict[str, float] | None,
+        embeddings: dict[str, torch.Tensor] | None,
+        alpha: float | None,
     ) -> ScoreResult:
+        """The fused or generative score of text against every other given modality (a head over token features)."""
+        head = {
+            "fused": ("has_fusion", "fusion head", "model.fusion"),
+            "generative": ("has_generative", "generative head", "model.generative"),
+        }[mode]
         if embeddings:
-            raise ValueError("mode 'fused' needs token features: pass raw inputs, not embeddings=")
-        if not getattr(self.backbone, "has_fusion", False):
+            raise ValueError(f"mode {mode!r} needs token features: pass raw inputs, not embeddings=")
+        if not getattr(self.backbone, head[0], False):
             raise ValueError(
-                f"mode 'fused': the backbone {getattr(self.backbone, 'path', '')} has no fusion head "
-                "(train with model.fusion set)"
+                f"mode {mode!r}: the backbone {getattr(self.backbone, 'path', '')} has no {head[1]} "
+                f"(train with {head[2]} set)"
             )
         others = [m for m in MODALITIES[1:] if given[m] is not None]
         if given["text"] is None or not others:
-            raise ValueError("mode 'fused' scores text against another modality: give text and at least one more")
-        text = self.backbone.encode("text", given["text"])
+            raise ValueError(f"mode {mode!r} scores text against another modality: give text and at least one more")
         pairs = {}
+        if mode == "fused":
+            text = self.backbone.encode("text", given["text"])
+            for m in others:
+                other = self.backbone.encode(m, given[m])
+                if other.embedding.shape[0] != text.embedding.shape[0]:
+                    raise ValueError(
+                        f"batch sizes differ: text {text.embedding.shape[0]}, {m} {other.embedding.shape[0]}"
+                    )
+                pairs[f"text-{m}"] = torch.sigmoid(self.backbone.match_logits(text, other, m).float())
+            return _aggregate(pairs, weights)
+        a = self.backbone.generative_alpha if alpha is None else alpha
+        captions = self.backbone.prepare("text", given["text"])
         for m in others:
-            other = self.backbone.encode(m, given[m])
-            if other.embedding.shape[0] != text.embedding.shape[0]:
-                raise ValueError(f"batch sizes differ: text {text.embedding.shape[0]}, {m} {other.embedding.shape[0]}")
-            pairs[f"text-{m}"] = torch.sigmoid(self.backbone.match_logits(text, other, m).float())
+            cond = self.backbone.caption_log_likelihood(captions, self.backbone.encode(m, given[m]), m)
+            pairs[f"text-{m}"] = cond - a * self.backbone.caption_log_likelihood(captions, None, m) if a else cond
         return _aggregate(pairs, weights)
 
     def _pair_score(
@@ -191,7 +217,7 @@ class ConsistencyScorer(nn.Module):
         if mode == "clipscore":
             return clip_s
         if mode != "refclip":
-            raise ValueError(f"unknown mode {mode!r} (clipscore, torchmetrics, cosine, refclip, fused)")
+            raise ValueError(f"unknown mode {mode!r} ({', '.join(MODES)})")
         if "text" not in (a, b):
             return clip_s
         assert references is not None  # checked in score()

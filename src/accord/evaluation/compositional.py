@@ -6,7 +6,8 @@ made false (ARO, SugarCrepe, VL-CheckList)?
 For every sample with a caption and one medium, :mod:`accord.data.negatives` writes one negative per category
 (replace colour / shape / size / relation, swap arguments / binding, add / drop an object, replace a clip's
 direction or a tone's pitch or rhythm). Reported per medium and category, for every score the backbone has
-(``cosine``; ``fused`` with a fusion head):
+(``cosine``; ``fused`` with a fusion head; ``generative`` with a generative head, and ``likelihood``, its score
+without the prior subtracted, when the backbone's alpha is not 0):
 
 - the share of samples whose caption scores above its negative (ties count half; 0.5 = blind to the edit), over
   all samples and split into combinations seen and not seen in training (the sample json's ``held_out``: a list of
@@ -15,7 +16,8 @@ direction or a tone's pitch or rhythm). Reported per medium and category, for ev
   training captions; a category where one beats 0.5 by more than 0.03 is flagged ``biased`` (the text alone solves
   it: the score's figure there measures language priors as much as the medium), one more than 0.03 below 0.5
   ``against_prior`` (the training text makes the edit likelier: combinations held out of training, or a shorter
-  edit); and the share of edits that keep the bag of words identical;
+  edit); with a generative head also that head decoding from its null medium (the caption prior its score
+  subtracts); and the share of edits that keep the bag of words identical;
 - a **text-tower probe**: mean and std of cos(text(caption), text(negative)) on the text tower's pooled features
   before the projection, so a user sees when the text side cannot tell the two apart;
 - **Winoground-style groups** where two samples share a json ``pair`` id (two media, two captions that differ in
@@ -46,6 +48,7 @@ from accord.models.towers import TowerOutput
 from accord.shards.read import sample_json, shard_items
 
 BIAS = 0.03  # a blind model this far from 0.5 makes a category biased
+NULL_DECODER = "generative head, null medium"  # the blind baseline of a backbone with a generative head
 
 
 @dataclass
@@ -117,13 +120,33 @@ class PairScores:
                     [backbone.embed(self.medium, data[i : i + chunk]) for i in range(0, len(data), chunk)]
                 )
         fused = isinstance(backbone, Backbone) and backbone.has_fusion and captions.out is not None
-        self.names = ("cosine", "fused") if fused else ("cosine",)
+        self.generative = isinstance(backbone, Backbone) and backbone.has_generative
+        alpha = backbone.generative_alpha if isinstance(backbone, Backbone) and self.generative else 0.0
+        self.names: tuple[str, ...] = ("cosine",) + (("fused",) if fused else ())
+        if self.generative:  # the debiased score, and (alpha > 0) the plain likelihood beside it
+            self.names += ("generative", "likelihood") if alpha else ("generative",)
+        self.alpha = alpha
+        self._prior: dict[str, float] = {}  # caption -> its mean token log-likelihood from the null medium
+
+    def prior(self, captions: list[str]) -> torch.Tensor:
+        """The generative head's caption prior (null medium) of each caption, each distinct one computed once."""
+        assert isinstance(self.backbone, Backbone)
+        todo = sorted(set(captions) - set(self._prior))
+        with torch.no_grad():
+            for s in range(0, len(todo), self.chunk):
+                part = todo[s : s + self.chunk]
+                values = self.backbone.caption_log_likelihood(part, None, self.medium)
+                self._prior.update(zip(part, values.tolist(), strict=True))
+        return torch.tensor([self._prior[c] for c in captions])
 
     def __call__(self, name: str, rows: list[int], captions: list[str]) -> torch.Tensor:
         t = torch.tensor([self.captions.index[c] for c in captions], dtype=torch.long)
         m = torch.tensor([self.local[r] for r in rows], dtype=torch.long)
         if name == "cosine":
             return (self.media_emb[m] * self.captions.emb[t]).sum(-1)
+        if name in ("generative", "likelihood"):
+            cond = self.conditional(m, captions)
+            return cond - self.alpha * self.prior(captions) if name == "generative" and self.alpha else cond
         text, media, backbone = self.captions.out, self.media, self.backbone
         assert text is not None and media is not None and isinstance(backbone, Backbone)
         parts = []
@@ -133,6 +156,18 @@ class PairScores:
                 text_rows = TowerOutput(text.embedding[tt], text.tokens[tt], text.mask[tt])
                 media_rows = TowerOutput(media.embedding[mm], media.tokens[mm].to(text.tokens.dtype), media.mask[mm])
                 parts.append(torch.sigmoid(backbone.match_logits(text_rows, media_rows, self.medium).float()))
+        return torch.cat(parts)
+
+    def conditional(self, m: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        """The generative head's mean token log-likelihood of each caption given its medium (local rows ``m``)."""
+        media, backbone = self.media, self.backbone
+        assert media is not None and isinstance(backbone, Backbone)
+        parts = []
+        with torch.no_grad():
+            for s in range(0, len(m), self.chunk):
+                mm = m[s : s + self.chunk]
+                rows = TowerOutput(media.embedding[mm], media.tokens[mm], media.mask[mm])
+                parts.append(backbone.caption_log_likelihood(captions[s : s + self.chunk], rows, self.medium))
         return torch.cat(parts)
 
 
@@ -246,6 +281,42 @@ def evaluate_items(
     return result
 
 
+ALPHAS = tuple(i / 10 for i in range(11))  # the generative score's prior weights tried by choose_alpha
+
+
+def choose_alpha(backbone: Backbone, items: list[Item], batch_size: int = 64) -> dict[str, Any]:
+    """The prior weight alpha in :data:`ALPHAS` of the generative score (likelihood given the medium minus alpha x
+    the caption prior) under which the true captions of ``items`` (validation samples, never those evaluated) score
+    above their one-edit negatives most often: the mean over categories (ties half), the lowest alpha on a tie.
+    Returns ``{"alpha", "search": {alpha: mean}, "samples"}``."""
+    vocab = Vocabulary.from_captions([i.caption for i in items])
+    edits = {i.key: found for i in items if (found := negatives(vocab, i.caption, key=i.key))}
+    texts = sorted({i.caption for i in items} | {n for e in edits.values() for n in e.values()})
+    captions = _Captions(backbone, texts, batch_size)
+    wins: dict[float, dict[str, list[torch.Tensor]]] = {a: {} for a in ALPHAS}
+    for medium in MEDIA:
+        rows = [r for r, it in enumerate(items) if it.medium == medium and it.key in edits]
+        if not rows:
+            continue
+        scores = PairScores(backbone, items, rows, captions, batch_size)
+        for category in CATEGORIES:
+            chosen = [r for r in rows if category in edits[items[r].key]]
+            if not chosen:
+                continue
+            true = [items[r].caption for r in chosen]
+            edited = [edits[items[r].key][category] for r in chosen]
+            m = torch.tensor([scores.local[r] for r in chosen], dtype=torch.long)
+            cond_t, cond_e = scores.conditional(m, true), scores.conditional(m, edited)
+            prior_t, prior_e = scores.prior(true), scores.prior(edited)
+            for a in ALPHAS:
+                wins[a].setdefault(category, []).append(preference(cond_t - a * prior_t, cond_e - a * prior_e))
+    if not any(wins[ALPHAS[0]].values()):
+        raise InputError("no validation sample with a caption, one medium and a one-edit negative to choose alpha on")
+    search = {a: statistics.fmean(float(torch.cat(v).mean()) for v in wins[a].values()) for a in ALPHAS}
+    best = max(ALPHAS, key=lambda a: (round(search[a], 9), -a))
+    return {"alpha": best, "search": search, "samples": len(edits)}
+
+
 def _category(
     items: list[Item],
     chosen: list[int],
@@ -268,6 +339,8 @@ def _category(
         name: float(preference(torch.tensor(list(map(lm.logp, true))), torch.tensor(list(map(lm.logp, edited)))).mean())
         for name, lm in blind.items()
     }
+    if scores.generative:  # the same decoder without the medium: how much of its figure the caption prior gives
+        entry["blind"][NULL_DECODER] = float(preference(scores.prior(true), scores.prior(edited)).mean())
     entry["biased"] = sorted(name for name, v in entry["blind"].items() if v > 0.5 + BIAS)
     entry["against_prior"] = sorted(name for name, v in entry["blind"].items() if v < 0.5 - BIAS)
     entry["same_bag_of_words"] = sum(map(same_bag_of_words, true, edited)) / len(true)

@@ -116,11 +116,18 @@ def build_world(out: Path, plan: WorldPlan, seed: int) -> tuple[Path, Path]:
 
 
 def train_backbone(
-    out: Path, train: Path, heldout: Path, plan: WorldPlan, seed: int, port: int, overrides: tuple[str, ...] = ()
+    out: Path,
+    train: Path,
+    heldout: Path,
+    plan: WorldPlan,
+    seed: int,
+    port: int,
+    overrides: tuple[str, ...] = (),
+    alpha_data: Path | None = None,
 ) -> Path:
     """Train the world's backbone (``configs/captioning_world.yaml`` + ``overrides``) into ``out/run`` and export
-    it to ``out/backbone`` (reused when ``out`` holds one trained the same way: same overrides and config file).
-    Returns the backbone."""
+    it to ``out/backbone`` (reused when ``out`` holds one trained the same way: same overrides and config file;
+    ``alpha_data``: validation shards a generative head's alpha is chosen on). Returns the backbone."""
     config = hashlib.sha256(config_file("captioning_world.yaml").read_bytes()).hexdigest()[:16]  # its recipe
     stamp = json.dumps(
         {"epochs": plan.backbone_epochs, "seed": seed, "data": str(train), "overrides": overrides, "config": config}
@@ -147,7 +154,7 @@ def train_backbone(
             *overrides,
         ),
     )
-    export_backbone(out / "run", backbone)
+    export_backbone(out / "run", backbone, alpha_data)
     (out / "train_seconds").write_text(f"{time.perf_counter() - t:.1f}\n")
     (out / "plan.json").write_text(stamp)
     print(f"backbone ready in {time.perf_counter() - t:.0f} s", flush=True)

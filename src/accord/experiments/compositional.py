@@ -28,11 +28,11 @@ from typing import Any
 from tqdm import tqdm
 
 from accord.errors import InputError, command
-from accord.evaluation.compositional import compositional_eval, write
+from accord.evaluation.compositional import NULL_DECODER, compositional_eval, write
 from accord.evaluation.plots import pyplot
 from accord.experiments.captioning import PLANS, build_world, prepare_world, train_backbone
 from accord.pipeline import build_shards
-from accord.worlds.scenes import write_minimal_pairs
+from accord.worlds.scenes import write_minimal_pairs, write_world
 
 PAIRS = {"quick": 24, "full": 150}
 
@@ -47,6 +47,7 @@ LARGER_VIT = (
     "model.towers.image.hf={image_size: 64, patch_size: 8, hidden_size: 128, num_hidden_layers: 6, "
     "num_attention_heads: 4, intermediate_size: 256}",
 )
+GENERATIVE = ("model.generative={dim: 64, layers: 2, heads: 4}",)  # issue #27: the CoCa-style head
 # name -> overrides of configs/captioning_world.yaml; each states the text tower and the negatives itself
 RECIPES: dict[str, tuple[str, ...]] = {
     "frozen": (*FROZEN, *NO_NEGATIVES),
@@ -56,9 +57,12 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "cut 2 + negatives of 3 types": (*CUT, *SOME_NEGATIVES),
     "cut 2 + seen-only negatives": (*CUT, *SEEN_NEGATIVES),
     "cut 2 + negatives, larger ViT": (*CUT, *ALL_NEGATIVES, *LARGER_VIT),
+    "cut 2 + seen-only negatives + generative head": (*CUT, *SEEN_NEGATIVES, *GENERATIVE),
 }
-# the study of docs/recipes.md (issue #25): every recipe but the larger ViT, which was dropped for time
-STUDY = tuple(name for name in RECIPES if "larger ViT" not in name)
+# the study of docs/recipes.md (issue #25): every recipe but the larger ViT, which was dropped for time, and the
+# generative head of issue #27 (its own comparison in docs/generative.md)
+STUDY = tuple(name for name in RECIPES if "larger ViT" not in name and "generative" not in name)
+VALIDATION_SCENES = 300  # training-distribution scenes, never trained on: the generative score's alpha is chosen there
 TARGETS = (
     "replace shape",
     "replace size",
@@ -83,6 +87,16 @@ def minimal_pairs(world: Path, plan_name: str, seed: int) -> Path:
         write_minimal_pairs(world / "raw" / "pairs", PAIRS[plan_name], seed=seed + 1000)
         build_shards(world / "raw" / "pairs", pairs, samples_per_shard=100)
     return pairs
+
+
+def validation_scenes(world: Path, seed: int) -> Path:
+    """Shards of :data:`VALIDATION_SCENES` fresh scenes drawn as the training ones are (built once per world): where
+    the generative score's alpha is chosen, never on the held-out scenes it is evaluated on."""
+    val = world / "shards" / "val"
+    if not (val / "sizes.json").exists():
+        write_world(world / "raw" / "val", VALIDATION_SCENES, 0, seed=seed + 2000, progress=False)
+        build_shards(world / "raw" / "val" / "train", val, samples_per_shard=100)
+    return val
 
 
 def evaluate(backbone: Path, heldout: Path, pairs: Path, train: Path, out: Path) -> dict[str, Any]:
@@ -113,7 +127,9 @@ def run_recipe(out: Path, plan_name: str, seed: int, port: int, recipe: str) -> 
     train, heldout = build_world(out / "world", plan, seed)
     pairs = minimal_pairs(out / "world", plan_name, seed)
     folder = out / "recipes" / recipe.replace(" ", "_").replace(",", "").replace("+", "and")
-    backbone = train_backbone(folder, train, heldout, plan, seed, port, RECIPES[recipe])
+    generative = any(o.startswith("model.generative=") for o in RECIPES[recipe])
+    alpha_data = validation_scenes(out / "world", seed) if generative else None
+    backbone = train_backbone(folder, train, heldout, plan, seed, port, RECIPES[recipe], alpha_data=alpha_data)
     saved = folder / "result.json"
     if saved.exists() and saved.stat().st_mtime >= (folder / "plan.json").stat().st_mtime:
         return json.loads(saved.read_text())  # evaluated since this backbone was trained
@@ -255,7 +271,7 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             add(category, f"blind: {blind}", [e["blind"][blind] for e in entries])
         add(category, "text probe cos", [e["text_probe_cos"]["mean"] for e in entries if "text_probe_cos" in e])
         add(category, "n", [e["n"] for e in entries])
-    for score in ("cosine", "fused"):
+    for score in ("cosine", "fused", "generative", "likelihood"):
         values = [r["media"]["image"]["winoground"].get(score, {}).get("group") for r in results]
         add("Winoground-style group", score, values)
     return table
@@ -264,7 +280,17 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(table: dict[str, dict[str, tuple[float, float]]], seeds: list[int]) -> str:
     figures = [
         f
-        for f in ("cosine", "fused", "blind: bag of words", "blind: bigram", "text probe cos", "n")
+        for f in (
+            "cosine",
+            "fused",
+            "generative",
+            "likelihood",
+            "blind: bag of words",
+            "blind: bigram",
+            f"blind: {NULL_DECODER}",
+            "text probe cos",
+            "n",
+        )
         if any(f in row for row in table.values())
     ]
     lines = [f"| category | {' | '.join(figures)} |", "|---" * (len(figures) + 1) + "|"]

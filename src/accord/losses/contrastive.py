@@ -168,6 +168,10 @@ class LossConfig:
     """Label smoothing of the InfoNCE targets."""
     pair_weights: dict[str, float] = field(default_factory=dict)
     """Pair name (``text-image``) -> its weight in the total loss (default 1.0)."""
+    contrastive_weight: float = 1.0
+    """Weight of the whole contrastive loss beside the other terms (CoCa's ``clip_loss_weight``)."""
+    caption_weight: float = 2.0
+    """Weight of the generative head's caption loss (with ``model.generative``; CoCa's ``caption_loss_weight``)."""
     match_weight: float = 1.0
     """Weight of the fusion head's matching loss (with ``model.fusion``)."""
     match_negatives: Literal["hard", "random"] = "hard"
@@ -184,8 +188,9 @@ class LossConfig:
         dot = f"{prefix}." if prefix else ""
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"{dot}label_smoothing: must be in [0, 1)")
-        if self.match_weight < 0:
-            raise ConfigError(f"{dot}match_weight: must be >= 0")
+        for key in ("match_weight", "contrastive_weight", "caption_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{dot}{key}: must be >= 0")
         if self.match_temperature is not None and self.match_temperature <= 0:
             raise ConfigError(f"{dot}match_temperature: must be > 0 (or null for the learned temperature)")
         if self.match_temperature_end is not None and (

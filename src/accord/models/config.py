@@ -110,6 +110,43 @@ class FusionConfig:
 
 
 @dataclass
+class GenerativeConfig:
+    """A caption decoder trained with the towers (CoCa): causal self-attention over the caption's tokens (the text
+    tower's tokenizer ids, its vocabulary) and cross-attention to a medium tower's token features; one module for
+    every medium trained against text, told apart by a modality embedding. Its caption likelihood is the
+    ``generative`` consistency score."""
+
+    dim: int = 256
+    """Width of the decoder (tower tokens are projected to it)."""
+    layers: int = 2
+    """Decoder layers (each: causal self-attention, cross-attention to the medium, MLPs)."""
+    heads: int = 4
+    """Attention heads (must divide ``dim``)."""
+    mlp_ratio: float = 4.0
+    """MLP width as a multiple of ``dim``."""
+    dropout: float = 0.0
+    """Dropout in attention and MLP."""
+    max_length: int = 77
+    """Caption positions (tokens, with the tokenizer's start and end ones); ``data.text.max_length`` must fit."""
+    null_weight: float = 0.25
+    """Weight of the same captions decoded from a learned null medium (one token per modality): it trains the
+    caption prior P(caption) that the generative score divides out (VisualGPTScore); 0 trains none (CoCa)."""
+
+    def validate(self, prefix: str = "") -> None:
+        dot = f"{prefix}." if prefix else ""
+        if self.dim < 1 or self.layers < 1 or self.heads < 1:
+            raise ConfigError(f"{dot}dim/layers/heads: must be >= 1")
+        if self.dim % self.heads:
+            raise ConfigError(f"{dot}heads: dim {self.dim} is not divisible by {self.heads} heads")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{dot}dropout: must be in [0, 1)")
+        if self.max_length < 2:
+            raise ConfigError(f"{dot}max_length: must be >= 2 (a start token and one more)")
+        if self.null_weight < 0:
+            raise ConfigError(f"{dot}null_weight: must be >= 0")
+
+
+@dataclass
 class ModelConfig:
     """Towers per modality, the shared embedding size, which pairs are trained, and the temperatures."""
 
@@ -131,6 +168,8 @@ class ModelConfig:
     """Initial logit bias of the sigmoid loss (e.g. -10); needed by ``loss.kind: siglip``."""
     fusion: FusionConfig | None = None
     """Optional cross-attention match head over the text pairs' tokens (a fused score beside the cosine)."""
+    generative: GenerativeConfig | None = None
+    """Optional caption decoder over the media of the text pairs, trained jointly (CoCa; ``loss.caption_weight``)."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
@@ -154,6 +193,12 @@ class ModelConfig:
                 f"{', '.join(pair_name(*p) for p in self.pair_list()) or 'none'})"
             )
 
+        if self.generative is not None and not self.generative_pairs():
+            raise ConfigError(
+                f"{dot}generative: needs a trained pair with text (pairs: "
+                f"{', '.join(pair_name(*p) for p in self.pair_list()) or 'none'})"
+            )
+
     def pair_list(self) -> list[tuple[str, str]]:
         """Trained pairs, each ordered by MODALITIES (so 'text-image', never 'image-text')."""
         present = [m for m in MODALITIES if m in self.towers]
@@ -169,6 +214,10 @@ class ModelConfig:
     def fusion_pairs(self) -> list[tuple[str, str]]:
         """Trained pairs the fusion head scores: those with text (text tokens are its queries)."""
         return [p for p in self.pair_list() if p[0] == "text"] if self.fusion is not None else []
+
+    def generative_pairs(self) -> list[tuple[str, str]]:
+        """Trained pairs the generative head captions: those with text (it decodes the text from the medium)."""
+        return [p for p in self.pair_list() if p[0] == "text"] if self.generative is not None else []
 
 
 def pair_name(a: str, b: str) -> str:

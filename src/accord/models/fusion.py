@@ -10,52 +10,20 @@ differ) and a learned modality embedding tell them apart; the layers and the mat
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from accord.modalities import MODALITIES
+from accord.models.attention import Block, masked_mean
 from accord.models.config import FusionConfig
-
-
-class _Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.q, self.kv, self.out = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        b, lq, d = x.shape
-        h = self.heads
-        q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)
-        k, v = self.kv(context).view(b, context.shape[1], 2, h, d // h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=context_mask[:, None, None, :], dropout_p=self.dropout if self.training else 0.0
-        )
-        return self.out(y.transpose(1, 2).reshape(b, lq, d))
-
-
-class _Block(nn.Module):
-    """Pre-norm: x += attn(x -> context); x += mlp(x)."""
-
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float):
-        super().__init__()
-        hidden = int(dim * mlp_ratio)
-        self.norm_q, self.norm_kv, self.norm_mlp = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.attn = _Attention(dim, heads, dropout)
-        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim), nn.Dropout(dropout))
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm_q(x), self.norm_kv(context), context_mask)
-        return x + self.mlp(self.norm_mlp(x))
 
 
 class _FusionLayer(nn.Module):
     def __init__(self, cfg: FusionConfig):
         super().__init__()
         args = (cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.dropout)
-        self.self_attn = _Block(*args)
-        self.cross = _Block(*args)
-        self.cross_back = _Block(*args) if cfg.symmetric else None
+        self.self_attn = Block(*args)
+        self.cross = Block(*args)
+        self.cross_back = Block(*args) if cfg.symmetric else None
 
     def forward(
         self, text: torch.Tensor, text_mask: torch.Tensor, other: torch.Tensor, other_mask: torch.Tensor
@@ -65,11 +33,6 @@ class _FusionLayer(nn.Module):
         if self.cross_back is not None:
             other = self.cross_back(other, text, text_mask)
         return new_text, other
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 class FusionHead(nn.Module):
@@ -99,6 +62,6 @@ class FusionHead(nn.Module):
         text_mask, other_mask = text_mask.to(torch.bool), other_mask.to(torch.bool)
         for layer in self.layers:
             x, y = layer(x, text_mask, y, other_mask)
-        t = _masked_mean(self.norm(x), text_mask)
-        o = _masked_mean(self.norm_other(y), other_mask)
+        t = masked_mean(self.norm(x), text_mask)
+        o = masked_mean(self.norm_other(y), other_mask)
         return self.head(torch.cat([t, o, t * o], dim=-1))[:, 0]

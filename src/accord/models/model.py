@@ -12,6 +12,7 @@ from torch import nn
 from accord.modalities import MODALITIES
 from accord.models.config import ModelConfig, pair_name
 from accord.models.fusion import FusionHead
+from accord.models.generative import GenerativeHead
 from accord.models.towers import Tower, TowerDict, TowerOutput, backbone_width
 
 # {modality: {input name: tensor}, "present": {modality: bool[B]}}, and optionally the captions' hard negatives
@@ -33,11 +34,18 @@ class ModelOutput:
     negative_present: torch.Tensor | None = None  # bool [B, K]
     negative_tokens: torch.Tensor | None = None  # with a fusion head: their token features [B, K, L, W]
     negative_token_mask: torch.Tensor | None = None  # bool [B, K, L]
+    # with a generative head: the captions' tokenizer ids [b, T] and real-token mask (False on absent captions) of
+    # the rows the tokens belong to; and every row's count of predicted tokens (T - 1 where all are real) [B]
+    caption_ids: torch.Tensor | None = None
+    caption_mask: torch.Tensor | None = None
+    caption_targets: torch.Tensor | None = None
 
 
 class AccordModel(nn.Module):
     """Towers per configured modality; ``forward(batch)`` embeds every modality, running every tower every step.
-    With ``cfg.fusion`` it also returns token features and owns the fusion head (run by the matching loss)."""
+    With ``cfg.fusion`` it also returns token features and owns the fusion head (run by the matching loss); with
+    ``cfg.generative`` the media's token features and the captions' ids, and owns the generative head (run by the
+    caption loss)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -65,11 +73,19 @@ class AccordModel(nn.Module):
                 {n: nn.Parameter(torch.full([1], float(cfg.init_logit_bias))) for n in names}
             )
         self.fusion = None
-        self.token_modalities: set[str] = set()  # whose token features a loss uses (the fusion head's)
+        self.token_modalities: set[str] = set()  # whose token features a loss uses (the heads')
         if cfg.fusion is not None:
-            self.token_modalities = {"text"} | {m for _, m in cfg.fusion_pairs()}
-            self.fusion = FusionHead(
-                cfg.fusion, {m: backbone_width(self.towers[m].backbone) for m in sorted(self.token_modalities)}
+            fused = {"text"} | {m for _, m in cfg.fusion_pairs()}
+            self.token_modalities |= fused
+            self.fusion = FusionHead(cfg.fusion, {m: backbone_width(self.towers[m].backbone) for m in sorted(fused)})
+        self.generative = None
+        if cfg.generative is not None:
+            media = sorted(m for _, m in cfg.generative_pairs())
+            self.token_modalities |= set(media)
+            self.generative = GenerativeHead(
+                cfg.generative,
+                {m: backbone_width(self.towers[m].backbone) for m in media},
+                self.towers["text"].backbone.config.vocab_size,
             )
 
     def enable_frozen_caches(self) -> dict[str, str | None]:
@@ -78,11 +94,7 @@ class AccordModel(nn.Module):
         status: dict[str, str | None] = {}
         for modality, tower in self.towers.items():
             if tower.cfg.freeze:
-                status[modality] = (
-                    "the fusion head reads its token features"
-                    if modality in self.token_modalities and tower.cut is None
-                    else tower.enable_cache()
-                )
+                status[modality] = tower.enable_cache(tokens=modality in self.token_modalities)
         return status
 
     def frozen_cache_stats(self) -> dict[str, float]:
@@ -172,11 +184,14 @@ class AccordModel(nn.Module):
         out = ModelOutput({m: o.embedding for m, o in outputs.items()}, masks, self.temperatures(), bias, self.pairs)
         if negatives is not None:
             out.negatives, out.negative_present = neg.embedding, negatives["present"].to(torch.bool)
-        if self.fusion is not None:
+        if self.token_modalities:
             out.tokens = {m: outputs[m].tokens for m in self.token_modalities}
             out.token_mask = {m: outputs[m].mask for m in self.token_modalities}
-            if negatives is not None:
-                out.negative_tokens, out.negative_token_mask = neg.tokens, neg.mask
+        if self.fusion is not None and negatives is not None:
+            out.negative_tokens, out.negative_token_mask = neg.tokens, neg.mask
+        if self.generative is not None:
+            out.caption_ids, out.caption_mask = captions_of(batch, masks["text"], batch_size)
+            out.caption_targets = (out.caption_mask.sum(dim=1) - 1).clamp(min=0)
         return out
 
     def _embed_with_negatives(
@@ -212,3 +227,13 @@ class AccordModel(nn.Module):
             neg_mask = both.mask[batch_size:].unflatten(0, (batch_size, k))
         neg = TowerOutput(both.embedding[batch_size:].unflatten(0, (batch_size, k)), neg_tokens, neg_mask)
         return cap, cap_present.to(torch.bool), neg
+
+
+def captions_of(batch: Batch, present: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's caption ids [B, T] and their real-token mask, False on every token of an absent caption (a batch
+    without text: [B, 2] of zeros, all False)."""
+    text = batch.get("text")
+    if text is None:
+        ids = torch.zeros(batch_size, 2, dtype=torch.long, device=present.device)
+        return ids, torch.zeros_like(ids, dtype=torch.bool)
+    return text["input_ids"], text["attention_mask"].to(torch.bool) & present[:, None]

@@ -149,6 +149,7 @@ class Tower(nn.Module):
         if cfg.freeze and shared_backbone is None:
             freeze_backbone(self.backbone, cfg.unfreeze_last_n or 0)
         self.cache: FrozenFeatureCache | None = None  # see enable_cache
+        self.cache_tokens = False  # the cache keeps a medium's token features beside its pooled ones
 
     def _run(self, mask: torch.Tensor | None, **kwargs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled features [B, W] and the last hidden states [B, L, W]."""
@@ -235,13 +236,16 @@ class Tower(nn.Module):
     def forward(self, inputs: dict[str, torch.Tensor]) -> TowerOutput:
         kwargs, mask = self._backbone_inputs(inputs)
         if self.cache is not None and self.cut is None and "inputs_embeds" not in kwargs:
-            # token features are not kept: the model caches only towers whose tokens no loss reads
-            pooled = self.cache(kwargs, mask)
-            empty = pooled.new_zeros(pooled.shape[0], 0, pooled.shape[1])
+            # pooled features, and a medium's token features when a head reads them (row 0 pooled, then tokens)
+            cached = self.cache(kwargs, mask)
+            if self.cache_tokens:
+                pooled, tokens = cached[:, 0], cached[:, 1:]
+            else:
+                pooled, tokens = cached, cached.new_zeros(cached.shape[0], 0, cached.shape[1])
             return TowerOutput(
                 F.normalize(self.proj(pooled), dim=-1),
-                empty,
-                torch.ones(empty.shape[:2], dtype=torch.bool, device=pooled.device),
+                tokens,
+                torch.ones(tokens.shape[:2], dtype=torch.bool, device=pooled.device),
             )
         pooled, tokens = self._features(inputs, kwargs, mask)
         if mask is None:
@@ -284,9 +288,13 @@ class Tower(nn.Module):
             return "frozen_cache is off"
         return None
 
-    def enable_cache(self) -> str | None:
-        """Cache the backbone's features when :meth:`cache_refusal` allows; returns the refusal otherwise."""
+    def enable_cache(self, tokens: bool = False) -> str | None:
+        """Cache the backbone's features when :meth:`cache_refusal` allows; returns the refusal otherwise.
+        ``tokens``: a head reads this tower's token features, so they are cached too (media only: a caption's token
+        states change with what else is in its batch, a medium's come in one fixed shape)."""
         refusal = self.cache_refusal()
+        if refusal is None and tokens and self.cfg.kind in ("bert", "clip_text") and self.cut is None:
+            refusal = "the fusion head reads its token features"
         positions = getattr(self.backbone.config, "max_position_embeddings", None)
         if refusal is None and self.cut is not None:  # the bottom's token states per caption
             self.cache = FrozenFeatureCache(
@@ -297,8 +305,14 @@ class Tower(nn.Module):
                 max_positions=positions,
             )
         elif refusal is None:
+            self.cache_tokens = tokens and self.cut is None
+
+            def run(kw: dict[str, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+                pooled, hidden = self._run(mask, **kw, **({"attention_mask": mask} if mask is not None else {}))
+                return torch.cat([pooled[:, None], hidden], dim=1) if self.cache_tokens else pooled
+
             self.cache = FrozenFeatureCache(
-                lambda kw, mask: self._run(mask, **kw, **({"attention_mask": mask} if mask is not None else {}))[0],
+                run,
                 self.cfg.frozen_cache_items,
                 text=self.cfg.kind in ("bert", "clip_text"),
                 max_positions=positions if self.cfg.kind in ("bert", "clip_text") else None,

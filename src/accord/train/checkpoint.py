@@ -119,6 +119,14 @@ def save(
     if rank == 0:
         _write_atomic(folder / tag / MARKER, json.dumps({"tag": tag, "step": step, **meta}, indent=1))
         _write_atomic(folder / "latest", tag)
+        # Tags after this one are of a run this one replaced (started afresh, or resumed from an earlier step, in
+        # the same output_dir): another history, which keep_last must not count nor keep over this run's own.
+        later = [p.name for p in folder.glob("step*") if p.is_dir() and p.name > tag]
+        for old in later:
+            shutil.rmtree(folder / old, ignore_errors=True)
+            shutil.rmtree(folder / UNIVERSAL / old, ignore_errors=True)
+        if later:
+            print(f"removed {len(later)} checkpoint(s) after {tag} of a replaced run: {', '.join(sorted(later))}")
         if keep_last > 0:
             committed = sorted(p.name for p in folder.glob("step*") if (p / MARKER).exists())
             stale = committed[:-keep_last] + [

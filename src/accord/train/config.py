@@ -216,6 +216,12 @@ class TrainConfig:
                 raise ConfigError("eval.compositional: needs a text tower (captions are text)")
             if self.data.val is None:
                 raise ConfigError("eval.compositional: needs data.val (the samples to evaluate)")
+        gen = self.model.generative
+        if gen is not None and "text" in self.model.towers and self.data.text.max_length > gen.max_length:
+            raise ConfigError(
+                f"model.generative.max_length: {gen.max_length} positions, but data.text.max_length gives captions "
+                f"of up to {self.data.text.max_length} tokens"
+            )
         zeroshot = self.eval.zeroshot
         if zeroshot is not None:
             media = [m for m in self.model.towers if m != "text"]

@@ -14,22 +14,25 @@ import contextlib
 import io
 import json
 import pickle
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from accord.config import from_dict
-from accord.consistency.backbone import DTYPES, save_backbone
+from accord.consistency.backbone import DTYPES, Backbone, load_backbone, save_backbone, set_generative_info
 from accord.consistency.hf_clip import hf_clip_problems, save_hf_clip
 from accord.consistency.onnx import save_onnx
 from accord.errors import InputError, command
+from accord.evaluation.compositional import choose_alpha, read_items
 from accord.models import AccordModel
 from accord.train.checkpoint import resolve
 from accord.train.config import TrainConfig
 from accord.verbosity import is_verbose
 
 FORMATS = ("accord", "hf-clip")
+ALPHA_SAMPLES = 500  # validation samples the generative score's alpha is chosen on
 
 
 def read_client_state(checkpoint_dir: Path, tag: str | None) -> tuple[str, dict[str, Any]]:
@@ -69,9 +72,11 @@ def export(
     dtype: str = "fp32",
     onnx: bool = False,
     format: str = "accord",
+    alpha_data: str | None = None,
 ) -> Path:
     """Export the checkpoint as an accord backbone directory, or (``format="hf-clip"``) a CLIPModel directory
-    (see :mod:`accord.consistency.hf_clip`; refused before the weights are read when the towers have no such form)."""
+    (see :mod:`accord.consistency.hf_clip`; refused before the weights are read when the towers have no such form).
+    A generative head's alpha is chosen on ``alpha_data`` (default the run's ``data.val``)."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if format not in FORMATS:
         raise ValueError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
@@ -109,9 +114,27 @@ def export(
         source={"checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "step": client.get("step")},
         card=model_card_lines(cfg, client.get("step")),
     )
+    if model.generative is not None:
+        choose_generative_alpha(out, alpha_data or cfg.data.val, model_card_lines(cfg, client.get("step")))
     if onnx:
         save_onnx(model, out / "onnx")
     return out
+
+
+def choose_generative_alpha(out: Path, data: str | None, card: list[str]) -> None:
+    """The generative score's alpha, chosen on validation shards (``--alpha-data``, else the run's ``data.val``;
+    :func:`accord.evaluation.compositional.choose_alpha`) and stored in the backbone; 0 without any."""
+    if data is None:
+        print("generative head: no validation data (--alpha-data or the run's data.val): alpha 0, not chosen")
+        return
+    skipped: Counter[str] = Counter()
+    items = read_items(data, skipped, ALPHA_SAMPLES)
+    backbone = load_backbone(out)
+    assert isinstance(backbone, Backbone)
+    info = {**choose_alpha(backbone, items), "chosen_on": data}
+    set_generative_info(out, info, card)
+    search = ", ".join(f"{a:g}: {v:.3f}" for a, v in info["search"].items())
+    print(f"generative head: alpha {info['alpha']:g} chosen on {info['samples']} samples of {data} ({search})")
 
 
 def model_card_lines(cfg: TrainConfig, step: int | None) -> list[str]:
@@ -155,9 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         help="accord: the backbone directory (every tower); hf-clip: a transformers CLIPModel "
         "directory (clip_text + clip_vision towers)",
     )
+    p.add_argument(
+        "--alpha-data",
+        default=None,
+        help="generative head: validation shards to choose the score's alpha on (default: the run's data.val)",
+    )
     args = p.parse_args(argv)
     if args.onnx and args.format != "accord":
         raise ValueError("--onnx: only with --format accord")
-    out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx, args.format)
+    out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx, args.format, args.alpha_data)
     print(f"exported {args.checkpoint_dir} -> {out}")
     return 0

@@ -28,7 +28,7 @@ from accord.data.batches import empty_batch, lockstep, real_samples, to_device
 from accord.data.loader import DataStalled, Loader, TooManyBadSamples
 from accord.data.negatives import NegativeSampler, Vocabulary, seen_facts
 from accord.evaluation.compositional import read_items
-from accord.losses import ContrastiveLoss, MatchingLoss
+from accord.losses import CaptionLoss, ContrastiveLoss, MatchingLoss
 from accord.models import AccordModel
 from accord.resources import config_file
 from accord.train import checkpoint
@@ -150,6 +150,10 @@ class Trainer:
             self.match_loss = MatchingLoss(
                 cfg.loss.match_negatives == "hard", cfg.loss.match_temperature, constructed=constructed
             )
+        self.generative_pairs = cfg.model.generative_pairs()
+        self.caption_loss = None
+        if cfg.model.generative is not None:
+            self.caption_loss = CaptionLoss(cfg.model.generative.null_weight)
         negatives = negative_sampler(cfg)
         if negatives is not None and self.rank == 0:
             v = negatives.vocab
@@ -286,6 +290,13 @@ class Trainer:
         def loss_fn(out):
             with stage("loss"):
                 loss, parts = self.loss_fn(out)
+                loss = self.cfg.loss.contrastive_weight * loss
+                if self.caption_loss is not None:
+                    caption, caption_parts = self.caption_loss(
+                        out, self.engine.module.generative, self.generative_pairs
+                    )
+                    loss = loss + self.cfg.loss.caption_weight * caption
+                    parts = {**parts, **caption_parts}
                 if self.match_loss is not None:
                     match, match_parts = self.match_loss(out, self.engine.module.fusion, self.fusion_pairs)
                     loss = loss + self.cfg.loss.match_weight * match
@@ -403,10 +414,17 @@ class Trainer:
         )
 
     def _weight(self, part: str) -> float:
-        """The weight of a logged loss part ("text-image" or "match/text-image") in the optimised loss."""
+        """The weight of a logged loss part ("text-image", "match/text-image", "caption/text-image",
+        "caption_null/text-image") in the optimised loss."""
+        loss = self.cfg.loss
         if part.startswith("match/"):
-            return self.cfg.loss.match_weight
-        return self.cfg.loss.pair_weights.get(part, 1.0)
+            return loss.match_weight
+        if part.startswith("caption/"):
+            return loss.caption_weight
+        if part.startswith("caption_null/"):
+            assert self.cfg.model.generative is not None
+            return loss.caption_weight * self.cfg.model.generative.null_weight
+        return loss.contrastive_weight * loss.pair_weights.get(part, 1.0)
 
     def _temperatures(self) -> dict[str, float]:
         import deepspeed

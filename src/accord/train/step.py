@@ -5,7 +5,8 @@ micro-batch without gradient, remembering the RNG state; (2) for each micro-batc
 the same RNG state, compute the loss over *all* micro-batches' embeddings (the others detached), and backpropagate.
 Each pass sends gradient only into its own micro-batch's rows, so the k passes add up to the full gradient; the
 temperatures (used by every pass) take gradient from the first pass only. A fusion head's matching loss sees the
-token features of the live micro-batch only: it is the mean of the micro-batches' matching losses.
+token features of the live micro-batch only: it is the mean of the micro-batches' matching losses. The generative
+head's caption loss is exact: each pass adds its micro-batch's tokens over the step's global token count.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from accord.models.model import ModelOutput
 
 Backward = Callable[[torch.Tensor], None]
+PER_MICRO_BATCH = ("caption/", "caption_null/")  # loss parts each pass computes for its own micro-batch only
 
 
 def _rng_state() -> dict[str, Any]:
@@ -35,21 +37,26 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.bfloat16, torch.float16) else t
+
+
 def as_fp32(out: ModelOutput) -> ModelOutput:
-    """The loss runs in fp32 whatever the towers' precision."""
-    bias = {k: v.float() for k, v in out.logit_bias.items()} if out.logit_bias is not None else None
+    """The loss runs in fp32 (or the towers' fp64) whatever the towers' precision."""
+    up = _at_least_fp32
+    bias = {k: up(v) for k, v in out.logit_bias.items()} if out.logit_bias is not None else None
     return replace(
         out,
-        embeddings={m: e.float() for m, e in out.embeddings.items()},
-        logit_scale={k: v.float() for k, v in out.logit_scale.items()},
+        embeddings={m: up(e) for m, e in out.embeddings.items()},
+        logit_scale={k: up(v) for k, v in out.logit_scale.items()},
         logit_bias=bias,
-        negatives=out.negatives.float() if out.negatives is not None else None,
+        negatives=up(out.negatives) if out.negatives is not None else None,
     )
 
 
 def _merge(outs: list[ModelOutput], live: ModelOutput, i: int) -> ModelOutput:
     """Embeddings of all micro-batches (only the i-th with gradient), hard negatives likewise; temperatures live
-    in pass 0 only; token features (fusion head) of the i-th only."""
+    in pass 0 only; token features and caption ids (the heads') of the i-th only, every one's caption token counts."""
     emb = {
         m: torch.cat([live.embeddings[m] if j == i else o.embeddings[m] for j, o in enumerate(outs)])
         for m in live.embeddings
@@ -73,7 +80,15 @@ def _merge(outs: list[ModelOutput], live: ModelOutput, i: int) -> ModelOutput:
         negative_present=negative_present,
         negative_tokens=live.negative_tokens,
         negative_token_mask=live.negative_token_mask,
+        caption_ids=live.caption_ids,
+        caption_mask=live.caption_mask,
+        caption_targets=None if live.caption_targets is None else torch.cat([_targets(o) for o in outs]),
     )
+
+
+def _targets(out: ModelOutput) -> torch.Tensor:
+    assert out.caption_targets is not None, "every micro-batch of a step has the same heads"
+    return out.caption_targets
 
 
 def _merge_negatives(outs: list[ModelOutput]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -99,7 +114,9 @@ def _merge_negatives(outs: list[ModelOutput]) -> tuple[torch.Tensor | None, torc
 def contrastive_step(
     model: Callable, loss_fn: Callable, micro_batches: list[dict], backward: Backward
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward + backward of one optimiser step; returns the loss and per-pair losses (detached)."""
+    """Forward + backward of one optimiser step; returns the loss of the last pass and the loss parts (detached):
+    the contrastive ones of the last pass (each pass computes the whole step's), the caption ones
+    (:data:`PER_MICRO_BATCH`) summed over the passes (each covers its own micro-batch's tokens)."""
     if len(micro_batches) == 1:
         loss, parts = loss_fn(as_fp32(model(micro_batches[0])))
         backward(loss)
@@ -110,16 +127,26 @@ def contrastive_step(
             states.append(_rng_state())
             cached.append(
                 replace(
-                    as_fp32(model(mb)), tokens=None, token_mask=None, negative_tokens=None, negative_token_mask=None
+                    as_fp32(model(mb)),
+                    tokens=None,
+                    token_mask=None,
+                    negative_tokens=None,
+                    negative_token_mask=None,
+                    caption_ids=None,
+                    caption_mask=None,
                 )
             )
     after = _rng_state()
+    summed: dict[str, torch.Tensor] = {}
     for i, mb in enumerate(micro_batches):
         _set_rng_state(states[i])
         loss, parts = loss_fn(_merge(cached, as_fp32(model(mb)), i))
         backward(loss)
+        for k, v in parts.items():
+            if k.startswith(PER_MICRO_BATCH):
+                summed[k] = summed.get(k, 0.0) + v
     _set_rng_state(after)
-    return loss.detach(), parts
+    return loss.detach(), {**parts, **summed}
 
 
 def accumulation_groups(
