@@ -13,9 +13,17 @@ import pytest
 import torch
 
 from accord.consistency import load_backbone
+from accord.consistency.backbone import set_generative_info
 from accord.data.negatives import Vocabulary, negatives
 from accord.evaluation.blind import NgramLM, same_bag_of_words
-from accord.evaluation.compositional import compositional_eval, preference
+from accord.evaluation.compositional import (
+    ALPHAS,
+    NULL_DECODER,
+    choose_alpha,
+    compositional_eval,
+    preference,
+    read_items,
+)
 from accord.evaluation.evaluate import main as main_eval
 from accord.pipeline import build_shards
 from accord.worlds import scenes
@@ -172,6 +180,47 @@ def test_per_category_figures_equal_a_hand_count(world: dict[str, Path]) -> None
             if category.startswith("swap"):
                 assert got["same_bag_of_words"] == 1.0 and got["blind"]["bag of words"] == 0.5
     assert {"replace colour", "replace shape", "replace size"} <= set(image["categories"])
+
+
+GENERATIVE_HEAD = ["model.generative={dim: 16, layers: 1, heads: 2}"]
+
+
+def test_generative_score_per_category_equals_a_hand_count(world: dict[str, Path], tmp_path: Path) -> None:
+    """With a generative head: its score beside the cosine, by hand from ``caption_log_likelihood`` one sample at a
+    time; the head's null-medium prior as a blind baseline; alpha chosen on other samples (the training scenes here)
+    as the argmax of its search, and the score then subtracts alpha x the prior."""
+    path = random_backbone("tiny.yaml", tmp_path / "generative", overrides=GENERATIVE_HEAD)
+    backbone = load_backbone(path)
+    from collections import Counter
+
+    from accord.shards.read import shard_items
+
+    chosen = choose_alpha(backbone, read_items(str(world["train"]), Counter()))
+    assert set(chosen["search"]) == set(ALPHAS) and chosen["samples"] == 40
+    assert chosen["search"][chosen["alpha"]] == max(chosen["search"].values())
+    set_generative_info(path, {**chosen, "alpha": 0.5, "chosen_on": "a test"})
+    result = compositional_eval(str(path), str(world["heldout"]), str(world["train"]))
+    backbone = load_backbone(path)
+    items = list(shard_items(str(world["heldout"]), with_json=True))
+    train = [i["text"].strip() for i in shard_items(str(world["train"]))]
+    vocab = Vocabulary.from_captions(train + [i["text"].strip() for i in items])
+    with torch.no_grad():
+        for category, got in result["media"]["image"]["categories"].items():
+            wins, likely, blind = [], [], []
+            for item in items:
+                edit = negatives(vocab, item["text"].strip(), key=item["id"]).get(category)
+                if edit is None:
+                    continue
+                medium = backbone.encode("image", [item["image"]])
+                caps = [item["text"].strip(), edit]
+                cond = backbone.caption_log_likelihood(caps, medium, "image")
+                prior = backbone.caption_log_likelihood(caps, None, "image")
+                wins.append(float(preference((cond - 0.5 * prior)[:1], (cond - 0.5 * prior)[1:])))
+                likely.append(float(preference(cond[:1], cond[1:])))
+                blind.append(float(preference(prior[:1], prior[1:])))
+            assert got["scores"]["generative"]["all"] == pytest.approx(sum(wins) / len(wins), abs=1e-6), category
+            assert got["scores"]["likelihood"]["all"] == pytest.approx(sum(likely) / len(likely), abs=1e-6)
+            assert got["blind"][NULL_DECODER] == pytest.approx(sum(blind) / len(blind), abs=1e-6)
 
 
 def test_winoground_groups_by_hand(world: dict[str, Path]) -> None:

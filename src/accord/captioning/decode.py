@@ -19,7 +19,7 @@ from typing import Literal
 
 import torch
 
-from accord.captioning.model import Captioner
+from accord.captioning.model import Decoder
 from accord.captioning.reward import CaptionConsistency, Media
 from accord.captioning.vocab import BOS, EOS, PAD
 
@@ -69,7 +69,7 @@ class Decoded:
     logp: torch.Tensor  # [B] summed log-probability under the captioner
 
 
-def _next_logp(model: Captioner, prefix: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _next_logp(model: Decoder, prefix: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return model(prefix, memory, mask)[:, -1].float().log_softmax(-1)
 
 
@@ -92,13 +92,13 @@ def _lengths(seqs: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def greedy(model: Captioner, memory: torch.Tensor, mask: torch.Tensor, max_len: int) -> Decoded:
+def greedy(model: Decoder, memory: torch.Tensor, mask: torch.Tensor, max_len: int) -> Decoded:
     return beam_search(model, memory, mask, 1, max_len, length_norm=False)[0]
 
 
 @torch.no_grad()
 def sample(
-    model: Captioner,
+    model: Decoder,
     memory: torch.Tensor,
     mask: torch.Tensor,
     max_len: int,
@@ -134,7 +134,7 @@ def sample(
 
 @torch.no_grad()
 def beam_search(
-    model: Captioner,
+    model: Decoder,
     memory: torch.Tensor,
     mask: torch.Tensor,
     beam: int,
@@ -203,7 +203,7 @@ def rerank(
 
 
 def generate(
-    model: Captioner,
+    model: Decoder,
     memory: torch.Tensor,
     mask: torch.Tensor,
     cfg: DecodeConfig,

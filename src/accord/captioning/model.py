@@ -1,10 +1,14 @@
-"""A small transformer decoder that cross-attends to a tower's token features (any modality)."""
+"""Caption decoders that cross-attend to a tower's token features (any modality): a small transformer trained here
+(:class:`Captioner`), or the backbone's generative head trained with the towers (:class:`HeadCaptioner`)."""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -62,3 +66,40 @@ def blank_memory(
     """One all-zero memory token per row: a Captioner trained and decoded with it is an image-blind language model
     (it sees the captions only), as MAGIC's language model is."""
     return torch.zeros(n, 1, width, device=device, dtype=dtype), torch.ones(n, 1, dtype=torch.bool, device=device)
+
+
+class HeadCaptioner(nn.Module):
+    """The backbone's generative head (``model.generative``, trained jointly with the towers) as a caption decoder
+    over a :class:`~accord.captioning.vocab.CaptionVocab`: the same interface as :class:`Captioner` (``forward``,
+    ``hidden``, ``cfg.max_len``), so every decoding and training strategy starts from it. Caption indices map to the
+    tokenizer ids the head reads; its output layer is restricted to the vocabulary's rows. The head is a copy: fine-
+    tuning it here leaves the backbone's own untouched."""
+
+    def __init__(self, backbone: Any, vocab: Any, modality: str, cfg: CaptionerConfig | None = None):
+        super().__init__()
+        head = backbone.model.generative
+        if head is None:
+            raise ValueError(f"{backbone.path}: this backbone has no generative head (train with model.generative)")
+        if modality not in head.modalities:
+            raise ValueError(f"the generative head decodes from {', '.join(head.modalities)}, not {modality!r}")
+        self.cfg = cfg or CaptionerConfig()
+        if self.cfg.max_len + 2 > head.cfg.max_length:
+            raise ValueError(f"max_len {self.cfg.max_len}: the head has {head.cfg.max_length} positions")
+        self.head = copy.deepcopy(head).float()
+        self.modality = modality
+        self.memory_width = backbone.model.towers[modality].proj.in_features
+        self.token_ids: torch.Tensor
+        self.register_buffer("token_ids", vocab.token_ids.clone(), persistent=False)
+
+    def forward(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        out = self.head.out
+        ids = self.token_ids
+        return F.linear(self.hidden(tokens, memory, memory_mask), out.weight[ids], out.bias[ids])
+
+    def hidden(self, tokens: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+        """The head's last normalised states [B, T, dim] (causal: padding after the end changes nothing before it)."""
+        ids = self.token_ids[tokens]
+        return self.head.hidden(ids, torch.ones_like(ids, dtype=torch.bool), memory, memory_mask, self.modality)
+
+
+Decoder = Captioner | HeadCaptioner  # what the decoding and training strategies take

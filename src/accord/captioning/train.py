@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from accord.captioning.data import CaptionData
 from accord.captioning.decode import greedy, sample
-from accord.captioning.model import Captioner
+from accord.captioning.model import Decoder
 from accord.captioning.reward import CaptionConsistency
 from accord.captioning.vocab import BOS, EOS, PAD
 
@@ -58,7 +58,7 @@ def mle_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1), targets[:, 1:].flatten(), ignore_index=PAD)
 
 
-def sequence_logp(model: Captioner, seqs: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def sequence_logp(model: Decoder, seqs: torch.Tensor, memory: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Summed log-probability of EOS-terminated ``seqs`` [M, T] (no BOS); PAD positions excluded."""
     inputs = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs[:, :-1]], dim=1)
     logp = model(inputs, memory, mask).float().log_softmax(-1).gather(2, seqs[..., None])[..., 0]
@@ -66,7 +66,7 @@ def sequence_logp(model: Captioner, seqs: torch.Tensor, memory: torch.Tensor, ma
 
 
 def _step_loss(
-    model: Captioner, batch: tuple[torch.Tensor, ...], cfg: CaptionTrainConfig, consistency: CaptionConsistency | None
+    model: Decoder, batch: tuple[torch.Tensor, ...], cfg: CaptionTrainConfig, consistency: CaptionConsistency | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     memory, mask, media, targets = batch
     if cfg.strategy == "scst" and consistency is not None:  # (train_captioner refuses scst without one)
@@ -101,7 +101,7 @@ def _step_loss(
 
 
 def train_captioner(
-    model: Captioner,
+    model: Decoder,
     data: CaptionData,
     cfg: CaptionTrainConfig,
     consistency: CaptionConsistency | None = None,

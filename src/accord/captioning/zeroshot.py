@@ -18,14 +18,14 @@ import torch
 import torch.nn.functional as F
 
 from accord.captioning.decode import Decoded, constrain
-from accord.captioning.model import Captioner, blank_memory
+from accord.captioning.model import Decoder, blank_memory
 from accord.captioning.reward import CaptionConsistency, Media
 from accord.captioning.vocab import BOS, EOS, PAD
 
 
 @torch.no_grad()
 def magic(
-    lm: Captioner,
+    lm: Decoder,
     n: int,
     max_len: int,
     consistency: CaptionConsistency | None = None,

@@ -52,11 +52,13 @@ from accord.captioning import (
     CaptionTrainConfig,
     CaptionVocab,
     DecodeConfig,
+    HeadCaptioner,
     generate,
     train_captioner,
 )
 from accord.captioning.data import CaptionData
 from accord.captioning.metrics import caption_metrics
+from accord.captioning.model import Decoder
 from accord.captioning.reward import MediaFeatures
 from accord.captioning.zeroshot import magic, retrieve_captions
 from accord.consistency import load_backbone
@@ -80,6 +82,7 @@ TRAININGS: dict[str, tuple[dict[str, Any], str | None]] = {
     "SCST + MLE anchor (0.5)": ({"strategy": "scst", "scst_mle_weight": 0.5}, "MLE"),
 }
 ZERO_SHOT = "zero-shot (image-blind LM)"
+HEAD = "generative head (trained with the towers)"
 # MAGIC's MS-COCO alpha / beta (Su et al. 2022), k = guide_top_k
 MAGIC: dict[str, Any] = {"top_k": 8, "alpha": 0.1, "beta": 2.0}
 REFEREE = ("attribute_precision", "attribute_recall", "relation_accuracy", "hallucinated_objects", "missed_objects")
@@ -191,7 +194,7 @@ def references(items: list[dict[str, Any]]) -> list[list[str]]:
 
 
 def decode_all(
-    model: Captioner, data: CaptionData, cfg: DecodeConfig, consistency: CaptionConsistency, batch: int = 64
+    model: Decoder, data: CaptionData, cfg: DecodeConfig, consistency: CaptionConsistency, batch: int = 64
 ) -> list[str]:
     media = data.features()
     seqs = [
@@ -203,7 +206,7 @@ def decode_all(
     return [c for s in seqs for c in consistency.vocab.decode(s)]
 
 
-def _decoder(model: Captioner, data: CaptionData, cfg: DecodeConfig) -> Callable[[CaptionConsistency], list[str]]:
+def _decoder(model: Decoder, data: CaptionData, cfg: DecodeConfig) -> Callable[[CaptionConsistency], list[str]]:
     """Decode ``data`` with ``model`` under ``cfg``, given the scorer to guide (or rerank) with."""
     return lambda consistency: decode_all(model, data, cfg, consistency)
 
@@ -336,6 +339,15 @@ def run_seed(
         for dec_name, dec in (mle_decodings if name == "MLE" else other_decodings).items():
             guide = dec_name.split()[1] if dec.strategy in ("rerank", "guided") else "cos"
             variants[(name, dec_name)] = (_decoder(model, val_data, dec), guide)
+    if backbone.has_generative:  # the decoder trained with the towers (issue #27), as is and fine-tuned by MLE
+        head = HeadCaptioner(backbone, vocab, modality, cap_cfg)
+        tuned = copy.deepcopy(head)
+        cfg = CaptionTrainConfig(strategy="mle", epochs=plan.tune_epochs, seed=seed, lr=2e-4)
+        train_captioner(tuned, train_data, cfg, reward, progress=progress)
+        for name, decoder in ((HEAD, head), (f"{HEAD} + MLE", tuned)):
+            for dec_name, dec in other_decodings.items():
+                guide = dec_name.split()[1] if dec.strategy in ("rerank", "guided") else "cos"
+                variants[(name, dec_name)] = (_decoder(decoder, val_data, dec), guide)
 
     captions, seconds = {}, {}
     for key, (decode, guide) in tqdm(

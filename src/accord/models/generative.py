@@ -32,6 +32,45 @@ class _DecoderLayer(nn.Module):
         return self.cross(self.self_attn(x, x, x_mask, causal=True), memory, memory_mask)
 
 
+class _Inputs(nn.Module):
+    """The decoder's inputs: caption token + position embeddings, and the memory (the medium's tokens projected, or
+    the null token) tagged with its modality. A module of its own, so that ZeRO-3 gathers these parameters in its
+    forward (the head is also run through methods other than its forward)."""
+
+    def __init__(self, cfg: GenerativeConfig, widths: dict[str, int], vocab_size: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, cfg.dim)
+        self.pos = nn.Parameter(torch.randn(1, cfg.max_length, cfg.dim) * 0.02)
+        self.inputs = nn.ModuleDict({m: nn.Linear(w, cfg.dim) for m, w in widths.items()})
+        self.modalities = tuple(widths)
+        # one null token per modality, row i for modalities[i] (a plain parameter: ZeRO-3 gathers a module's own
+        # parameters in its forward, not those of a ParameterDict inside it)
+        self.null = nn.Parameter(torch.randn(len(widths), cfg.dim) * 0.02)
+        self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), cfg.dim) * 0.02)
+
+    def forward(
+        self, ids: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor | None, modality: str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Caption states [B, T, dim], memory [B, L, dim] and its mask; ``memory=None``: the null token. Every
+        parameter takes part whatever the memory (ZeRO-3 traces the same modules on every rank): the null token
+        and the input projection enter with weight 0 when not used."""
+        if modality not in self.inputs:
+            raise ValueError(f"the generative head decodes from {', '.join(self.inputs)}, not {modality!r}")
+        n, t = ids.shape
+        x = self.embed(ids) + self.pos[:, :t]
+        tag = self.modality_embedding[MODALITIES.index(modality)]
+        null = self.null[self.modalities.index(modality)]
+        proj = self.inputs[modality]
+        assert isinstance(proj, nn.Linear)
+        if memory is None:
+            # through the projection's forward: under ZeRO-3 that is where its parameters are gathered
+            unused = 0.0 * proj(null.new_zeros(1, proj.in_features)).sum()
+            mem = (null + tag + unused).expand(n, 1, -1)
+            return x, mem, torch.ones(n, 1, dtype=torch.bool, device=x.device)
+        assert memory_mask is not None
+        return x, proj(memory.to(proj.weight.dtype)) + tag + 0.0 * null.sum(), memory_mask.to(torch.bool)
+
+
 class GenerativeHead(nn.Module):
     """Next-token logits of captions given a medium's tokens; ``widths``: the media towers' token widths by
     modality, ``vocab_size``: the text tower's."""
@@ -39,34 +78,11 @@ class GenerativeHead(nn.Module):
     def __init__(self, cfg: GenerativeConfig, widths: dict[str, int], vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
-        self.embed = nn.Embedding(vocab_size, cfg.dim)
-        self.pos = nn.Parameter(torch.randn(1, cfg.max_length, cfg.dim) * 0.02)
-        self.inputs = nn.ModuleDict({m: nn.Linear(w, cfg.dim) for m, w in widths.items()})
-        self.null = nn.ParameterDict({m: nn.Parameter(torch.randn(1, cfg.dim) * 0.02) for m in widths})
-        self.modality_embedding = nn.Parameter(torch.randn(len(MODALITIES), cfg.dim) * 0.02)
+        self.modalities = tuple(widths)
+        self.embed = _Inputs(cfg, widths, vocab_size)
         self.layers = nn.ModuleList(_DecoderLayer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.dim)
         self.out = nn.Linear(cfg.dim, vocab_size)
-
-    def _memory(
-        self, memory: torch.Tensor | None, memory_mask: torch.Tensor | None, modality: str, n: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The projected memory [n, L, dim] and its mask; ``memory=None``: the modality's null token. Every
-        parameter of the head's forward takes part whatever the memory (ZeRO-3 traces the same modules on every
-        rank): the null token and the input projection enter with weight 0 when not used."""
-        if modality not in self.inputs:
-            raise ValueError(f"the generative head decodes from {', '.join(self.inputs)}, not {modality!r}")
-        tag = self.modality_embedding[MODALITIES.index(modality)]
-        null = self.null[modality]
-        proj = self.inputs[modality]
-        assert isinstance(proj, nn.Linear)
-        if memory is None:
-            unused = 0.0 * sum(p.sum() for p in proj.parameters())
-            x = (null + tag + unused).expand(n, 1, -1)
-            return x, torch.ones(n, 1, dtype=torch.bool, device=x.device)
-        assert memory_mask is not None
-        x = proj(memory.to(proj.weight.dtype)) + tag + 0.0 * null.sum()
-        return x, memory_mask.to(torch.bool)
 
     def hidden(
         self,
@@ -83,8 +99,7 @@ class GenerativeHead(nn.Module):
                 f"captions of {t} tokens, the generative head has {self.cfg.max_length} positions "
                 "(model.generative.max_length; data.text.max_length must not exceed it)"
             )
-        mem, mem_mask = self._memory(memory, memory_mask, modality, ids.shape[0])
-        x = self.embed(ids) + self.pos[:, :t]
+        x, mem, mem_mask = self.embed(ids, memory, memory_mask, modality)
         # the first position is always a key: a row without any real token (an absent caption) stays finite
         keys = ids_mask.to(torch.bool).clone()
         keys[:, 0] = True
@@ -99,9 +114,23 @@ class GenerativeHead(nn.Module):
         memory: torch.Tensor | None,
         memory_mask: torch.Tensor | None,
         modality: str,
+        targets: bool = False,
     ) -> torch.Tensor:
-        """Next-token logits [B, T, V] at every position of ``ids``."""
-        return self.out(self.hidden(ids, ids_mask, memory, memory_mask, modality))
+        """Next-token logits [B, T, V] at every position of ``ids``; ``targets``: :meth:`token_log_probs` instead
+        (one entry point, so that every use of the head is a call of its forward, as ZeRO-3 needs)."""
+        if not targets:
+            return self.out(self.hidden(ids, ids_mask, memory, memory_mask, modality))
+        mask = ids_mask.to(torch.bool)
+        target = mask[:, 1:]
+        h = self.hidden(ids[:, :-1], mask[:, :-1], memory, memory_mask, modality)
+        rows = target.nonzero(as_tuple=True)
+        logits = self.out(h[rows])  # only where a real token is predicted
+        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+        logp = torch.zeros(target.shape, dtype=logits.dtype, device=ids.device)
+        picked = logits.log_softmax(-1).gather(1, ids[:, 1:][rows][:, None])[:, 0]
+        if len(picked) == 0:  # keep the output layer in the graph (ZeRO-3: every rank runs every module)
+            return logp + 0.0 * logits.sum() + 0.0 * h.sum()
+        return logp.index_put(rows, picked)
 
     def token_log_probs(
         self,
@@ -113,14 +142,4 @@ class GenerativeHead(nn.Module):
     ) -> torch.Tensor:
         """log p(ids[:, t+1] | ids[:, :t+1], medium) [B, T-1] (at least fp32), 0 where the target is padding.
         ``mask`` [B, T] marks real tokens of ``ids`` (the first, the start token, is given, not predicted)."""
-        mask = mask.to(torch.bool)
-        target = mask[:, 1:]
-        h = self.hidden(ids[:, :-1], mask[:, :-1], memory, memory_mask, modality)
-        rows = target.nonzero(as_tuple=True)
-        logits = self.out(h[rows])  # only where a real token is predicted
-        logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
-        logp = torch.zeros(target.shape, dtype=logits.dtype, device=ids.device)
-        picked = logits.log_softmax(-1).gather(1, ids[:, 1:][rows][:, None])[:, 0]
-        if len(picked) == 0:  # keep the output layer in the graph (ZeRO-3: every rank runs every module)
-            return logp + 0.0 * logits.sum() + 0.0 * h.sum()
-        return logp.index_put(rows, picked)
+        return self(ids, mask, memory, memory_mask, modality, targets=True)

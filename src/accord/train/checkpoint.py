@@ -175,6 +175,14 @@ def needs_universal(meta: dict[str, Any], world: int, zero_stage: int) -> bool:
     return elastic
 
 
+def repartition_after_load(engine: Any) -> None:
+    """ZeRO-3: a checkpoint load leaves parameters gathered, and the module order traced on the first step then
+    differs from later steps' (a resumed run failed its third step with "tracing error at step 0"): partition
+    every parameter again before training."""
+    if getattr(engine.optimizer, "parameter_offload", None) is not None:
+        engine.empty_partition_cache()
+
+
 def point_latest_at(folder: Path, tag: str) -> None:
     """Rank 0, on resume: the run continues from ``tag``, so ``latest`` names it until the next save (a later tag
     of the abandoned run may be rewritten, and must not stay ``latest`` meanwhile)."""
@@ -232,6 +240,7 @@ def load(engine, folder: Path, meta: dict[str, Any], universal: bool) -> tuple[d
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {load_dir / tag}")
     point_latest_at(folder, tag)
+    repartition_after_load(engine)
     files = [folder / tag / f"accord_rank{r:05d}.pt" for r in range(meta["world"])]
     missing = [f.name for f in files if not f.exists()]
     if missing:
