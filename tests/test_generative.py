@@ -442,3 +442,60 @@ def test_captioning_starts_from_the_generative_head(tmp_path: Path) -> None:
     logs = train_captioner(decoder, data, CaptionTrainConfig(epochs=8, batch_size=4, lr=3e-3), progress=False)
     assert logs[-1]["mle"] < logs[0]["mle"]
     assert all(torch.equal(v, head.state_dict()[k]) for k, v in before.items())
+
+
+def test_captioning_guides_with_the_generative_score(tmp_path: Path) -> None:
+    """CaptionConsistency(kind="generative"): a generated caption scores as the scorer's generative mode scores its
+    text (the same ids), with the backbone's alpha; rerank and guided beam decode with it."""
+    from accord.captioning import CaptionConsistency, CaptionVocab, DecodeConfig, HeadCaptioner, generate
+    from accord.captioning.data import CaptionData
+
+    backbone, _ = _backbone(tmp_path)
+    backbone.generative_info = {"alpha": 0.4}
+    vocab = CaptionVocab(backbone.tokenizer, CAPTIONS)
+    images = _images(len(CAPTIONS))
+    items = [{"text": c, "image": images[i]} for i, c in enumerate(CAPTIONS)]
+    with torch.no_grad():
+        data = CaptionData.encode(backbone, vocab, items, "image", max_len=12)
+        guide = CaptionConsistency(backbone, vocab, "generative", "image")
+        got = guide.score(data.targets[:, 1:], data.features())  # the references as generated captions
+        ref = ConsistencyScorer(backbone).score(text=CAPTIONS, image=images, mode="generative").aggregate
+    assert torch.allclose(got, ref, atol=1e-5)
+    decoder = HeadCaptioner(backbone, vocab, "image")
+    for cfg in (
+        DecodeConfig("rerank", candidates=4, beta=1.0),
+        DecodeConfig("guided", beam=2, guide_top_k=4, beta=1.0),
+    ):
+        out = generate(decoder, data.memory, data.mask, cfg, data.features(), guide)
+        assert len(out.seqs) == len(CAPTIONS)
+
+
+def test_generative_head_in_bf16_scores_in_fp32() -> None:
+    """bf16 towers and head (deepspeed.precision bf16): the caption loss and the log-probabilities come out in fp32,
+    finite, and close to the fp32 model's."""
+    model = generative_model().float()
+    batch = global_batch(masked=True)
+    batch = {k: {n: t.float() if t.is_floating_point() else t for n, t in v.items()} for k, v in batch.items()}
+    pairs = model.cfg.generative_pairs()
+    with torch.no_grad():
+        full, _ = CaptionLoss(0.5)(model(batch), model.generative, pairs)
+        half_model = model.to(torch.bfloat16)
+        half_batch = {
+            k: {n: t.bfloat16() if t.is_floating_point() else t for n, t in v.items()} for k, v in batch.items()
+        }
+        half, _ = CaptionLoss(0.5)(half_model(half_batch), half_model.generative, pairs)
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+    assert half.item() == pytest.approx(full.item(), rel=0.02)
+
+
+def test_consistency_metric_in_generative_mode_is_the_scorers_mean(tmp_path: Path) -> None:
+    from accord.consistency.metric import ConsistencyMetric
+
+    backbone, _ = _backbone(tmp_path)
+    metric = ConsistencyMetric(ConsistencyScorer(backbone), mode="generative")
+    images = _images(len(CAPTIONS))
+    metric.update(text=CAPTIONS[:2], image=images[:2])
+    metric.update(text=CAPTIONS[2:], image=images[2:])
+    with torch.no_grad():
+        expected = ConsistencyScorer(backbone).score(text=CAPTIONS, image=images, mode="generative").aggregate.mean()
+    assert float(metric.compute()) == pytest.approx(float(expected), rel=1e-6)

@@ -4,8 +4,10 @@ Hard captions go to the text tower as tokenizer ids ([CLS] words [SEP]); soft ca
 ``probs @ word_embeddings[vocab]`` (or straight-through Gumbel-softmax one-hots), so the score is differentiable in
 the decoder's output distribution. The score is the cosine with the medium's embedding (``kind="cosine"``) or, for a
 backbone with a fusion head, its match probability ``sigmoid(match_logit)`` over the caption's and the medium's token
-features (``kind="fused"``; hard captions only). The media are a ``[M, D]`` embedding tensor or
-:class:`MediaFeatures` (embedding + token features: what the fused score needs).
+features (``kind="fused"``; hard captions only), or, for a backbone with a generative head, the caption's mean token
+log-likelihood given the medium minus alpha x its prior (``kind="generative"``, the backbone's alpha; hard captions
+only). The media are a ``[M, D]`` embedding tensor or :class:`MediaFeatures` (embedding + token features: what the
+fused and generative scores need).
 """
 
 from __future__ import annotations
@@ -54,16 +56,21 @@ class CaptionConsistency:
         self,
         backbone: Any,
         vocab: CaptionVocab,
-        kind: Literal["cosine", "fused"] = "cosine",
+        kind: Literal["cosine", "fused", "generative"] = "cosine",
         modality: str = "image",
         cache_items: int = 50_000,
     ):
-        if kind not in ("cosine", "fused"):
-            raise ValueError(f"consistency kind: {kind!r} is not 'cosine' or 'fused'")
+        if kind not in ("cosine", "fused", "generative"):
+            raise ValueError(f"consistency kind: {kind!r} is not 'cosine', 'fused' or 'generative'")
         if kind == "fused" and not backbone.has_fusion:
             raise ValueError(
                 f"{backbone.path}: the fused score needs a backbone with a fusion head (train with model.fusion set)"
             )
+        if kind == "generative" and not getattr(backbone, "has_generative", False):
+            raise ValueError(
+                f"{backbone.path}: the generative score needs a backbone with a generative head (model.generative)"
+            )
+        self._prior: OrderedDict[bytes, float] = OrderedDict()  # generative: caption ids -> its prior
         self.backbone, self.vocab, self.kind, self.modality = backbone, vocab, kind, modality
         self.cache_items = cache_items
         # caption ids -> (embedding, token features or None): see cached_text
@@ -146,10 +153,35 @@ class CaptionConsistency:
         if self.kind == "cosine":
             return (self.text_embedding(seqs) * _embedding(media)).sum(-1)
         if not isinstance(media, MediaFeatures):
-            raise ValueError("the fused score needs the media's token features: pass MediaFeatures")
+            raise ValueError(f"the {self.kind} score needs the media's token features: pass MediaFeatures")
+        if self.kind == "generative":
+            return self._generative(seqs, media)
         text = self.encode_text(seqs) if torch.is_grad_enabled() else self.cached_text(seqs, tokens=True)
         other = TowerOutput(media.embedding, media.tokens.to(text.tokens.dtype), media.mask)
         return torch.sigmoid(self.backbone.match_logits(text, other, self.modality).float())
+
+    def _generative(self, seqs: torch.Tensor, media: MediaFeatures) -> torch.Tensor:
+        """The generative head's score of hard captions given the media rows; each caption's prior computed once."""
+        inputs = self._to_tokenizer(seqs.cpu())
+        medium = TowerOutput(media.embedding, media.tokens, media.mask)
+        cond = self.backbone.caption_log_likelihood(inputs, medium, self.modality)
+        alpha = self.backbone.generative_alpha
+        if not alpha:
+            return cond
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        keys = [row[: int(n)].numpy().tobytes() for row, n in zip(ids, mask.sum(1), strict=True)]
+        missing = sorted({i for i, k in enumerate(keys) if k not in self._prior})
+        if missing:
+            rows = {"input_ids": ids[missing], "attention_mask": mask[missing]}
+            with torch.no_grad():
+                values = self.backbone.caption_log_likelihood(rows, None, self.modality).tolist()
+            for i, v in zip(missing, values, strict=True):
+                self._prior[keys[i]] = v
+        for k in keys:
+            self._prior.move_to_end(k)
+        while len(self._prior) > self.cache_items:
+            self._prior.popitem(last=False)
+        return cond - alpha * torch.tensor([self._prior[k] for k in keys], device=cond.device)
 
     def soft_score(self, probs: torch.Tensor, mask: torch.Tensor, media: Media) -> torch.Tensor:
         """Cosine of soft captions: ``probs`` [M, T, V] over the generator vocabulary at the ``mask``ed positions."""

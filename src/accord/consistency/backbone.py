@@ -238,6 +238,7 @@ class HFClipBackbone(nn.Module):
 
     modalities = ("text", "image")
     has_fusion = False
+    has_generative = False
 
     def __init__(self, path: Path):
         super().__init__()

@@ -286,8 +286,12 @@ def run_seed(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Train every captioner of one seed, decode the held-out media with every strategy and score each variant."""
-    guides = ("cos", "fused") if backbone.has_fusion else ("cos",)
-    kinds: dict[str, Literal["cosine", "fused"]] = {"cos": "cosine", "fused": "fused"}
+    guides = ("cos",) + (("fused",) if backbone.has_fusion else ()) + (("gen",) if backbone.has_generative else ())
+    kinds: dict[str, Literal["cosine", "fused", "generative"]] = {
+        "cos": "cosine",
+        "fused": "fused",
+        "gen": "generative",
+    }
     cap_cfg = CaptionerConfig()
     # (training, decoding) -> (decode with a fresh scorer, the scorer's kind): every variant is timed from an empty
     # caption cache, as one decoding run would be
