@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -332,7 +331,9 @@ def test_onnx_graphs_of_the_head_give_its_logits(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_joint_training_resumes_exactly_exports_and_scores(mixed_shards, tmp_path: Path) -> None:
+def test_joint_training_resumes_exactly_exports_and_scores(
+    mixed_shards, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     """``accord train`` with model.generative: 2 ranks (deepspeed launcher) at ZeRO-3 with accum_steps 2 on shards
     of captioned images, clips and sounds (batches lacking a medium on some rank); every pair's caption loss logged
     and in the total with loss.caption_weight; a resume from the middle reproduces the uninterrupted run's losses;
@@ -377,37 +378,14 @@ def test_joint_training_resumes_exactly_exports_and_scores(mixed_shards, tmp_pat
             if key == "loss" or key.startswith("loss/"):
                 assert again[step][key] == pytest.approx(value, rel=1e-6), (step, key)
 
-    bin_dir = Path(sys.executable).parent
-    backbone = tmp_path / "backbone"
-    proc = subprocess.run(
-        [str(bin_dir / "accord"), "export", str(out / "checkpoints"), "--out", str(backbone)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "generative head: no validation data" in proc.stdout
-    scores = tmp_path / "scores.jsonl"
-    proc = subprocess.run(
-        [
-            str(bin_dir / "accord"),
-            "score",
-            "--backbone",
-            str(backbone),
-            "--input",
-            str(shards),
-            "--out",
-            str(scores),
-            "--mode",
-            "generative",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    from accord.consistency.score import main as score_main
+    from accord.train.export import main as export_main
+
+    backbone, scores = tmp_path / "backbone", tmp_path / "scores.jsonl"  # the commands, in this process
+    assert export_main([str(out / "checkpoints"), "--out", str(backbone)]) == 0
+    assert "generative head: no validation data" in capsys.readouterr().out
+    argv = ["--backbone", str(backbone), "--input", str(shards), "--out", str(scores), "--mode", "generative"]
+    assert score_main(argv) == 0
     rows = [json.loads(line) for line in scores.read_text().splitlines()]
     scored = [r for r in rows if "error" not in r]
     assert len(scored) == len(rows) and all(r["aggregate"] < 0 for r in scored)  # mean token log-probabilities

@@ -15,8 +15,8 @@ from helpers.procs import ENV, WORKERS, free_port
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("generative", [False, True], ids=["towers", "generative_head"])
-def test_zero3_rank_without_a_modality_does_not_hang(tmp_path: Path, generative: bool) -> None:
+def test_zero3_rank_without_a_modality_does_not_hang(tmp_path: Path) -> None:
+    """The towers and the generative head (its caption loss beside the contrastive one), in one run."""
     out = tmp_path / "losses.json"
     launcher = Path(sys.executable).parent / "deepspeed"
     cmd = [
@@ -30,7 +30,7 @@ def test_zero3_rank_without_a_modality_does_not_hang(tmp_path: Path, generative:
         str(out),
         "--stage",
         "3",
-        *(["--generative"] if generative else []),
+        "--generative",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=420)  # a hang fails here
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
@@ -38,6 +38,6 @@ def test_zero3_rank_without_a_modality_does_not_hang(tmp_path: Path, generative:
     assert len(losses) == 3
     assert all(math.isfinite(v) for step in losses for v in step.values())
     assert losses[0]["text-audio"] > 0  # rank 0's audio reached the (all-gathered) loss
-    if generative:  # rank 0's audio captions count (the global token mean), rank 1 ran the head without audio
-        assert all(step["caption/text-audio"] > 0 for step in losses)
-        assert losses[1].keys() >= {"caption/text-image", "caption_null/text-video"}
+    # rank 0's audio captions count (the global token mean); rank 1 ran the head without audio
+    assert all(step["caption/text-audio"] > 0 for step in losses)
+    assert losses[1].keys() >= {"caption/text-image", "caption_null/text-video"}

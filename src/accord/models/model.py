@@ -122,8 +122,8 @@ class AccordModel(nn.Module):
 
         With no present row the tower still runs on a dummy input whose output joins the graph with weight 0,
         so that every rank calls every tower (ZeRO-3) and every parameter receives a (zero) gradient. For the
-        fusion head's modalities, absent rows get zero tokens whose mask keeps only the first one (never
-        all-masked, so attention stays finite); other modalities' tokens are the live rows' only (unused).
+        heads' modalities (fusion, generative), absent rows get zero tokens whose mask keeps only the first one
+        (never all-masked, so attention stays finite); other modalities' tokens are the live rows' only (unused).
         """
         with torch.profiler.record_function(f"accord/forward/{modality}"):  # a stage of accord.train.profile
             return self._embed(modality, inputs, present, batch_size)
