@@ -14,12 +14,7 @@ from accord.losses.contrastive import HardNegativesConfig
 from accord.models.model import ModelOutput
 
 from helpers.procs import ENV, WORKERS, torchrun
-from helpers.tiny import VARIANTS, run, tiny_model, variant_batch
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    scale = max(b.abs().max().item(), a.abs().max().item(), 1e-12)
-    return (a - b).abs().max().item() / scale
+from helpers.tiny import VARIANTS, rel_err, run, tiny_model, variant_batch
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,13 @@ VARIANTS = [
 ]
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-12) -> float:
+    """Largest difference relative to the larger tensor's scale, at least ``floor`` (gradients that are zero in exact
+    arithmetic, such as attention key biases', are float noise around 1e-19: compare them against a floor)."""
+    scale = max(b.abs().max().item(), a.abs().max().item(), floor)
+    return (a - b).abs().max().item() / scale
+
+
 def tiny_model(**overrides) -> AccordModel:
     """tiny.yaml's model (``overrides`` on its model section) in float64 and eval mode, seeded."""
     data = yaml.safe_load(config_file("tiny.yaml").read_text())["model"]

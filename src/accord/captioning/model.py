@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from accord.models.towers import backbone_width
+
 
 @dataclass
 class CaptionerConfig:
@@ -87,7 +89,7 @@ class HeadCaptioner(nn.Module):
             raise ValueError(f"max_len {self.cfg.max_len}: the head has {head.cfg.max_length} positions")
         self.head = copy.deepcopy(head).float()
         self.modality = modality
-        self.memory_width = backbone.model.towers[modality].proj.in_features
+        self.memory_width = backbone_width(backbone.model.towers[modality].backbone)
         self.token_ids: torch.Tensor
         self.register_buffer("token_ids", vocab.token_ids.clone(), persistent=False)
 

@@ -249,15 +249,9 @@ def evaluate_items(
     far, reported with the figures). The trainer's periodic evaluation calls this with its own model."""
     skipped = Counter(skipped or {})
     read = len(items) + sum(skipped.values())
-    vocab = Vocabulary.from_captions(train_captions + [i.caption for i in items])
-    edits = {}
-    for item in items:
-        found = negatives(vocab, item.caption, key=item.key)
-        if found:
-            edits[item.key] = found
-        else:
-            skipped["no negative of any category"] += 1
-    texts = sorted({i.caption for i in items} | {n for e in edits.values() for n in e.values()})
+    edits, texts = _edits(items, train_captions)
+    if without := len(items) - len(edits):
+        skipped["no negative of any category"] += without
     captions = _Captions(backbone, texts, batch_size)
     blind = blind_models(train_captions) if train_captions else {}
     result: dict[str, Any] = {"media": {}}
@@ -281,6 +275,14 @@ def evaluate_items(
     return result
 
 
+def _edits(items: list[Item], train_captions: list[str]) -> tuple[dict[str, dict[str, str]], list[str]]:
+    """Each item's one-edit negatives by category (items without any left out), the vocabulary from
+    ``train_captions`` and the items' captions; and every distinct caption, true or edited."""
+    vocab = Vocabulary.from_captions(train_captions + [i.caption for i in items])
+    edits = {i.key: found for i in items if (found := negatives(vocab, i.caption, key=i.key))}
+    return edits, sorted({i.caption for i in items} | {n for e in edits.values() for n in e.values()})
+
+
 ALPHAS = tuple(i / 10 for i in range(11))  # the generative score's prior weights tried by choose_alpha
 
 
@@ -289,9 +291,7 @@ def choose_alpha(backbone: Backbone, items: list[Item], batch_size: int = 64) ->
     the caption prior) under which the true captions of ``items`` (validation samples, never those evaluated) score
     above their one-edit negatives most often: the mean over categories (ties half), the lowest alpha on a tie.
     Returns ``{"alpha", "search": {alpha: mean}, "samples"}``."""
-    vocab = Vocabulary.from_captions([i.caption for i in items])
-    edits = {i.key: found for i in items if (found := negatives(vocab, i.caption, key=i.key))}
-    texts = sorted({i.caption for i in items} | {n for e in edits.values() for n in e.values()})
+    edits, texts = _edits(items, [])
     captions = _Captions(backbone, texts, batch_size)
     wins: dict[float, dict[str, list[torch.Tensor]]] = {a: {} for a in ALPHAS}
     for medium in MEDIA:

@@ -78,6 +78,16 @@ class TowerConfig:
             raise ConfigError(f"{prefix}.share_image_backbone: only for kind 'frames'")
 
 
+def check_attention_shape(dim: int, layers: int, heads: int, dropout: float, dot: str) -> None:
+    """The checks every attention head's config shares (``dot``: its dotted prefix with the trailing dot)."""
+    if dim < 1 or layers < 1 or heads < 1:
+        raise ConfigError(f"{dot}dim/layers/heads: must be >= 1")
+    if dim % heads:
+        raise ConfigError(f"{dot}heads: dim {dim} is not divisible by {heads} heads")
+    if not 0 <= dropout < 1:
+        raise ConfigError(f"{dot}dropout: must be in [0, 1)")
+
+
 @dataclass
 class FusionConfig:
     """Cross-attention fusion head (image-text matching as in ALBEF/BLIP) over the towers' token features.
@@ -101,12 +111,7 @@ class FusionConfig:
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
-        if self.dim < 1 or self.layers < 1 or self.heads < 1:
-            raise ConfigError(f"{dot}dim/layers/heads: must be >= 1")
-        if self.dim % self.heads:
-            raise ConfigError(f"{dot}heads: dim {self.dim} is not divisible by {self.heads} heads")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"{dot}dropout: must be in [0, 1)")
+        check_attention_shape(self.dim, self.layers, self.heads, self.dropout, dot)
 
 
 @dataclass
@@ -134,12 +139,7 @@ class GenerativeConfig:
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
-        if self.dim < 1 or self.layers < 1 or self.heads < 1:
-            raise ConfigError(f"{dot}dim/layers/heads: must be >= 1")
-        if self.dim % self.heads:
-            raise ConfigError(f"{dot}heads: dim {self.dim} is not divisible by {self.heads} heads")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"{dot}dropout: must be in [0, 1)")
+        check_attention_shape(self.dim, self.layers, self.heads, self.dropout, dot)
         if self.max_length < 2:
             raise ConfigError(f"{dot}max_length: must be >= 2 (a start token and one more)")
         if self.null_weight < 0:

@@ -78,11 +78,15 @@ class GenerativeHead(nn.Module):
     def __init__(self, cfg: GenerativeConfig, widths: dict[str, int], vocab_size: int):
         super().__init__()
         self.cfg, self.vocab_size = cfg, vocab_size
-        self.modalities = tuple(widths)
         self.embed = _Inputs(cfg, widths, vocab_size)
         self.layers = nn.ModuleList(_DecoderLayer(cfg) for _ in range(cfg.layers))
         self.norm = nn.LayerNorm(cfg.dim)
         self.out = nn.Linear(cfg.dim, vocab_size)
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The media it decodes from."""
+        return self.embed.modalities
 
     def hidden(
         self,
