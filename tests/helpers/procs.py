@@ -21,6 +21,7 @@ ENV = {
     "OMP_NUM_THREADS": "1",
     "HF_HUB_OFFLINE": "1",
     "WANDB_MODE": "offline",
+    "ACCORD_CHECK_COLLECTIVES": "1",  # every collective's caller and tensor devices checked (accord.collectives)
     "PYTHONPATH": os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])]),
 }
 

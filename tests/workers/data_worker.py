@@ -7,6 +7,7 @@ import sys
 
 import torch.distributed as dist
 
+from accord import collectives
 from accord.data.loader import Loader
 from accord.modalities import MODALITIES
 
@@ -19,6 +20,7 @@ def epochs(loader: Loader, n: int) -> list[list[list[str]]]:
 
 def main(shards: str, out: str) -> None:
     dist.init_process_group("gloo")
+    collectives.install_audit()  # every collective checked (accord.collectives)
     rank = dist.get_rank()
     result: dict = {}
     # Finite: two epochs, and an interrupted run resumed from a saved state after 2 batches.

@@ -10,6 +10,8 @@ import sys
 import torch
 import torch.distributed as dist
 
+from accord import collectives
+
 from helpers.tiny import GLOBAL_BATCH, generative_model, generative_step, global_batch, slice_batch
 
 VARIANTS = [(False, 1), (True, 1), (True, 2)]  # (presence masks, accum_steps)
@@ -17,6 +19,7 @@ VARIANTS = [(False, 1), (True, 1), (True, 2)]  # (presence masks, accum_steps)
 
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
+    collectives.install_audit()  # every collective checked (accord.collectives)
     rank, size = dist.get_rank(), dist.get_world_size()
     n = GLOBAL_BATCH // size
     model = generative_model()

@@ -11,6 +11,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from accord import collectives
 from accord.losses.contrastive import gather_nograd
 
 from helpers.tiny import GLOBAL_BATCH, VARIANTS, run, slice_batch, tiny_model, variant_batch
@@ -18,6 +19,7 @@ from helpers.tiny import GLOBAL_BATCH, VARIANTS, run, slice_batch, tiny_model, v
 
 def main(out_path: str) -> None:
     dist.init_process_group("gloo")
+    collectives.install_audit()  # every collective checked (accord.collectives)
     rank, size = dist.get_rank(), dist.get_world_size()
     n = GLOBAL_BATCH // size
     model = tiny_model(init_logit_bias=-10.0)

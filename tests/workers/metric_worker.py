@@ -7,11 +7,13 @@ import sys
 import torch
 import torch.distributed as dist
 
+from accord import collectives
 from accord.consistency import ConsistencyMetric, ConsistencyScorer
 
 backbone, out, *texts = sys.argv[1:]
 MODES = ("clipscore", "torchmetrics", "cosine")
 dist.init_process_group("gloo")
+collectives.install_audit()  # every collective checked (accord.collectives)
 rank = dist.get_rank()
 g = torch.Generator().manual_seed(0)
 images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=g) for _ in texts]

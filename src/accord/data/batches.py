@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
+
+from accord import collectives
 
 
 def pad_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
@@ -51,9 +52,7 @@ def lockstep(batches: Iterator[dict[str, Any]], modalities: tuple[str, ...], siz
     first yields empty batches meanwhile. In finite mode ranks can hold different sample counts."""
     while True:
         batch = next(batches, None)
-        more = torch.tensor([0 if batch is None else 1])
-        if dist.is_initialized():
-            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        more = collectives.all_reduce(torch.tensor([0 if batch is None else 1]), "max")
         if not more.item():
             return
         if batch is None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from accord import collectives
 from accord.data.batches import lockstep, to_device
 from accord.data.loader import Loader
 from accord.models.towers import cat_tokens
@@ -56,8 +57,7 @@ def embed_all(
         if labels is not None:
             labels.extend(local_labels)
         return local
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, (local, local_labels) if labels is not None else local)
+    parts: list[Any] = collectives.all_gather_object((local, local_labels) if labels is not None else local)
     if labels is not None:
         labels.extend(label for _, rank_labels in parts for label in rank_labels)
         parts = [p for p, _ in parts]

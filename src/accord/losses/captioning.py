@@ -16,8 +16,8 @@ Every rank runs the head for every pair in every step, whatever its data (ZeRO-3
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from accord import collectives
 from accord.losses.contrastive import world
 from accord.models.config import pair_name
 from accord.models.generative import GenerativeHead
@@ -48,8 +48,7 @@ class CaptionLoss(torch.nn.Module):
             valid_all = out.present[a] & out.present[b]  # every micro-batch's rows
             n_tok = (out.caption_targets * valid_all).sum().to(torch.float64)
             if size > 1:
-                n_tok = n_tok.clone()
-                dist.all_reduce(n_tok)
+                n_tok = collectives.all_reduce(n_tok)
             valid = valid_all[rows]
             mask = out.caption_mask & valid[:, None]
             terms: list[tuple[str, float, torch.Tensor | None, torch.Tensor | None]] = [

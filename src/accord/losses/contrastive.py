@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from accord import collectives
 from accord.config import ConfigError
 from accord.data.negatives import CATEGORIES
 from accord.models.config import pair_name
@@ -53,15 +54,11 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        return torch.cat(collectives.all_gather(x))
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        return collectives.all_reduce_grad(grad)[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
@@ -69,8 +66,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     _, size = world()
     if size == 1:
         return x
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(size)]
-    dist.all_gather(sizes, torch.tensor([x.shape[0]]))
+    sizes = collectives.all_gather(torch.tensor([x.shape[0]]))
     if len({int(s) for s in sizes}) != 1:
         raise ValueError(
             f"local batch sizes differ across ranks ({[int(s) for s in sizes]}); "
@@ -86,9 +82,7 @@ def gather_nograd(x: torch.Tensor) -> torch.Tensor:
     _, size = world()
     if size == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(size)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    return torch.cat(collectives.all_gather(x))
 
 
 def _softmax_ce(

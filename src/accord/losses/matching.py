@@ -21,9 +21,9 @@ label 0: the caption made false on the sample's own medium, the negatives a mine
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
+from accord import collectives
 from accord.losses.contrastive import gather_nograd, gather_with_grad, world
 from accord.models.config import pair_name
 from accord.models.model import ModelOutput
@@ -43,13 +43,6 @@ def sample_negatives(
         probs = masked.softmax(dim=-1)
         idx[has] = torch.multinomial(probs, 1, generator=generator)[:, 0]
     return idx
-
-
-def _global_max(value: int) -> int:
-    t = torch.tensor([value])
-    if world()[1] > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t)
 
 
 class MatchingLoss(torch.nn.Module):
@@ -123,7 +116,7 @@ class MatchingLoss(torch.nn.Module):
         captions' negatives (tokens [n, K, L, W], mask [n, K, L], present [n, K]) as extra non-matching rows."""
         rank, size = world()
         n = text.shape[0]
-        length = _global_max(text.shape[1])  # text lengths differ across ranks (dynamic padding)
+        length = collectives.global_max(text.shape[1])  # text lengths differ across ranks (dynamic padding)
         if text.shape[1] < length:
             text = F.pad(text, (0, 0, 0, length - text.shape[1]))
             text_mask = F.pad(text_mask, (0, length - text_mask.shape[1]))
@@ -171,8 +164,7 @@ class MatchingLoss(torch.nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none") * weight
         n_rows = weight.sum()
         if size > 1:
-            n_rows = n_rows.clone()
-            dist.all_reduce(n_rows)
+            n_rows = collectives.all_reduce(n_rows)
         if n_rows == 0:
             return 0.0 * logits.sum(), 0
         return size * bce.sum() / n_rows, int(n_rows)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from accord import collectives
 from accord.config import ConfigError
 from accord.train.config import CheckpointConfig
 
@@ -107,7 +108,7 @@ def save(
         shutil.rmtree(folder / tag, ignore_errors=True)
         shutil.rmtree(folder / UNIVERSAL / tag, ignore_errors=True)
         (folder / tag).mkdir(parents=True)
-    dist.barrier()
+    collectives.barrier()
     torch.save(rank_state, folder / tag / f"accord_rank{rank:05d}.pt")
     client = {
         **client,
@@ -115,7 +116,7 @@ def save(
     }
     engine.save_checkpoint(str(folder), tag=tag, client_state=client, save_latest=False)  # ends in a barrier
     _fsync_tree(folder / tag)  # every rank (each node's own writes): on disk before the marker says it is whole
-    dist.barrier()
+    collectives.barrier()
     if rank == 0:
         _write_atomic(folder / tag / MARKER, json.dumps({"tag": tag, "step": step, **meta}, indent=1))
         _write_atomic(folder / "latest", tag)
@@ -135,7 +136,7 @@ def save(
             for old in stale:
                 shutil.rmtree(folder / old, ignore_errors=True)
                 shutil.rmtree(folder / UNIVERSAL / old, ignore_errors=True)
-    dist.barrier()
+    collectives.barrier()
     return tag
 
 
@@ -224,10 +225,9 @@ def prepare_universal(folder: Path, tag: str) -> Path:
             shutil.rmtree(target / tag, ignore_errors=True)
             os.replace(tmp, target / tag)
             shutil.copy(folder / tag / MARKER, target / tag / MARKER)
-    message = [error]
-    dist.broadcast_object_list(message, src=0)
-    if message[0]:
-        raise RuntimeError(message[0])
+    error = collectives.broadcast_object(error)
+    if error:
+        raise RuntimeError(error)
     return target
 
 

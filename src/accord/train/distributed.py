@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from accord import verbosity
+from accord import collectives, verbosity
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"
@@ -24,9 +24,11 @@ SHM_PREFIX = "deepspeed_allreduce_buffer"
 def init_distributed(timeout_s: float = 1800.0) -> None:
     """Join the process group the launcher describes (or a one-process group) through DeepSpeed.
 
-    ``timeout_s`` bounds every collective (gloo and NCCL alike), in the default group and in every group made
-    later (DeepSpeed runs ZeRO's reductions in its own groups, which ``new_group`` would give torch's 30-minute
-    default): a rank that dies or stalls makes the others fail after at most that long instead of waiting.
+    On an accelerator, the rank's device is set from ``LOCAL_RANK`` first (DeepSpeed, NCCL and accord's
+    collectives all use the current device). ``timeout_s`` bounds every collective (gloo and NCCL alike), in the
+    default group and in every group made later (DeepSpeed runs ZeRO's reductions in its own groups, which
+    ``new_group`` would give torch's 30-minute default): a rank that dies or stalls makes the others fail after at
+    most that long instead of waiting.
 
     On CPU, DeepSpeed's shared-memory all-reduce maps a 66 MB file per rank in /dev/shm and never unlinks it, so
     every multi-rank run would leave RAM behind for good. Once every rank has mapped its peers' files, each rank
@@ -40,13 +42,20 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    backend = "gloo" if get_accelerator().device_name() == "cpu" else get_accelerator().communication_backend_name()
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        backend = "gloo"
+    else:  # before anything touches the device or NCCL: every rank on its own GPU, not all on cuda:0
+        backend = accelerator.communication_backend_name()
+        accelerator.set_device(collectives.local_device_index(collectives.env_local_rank(), accelerator.device_count()))
+    if os.environ.get(collectives.AUDIT_ENV) == "1":
+        collectives.install_audit()
     timeout = timedelta(seconds=timeout_s)
     c10d = dist.distributed_c10d  # new_group(timeout=None) reads these defaults at call time
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
     with contextlib.redirect_stdout(io.StringIO()) if not verbosity.is_verbose() else contextlib.nullcontext():
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)  # prints "... built"
-    if get_accelerator().device_name() == "cpu":  # the shm all-reduce is DeepSpeed's CPU backend only
+    if accelerator.device_name() == "cpu":  # the shm all-reduce is DeepSpeed's CPU backend only
         release_shm_workspace()
 
 
@@ -61,7 +70,7 @@ def release_shm_workspace() -> None:
     if not dist.is_initialized():
         return
     if dist.get_world_size() > 1:
-        dist.barrier()  # DeepSpeed maps the peers' files inside init; after this barrier every rank has done so
+        collectives.barrier()  # DeepSpeed maps the peers' files inside init; after this barrier every rank has done so
     shm_workspace_path().unlink(missing_ok=True)
 
 
@@ -83,9 +92,7 @@ def node_info() -> dict[str, Any]:
 
 def gather_node_info() -> list[dict[str, Any]]:
     """Every rank's :func:`node_info`, in rank order (a collective)."""
-    infos: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(infos, node_info())
-    return infos
+    return collectives.all_gather_object(node_info())
 
 
 def describe_rank(info: dict[str, Any]) -> str:
