@@ -109,6 +109,9 @@ class DataConfig:
     start_method: Literal["auto", "forkserver", "spawn", "fork"] = "auto"
     """How data workers start; auto: fork, but forkserver when audio is loaded (torchaudio in forked workers can
     deadlock)."""
+    synthetic: bool = False
+    """Random batches of the configured shapes instead of shards (every modality present, captions of
+    ``text.max_length`` tokens), made on the training device: measures the step alone. Needs ``max_steps``."""
     text: TextConfig = field(default_factory=TextConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     video: VideoConfig = field(default_factory=VideoConfig)

@@ -227,13 +227,17 @@ class SampleDecoder:
 
     def placeholder(self, modality: str) -> torch.Tensor:
         """Zeros of a modality's fixed shape, for samples that lack it (masked out downstream)."""
-        c = self.cfg
-        if modality == "image":
-            return torch.zeros(3, c.image.size, c.image.size)
-        if modality == "video":
-            return torch.zeros(c.video.num_frames, 3, c.video.size, c.video.size)
-        frames = c.audio.num_frames or int(round(c.audio.seconds * 100))
-        return torch.zeros(frames, c.audio.n_mels)
+        return torch.zeros(medium_shape(self.cfg, modality))
+
+
+def medium_shape(cfg: DataConfig, modality: str) -> tuple[int, ...]:
+    """The shape of one sample's decoded medium as the towers get it: image [3, S, S], video [T, 3, S, S], audio
+    [frames, n_mels] (100 feature frames per second)."""
+    if modality == "image":
+        return (3, cfg.image.size, cfg.image.size)
+    if modality == "video":
+        return (cfg.video.num_frames, 3, cfg.video.size, cfg.video.size)
+    return (cfg.audio.num_frames or int(round(cfg.audio.seconds * 100)), cfg.audio.n_mels)
 
 
 def sample_label(meta: bytes | None, key: str) -> Any:

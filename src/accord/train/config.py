@@ -30,6 +30,9 @@ class OptimConfig:
     """The cosine decays to ``lr`` x this at the last step."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this; null: no clipping."""
+    fused: bool | None = None
+    """torch's fused AdamW kernel (one kernel over all parameters); null: on CUDA yes, on CPU no. Not with
+    ``deepspeed.offload_optimizer`` (DeepSpeed's CPU Adam)."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
@@ -47,14 +50,41 @@ class DeepSpeedConfig:
 
     zero_stage: Literal[0, 1, 2, 3] = 2
     """ZeRO stage: 0 plain data parallel, 1 optimiser states, 2 + gradients, 3 + parameters partitioned."""
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
-    """Tower precision (the loss is computed in fp32); fp16 is refused on CPU."""
+    precision: Literal["fp32", "bf16", "fp16", "autocast_bf16"] = "bf16"
+    """Tower precision: bf16 / fp16 are DeepSpeed's (weights and activations in half precision, fp32 master
+    weights); autocast_bf16 keeps fp32 weights and runs matmuls in bf16 under torch.autocast (DeepSpeed's
+    ``torch_autocast``). The loss is computed in fp32 in every case; fp16 is refused on CPU."""
     offload_optimizer: bool = False
     """Keep optimiser states in CPU memory (ZeRO-Offload)."""
     offload_params: bool = False
     """Keep parameters in CPU memory (ZeRO-3 only)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Merged into the generated DeepSpeed JSON, key by key at the top level (last word)."""
+
+
+@dataclass
+class CompileConfig:
+    """``torch.compile`` of every tower's backbone (``nn.Module.compile``: parameter names and checkpoints stay as
+    they are); the first steps pay the compilation."""
+
+    mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    """torch.compile's mode."""
+    dynamic: bool | None = None
+    """Dynamic shapes: null lets torch mark a dimension dynamic once it changes (caption lengths do)."""
+    backend: str = "inductor"
+    """torch.compile's backend (``aot_eager`` traces without generating kernels: quick, for checks)."""
+    fullgraph: bool = False
+    """Fail on a graph break instead of running the rest eagerly."""
+
+
+@dataclass
+class CudaConfig:
+    """CUDA settings applied at start (ignored on CPU)."""
+
+    tf32: bool = True
+    """TF32 matmuls and convolutions for fp32 work (``torch.backends.cuda.matmul.allow_tf32``)."""
+    cudnn_benchmark: bool = True
+    """cuDNN picks the fastest convolution algorithm per input shape (the towers' shapes are fixed)."""
 
 
 @dataclass
@@ -79,6 +109,9 @@ class LogConfig:
     """Run torch.profiler over steps [start, start + profile_steps): traces and a per-stage table."""
     profile_steps: int = 5
     """Steps in the profiled window."""
+    peak_tflops: float | None = None
+    """The device's peak dense TFLOP/s for ``perf/mfu``; null: from accord.train.flops's table of known GPUs (no MFU
+    where the device is not in it, as on CPU)."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
@@ -173,6 +206,10 @@ class TrainConfig:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compile: CompileConfig | None = None
+    """Compile the towers (``compile={}`` for the defaults)."""
+    cuda: CudaConfig = field(default_factory=CudaConfig)
+    """TF32 and cuDNN autotuning on CUDA machines."""
     output_dir: str = "runs/accord"
     """Where the run writes config.json, metrics.jsonl, ranks.json and checkpoints/ (shared by all nodes)."""
     epochs: int = 1
@@ -205,9 +242,18 @@ class TrainConfig:
             raise ConfigError("model.init_logit_bias: the siglip loss needs a logit bias (e.g. -10)")
         if self.deepspeed.offload_params and self.deepspeed.zero_stage != 3:
             raise ConfigError("deepspeed.offload_params: needs deepspeed.zero_stage 3")
-        if self.data.train is None:
+        if self.data.synthetic and self.max_steps is None:
+            raise ConfigError("data.synthetic: synthetic batches have no epochs: set max_steps")
+        if self.data.train is None and not self.data.synthetic:
             raise ConfigError("data.train: no training shards given")
-        if "text" in self.model.towers and not self.data.text.tokenizer:
+        if self.compile is not None and self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "compile: not with deepspeed.zero_stage 3 (its parameter hooks break the compiled graphs); "
+                "use stage 0-2"
+            )
+        if self.optim.fused and self.deepspeed.offload_optimizer:
+            raise ConfigError("optim.fused: not with deepspeed.offload_optimizer (DeepSpeed's CPU Adam runs the step)")
+        if "text" in self.model.towers and not self.data.text.tokenizer and not self.data.synthetic:
             raise ConfigError("data.text.tokenizer: the text tower needs a local tokenizer directory")
         if self.loss.hard_negatives is not None and "text" not in self.model.towers:
             raise ConfigError("loss.hard_negatives: needs a text tower (the negatives are edited captions)")

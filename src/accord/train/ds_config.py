@@ -1,4 +1,5 @@
-"""The DeepSpeed JSON of a training config: ZeRO stage and offload, precision, AdamW, micro-batch and accumulation."""
+"""The DeepSpeed JSON of a training config: ZeRO stage and offload, precision (DeepSpeed bf16 / fp16 or torch autocast),
+AdamW (fused or not), micro-batch and accumulation."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ from typing import Any
 from accord.train.config import TrainConfig
 
 
-def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The DeepSpeed JSON of a config (``deepspeed.extra`` merged last, key by key at the top level)."""
+def deepspeed_config(cfg: TrainConfig, device_type: str = "cpu") -> dict[str, Any]:
+    """The DeepSpeed JSON of a config on a ``device_type`` machine (``deepspeed.extra`` merged last, key by key at
+    the top level)."""
     ds = cfg.deepspeed
     zero: dict[str, Any] = {"stage": ds.zero_stage}
     if ds.offload_optimizer:
@@ -22,7 +24,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "weight_decay": cfg.optim.weight_decay,
     }
     if not ds.offload_optimizer:
-        optim_params["torch_adam"] = True  # no fused_adam JIT build
+        optim_params["torch_adam"] = True  # torch's AdamW: no fused_adam JIT build
+        fused = cfg.optim.fused if cfg.optim.fused is not None else device_type == "cuda"
+        if fused:
+            optim_params["fused"] = True  # passed on to torch.optim.AdamW
     config = {
         "train_micro_batch_size_per_gpu": cfg.data.batch_size,
         "gradient_accumulation_steps": cfg.accum_steps,
@@ -33,6 +38,8 @@ def deepspeed_config(cfg: TrainConfig) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if ds.precision == "autocast_bf16":
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     if cfg.optim.grad_clip:
         config["gradient_clipping"] = cfg.optim.grad_clip
     return {**config, **ds.extra}

@@ -16,22 +16,25 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fsspec
 import torch
 import torch.distributed as dist
 
+from accord import collectives
 from accord.config import ConfigError, load_config, reference, to_dict
 from accord.data.batches import empty_batch, lockstep, real_samples, to_device
 from accord.data.loader import DataStalled, Loader, TooManyBadSamples
 from accord.data.negatives import NegativeSampler, Vocabulary, seen_facts
+from accord.data.synthetic import SyntheticBatches
 from accord.evaluation.compositional import read_items
 from accord.losses import CaptionLoss, ContrastiveLoss, MatchingLoss
 from accord.models import AccordModel
 from accord.resources import config_file
-from accord.train import checkpoint
+from accord.train import checkpoint, flops
 from accord.train.config import TrainConfig
 from accord.train.distributed import (
     LOST_RANK_EXIT,
@@ -46,7 +49,7 @@ from accord.train.ds_config import deepspeed_config
 from accord.train.metrics import MetricLogger, MetricsWindow, SampleLog
 from accord.train.optim import lr_at, param_groups
 from accord.train.profile import StepProfiler, stage
-from accord.train.step import accumulation_groups, contrastive_step
+from accord.train.step import accumulation_groups, as_fp32, contrastive_step
 from accord.train.validate import Validator
 
 
@@ -109,8 +112,11 @@ class Trainer:
 
         self.cfg = cfg
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.device = torch.device(get_accelerator().current_device_name())
+        self.device = torch.device(get_accelerator().current_device_name())  # set from LOCAL_RANK at init
         cfg.check_device(self.device.type)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.cuda.tf32
+            torch.backends.cudnn.benchmark = cfg.cuda.cudnn_benchmark
         self.out = Path(cfg.output_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.nodes = nodes or gather_node_info()
@@ -128,19 +134,12 @@ class Trainer:
             )
         # A resume on another world size loads DeepSpeed's universal form of the checkpoint.
         self.resume_meta = checkpoint.resolve(self.ckpt_dir, resume) if resume else None
-        ds_config = deepspeed_config(cfg)
+        ds_config = deepspeed_config(cfg, self.device.type)
         self.universal = self.resume_meta is not None and checkpoint.needs_universal(
             self.resume_meta, self.world, cfg.deepspeed.zero_stage
         )
         if self.universal:
             ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        model = AccordModel(cfg.model)
-        self._enable_frozen_caches(model)
-        self.engine, *_ = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config
-        )
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
         self.modalities = tuple(cfg.model.towers)
         self.loss_fn = ContrastiveLoss(cfg.loss)
         self.fusion_pairs = cfg.model.fusion_pairs()
@@ -154,7 +153,22 @@ class Trainer:
         self.caption_loss = None
         if cfg.model.generative is not None:
             self.caption_loss = CaptionLoss(cfg.model.generative.null_weight)
-        negatives = negative_sampler(cfg)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = AccordModel(cfg.model)
+        self.vocab_size = model.towers["text"].backbone.config.vocab_size if "text" in model.towers else None
+        counted = flops.count(lambda: self._count_forward(model))  # before the caches: each tower runs once
+        self._enable_frozen_caches(model)
+        self.flops_per_sample = flops.training_flops(counted, tower_uses(model)) / (FLOP_SAMPLES * self.world)
+        if cfg.compile is not None:
+            compile_towers(model, cfg)
+        if self.rank == 0:
+            print(describe_compute(model, cfg, self.flops_per_sample), flush=True)
+        self.engine, *_ = deepspeed.initialize(
+            model=model, model_parameters=param_groups(model, cfg.optim), config=ds_config
+        )
+        # the towers' input dtype: DeepSpeed's bf16 / fp16 cast the weights; autocast_bf16 keeps fp32 inputs
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.deepspeed.precision, torch.float32)
+        negatives = negative_sampler(cfg) if not cfg.data.synthetic else None
         if negatives is not None and self.rank == 0:
             v = negatives.vocab
             print(
@@ -163,23 +177,28 @@ class Trainer:
                 + (f"; only within {len(negatives.seen)} seen combinations" if negatives.seen is not None else ""),
                 flush=True,
             )
-        self.loader = Loader(
-            cfg.data, self.modalities, train=True, negatives=negatives, worker_timeout_s=cfg.dist_timeout_s / 2
-        )
+        self.loader: Loader | SyntheticBatches
+        if cfg.data.synthetic:
+            self.loader = self._synthetic(cfg.data, self.device, self.dtype)
+        else:
+            self.loader = Loader(
+                cfg.data, self.modalities, train=True, negatives=negatives, worker_timeout_s=cfg.dist_timeout_s / 2
+            )
         self.validator = Validator(cfg, self.modalities, self.device, self.dtype)
         self.checkpointer = checkpoint.Checkpointer(self.engine, self.ckpt_dir, cfg.checkpoint)
-        unknown = [sh.url for sh in self.loader.dataset.shards if sh.size is None]
+        shards = self.loader.dataset.shards if isinstance(self.loader, Loader) else []
+        unknown = [sh.url for sh in shards if sh.size is None]
         if cfg.data.mode == "finite" and unknown and cfg.max_steps is None:
             # The schedule (warmup, cosine, checkpoint.every) is laid out in steps from the epoch's sample count.
             raise ConfigError(
-                f"data.train: {len(unknown)} of {len(self.loader.dataset.shards)} shards have no sizes.json entry "
+                f"data.train: {len(unknown)} of {len(shards)} shards have no sizes.json entry "
                 f"(e.g. {unknown[0]}), so the epoch's length and the learning-rate schedule are unknown: add "
                 "sizes.json beside the shards (shard name -> samples) or set max_steps"
             )
         # The schedule's length: each epoch's steps as the ranks' real shares give them (the rank with the most
         # batches sets it), so the learning rate reaches its floor on the run's last step.
         self.total_steps = cfg.max_steps or max(
-            1, sum(self.loader.planned_steps(e, cfg.accum_steps) for e in range(cfg.epochs))
+            1, sum(cast(Loader, self.loader).planned_steps(e, cfg.accum_steps) for e in range(cfg.epochs))
         )
         self.step = 0
         self.epoch = 0  # the epoch of the step being trained (set by fit)
@@ -195,13 +214,35 @@ class Trainer:
                 self.samples.truncate_after(0)
         torch.manual_seed(cfg.seed + 1000 * self.rank + self.step)  # per-rank dropout streams
 
+    def _synthetic(self, data: Any, device: torch.device, dtype: torch.dtype) -> SyntheticBatches:
+        """Synthetic batches of ``data``'s shapes for this model (its vocabulary, the loss's negatives per caption)."""
+        hn = self.cfg.loss.hard_negatives
+        return SyntheticBatches(
+            data,
+            self.modalities,
+            device,
+            dtype,
+            vocab_size=self.vocab_size,
+            negatives=hn.per_caption if hn is not None else 0,
+            rank=self.rank,
+        )
+
+    def _count_forward(self, model: AccordModel) -> None:
+        """One forward of ``model`` and the losses on :data:`FLOP_SAMPLES` synthetic samples per rank (on the CPU,
+        before DeepSpeed takes the model; every rank runs it, the losses' collectives included)."""
+        batch = self._synthetic(replace(self.cfg.data, batch_size=FLOP_SAMPLES), torch.device("cpu"), torch.float32)
+        self._loss(as_fp32(model(batch.batch())), model)  # with autograd on: torch's module tracker needs it
+
     def _enable_frozen_caches(self, model: AccordModel) -> None:
         """Frozen towers compute each distinct input once (models/frozen_cache.py); not under ZeRO-3, where every
-        rank must run every module's forward to gather its partitioned parameters."""
+        rank must run every module's forward to gather its partitioned parameters, nor on synthetic data (every
+        input is new)."""
         frozen = [m for m, t in model.towers.items() if t.cfg.freeze]
         status: dict[str, str | None]
         if self.cfg.deepspeed.zero_stage == 3:
             status = {m: "ZeRO-3 partitions its parameters (every rank must run it)" for m in frozen}
+        elif self.cfg.data.synthetic:
+            status = {m: "data.synthetic (every input is new)" for m in frozen}
         else:
             status = model.enable_frozen_caches()
         if self.rank == 0:
@@ -227,7 +268,7 @@ class Trainer:
         self.logger.truncate_after(self.step)
         if self.samples is not None:
             self.samples.truncate_after(self.step)
-        dist.barrier()  # rank 0 truncated the logs before anyone appends
+        collectives.barrier()  # rank 0 truncated the logs before anyone appends
         if self.rank == 0:
             workers = max(1, self.cfg.data.workers)
             change = ""
@@ -258,10 +299,23 @@ class Trainer:
             print(f"saved checkpoint {self.ckpt_dir / tag}", flush=True)
 
     # ------------------------------------------------------------------------------------------------ steps
+    def _loss(self, out: Any, module: AccordModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The optimised loss of a model output (contrastive, caption and matching terms with their weights) and
+        its logged parts."""
+        loss, parts = self.loss_fn(out)
+        loss = self.cfg.loss.contrastive_weight * loss
+        if self.caption_loss is not None:
+            caption, caption_parts = self.caption_loss(out, module.generative, self.generative_pairs)
+            loss = loss + self.cfg.loss.caption_weight * caption
+            parts = {**parts, **caption_parts}
+        if self.match_loss is not None:
+            match, match_parts = self.match_loss(out, module.fusion, self.fusion_pairs)
+            loss = loss + self.cfg.loss.match_weight * match
+            parts = {**parts, **match_parts}
+        return loss, parts
+
     def _backward(self, loss: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0])
-        flags = [torch.zeros(1) for _ in range(self.world)]
-        dist.all_gather(flags, bad)
+        flags = collectives.all_gather(torch.tensor([0.0 if torch.isfinite(loss) else 1.0]))
         if any(f.item() for f in flags):
             ranks = [r for r, f in enumerate(flags) if f.item()]
             raise FloatingPointError(
@@ -289,18 +343,7 @@ class Trainer:
 
         def loss_fn(out):
             with stage("loss"):
-                loss, parts = self.loss_fn(out)
-                loss = self.cfg.loss.contrastive_weight * loss
-                if self.caption_loss is not None:
-                    caption, caption_parts = self.caption_loss(
-                        out, self.engine.module.generative, self.generative_pairs
-                    )
-                    loss = loss + self.cfg.loss.caption_weight * caption
-                    parts = {**parts, **caption_parts}
-                if self.match_loss is not None:
-                    match, match_parts = self.match_loss(out, self.engine.module.fusion, self.fusion_pairs)
-                    loss = loss + self.cfg.loss.match_weight * match
-                    parts = {**parts, **match_parts}
+                loss, parts = self._loss(out, self.engine.module)
             holder["parts"] = parts
             return loss, parts
 
@@ -377,18 +420,17 @@ class Trainer:
         elapsed = window.elapsed_s()
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         stats = torch.tensor([window.samples, window.wait_s, elapsed, peak_rss_mib], dtype=torch.float64)
-        per_rank = [torch.zeros_like(stats) for _ in range(self.world)]
-        dist.all_gather(per_rank, stats)
+        per_rank = collectives.all_gather(stats)
         parts = {}
         for k, vs in window.parts.items():  # each rank's loss share; their mean is the global-batch loss
-            t = torch.tensor(sum(vs) / len(vs), dtype=torch.float64)
-            dist.all_reduce(t)
+            t = collectives.all_reduce(torch.tensor(sum(vs) / len(vs), dtype=torch.float64))
             parts[f"loss/{k}"] = float(t) / self.world
         skips = self.loader.skip_stats()
-        skipped = torch.tensor([sum(v for k, v in skips.items() if k.startswith("bad: "))], dtype=torch.float64)
-        dist.all_reduce(skipped)
+        bad = sum(v for k, v in skips.items() if k.startswith("bad: "))
+        skipped = collectives.all_reduce(torch.tensor([bad], dtype=torch.float64))
         temps = {f"temperature/{k}": v for k, v in self._temperatures().items()}
         grad_norm = self.engine.get_global_grad_norm()
+        samples_per_s = float(sum(r[0] for r in per_rank) / max(r[2] for r in per_rank))
         metrics = {
             "epoch": self.epoch,
             "loss": sum(self._weight(k[5:]) * v for k, v in parts.items()) if parts else float("nan"),
@@ -396,12 +438,13 @@ class Trainer:
             **temps,
             "lr": lr_at(self.step - 1, self.total_steps, self.cfg.optim),  # towers with lr_scale: times that
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "samples_per_s": float(sum(r[0] for r in per_rank) / max(r[2] for r in per_rank)),
+            "samples_per_s": samples_per_s,
             "samples_per_s_per_rank": [round(float(r[0] / r[2]), 2) for r in per_rank],
             "data_wait_s_per_rank": [round(float(r[1]), 3) for r in per_rank],
             "peak_rss_mib_per_rank": [round(float(r[3])) for r in per_rank],  # the rank's process, not its workers
             "skipped_samples": int(skipped.item()),
             **self.engine.module.frozen_cache_stats(),  # rank 0's
+            **self._perf(samples_per_s),
         }
         pairs = " ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items())
         self.logger.log(
@@ -410,8 +453,22 @@ class Trainer:
             console=(
                 f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {metrics['loss']:.4f} ({pairs}) "
                 f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s"
+                + (f" MFU {100 * metrics['perf/mfu']:.1f}%" if metrics.get("perf/mfu") is not None else "")
             ),
         )
+
+    def _perf(self, samples_per_s: float) -> dict[str, float | None]:
+        """Achieved model TFLOP/s per device, MFU against the device's peak (None where unknown), peak memory."""
+        tflops = self.flops_per_sample * samples_per_s / self.world / 1e12
+        peak = self.cfg.log.peak_tflops
+        if peak is None and self.device.type == "cuda":
+            precision = flops.math_precision(self.cfg.deepspeed.precision, self.cfg.cuda.tf32)
+            peak = flops.peak_tflops(torch.cuda.get_device_name(self.device), precision)
+        return {
+            "perf/model_tflops": tflops,
+            "perf/mfu": tflops / peak if peak else None,
+            "perf/peak_memory_gib": flops.peak_memory_gib(self.device),
+        }
 
     def _weight(self, part: str) -> float:
         """The weight of a logged loss part ("text-image", "match/text-image", "caption/text-image",
@@ -444,6 +501,47 @@ class Trainer:
         return metrics
 
 
+FLOP_SAMPLES = 2  # samples per rank in the FLOP count
+
+
+def tower_uses(model: AccordModel) -> dict[str, flops.Use]:
+    """How each tower's backbone spends a step: trained (any trainable layer; a cut-layer tower counts whole),
+    frozen, or cached (its features come from the frozen-feature cache)."""
+    return {
+        m: "cached" if t.cache is not None and t.cut is None else "frozen" if t.fully_frozen else "trained"
+        for m, t in model.towers.items()
+    }
+
+
+def compile_towers(model: AccordModel, cfg: TrainConfig) -> None:
+    """``torch.compile`` every tower's backbone in place (``nn.Module.compile``: names and checkpoints unchanged;
+    a backbone shared by two towers once). A cut-layer tower's frozen bottom, run layer by layer, stays eager."""
+    assert cfg.compile is not None
+    done: set[int] = set()
+    for tower in model.towers.values():
+        if id(tower.backbone) in done:
+            continue
+        done.add(id(tower.backbone))
+        c = cfg.compile
+        tower.backbone.compile(mode=c.mode, dynamic=c.dynamic, backend=c.backend, fullgraph=c.fullgraph)
+
+
+def describe_compute(model: AccordModel, cfg: TrainConfig, flops_per_sample: float) -> str:
+    """One line at start: each tower's attention kernel (transformers' ``attn_implementation``) and use, whether
+    compiled, the precision, and the counted model FLOPs per sample."""
+    uses = tower_uses(model)
+    towers = ", ".join(
+        f"{m} {getattr(t.backbone.config, '_attn_implementation', None) or 'eager'} ({uses[m]})"
+        for m, t in model.towers.items()
+    )
+    compiled = f"compiled ({cfg.compile.backend}, {cfg.compile.mode})" if cfg.compile is not None else "eager"
+    heads = "; heads: torch sdpa" if model.fusion is not None or model.generative is not None else ""
+    return (
+        f"towers: {towers}{heads}; {compiled}; precision {cfg.deepspeed.precision}; "
+        f"{flops_per_sample / 1e9:.3g} GFLOP per training sample"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_config and args.config is None:
@@ -467,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
         result = trainer.fit()
         if dist.get_rank() == 0:
             print(json.dumps({"done": result}, default=str), flush=True)
-        dist.barrier()
+        collectives.barrier()
     except (ConfigError, ValueError, FileNotFoundError) as e:
         if trainer is not None:  # the run had started: a bug, not an input
             raise
