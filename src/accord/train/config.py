@@ -26,8 +26,15 @@ class OptimConfig:
     """Adam's epsilon."""
     warmup_steps: int = 100
     """Optimiser steps of linear warmup from 0."""
+    schedule: Literal["cosine", "const", "const-cooldown"] = "cosine"
+    """After warmup: cosine decay to ``lr`` x ``min_lr_ratio`` at the last step; constant; or constant, then over the
+    last ``cooldown_fraction`` of the steps a decay to ``lr`` x ``min_lr_ratio`` (open_clip's schedulers)."""
     min_lr_ratio: float = 0.0
-    """The cosine decays to ``lr`` x this at the last step."""
+    """The decay's floor: ``lr`` x this at the last step (cosine, const-cooldown)."""
+    cooldown_fraction: float = 0.1
+    """const-cooldown: the share of the run's steps, at its end, over which the learning rate decays."""
+    cooldown_power: float = 1.0
+    """const-cooldown: the decay's shape, ``(1 - progress) ** power`` (1: linear)."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this; null: no clipping."""
     fused: bool | None = None
@@ -42,6 +49,8 @@ class OptimConfig:
             raise ConfigError(f"{dot}warmup_steps: must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{dot}min_lr_ratio: must be in [0, 1]")
+        if not 0 < self.cooldown_fraction <= 1 or self.cooldown_power <= 0:
+            raise ConfigError(f"{dot}cooldown_fraction / {dot}cooldown_power: must be in (0, 1] / > 0")
 
 
 @dataclass

@@ -34,7 +34,7 @@ from accord.evaluation.compositional import read_items
 from accord.losses import CaptionLoss, ContrastiveLoss, MatchingLoss
 from accord.models import AccordModel
 from accord.resources import config_file
-from accord.train import checkpoint, flops
+from accord.train import checkpoint, flops, open_clip_flags
 from accord.train.config import TrainConfig
 from accord.train.distributed import (
     LOST_RANK_EXIT,
@@ -60,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML training config: a path, or the name of a shipped one (tiny, text_image)")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint tag (stepNNNNNNNN) in output_dir")
     p.add_argument(
+        "--open-clip",
+        metavar="FLAGS",
+        help="an open_clip_train command line (quoted) translated to this config's keys; the YAML it makes is "
+        "printed, flags accord cannot honour are refused by name (key=value overrides still apply after it)",
+    )
+    p.add_argument(
         "--print-config",
         action="store_true",
         help="print every config key with its type, default and meaning (with --config: and its value), then exit",
@@ -72,9 +78,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("overrides", nargs="*", help="key.path=value, e.g. optim.lr=1e-3 deepspeed.zero_stage=3")
     args = p.parse_args(argv)
-    if args.config is None and not args.print_config:
+    if args.config is None and not args.print_config and args.open_clip is None:
         p.error("the following arguments are required: --config")
     return args
+
+
+def from_open_clip(args: argparse.Namespace) -> None:
+    """Fold ``--open-clip`` into ``args`` (config, overrides, resume) and say what it became (rank 0)."""
+    t = open_clip_flags.translate(args.open_clip)
+    args.config = args.config or t.config
+    if args.config is None:
+        raise ConfigError("--open-clip: no --model accord has a config for; pass --config with the towers")
+    args.overrides = [*t.overrides, *args.overrides]
+    args.resume = args.resume or t.resume
+    if os.environ.get("RANK", "0") == "0":
+        print(f"open_clip flags as accord config (on {args.config}):", flush=True)
+        print(open_clip_flags.overrides_yaml(t.overrides), end="", flush=True)
+        for note in t.notes:
+            print(f"note: {note}", flush=True)
 
 
 def negative_sampler(cfg: TrainConfig) -> NegativeSampler | None:
@@ -544,10 +565,12 @@ def describe_compute(model: AccordModel, cfg: TrainConfig, flops_per_sample: flo
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.print_config and args.config is None:
+    if args.print_config and args.config is None and args.open_clip is None:
         print(reference(TrainConfig), end="")
         return 0
     try:
+        if args.open_clip is not None:
+            from_open_clip(args)
         cfg = load_config(TrainConfig, config_file(args.config), args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"accord train: config error: {e}", file=sys.stderr)

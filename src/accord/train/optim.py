@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+"""AdamW parameter groups and the learning-rate schedule (warmup, then cosine, constant or constant + cooldown)."""
 
 from __future__ import annotations
 
@@ -44,11 +44,21 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Linear warmup over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at the last step (the
-    0-based ``step`` = ``total_steps - 1``)."""
+    """Linear warmup over ``warmup_steps``, then ``cfg.schedule``: cosine decay to ``lr * min_lr_ratio`` at the last
+    step (the 0-based ``step`` = ``total_steps - 1``); constant; or constant until the last ``cooldown_fraction`` of
+    the steps, then ``floor + (lr - floor) * (1 - progress) ** cooldown_power`` down to the floor at the last step."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "const":
+        return cfg.lr
+    if cfg.schedule == "const-cooldown":
+        cooldown = max(1, round(cfg.cooldown_fraction * total_steps))
+        start = max(cfg.warmup_steps, total_steps - cooldown)
+        if step < start:
+            return cfg.lr
+        progress = min(1.0, (step - start) / max(1, total_steps - 1 - start))
+        return floor + (cfg.lr - floor) * (1 - progress) ** cfg.cooldown_power
     span = max(1, total_steps - 1 - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    floor = cfg.lr * cfg.min_lr_ratio
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
