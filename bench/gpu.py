@@ -103,7 +103,7 @@ def train_run(size: dict, work: Path, batch: int, variant: str, backend: str) ->
     return {
         **result,
         "samples_per_s": round(last["samples_per_s"], 1),
-        "model_tflops": round(last["perf/model_tflops"], 3),
+        "model_tflops": float(f"{last['perf/model_tflops']:.4g}"),
         "mfu": None if last["perf/mfu"] is None else round(last["perf/mfu"], 4),
         "peak_memory_gib": last["perf/peak_memory_gib"],
         "peak_rss_mib": last["peak_rss_mib_per_rank"][0],

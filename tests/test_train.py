@@ -62,7 +62,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
             shards,
             out,
             f"deepspeed.zero_stage={stage}",
-            "epochs=8",
+            "epochs=5",
             "log.every=1",
             "data.batch_size=4",
             f"data.val={shards}",
@@ -78,7 +78,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     assert ("hard negatives: 2 per caption of 11 type(s)" in proc.stdout) == bool(negatives), proc.stdout[-3000:]
     rows = [r for r in metrics(out) if "loss" in r]
-    assert len(rows) == 8 * 6  # 48 samples / (2 ranks x 4) = 6 steps per epoch
+    assert len(rows) == 5 * 6  # 48 samples / (2 ranks x 4) = 6 steps per epoch
     first = sum(r["loss"] for r in rows[:6]) / 6
     last = sum(r["loss"] for r in rows[-6:]) / 6
     assert last < 0.8 * first, (first, last)
@@ -97,7 +97,7 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
     }
     evals = [r for r in metrics(out) if "eval/text-image/text->image/R@1" in r]
     assert evals and evals[-1]["eval/text-image/n"] == 32  # retrieval on the held-out set, all ranks gathered
-    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000048"
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step00000030"
 
     # Export from this stage's checkpoint: the exported towers reproduce the trained model's final evaluation.
     backbone = tmp_path / "backbone"
