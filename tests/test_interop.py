@@ -121,3 +121,32 @@ def test_metric_under_two_gloo_ranks_equals_the_single_process_value(clip_backbo
         expected = torchmetrics_aggregate(per_sample) if mode == "torchmetrics" else per_sample.mean()
         assert ranks[0][mode] == ranks[1][mode]  # every rank reports the synced value
         assert ranks[0][mode] == pytest.approx(expected.item(), abs=1e-5), mode
+
+
+def test_the_exported_backbone_is_ready_for_the_hub(tmp_path: Path) -> None:
+    """Model card with Hub front matter (read by huggingface_hub's own parser), weights in safetensors only, the
+    image preprocessing as a CLIPImageProcessor config that transformers loads."""
+    from huggingface_hub import ModelCard
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    cfg = tiny_config()
+    out = tmp_path / "backbone"
+    hub = {"license": "apache-2.0", "datasets": ["laion/laion400m"], "tags": ["demo"]}
+    save_backbone(random_model(cfg), cfg.data, out, hub=hub)
+    card = ModelCard.load(out / "README.md")
+    assert card.data.library_name == "accord" and card.data.license == "apache-2.0"
+    assert card.data.pipeline_tag == "zero-shot-image-classification" and card.data.datasets == ["laion/laion400m"]
+    assert {"accord", "text", "image", "video", "audio", "demo"} <= set(card.data.tags)
+    assert "# accord backbone" in card.text
+    weights = sorted(
+        p.relative_to(out).as_posix() for p in out.rglob("*") if p.suffix in (".safetensors", ".bin", ".pt")
+    )
+    assert weights and all(w.endswith(".safetensors") for w in weights), weights
+    processor = CLIPImageProcessor.from_pretrained(out)
+    pixels = processor(images=Image.new("RGB", (48, 40), (200, 30, 30)), return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, cfg.data.image.size, cfg.data.image.size)
+    assert list(processor.image_mean) == list(cfg.data.image.mean)
+    # without Hub details the card still carries valid front matter
+    save_backbone(random_model(cfg), cfg.data, tmp_path / "plain")
+    assert ModelCard.load(tmp_path / "plain" / "README.md").data.license == "other"

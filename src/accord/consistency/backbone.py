@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -351,10 +352,14 @@ def save_backbone(
     source: dict[str, Any] | None = None,
     card: list[str] | None = None,
     generative: dict[str, Any] | None = None,
+    hub: dict[str, Any] | None = None,
 ) -> None:
     """Write ``model`` (with the preprocessing of ``data``) as a backbone directory that :func:`load_backbone`
     reads: towers, heads, tokenizer, ``backbone.json`` and a model card (``card``: lines about its training;
-    ``generative``: the generative score's alpha and how it was chosen)."""
+    ``generative``: the generative score's alpha and how it was chosen; ``hub``: ``license``, ``datasets`` and
+    ``tags`` for the card's Hub front matter). Weights are safetensors; an image tower's preprocessing is also
+    written as ``preprocessor_config.json`` (a CLIPImageProcessor), so the folder is ready for
+    ``huggingface_hub.upload_folder``."""
     torch_dtype = DTYPES[dtype]
     out.mkdir(parents=True, exist_ok=True)
     heads: dict[str, torch.Tensor] = {}
@@ -404,11 +409,51 @@ def save_backbone(
         "model": model_cfg,
         "preprocess": preprocess,
         "source": source or {},
+        "hub": hub or {},
     }
     if model.generative is not None:
         meta["generative"] = generative or {"alpha": 0.0, "chosen_on": None}
     (out / "backbone.json").write_text(json.dumps(meta, indent=1, default=str))
     (out / "README.md").write_text(model_card(meta, card or []))
+    if "image" in model.towers:
+        (out / "preprocessor_config.json").write_text(json.dumps(image_processor_config(data), indent=1))
+
+
+def image_processor_config(data: DataConfig) -> dict[str, Any]:
+    """The image preprocessing of evaluation (resize the short side, centre crop, normalise) as a transformers
+    CLIPImageProcessor config."""
+    size = data.image.size
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": size},
+        "resample": 3,  # bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": size, "width": size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(data.image.mean),
+        "image_std": list(data.image.std),
+        "do_convert_rgb": True,
+    }
+
+
+def hub_front_matter(meta: dict[str, Any]) -> str:
+    """The model card's YAML front matter as the Hugging Face Hub reads it (library, licence, tags, task, datasets)."""
+    hub = meta.get("hub") or {}
+    modalities = list(meta["modalities"])
+    front: dict[str, Any] = {
+        "library_name": "accord",
+        "license": hub.get("license") or "other",
+        "tags": ["accord", "contrastive", "cross-modal-consistency", *modalities, *hub.get("tags", [])],
+        "pipeline_tag": "zero-shot-image-classification"
+        if {"text", "image"} <= set(modalities)
+        else "feature-extraction",
+    }
+    if hub.get("datasets"):
+        front["datasets"] = list(hub["datasets"])
+    return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n"
 
 
 def set_generative_info(out: Path, info: dict[str, Any], card: list[str] | None = None) -> None:
@@ -423,7 +468,13 @@ def model_card(meta: dict[str, Any], training: list[str]) -> str:
     """The backbone directory's README: its towers, how to load it, and the given lines about its training."""
     towers = ", ".join(f"{m} ({meta['model']['towers'][m]['kind']})" for m in meta["modalities"])
     pairs = ", ".join("-".join(p) for p in meta["pairs"])
-    lines = ["# accord backbone", "", f"Towers: {towers}; embedding size {meta['embed_dim']}; pairs {pairs}.", ""]
+    lines = [
+        hub_front_matter(meta),
+        "# accord backbone",
+        "",
+        f"Towers: {towers}; embedding size {meta['embed_dim']}; pairs {pairs}.",
+        "",
+    ]
     if training:
         lines += [training[0], ""]
     lines += ["Load with `accord.load_backbone(DIR)` or `ConsistencyScorer.from_pretrained(DIR)`.", ""]

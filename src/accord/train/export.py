@@ -73,10 +73,12 @@ def export(
     onnx: bool = False,
     format: str = "accord",
     alpha_data: str | None = None,
+    hub: dict[str, Any] | None = None,
 ) -> Path:
     """Export the checkpoint as an accord backbone directory, or (``format="hf-clip"``) a CLIPModel directory
     (see :mod:`accord.consistency.hf_clip`; refused before the weights are read when the towers have no such form).
-    A generative head's alpha is chosen on ``alpha_data`` (default the run's ``data.val``)."""
+    A generative head's alpha is chosen on ``alpha_data`` (default the run's ``data.val``); ``hub`` (``license``,
+    ``datasets``, ``tags``) goes into the model card's Hub front matter."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if format not in FORMATS:
         raise ValueError(f"--format: {format!r} is not one of {', '.join(FORMATS)}")
@@ -113,6 +115,7 @@ def export(
         dtype=dtype,
         source={"checkpoint": str(checkpoint_dir.resolve()), "tag": tag, "step": client.get("step")},
         card=model_card_lines(cfg, client.get("step")),
+        hub=hub,
     )
     if model.generative is not None:
         choose_generative_alpha(out, alpha_data or cfg.data.val, model_card_lines(cfg, client.get("step")))
@@ -183,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="generative head: validation shards to choose the score's alpha on (default: the run's data.val)",
     )
+    p.add_argument("--license", default=None, help="the model card's licence for the Hub (default: other)")
+    p.add_argument("--dataset", action="append", default=[], help="a dataset it was trained on (Hub id; repeatable)")
+    p.add_argument("--hub-tag", action="append", default=[], help="an extra Hub tag (repeatable)")
     args = p.parse_args(argv)
     if args.onnx and args.format != "accord":
         raise ValueError("--onnx: only with --format accord")
-    out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx, args.format, args.alpha_data)
+    hub = {"license": args.license, "datasets": args.dataset, "tags": args.hub_tag}
+    out = export(args.checkpoint_dir, args.out, args.tag, args.dtype, args.onnx, args.format, args.alpha_data, hub)
     print(f"exported {args.checkpoint_dir} -> {out}")
     return 0
