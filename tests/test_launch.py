@@ -76,3 +76,41 @@ def test_entry_points_train(mixed_shards, tmp_path: Path, how: str) -> None:
             assert 0 < table["forward/image"] < table["step (wall)"] and table["backward"] > 0
     else:  # --verbose brings the libraries' output back
         assert "Setting accelerator to CPU" in output and "built successfully" in output, output[-3000:]
+
+
+def run_in_terminal(cmd: list[str], columns: int = 160) -> str:
+    """``cmd``'s output as a terminal of ``columns`` columns shows it (a pseudo-terminal on stdout and stderr)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(cmd, stdout=slave, stderr=slave, env=ENV, close_fds=True)
+    os.close(slave)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(master)
+    assert proc.wait(timeout=300) == 0, out.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace")
+
+
+@pytest.mark.slow
+def test_a_terminal_gets_a_progress_bar_with_the_log_lines_above_it(tmp_path: Path) -> None:
+    accord = str(Path(sys.executable).parent / "accord")
+    cmd = [accord, "train", "--config", "tiny", "data.synthetic=true", "max_steps=6", "log.every=3"]
+    shown = run_in_terminal([*cmd, f"output_dir={tmp_path / 'tty'}"])
+    assert "6/6 [" in shown and "step/s, loss=" in shown  # the bar, with the loss
+    assert "step 3/6 epoch 0 loss" in shown and "step 6/6 epoch 0 loss" in shown  # the log lines, whole
+    piped = subprocess.run([*cmd, f"output_dir={tmp_path / 'pipe'}"], capture_output=True, text=True, env=ENV)
+    assert piped.returncode == 0 and "step/s" not in piped.stdout + piped.stderr  # no bar in a log file
+    assert "step 6/6 epoch 0 loss" in piped.stdout

@@ -118,6 +118,9 @@ class LogConfig:
     """Run torch.profiler over steps [start, start + profile_steps): traces and a per-stage table."""
     profile_steps: int = 5
     """Steps in the profiled window."""
+    progress: Literal["auto", "bar", "lines"] = "auto"
+    """Console: a progress bar of steps (loss, samples/s) with the log lines above it, or the log lines only;
+    auto: the bar when rank 0's stdout is a terminal."""
     peak_tflops: float | None = None
     """The device's peak dense TFLOP/s for ``perf/mfu``; null: from accord.train.flops's table of known GPUs (no MFU
     where the device is not in it, as on CPU)."""

@@ -317,7 +317,7 @@ class Trainer:
         }
         tag = self.checkpointer.save(self.step, client, mine, meta)
         if self.rank == 0:
-            print(f"saved checkpoint {self.ckpt_dir / tag}", flush=True)
+            self.logger.progress.write(f"saved checkpoint {self.ckpt_dir / tag}")
 
     # ------------------------------------------------------------------------------------------------ steps
     def _loss(self, out: Any, module: AccordModel) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -381,6 +381,7 @@ class Trainer:
             checkpoint.set_rng_states(self._rng_after_resume)
         window = MetricsWindow()
         last_eval: dict[str, float] = {}
+        self.logger.progress.start(self.step, self.total_steps)
         while self._more_epochs():
             # The epoch these steps train on: the loader's counter moves on as soon as its last batch is taken,
             # which with accum_steps > 1 happens while the epoch's last group is being filled.
@@ -398,6 +399,7 @@ class Trainer:
                 window.add(
                     sum(real_samples(b) for b in group), wait_s, float(loss), {k: float(v) for k, v in parts.items()}
                 )
+                self.logger.progress.update(self.step, float(loss), window.samples / max(window.elapsed_s(), 1e-9))
                 if self.logger.should_log(self.step, self.total_steps):
                     with stage("log"):
                         self._log(window)
@@ -431,10 +433,9 @@ class Trainer:
 
     def _report_profile(self, stages: dict[str, float] | None) -> None:
         if stages is not None and self.rank == 0:
-            print(
+            self.logger.progress.write(
                 f"profile of steps {self.cfg.log.profile_start}-{self.step} (ms per step, rank 0; traces in "
-                f"{self.profiler.folder}): " + ", ".join(f"{k} {v:g}" for k, v in stages.items()),
-                flush=True,
+                f"{self.profiler.folder}): " + ", ".join(f"{k} {v:g}" for k, v in stages.items())
             )
 
     def _log(self, window: MetricsWindow) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tqdm import tqdm
 
 from accord.train.config import LogConfig
 
@@ -35,6 +38,39 @@ class MetricsWindow:
         return time.perf_counter() - self.start
 
 
+class StepProgress:
+    """Rank 0's progress bar of optimiser steps (tqdm) with console lines written above it; without the bar, the
+    lines are printed as they are."""
+
+    def __init__(self, enabled: bool, rank: int):
+        self.enabled = enabled and rank == 0
+        self.bar: Any = None
+
+    def start(self, step: int, total: int) -> None:
+        if self.enabled and self.bar is None:
+            self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stdout, disable=False)
+
+    def update(self, step: int, loss: float, samples_per_s: float | None = None) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(step - self.bar.n)
+        postfix = {"loss": f"{loss:.4f}"}
+        if samples_per_s is not None:
+            postfix["samples/s"] = f"{samples_per_s:.1f}"
+        self.bar.set_postfix(postfix, refresh=False)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stdout)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
 class MetricLogger:
     """Rank 0 writes; every rank may call. ``should_log`` is the policy: every ``log.every`` steps and the last."""
 
@@ -44,6 +80,7 @@ class MetricLogger:
         self.wandb: Any = None
         self.tensorboard: Any = None
         self._purge_step: int | None = None
+        self.progress = StepProgress(cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty()), rank)
         if rank == 0 and cfg.wandb:
             import wandb
 
@@ -89,9 +126,10 @@ class MetricLogger:
                     writer.add_scalar(k, v, global_step=step)
             writer.flush()
         if console:
-            print(console, flush=True)
+            self.progress.write(console)
 
     def close(self) -> None:
+        self.progress.close()
         if self.wandb is not None:
             self.wandb.finish()
         if self.tensorboard is not None:
