@@ -105,12 +105,16 @@ def run_in_terminal(cmd: list[str], columns: int = 160) -> str:
 
 
 @pytest.mark.slow
-def test_a_terminal_gets_a_progress_bar_with_the_log_lines_above_it(tmp_path: Path) -> None:
+def test_a_terminal_gets_a_progress_bar_and_a_pipe_the_log_lines(tmp_path: Path) -> None:
     accord = str(Path(sys.executable).parent / "accord")
     cmd = [accord, "train", "--config", "tiny", "data.synthetic=true", "max_steps=6", "log.every=3"]
     shown = run_in_terminal([*cmd, f"output_dir={tmp_path / 'tty'}"])
     assert "6/6 [" in shown and "step/s, loss=" in shown  # the bar, with the loss
     assert "step 3/6 epoch 0 loss" in shown and "step 6/6 epoch 0 loss" in shown  # the log lines, whole
-    piped = subprocess.run([*cmd, f"output_dir={tmp_path / 'pipe'}"], capture_output=True, text=True, env=ENV)
-    assert piped.returncode == 0 and "step/s" not in piped.stdout + piped.stderr  # no bar in a log file
-    assert "step 6/6 epoch 0 loss" in piped.stdout
+    # in a pipe: no bar, and with log.console_every the console gets fewer lines than metrics.jsonl gets rows
+    out = tmp_path / "pipe"
+    piped = subprocess.run([*cmd, f"output_dir={out}", "log.console_every=6"], capture_output=True, text=True, env=ENV)
+    assert piped.returncode == 0 and "step/s" not in piped.stdout + piped.stderr
+    assert "step 6/6 epoch 0 loss" in piped.stdout and "step 3/6" not in piped.stdout
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [3, 6]

@@ -32,6 +32,7 @@ CPU_RUN = (
     "data.batch_size=16",
     "deepspeed.zero_stage=2",
     "log.every=5",
+    "log.console_every=50",  # a console line per 50 steps (the report plots every 5)
     "checkpoint.every=100000",
     "optim.warmup_steps=10",
     "optim.lr=3e-3",

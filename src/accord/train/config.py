@@ -101,7 +101,10 @@ class LogConfig:
     """What is logged where: console, ``output_dir/metrics.jsonl``, wandb, TensorBoard; profiling."""
 
     every: int = 10
-    """Optimiser steps per log line (and at the last step)."""
+    """Optimiser steps per logged row of metrics (and at the last step)."""
+    console_every: int | None = None
+    """Optimiser steps per console line (and at the last step); null: every logged row. Each line shows the last
+    ``every`` steps."""
     wandb: bool = False
     """Log to wandb (offline unless ``wandb_online``)."""
     wandb_online: bool = False
@@ -129,6 +132,8 @@ class LogConfig:
         dot = f"{prefix}." if prefix else ""
         if self.every < 1:
             raise ConfigError(f"{dot}every: must be >= 1")
+        if self.console_every is not None and self.console_every < 1:
+            raise ConfigError(f"{dot}console_every: must be >= 1")
         if self.profile_start is not None and (self.profile_start < 1 or self.profile_steps < 1):
             raise ConfigError(f"{dot}profile_start / {dot}profile_steps: must be >= 1")
 

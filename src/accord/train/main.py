@@ -469,15 +469,13 @@ class Trainer:
             **self._perf(samples_per_s),
         }
         pairs = " ".join(f"{k[5:]} {v:.3f}" for k, v in parts.items())
-        self.logger.log(
-            self.step,
-            metrics,
-            console=(
-                f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {metrics['loss']:.4f} ({pairs}) "
-                f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s"
-                + (f" MFU {100 * metrics['perf/mfu']:.1f}%" if metrics.get("perf/mfu") is not None else "")
-            ),
+        console = (
+            f"step {self.step}/{self.total_steps} epoch {self.epoch} loss {metrics['loss']:.4f} ({pairs}) "
+            f"lr {metrics['lr']:.2e} {metrics['samples_per_s']:.1f} samples/s"
+            + (f" MFU {100 * metrics['perf/mfu']:.1f}%" if metrics.get("perf/mfu") is not None else "")
         )
+        printed = self.logger.should_print(self.step, self.total_steps)
+        self.logger.log(self.step, metrics, console=console if printed else None)
 
     def _perf(self, samples_per_s: float) -> dict[str, float | None]:
         """Achieved model TFLOP/s per device, MFU against the device's peak (None where unknown), peak memory."""

@@ -96,6 +96,11 @@ class MetricLogger:
     def should_log(self, step: int, total_steps: int) -> bool:
         return step % self.cfg.every == 0 or step >= total_steps
 
+    def should_print(self, step: int, total_steps: int) -> bool:
+        """A logged step that also gets a console line (``log.console_every``)."""
+        every = self.cfg.console_every or self.cfg.every
+        return step % every == 0 or step >= total_steps
+
     def truncate_after(self, step: int) -> None:
         """On resume, drop lines of steps the killed run logged after its last checkpoint."""
         if self.rank != 0 or not self.path.exists():
