@@ -12,7 +12,6 @@ Every function is the identity (or a no-op) without a process group, so single-p
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any, Literal
 
@@ -54,10 +53,6 @@ def local_device_index(local_rank: int, device_count: int) -> int:
     return local_rank if local_rank < device_count else local_rank % device_count
 
 
-def env_local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", 0))
-
-
 def _on_backend(t: torch.Tensor) -> torch.Tensor:
     return t.to(collective_device()).contiguous()
 
@@ -66,7 +61,7 @@ def all_reduce(t: torch.Tensor, op: Op = "sum") -> torch.Tensor:
     """``t`` reduced over every rank (a new tensor on ``t``'s device; ``t`` is left as it was)."""
     if not active():
         return t.clone()
-    x = _on_backend(t).clone()
+    x = t.to(collective_device(), copy=True)  # one copy, wherever t lives
     dist.all_reduce(x, op=_OPS[op])
     return x.to(t.device)
 
@@ -79,11 +74,6 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
     return [p.to(t.device) for p in parts]
-
-
-def all_reduce_grad(grad: torch.Tensor) -> torch.Tensor:
-    """The sum of ``grad`` over ranks (the backward of an all-gather with gradient), on ``grad``'s device."""
-    return all_reduce(grad, "sum")
 
 
 def global_max(value: int) -> int:

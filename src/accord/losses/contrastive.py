@@ -58,7 +58,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return collectives.all_reduce_grad(grad)[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+        return collectives.all_reduce(grad, "sum")[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:

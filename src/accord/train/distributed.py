@@ -47,7 +47,8 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
         backend = "gloo"
     else:  # before anything touches the device or NCCL: every rank on its own GPU, not all on cuda:0
         backend = accelerator.communication_backend_name()
-        accelerator.set_device(collectives.local_device_index(collectives.env_local_rank(), accelerator.device_count()))
+        local_rank = int(os.environ["LOCAL_RANK"])
+        accelerator.set_device(collectives.local_device_index(local_rank, accelerator.device_count()))
     if os.environ.get(collectives.AUDIT_ENV) == "1":
         collectives.install_audit()
     timeout = timedelta(seconds=timeout_s)

@@ -130,22 +130,17 @@ def _resume(t: Translation, value: str | None) -> None:
     t.resume = value
 
 
-def _cooldown(t: Translation, value: str | None) -> None:
-    epochs = t.seen.get("--epochs")
-    if epochs is None:
-        t.refused.append("--epochs-cooldown needs --epochs (accord's cooldown is a share of the run's steps)")
-        return
-    assert value is not None
-    t.overrides.append(f"optim.cooldown_fraction={float(value) / float(epochs):g}")
+def _ratio_of(flag: str, key: str, why: str) -> Rule:
+    """``key`` = the value over the value of ``flag`` (which must be given too: ``why``)."""
 
+    def rule(t: Translation, value: str | None) -> None:
+        other = t.seen.get(flag)
+        if other is None or value is None:
+            t.refused.append(why)
+        else:
+            t.overrides.append(f"{key}={float(value) / float(other):g}")
 
-def _cooldown_end(t: Translation, value: str | None) -> None:
-    lr = t.seen.get("--lr")
-    if lr is None:
-        t.refused.append("--lr-cooldown-end needs --lr (accord's floor is a ratio of the peak learning rate)")
-        return
-    assert value is not None
-    t.overrides.append(f"optim.min_lr_ratio={float(value) / float(lr):g}")
+    return rule
 
 
 EPOCH_FREQUENCY = "counts epochs; accord counts optimiser steps: set {key}"
@@ -165,8 +160,22 @@ FLAGS: dict[str, tuple[bool, Rule]] = {
     "--eps": (True, _set("optim.eps")),
     "--warmup": (True, _set("optim.warmup_steps")),
     "--lr-scheduler": (True, _scheduler),
-    "--epochs-cooldown": (True, _cooldown),
-    "--lr-cooldown-end": (True, _cooldown_end),
+    "--epochs-cooldown": (
+        True,
+        _ratio_of(
+            "--epochs",
+            "optim.cooldown_fraction",
+            "--epochs-cooldown needs --epochs (accord's cooldown is a share of the run's steps)",
+        ),
+    ),
+    "--lr-cooldown-end": (
+        True,
+        _ratio_of(
+            "--lr",
+            "optim.min_lr_ratio",
+            "--lr-cooldown-end needs --lr (accord's floor is a ratio of the peak learning rate)",
+        ),
+    ),
     "--lr-cooldown-power": (True, _set("optim.cooldown_power")),
     "--skip-scheduler": (False, _const("optim.schedule=const", "optim.warmup_steps=0")),
     "--grad-clip-norm": (True, _set("optim.grad_clip")),
