@@ -32,4 +32,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q --no-deps open-clip-torch==3.3.0
   echo "$want" > "$stamp"
 fi
+# DeepSpeed JIT-builds its CPU shared-memory op on first use (~20 s): build it here, once, not inside a run or a test.
+DS_ACCELERATOR=cpu .venv/bin/python -c "from accord.train.distributed import build_shm_op; build_shm_op()" ||
+  echo "setup: DeepSpeed's shm op did not build now (DeepSpeed tries again on first use)"
 echo "setup: ready (.venv/bin/accord)"

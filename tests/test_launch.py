@@ -118,3 +118,32 @@ def test_a_terminal_gets_a_progress_bar_and_a_pipe_the_log_lines(tmp_path: Path)
     assert "step 6/6 epoch 0 loss" in piped.stdout and "step 3/6" not in piped.stdout
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [3, 6]
+
+
+def test_a_killed_builds_lock_is_removed_and_a_live_one_waited_for(tmp_path: Path, monkeypatch, capsys) -> None:
+    """A process killed while it held torch's build lock of DeepSpeed's shm op made every later run on the machine
+    hang at start, silently (CI ran out of its 90 minutes so): an old lock is removed with a line, a fresh one is a
+    live build and is waited for, untouched."""
+    import os
+    import threading
+    import time
+
+    from accord.train.distributed import SHM_OP, clear_stale_build_lock, shm_op_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    (lock,) = shm_op_build_locks()
+    assert lock == tmp_path / SHM_OP / "lock"
+    clear_stale_build_lock()  # no lock: returns at once
+    lock.parent.mkdir()
+    lock.touch()
+    os.utime(lock, (time.time() - 400, time.time() - 400))
+    clear_stale_build_lock(stale_after_s=300)
+    assert not lock.exists() and f"removed {lock}, left 400 s ago" in capsys.readouterr().err
+    lock.touch()
+    builder = threading.Timer(0.5, lock.unlink)  # the live build finishing
+    builder.start()
+    started = time.monotonic()
+    clear_stale_build_lock(stale_after_s=300, poll_s=0.05)
+    assert time.monotonic() - started >= 0.45 and not builder.is_alive()
+    err = capsys.readouterr().err
+    assert "waiting for a build of deepspeed_shm_comm" in err and "removed" not in err

@@ -7,6 +7,7 @@ import contextlib
 import io
 import os
 import socket
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -19,6 +20,8 @@ from accord import collectives, verbosity
 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX = "deepspeed_allreduce_buffer"
+SHM_OP = "deepspeed_shm_comm"  # the op DeepSpeed's CPU backend JIT-builds (torch cpp_extension) in its init
+BUILD_LOCK_STALE_S = 300.0  # that build takes ~20 s on 2 cores: a lock older than this is a killed build's
 
 
 def init_distributed(timeout_s: float = 1800.0) -> None:
@@ -51,6 +54,8 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
         accelerator.set_device(collectives.local_device_index(local_rank, accelerator.device_count()))
     if os.environ.get(collectives.AUDIT_ENV) == "1":
         collectives.install_audit()
+    if accelerator.device_name() == "cpu":
+        clear_stale_build_lock()
     timeout = timedelta(seconds=timeout_s)
     c10d = dist.distributed_c10d  # new_group(timeout=None) reads these defaults at call time
     c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
@@ -58,6 +63,52 @@ def init_distributed(timeout_s: float = 1800.0) -> None:
         deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)  # prints "... built"
     if accelerator.device_name() == "cpu":  # the shm all-reduce is DeepSpeed's CPU backend only
         release_shm_workspace()
+
+
+def shm_op_build_locks() -> list[Path]:
+    """Where torch's extension builder puts the lock file of DeepSpeed's shm op (one build folder per Python/CUDA)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root:
+        return [Path(root) / SHM_OP / "lock"]
+    return sorted(Path(get_default_build_root()).glob(f"*/{SHM_OP}/lock"))
+
+
+def clear_stale_build_lock(stale_after_s: float = BUILD_LOCK_STALE_S, poll_s: float = 1.0) -> None:
+    """Wait out a running build of DeepSpeed's shm op; remove the lock a killed one left.
+
+    Every process that starts DeepSpeed on CPU takes torch's build lock (a bare file) for a moment, even when the op
+    is built; a process killed while holding it (a timeout, SIGKILL, a lost node) leaves the file, and every later
+    run on the machine waits on it forever, printing nothing. A lock younger than ``stale_after_s`` may be a live
+    build and is waited for; an older one is removed, with a line saying so.
+    """
+    for lock in shm_op_build_locks():
+        waited = False
+        while True:
+            try:
+                age = time.time() - lock.stat().st_mtime
+            except FileNotFoundError:
+                break
+            if age > stale_after_s:
+                lock.unlink(missing_ok=True)
+                line = f"accord: removed {lock}, left {age:.0f} s ago by a build of {SHM_OP} that never finished"
+                print(line, file=sys.stderr)
+                break
+            if not waited:
+                print(f"accord: waiting for a build of {SHM_OP} ({lock}, {age:.0f} s old)", file=sys.stderr)
+                waited = True
+            time.sleep(poll_s)
+
+
+def build_shm_op() -> None:
+    """Build DeepSpeed's CPU shm op now (``launch/setup.sh`` calls this), past a stale lock, so that no run or test
+    pays the ~20 s first build inside its own timeout."""
+    from deepspeed.comm.torch import build_shm_op as deepspeed_build_shm_op
+
+    clear_stale_build_lock()
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed_build_shm_op()
 
 
 def shm_workspace_path() -> Path:
