@@ -161,11 +161,36 @@ def test_training_on_too_many_bad_samples_stops_with_one_line(truncated, tmp_pat
 
 
 @pytest.mark.slow
+def test_data_that_gives_no_batch_stops_the_run_instead_of_looping(tmp_path: Path) -> None:
+    """Shards whose every sample is filtered out (captions without media) gave no step; with max_steps the epoch
+    loop started the next empty epoch for good. Now: exit 2, one line with the counts."""
+    import io
+    import tarfile
+
+    shards = tmp_path / "captions_only"
+    shards.mkdir()
+    with tarfile.open(shards / "shard-000000.tar", "w") as tar:
+        for i in range(3):
+            data = f"a caption {i}".encode()
+            info = tarfile.TarInfo(f"s{i}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (shards / "sizes.json").write_text(json.dumps({"shard-000000.tar": 3}))
+    cmd = train_once(shards, tmp_path / "run", "max_steps=3", "data.workers=0")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("accord train: rank 0"))
+    assert "at step 1, an epoch of data.train gave no batch: 3 samples seen on this rank" in line
+    assert "filtered: none of the trained media: 3" in line
+
+
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_every_rank_naming_the_ranks_and_pairs(mixed_shards, tmp_path: Path) -> None:
     """README: a non-finite loss on any rank stops the step with the ranks and pair losses named (2 ranks, exit 2,
     no traceback)."""
     opts = ["max_steps=4", "optim.lr=1e35", "optim.warmup_steps=1", "optim.grad_clip=null"]
-    proc = subprocess.run(launch(mixed_shards[0], tmp_path / "run", *opts), capture_output=True, text=True, env=ENV)
+    cmd = launch(mixed_shards[0], tmp_path / "run", *opts)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     # one line per rank (the two ranks' lines may interleave in the launcher's output)
     assert proc.stderr.count("accord train: error: non-finite loss at step 1 on rank(s) [0, 1] (this rank: {") == 2

@@ -109,6 +109,19 @@ class DataConfig:
     start_method: Literal["auto", "forkserver", "spawn", "fork"] = "auto"
     """How data workers start; auto: fork, but forkserver when audio is loaded (torchaudio in forked workers can
     deadlock)."""
+    io_retries: int = 5
+    """Remote shards (URLs, ``pipe:``): faults in a row (reset, refused, stall, 5xx, a pipe's non-zero exit) after
+    which a shard is given up on; each reopens the shard at the byte already read, so no sample is lost or repeated."""
+    io_timeout_s: float = 60.0
+    """Seconds a remote read may deliver nothing before it counts as a stall (a fault, retried); 0: wait forever."""
+    io_backoff_s: float = 1.0
+    """Wait before the first retry; doubled per fault in a row (with jitter, at most 30 s)."""
+    cache_dir: str | None = None
+    """Node-local folder where remote shards (URLs, ``pipe:``) are downloaded once and read from while they stay,
+    shared by the node's ranks and data workers; the next shard of each worker is downloaded ahead. None: stream."""
+    cache_limit: int | str | None = None
+    """Bytes the cache may hold (``20GB``, ``512MiB``); least recently used shards no one reads are evicted. It must
+    hold the shards in flight (2 per data worker of every rank of the node): checked at start. None: no limit."""
     synthetic: bool = False
     """Random batches of the configured shapes instead of shards (every modality present, captions of
     ``text.max_length`` tokens), made on the training device: measures the step alone. Needs ``max_steps``."""
@@ -125,6 +138,16 @@ class DataConfig:
             raise ConfigError(f"{dot}workers: must be >= 0")
         if self.worker_timeout_s is not None and self.worker_timeout_s < 0:
             raise ConfigError(f"{dot}worker_timeout_s: must be >= 0 (seconds; 0: no timeout)")
+        if self.cache_limit is not None:
+            from accord.data.shardcache import parse_bytes
+
+            if parse_bytes(self.cache_limit, f"{dot}cache_limit") <= 0:
+                raise ConfigError(f"{dot}cache_limit: must be > 0")
+            if self.cache_dir is None:
+                raise ConfigError(f"{dot}cache_limit: needs {dot}cache_dir")
+        for key in ("io_retries", "io_timeout_s", "io_backoff_s"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{dot}{key}: must be >= 0")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"{dot}max_bad_fraction: must be in [0, 1]")
         if self.weights is not None:

@@ -27,6 +27,8 @@ from torch.utils.data import DataLoader
 
 from accord.data.config import DataConfig
 from accord.data.negatives import NegativeSampler
+from accord.data.shardcache import check_limit
+from accord.data.shardio import ShardUnreadable, is_local
 from accord.data.shardlists import expand_sources
 from accord.data.stream import ShardStream, rank_and_world, seed_of
 from accord.data.transforms import SampleDecoder
@@ -34,6 +36,10 @@ from accord.data.transforms import SampleDecoder
 
 class TooManyBadSamples(RuntimeError):
     pass
+
+
+class NoSamples(RuntimeError):
+    """An epoch of the training data gave no batch at all (every sample bad, filtered or unreadable)."""
 
 
 class DataStalled(RuntimeError):
@@ -79,13 +85,18 @@ class Loader:
             raise ValueError(f"data.{'train' if train else 'val'}: no shards given")
         if rank is None or world is None:
             rank, world = rank_and_world()
-        self.cfg, self.rank, self.world = cfg, rank, world
+        self.cfg, self.rank, self.world, self.train = cfg, rank, world, train
         # cfg's value, else the caller's default; 0 or None: wait for a worker forever
         self.worker_timeout_s = worker_timeout_s if cfg.worker_timeout_s is None else cfg.worker_timeout_s
         self.decoder = SampleDecoder(cfg, modalities, train, label_key, negatives)
         self.dataset = ShardStream(
             expand_sources(spec), cfg, self.decoder, train, rank, world, cfg.weights if train else None
         )
+        cache = self.dataset.cache
+        if cache is not None and cache.limit is not None:
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+            remote = [s.url for s in self.dataset.shards if not is_local(s.url)]
+            check_limit(cache.limit, remote, max(1, cfg.workers) * local_world)
         self._epoch = 0  # the epoch being read (or last read, when self._done)
         self._done = False  # this rank's part of self._epoch has been read to the end
         self.progress: dict[int, dict[str, Any]] = {}  # slot -> progress of its last batch this epoch
@@ -168,6 +179,8 @@ class Loader:
             self.progress[meta["slot"]] = meta
             self.last_local = meta["local"]
             self._counters[meta["slot"]] = meta["counters"]
+            if meta["io_errors"] and self.train:  # evaluation counts the lost samples instead (report())
+                raise ShardUnreadable(f"{meta['io_errors'][0]} (data worker {meta['local']})")
             self._check_bad()
             if batch:  # the stream's last item may carry counters only
                 yield batch
@@ -268,7 +281,8 @@ class Loader:
 
     # ---------------------------------------------------------------------------------------- bad samples
     def skip_stats(self) -> dict[str, int]:
-        """This rank's counts since the start of this run: 'seen', 'bad: <reason>', 'filtered: <reason>'."""
+        """This rank's counts since the start of this run: 'seen', 'bad: <reason>', 'filtered: <reason>', and of its
+        remote reads 'io: retries' (reopenings after a fault) and 'io: failures' (shards given up on)."""
         total: Counter = Counter(self._past)
         for counters in self._counters.values():
             total.update(counters)
@@ -278,12 +292,13 @@ class Loader:
         """What this rank read since the start of the run: samples read, skipped per reason, and the samples
         sizes.json promises for one epoch of the whole data set (None where it does not know every shard)."""
         stats = self.skip_stats()
-        skipped = {k: v for k, v in sorted(stats.items()) if k != "seen"}
+        skipped = {k: v for k, v in sorted(stats.items()) if k != "seen" and not k.startswith("io: ")}
         known = all(s.size is not None for s in self.dataset.shards)
         return {
             "read": stats.get("seen", 0) - sum(skipped.values()),
             "skipped": skipped,
             "expected": self.num_samples if known and self.cfg.mode == "finite" else None,
+            "io": {"retries": stats.get("io: retries", 0), "failures": stats.get("io: failures", 0)},
         }
 
     def _check_bad(self) -> None:

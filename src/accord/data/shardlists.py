@@ -1,14 +1,16 @@
-"""Shard lists: brace patterns, directories, ``a::b`` joined sources; sample counts from ``sizes.json``."""
+"""Shard lists: brace patterns, directories, ``pipe:`` commands (brace-expanded too), ``a::b`` joined sources; sample
+counts from the ``sizes.json`` beside the shards (for ``pipe:``, fetched by the same command)."""
 
 from __future__ import annotations
 
 import json
 import posixpath
+import shlex
+import subprocess
 from dataclasses import dataclass
 
 import braceexpand
 import fsspec
-import webdataset as wds
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,53 @@ def _sizes_for(folder_url: str) -> dict[str, int]:
         return json.load(f)
 
 
+def shard_token(command: str) -> str | None:
+    """The word of a ``pipe:`` command that names its shard (the last one ending in ``.tar``), e.g. the URL of
+    ``curl -s -f http://host/d/shard-000.tar`` or ``aws s3 cp s3://b/d/shard-000.tar -``."""
+    try:
+        words = shlex.split(command)
+    except ValueError:
+        return None
+    return next((w for w in reversed(words) if w.endswith(".tar")), None)
+
+
+def _pipe_sizes(command: str, token: str, timeout_s: float = 60.0) -> dict[str, int]:
+    """sizes.json beside a ``pipe:`` command's shard, read by the same command with the shard's name replaced
+    (``{}`` where the command fails or prints no JSON object)."""
+    folder = token.rsplit("/", 1)[0] if "/" in token else "."
+    try:
+        out = subprocess.run(
+            command.replace(token, f"{folder}/sizes.json"), shell=True, capture_output=True, timeout=timeout_s
+        )
+        sizes = json.loads(out.stdout) if out.returncode == 0 else {}
+    except (subprocess.TimeoutExpired, ValueError):
+        return {}
+    return sizes if isinstance(sizes, dict) else {}
+
+
+def pipe_source(command: str, index: int) -> list[Shard]:
+    """``pipe:`` shards: the command brace-expanded (open_clip's ``pipe:aws s3 cp s3://b/{000..099}.tar -``
+    strings), each shard named by its ``.tar`` word, sized by the sizes.json beside it."""
+    commands = list(braceexpand.braceexpand(command))
+    tokens = [shard_token(c) for c in commands]
+    if any(t is None for t in tokens):  # no shard word to name it by: the command is its name
+        return [Shard(f"pipe:{c}", None, index, c) for c in commands]
+    words = [t for t in tokens if t is not None]
+    by_folder: dict[str, dict[str, int]] = {}
+    out = []
+    for cmd, word, below in zip(commands, words, _below_common_folder(words), strict=True):
+        folder = word.rsplit("/", 1)[0] if "/" in word else "."
+        if folder not in by_folder:
+            by_folder[folder] = _pipe_sizes(cmd, word)
+        out.append(Shard(f"pipe:{cmd}", by_folder[folder].get(posixpath.basename(word)), index, below))
+    return out
+
+
 def expand_source(spec: str, index: int = 0) -> list[Shard]:
     """One source: a directory (all ``*.tar`` in it), a brace pattern, or a single tar / ``pipe:`` command."""
     spec = spec.strip()
     if spec.startswith("pipe:"):
-        return [Shard(spec, None, index)]
+        return _unique(pipe_source(spec[5:], index), spec)
     if "{" not in spec and not spec.endswith(".tar"):
         fs, path = _fs_and_path(spec)
         if not fs.isdir(path):
@@ -72,19 +116,16 @@ def expand_source(spec: str, index: int = 0) -> list[Shard]:
         if folder not in by_folder:
             by_folder[folder] = _sizes_for(folder)
         out.append(Shard(url, by_folder[folder].get(posixpath.basename(url)), index, below))
-    if len({s.name for s in out}) < len(out):
-        dup = next(s.url for s in out if sum(o.name == s.name for o in out) > 1)
+    return _unique(out, spec)
+
+
+def _unique(shards: list[Shard], spec: str) -> list[Shard]:
+    if len({s.name for s in shards}) < len(shards):
+        dup = next(s.url for s in shards if sum(o.name == s.name for o in shards) > 1)
         raise ValueError(f"data source {spec!r}: {dup} is listed more than once")
-    return out
+    return shards
 
 
 def expand_sources(spec: str) -> list[list[Shard]]:
     """``a::b::c`` -> one shard list per source."""
     return [expand_source(part, i) for i, part in enumerate(spec.split("::")) if part.strip()]
-
-
-def open_shard(url: str):
-    """Binary stream of a shard: local path, any fsspec URL, or ``pipe:COMMAND``."""
-    if url.startswith("pipe:"):
-        return wds.gopen(url)
-    return fsspec.open(url, "rb").open()

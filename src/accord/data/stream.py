@@ -33,7 +33,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from accord.data.config import DataConfig
-from accord.data.shardlists import Shard, open_shard
+from accord.data.shardcache import ShardCache, parse_bytes
+from accord.data.shardio import IOPolicy, ShardUnreadable, is_local, open_shard
+from accord.data.shardlists import Shard
 from accord.data.transforms import BadSample, SampleDecoder, collate
 
 
@@ -59,6 +61,11 @@ class ShardStream(IterableDataset):
         self.sources, self.cfg, self.decoder, self.train = sources, cfg, decoder, train
         self.rank, self.world = rank, world
         self.weights = weights or [1.0] * len(sources)
+        self.io = IOPolicy(cfg.io_retries, cfg.io_timeout_s, cfg.io_backoff_s)
+        self.cache: ShardCache | None = None
+        if cfg.cache_dir:
+            limit = parse_bytes(cfg.cache_limit, "data.cache_limit") if cfg.cache_limit is not None else None
+            self.cache = ShardCache(cfg.cache_dir, limit, self.io)
         self.shards = [s for src in sources for s in src]
         self.workers = max(1, cfg.workers)
         self.slots = world * self.workers
@@ -134,14 +141,33 @@ class ShardStream(IterableDataset):
         return base + (1 if slot < extra else 0)
 
     # --------------------------------------------------------------------------------------------- reading
-    def raw_samples(self, shard: Shard, epoch: int) -> Iterator[dict[str, Any] | str]:
-        """Samples of one shard through the seeded shuffle buffer. Samples lost to a corrupt tar (per sizes.json,
-        at least one) come out as their reason string, so that positions stay aligned with sample counts."""
+    def open(self, url: str, on_retry: Any = None) -> Any:
+        """A shard's bytes: from the cache when there is one and the shard is remote, else read directly."""
+        if self.cache is not None and not is_local(url):
+            return self.cache.open(url, on_retry)
+        return open_shard(url, self.io, on_retry)
+
+    def prefetch(self, shard: Shard, counters: Counter) -> None:
+        """With a cache: start downloading the shard this slot reads next."""
+        if self.cache is not None and not is_local(shard.url):
+            self.cache.prefetch(shard.url, lambda: counters.update(["io: retries"]))
+
+    def raw_samples(
+        self, shard: Shard, epoch: int, counters: Counter | None = None, errors: list[str] | None = None
+    ) -> Iterator[dict[str, Any] | str]:
+        """Samples of one shard through the seeded shuffle buffer. Samples lost to a corrupt tar or to a remote
+        shard whose retries are spent (per sizes.json, at least one) come out as their reason string, so that
+        positions stay aligned with sample counts. ``counters`` gets 'io: retries' and 'io: failures'; ``errors``
+        the message of each shard given up on."""
         read = 0
+        counters = Counter() if counters is None else counters
+
+        def retried() -> None:
+            counters["io: retries"] += 1
 
         def samples() -> Iterator[dict[str, Any]]:
             nonlocal read
-            stream = open_shard(shard.url)
+            stream = self.open(shard.url, retried)
             try:
                 files = ({**f, "__url__": shard.url} for f in tar_file_iterator(stream))
                 for sample in group_by_keys(files):
@@ -163,11 +189,17 @@ class ShardStream(IterableDataset):
                     i = rng.randrange(len(buffer))
                     buffer[i], buffer[-1] = buffer[-1], buffer[i]
                     yield buffer.pop()
-        except (tarfile.TarError, OSError, ValueError) as e:
+        except (tarfile.TarError, OSError, ValueError, ShardUnreadable) as e:
             yield from _drain(buffer, rng)
             # the samples sizes.json promised and did not come; 1 where it does not know (nothing after the last one)
             lost = shard.size - read if shard.size is not None else 1
-            yield from [f"corrupt tar ({type(e).__name__})"] * lost
+            if isinstance(e, ShardUnreadable):
+                counters["io: failures"] += 1
+                if errors is not None:
+                    errors.append(e.message)
+                yield from ["unreadable (data.io_retries spent)"] * lost
+            else:
+                yield from [f"corrupt tar ({type(e).__name__})"] * lost
             return
         yield from _drain(buffer, rng)
         if shard.size is not None and read < shard.size:
@@ -202,6 +234,7 @@ class ShardStream(IterableDataset):
         position, item = 0, 0
         offset: int | None = 0
         counters: Counter = Counter()
+        errors: list[str] = []  # shards given up on (their retries spent)
         batch: list[dict[str, Any]] = []
         pad_id = 0
         if "text" in self.decoder.modalities:
@@ -217,11 +250,12 @@ class ShardStream(IterableDataset):
                 "item": item,
                 "offset": offset,
                 "counters": dict(counters),
+                "io_errors": list(errors),
             }
             batch.clear()
             return out
 
-        for item, (shard, consumed) in enumerate(items):  # noqa: B007 (emit() reports item)
+        for item, ((shard, consumed), upcoming) in enumerate(lookahead(items)):  # noqa: B007 (emit() reports item)
             offset = consumed
             if quota is not None and position >= quota:
                 break
@@ -231,7 +265,9 @@ class ShardStream(IterableDataset):
                 position += shard.size  # resume (resampled): skip a whole shard without opening it
                 continue
             offset = 0
-            for raw in self.raw_samples(shard, epoch):
+            if upcoming is not None and not finished(*upcoming):
+                self.prefetch(upcoming[0], counters)
+            for raw in self.raw_samples(shard, epoch, counters, errors):
                 if quota is not None and position >= quota:
                     break
                 offset += 1
@@ -255,6 +291,19 @@ class ShardStream(IterableDataset):
             else:
                 offset = None  # the whole shard is consumed (also when sizes.json does not know its size)
         yield emit()  # the last partial batch, or just the final progress and counters
+
+
+def lookahead(items: Iterable[Any]) -> Iterator[tuple[Any, Any | None]]:
+    """Each item with the one after it (None after the last)."""
+    it = iter(items)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for upcoming in it:
+        yield current, upcoming
+        current = upcoming
+    yield current, None
 
 
 def finished(shard: Shard, consumed: int | None) -> bool:

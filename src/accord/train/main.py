@@ -27,8 +27,9 @@ import torch.distributed as dist
 from accord import collectives
 from accord.config import ConfigError, load_config, reference, to_dict
 from accord.data.batches import empty_batch, lockstep, real_samples, to_device
-from accord.data.loader import DataStalled, Loader, TooManyBadSamples
+from accord.data.loader import DataStalled, Loader, NoSamples, TooManyBadSamples
 from accord.data.negatives import NegativeSampler, Vocabulary, seen_facts
+from accord.data.shardio import ShardUnreadable
 from accord.data.synthetic import SyntheticBatches
 from accord.evaluation.compositional import read_items
 from accord.losses import CaptionLoss, ContrastiveLoss, MatchingLoss
@@ -394,6 +395,8 @@ class Trainer:
                     group = next(groups, None)
                 wait_s = time.perf_counter() - t0
                 if group is None:  # every rank is out of data: the epoch is over
+                    if self.step == 0:  # and none of it was data: stop (with max_steps this would loop for good)
+                        raise NoSamples(self._no_samples())
                     break
                 loss, parts = self.train_step(group)
                 window.add(
@@ -416,6 +419,11 @@ class Trainer:
             self.save()
         self.logger.close()
         return {"step": self.step, "epoch": self.loader.epoch, "eval": last_eval}
+
+    def _no_samples(self) -> str:
+        stats = self.loader.skip_stats()
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.items()) if k != "seen") or "none"
+        return f"an epoch of data.train gave no batch: {stats.get('seen', 0)} samples seen on this rank ({reasons})"
 
     # max_steps counts steps; epochs count data: an epoch ends when every rank is out of samples (total_steps counts
     # those steps; bad samples can end an epoch a step or so earlier, an elastic resume changes the plan).
@@ -441,13 +449,14 @@ class Trainer:
     def _log(self, window: MetricsWindow) -> None:
         elapsed = window.elapsed_s()
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        stats = torch.tensor([window.samples, window.wait_s, elapsed, peak_rss_mib], dtype=torch.float64)
+        skips = self.loader.skip_stats()
+        io = [skips.get("io: retries", 0), skips.get("io: failures", 0)]
+        stats = torch.tensor([window.samples, window.wait_s, elapsed, peak_rss_mib, *io], dtype=torch.float64)
         per_rank = collectives.all_gather(stats)
         parts = {}
         for k, vs in window.parts.items():  # each rank's loss share; their mean is the global-batch loss
             t = collectives.all_reduce(torch.tensor(sum(vs) / len(vs), dtype=torch.float64))
             parts[f"loss/{k}"] = float(t) / self.world
-        skips = self.loader.skip_stats()
         bad = sum(v for k, v in skips.items() if k.startswith("bad: "))
         skipped = collectives.all_reduce(torch.tensor([bad], dtype=torch.float64))
         temps = {f"temperature/{k}": v for k, v in self._temperatures().items()}
@@ -465,6 +474,9 @@ class Trainer:
             "data_wait_s_per_rank": [round(float(r[1]), 3) for r in per_rank],
             "peak_rss_mib_per_rank": [round(float(r[3])) for r in per_rank],  # the rank's process, not its workers
             "skipped_samples": int(skipped.item()),
+            "io/retries": int(sum(r[4] for r in per_rank)),  # remote shards reopened after a fault, since the start
+            "io/failures": int(sum(r[5] for r in per_rank)),  # shards given up on (the run stops)
+            "io/retries_per_rank": [int(r[4]) for r in per_rank],
             **self.engine.module.frozen_cache_stats(),  # rank 0's
             **self._perf(samples_per_s),
         }
@@ -596,9 +608,14 @@ def main(argv: list[str] | None = None) -> int:
     except FloatingPointError as e:  # every rank sees the same flags (all-gathered): all stop here, no hang
         print(f"accord train: error: {e}", file=sys.stderr)
         code = 2
-    except (DataStalled, TooManyBadSamples) as e:  # this rank's data: say so, tell the others, stop (no collectives)
+    except (
+        DataStalled,
+        TooManyBadSamples,
+        ShardUnreadable,
+        NoSamples,
+    ) as e:  # this rank's data: say so, tell the others, stop
         stalled = isinstance(e, DataStalled)
-        if heartbeat is not None:
+        if heartbeat is not None:  # (no collectives)
             heartbeat.report_stop(("its data stalled: " if stalled else "bad data: ") + str(e))
         me = describe_rank(nodes[dist.get_rank()])
         step = trainer.step if trainer is not None else 0
