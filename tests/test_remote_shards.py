@@ -137,6 +137,12 @@ def test_what_is_transient() -> None:
     info = aiohttp.RequestInfo(url=aiohttp.client.URL("http://x"), method="GET", headers={})  # type: ignore[arg-type]
     assert is_transient(aiohttp.ClientResponseError(info, (), status=503))
     assert not is_transient(aiohttp.ClientResponseError(info, (), status=403))
+    boto = pytest.importorskip("botocore.exceptions")
+    assert is_transient(boto.ConnectionClosedError(endpoint_url="http://x"))
+    slow_down = {"Error": {"Code": "SlowDown"}, "ResponseMetadata": {"HTTPStatusCode": 503}}
+    assert is_transient(boto.ClientError(slow_down, "GetObject"))  # type: ignore[arg-type]
+    missing = {"Error": {"Code": "NoSuchKey"}, "ResponseMetadata": {"HTTPStatusCode": 404}}
+    assert not is_transient(boto.ClientError(missing, "GetObject"))  # type: ignore[arg-type]
 
 
 @pytest.mark.slow
@@ -238,3 +244,51 @@ def test_a_cache_limit_below_the_shards_in_flight_is_refused_at_start(mixed_shar
         f"data.cache_limit: 3072 bytes cannot hold the shards in flight on this node: 2 per data worker x 2 workers x "
         f"{largest} bytes (the largest of 6 shards looked at) = {4 * largest}"
     )
+
+
+# ---------------------------------------------------------------------------------------------------------- S3
+@pytest.fixture(scope="module")
+def s3_bucket(mixed_shards):
+    """moto's S3 server on 127.0.0.1 with the shards in s3://shards/d/ (started here, stopped after)."""
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {**env, "AWS_ENDPOINT_URL": f"http://{host}:{port}"}.items():
+            mp.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("shards")
+        for p in sorted(mixed_shards[0].glob("*")):
+            if p.suffix in (".tar", ".json"):
+                fs.put(str(p), f"shards/d/{p.name}")
+        yield (host, port)
+    s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()
+
+
+@pytest.mark.parametrize("fault", [None, "reset", "stall"])
+def test_s3_shards_through_faults_give_the_local_epoch(fault, s3_bucket, mixed_shards, monkeypatch, local_keys) -> None:
+    """s3:// shards from moto's server, directly and through a proxy that resets or stalls the first GET of every
+    shard half-way. s3fs mends a reset itself (accord counts no retry); a stall is accord's (data.io_timeout_s)."""
+    import s3fs
+
+    plan = first_get_of_each_shard(fault, 0.5, mixed_shards[0]) if fault else (lambda *_: None)
+
+    def on_disk(method: str, path: str, nth: int):  # the proxy sees /shards/d/<name>
+        return plan(method, path.replace("/shards/d", ""), nth) if path.startswith("/shards/d/") else None
+
+    proxy = FaultProxy(s3_bucket, on_disk if fault else plan)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        loader = Loader(data_config(f"s3://shards/d/{SIX}", workers=0, **FAST_IO), MODALITIES, rank=0, world=1)
+        assert loader.num_samples == 18 and keys_of(loader) == local_keys
+        assert sum(proxy.faults.values()) == (6 if fault else 0)
+        assert loader.report()["io"]["retries"] == (6 if fault == "stall" else 0)
+    finally:
+        proxy.close()
+        s3fs.S3FileSystem.clear_instance_cache()

@@ -69,7 +69,8 @@ Plan = Callable[[str, str, int], "Fault | None"]  # (method, path, n-th request 
 
 
 class FaultProxy:
-    """Forwards 127.0.0.1:port to an HTTP server, one request per connection, faults chosen by ``plan``."""
+    """Forwards 127.0.0.1:port to an HTTP server (an S3 one too), one request per connection (``Connection: close``),
+    faults chosen by ``plan``."""
 
     def __init__(self, upstream: tuple[str, int], plan: Plan):
         self.upstream, self.plan = upstream, plan
@@ -94,6 +95,10 @@ class FaultProxy:
             threading.Thread(target=self._serve, args=(client,), daemon=True).start()
 
     def _serve(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError):  # either side dropping the connection ends this one, as it should
+            self._forward(client)
+
+    def _forward(self, client: socket.socket) -> None:
         with client:
             head = b""
             while b"\r\n\r\n" not in head:
@@ -110,7 +115,7 @@ class FaultProxy:
             if fault is not None and fault.kind == "refuse":
                 return reset(client)
             with socket.create_connection(self.upstream) as up:
-                up.sendall(head)
+                up.sendall(one_request(head))
                 sent = 0
                 while True:
                     data = up.recv(65536)
@@ -127,6 +132,13 @@ class FaultProxy:
     def close(self) -> None:
         self.closed.set()
         self.listener.close()
+
+
+def one_request(head: bytes) -> bytes:
+    """The request head with ``Connection: close``: the upstream closes after its response (one per connection)."""
+    top, _, rest = head.partition(b"\r\n")
+    lines = [line for line in rest.split(b"\r\n") if not line.lower().startswith(b"connection:")]
+    return b"\r\n".join([top, b"Connection: close", *lines])
 
 
 def reset(sock: socket.socket) -> None:

@@ -38,6 +38,7 @@ CHUNK = 1 << 20  # bytes per read of a remote stream (and per item of its read-a
 READ_AHEAD = 4  # chunks the reader thread holds ahead of the parser
 BACKOFF_CAP_S = 30.0
 TRANSIENT_HTTP_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+TRANSIENT_S3_CODES = frozenset({"SlowDown", "Throttling", "RequestTimeout", "InternalError", "ServiceUnavailable"})
 
 
 class TransientIOError(OSError):
@@ -66,19 +67,28 @@ class IOPolicy:
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a retry may mend ``error``: resets, refusals, timeouts, incomplete reads, pipe exits, HTTP 5xx / 429.
-    A missing object, a permission error or corrupt data are not."""
+    """Whether a retry may mend ``error``: resets, refusals, timeouts, incomplete reads, pipe exits, HTTP 5xx / 429,
+    S3's SlowDown and its kin. A missing object, a permission error or corrupt data are not."""
     if isinstance(error, (TransientIOError, ConnectionError, TimeoutError, asyncio.TimeoutError)):
         return True
     if isinstance(error, http.client.IncompleteRead):
         return True
-    try:
-        import aiohttp  # fsspec's HTTP file system
-    except ImportError:  # pragma: no cover - installed with accord
-        return False
+    import aiohttp  # fsspec's HTTP file system (fsspec[http], a dependency of accord)
+
     if isinstance(error, aiohttp.ClientResponseError):
         return error.status in TRANSIENT_HTTP_STATUS
-    return isinstance(error, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError))
+    if isinstance(error, (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)):
+        return True
+    try:
+        from botocore import exceptions as boto  # s3fs (which retries these itself first)
+    except ImportError:
+        return False
+    if isinstance(error, (boto.HTTPClientError, boto.ConnectionError)):  # closed, read timeout, endpoint refused
+        return True
+    if isinstance(error, boto.ClientError):
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status in TRANSIENT_HTTP_STATUS or error.response.get("Error", {}).get("Code") in TRANSIENT_S3_CODES
+    return False
 
 
 def is_local(url: str) -> bool:
