@@ -373,6 +373,10 @@ def test_video_transcode_and_extract_audio(tmp_path: Path) -> None:
     assert again == out  # deterministic encode
     kept, ext, meta = process_video(src, "mp4", VideoOptions(mode="keep"))
     assert kept == src and meta["has_audio"]
+    from accord.shards.media import MediaError
+
+    with pytest.raises(MediaError, match=r"video transcode timed out after 0.01 s \(--video-timeout\)"):
+        process_video(src, "mp4", VideoOptions(mode="transcode", timeout_s=0.01))  # a rejection reason, not a hang
 
     (tmp_path / "raw").mkdir()
     (tmp_path / "raw/v.mp4").write_bytes(src)

@@ -123,6 +123,8 @@ class BuildConfig:
             bad("--image-quality", "must be in [1, 100]")
         if "/" in self.prefix or not self.prefix:
             bad("--prefix", "must be a non-empty file name prefix without '/'")
+        if self.video.timeout_s <= 0:
+            bad("--video-timeout", "must be > 0 (seconds)")
         if self.video.mode == "transcode":
             ffmpeg_binary()  # fail now, not in every sample
 
@@ -556,6 +558,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--video-max-seconds", type=float, default=None)
     g.add_argument("--video-crf", type=int, default=23)
     g.add_argument("--video-keep-audio", action="store_true", help="keep the audio track when transcoding")
+    g.add_argument("--video-timeout", type=float, default=600.0, help="seconds ffmpeg may take per clip (transcode)")
     g.add_argument(
         "--extract-audio",
         action="store_true",
@@ -604,6 +607,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             max_seconds=args.video_max_seconds,
             crf=args.video_crf,
             keep_audio=args.video_keep_audio,
+            timeout_s=args.video_timeout,
         ),
         audio=AudioOptions(
             sample_rate=args.sample_rate, mono=not args.keep_channels, max_seconds=args.audio_max_seconds

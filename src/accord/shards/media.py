@@ -69,6 +69,8 @@ class VideoOptions:
     """Transcode: x264 quality (lower is better)."""
     keep_audio: bool = False
     """Transcode: keep the sound track (AAC)."""
+    timeout_s: float = 600.0
+    """Transcode: seconds ffmpeg may take for one clip before the clip is rejected (a hung or pathological input)."""
 
 
 @dataclass(frozen=True)
@@ -294,7 +296,10 @@ def process_video(data: bytes, ext: str, opts: VideoOptions) -> Processed:
         cmd += ["-pix_fmt", "yuv420p", "-threads", "1", "-map_metadata", "-1", "-fflags", "+bitexact"]
         cmd += ["-flags:v", "+bitexact", "-movflags", "+faststart"]
         cmd += ["-c:a", "aac", "-flags:a", "+bitexact"] if opts.keep_audio and info["has_audio"] else ["-an"]
-        proc = subprocess.run(cmd + [dst], capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd + [dst], capture_output=True, text=True, timeout=opts.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise MediaError(f"video transcode timed out after {opts.timeout_s:g} s (--video-timeout)") from None
         if proc.returncode != 0:
             msg = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"
             raise MediaError(f"video transcode failed: {msg}")
