@@ -217,6 +217,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, t
         "data.mode=resampled",
         "data.epoch_samples=40",
         "log.tensorboard=true",
+        "log.mlflow=true",
     ]
     reference = tmp_path / "reference"
     proc = subprocess.run(launch(shards, reference, *opts), capture_output=True, text=True, env=ENV, timeout=600)
@@ -267,6 +268,19 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_loss_curve(mixed_shards, t
     board = tensorboard_scalars(out / "tensorboard", "loss")
     assert [s for s, _ in board] == list(range(1, 17))
     assert [v for _, v in board] == pytest.approx([got[s]["loss"] for s in range(1, 17)], rel=1e-6)
+    # MLflow (read back with its client): one run, resumed into, its config as params, the loss of every step (the
+    # value the resumed run logged last for steps the killed run had logged too)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("accord").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["model.embed_dim"] == "32"
+    assert run.data.params["max_steps"] == "16" and "optim.lr" in run.data.params
+    last = {}
+    for m in sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.timestamp):
+        last[m.step] = m.value
+    assert sorted(last) == list(range(1, 17))
+    assert [last[s] for s in range(1, 17)] == pytest.approx([got[s]["loss"] for s in range(1, 17)], rel=1e-6)
 
 
 def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:

@@ -98,7 +98,7 @@ class CudaConfig:
 
 @dataclass
 class LogConfig:
-    """What is logged where: console, ``output_dir/metrics.jsonl``, wandb, TensorBoard; profiling."""
+    """What is logged where: console, ``output_dir/metrics.jsonl``, wandb, TensorBoard, MLflow; profiling."""
 
     every: int = 10
     """Optimiser steps per logged row of metrics (and at the last step)."""
@@ -112,9 +112,17 @@ class LogConfig:
     wandb_project: str = "accord"
     """wandb project name."""
     run_name: str | None = None
-    """wandb run name."""
+    """wandb and MLflow run name."""
     tensorboard: bool = False
     """Event files in ``output_dir/tensorboard`` with the metric names of metrics.jsonl."""
+    mlflow: bool = False
+    """Log the run (its config as params, the metric names of metrics.jsonl) to MLflow; a resumed run continues its
+    MLflow run. Needs ``pip install 'accord[mlflow]'``."""
+    mlflow_uri: str | None = None
+    """MLflow tracking URI (``sqlite:///runs.db``, ``http://server:5000``); null: ``sqlite:///OUTPUT_DIR/mlflow.db``,
+    no server needed."""
+    mlflow_experiment: str = "accord"
+    """MLflow experiment name (created when missing)."""
     sample_keys: bool = False
     """Write ``output_dir/samples/rank<R>.jsonl``: every step's samples as ``shard/key``, per rank (an audit trail)."""
     profile_start: int | None = None

@@ -79,6 +79,7 @@ class MetricLogger:
         self.path = output_dir / "metrics.jsonl"
         self.wandb: Any = None
         self.tensorboard: Any = None
+        self.mlflow: MlflowRun | None = None
         self._purge_step: int | None = None
         self.progress = StepProgress(cfg.progress == "bar" or (cfg.progress == "auto" and sys.stdout.isatty()), rank)
         if rank == 0 and cfg.wandb:
@@ -92,6 +93,9 @@ class MetricLogger:
                 dir=str(output_dir),
                 mode="online" if cfg.wandb_online else "offline",
             )
+        if rank == 0 and cfg.mlflow:
+            uri = cfg.mlflow_uri or f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+            self.mlflow = MlflowRun(uri, cfg.mlflow_experiment, cfg.run_name, output_dir, run_config)
 
     def should_log(self, step: int, total_steps: int) -> bool:
         return step % self.cfg.every == 0 or step >= total_steps
@@ -130,6 +134,8 @@ class MetricLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     writer.add_scalar(k, v, global_step=step)
             writer.flush()
+        if self.mlflow is not None:
+            self.mlflow.log(step, metrics)
         if console:
             self.progress.write(console)
 
@@ -139,6 +145,55 @@ class MetricLogger:
             self.wandb.finish()
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.mlflow is not None:
+            self.mlflow.close()
+
+
+class MlflowRun:
+    """One accord run as one MLflow run, through ``MlflowClient`` (no process-global active run). Its id is kept in
+    ``output_dir/mlflow_run_id`` so that a resumed run logs on into the same MLflow run."""
+
+    def __init__(self, uri: str, experiment: str, name: str | None, output_dir: Path, run_config: dict[str, Any]):
+        import logging
+
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its database set-up lines
+        self.client = MlflowClient(tracking_uri=uri)
+        id_file = output_dir / "mlflow_run_id"
+        if id_file.exists():
+            self.run_id = id_file.read_text().strip()
+            self.client.update_run(self.run_id, status="RUNNING")
+            return
+        found = self.client.get_experiment_by_name(experiment)
+        experiment_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+        self.run_id = self.client.create_run(experiment_id, run_name=name).info.run_id
+        id_file.write_text(self.run_id)
+        params = [Param(k, str(v)[:6000]) for k, v in flatten(run_config).items()]
+        for i in range(0, len(params), 100):  # MLflow takes 100 params per batch
+            self.client.log_batch(self.run_id, params=params[i : i + 100])
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items() if isinstance(v, (int, float))]
+        self.client.log_batch(self.run_id, metrics=rows)
+
+    def close(self) -> None:
+        self.client.set_terminated(self.run_id)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"optim": {"lr": 1}}`` -> ``{"optim.lr": 1}`` (lists and None as they are)."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 class SampleLog:
