@@ -227,3 +227,65 @@ def test_lr_scale_puts_a_towers_backbone_in_its_own_groups() -> None:
     assert by_id[id(named["towers.text.proj.weight"])]["lr_scale"] == 1.0  # the new projection learns at full rate
     assert by_id[id(named["towers.image.backbone.embeddings.cls_token"])]["lr_scale"] == 1.0
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_layer_decay_scales_each_depth_and_no_decay_patterns_add_to_the_rule() -> None:
+    """optim.layer_decay: lr x decay ** (L + 1 - depth) per backbone parameter (embeddings 0, block i i + 1, after
+    the blocks L + 1), times lr_scale; optim.no_decay's patterns exempt more parameters from weight decay."""
+    from accord.train.config import OptimConfig
+    from accord.train.optim import param_groups
+
+    model = tiny_model(
+        towers={"text": {"kind": "bert", "hf": TINY["bert"][1], "lr_scale": 0.1}, "image": {"kind": "vit", "hf": VIT}}
+    )
+    cfg = OptimConfig(weight_decay=0.2, layer_decay=0.5, no_decay=["towers.image.backbone.layers.1.*"])
+    groups = param_groups(model, cfg)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    blocks = VIT["num_hidden_layers"]
+
+    def scale(name: str) -> float:
+        return by_id[id(named[name])]["lr_scale"]
+
+    assert scale("towers.image.backbone.embeddings.patch_embeddings.projection.weight") == 0.5 ** (blocks + 1)
+    assert scale("towers.image.backbone.layers.0.attention.q_proj.weight") == 0.5**blocks
+    assert scale(f"towers.image.backbone.layers.{blocks - 1}.mlp.fc2.weight") == 0.5
+    assert scale("towers.image.backbone.layernorm.weight") == 1.0  # after the last block
+    assert scale("towers.image.proj.weight") == 1.0  # not a backbone's
+    text_blocks = TINY["bert"][1]["num_hidden_layers"]
+    assert scale("towers.text.backbone.embeddings.word_embeddings.weight") == pytest.approx(
+        0.1 * 0.5 ** (text_blocks + 1)
+    )
+    decayed = by_id[id(named["towers.image.backbone.layers.0.mlp.fc2.weight"])]["weight_decay"]
+    exempt = by_id[id(named["towers.image.backbone.layers.1.mlp.fc2.weight"])]["weight_decay"]
+    assert (decayed, exempt) == (0.2, 0.0)
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+
+
+def test_patch_dropout_keeps_cls_and_a_random_share_of_patches_while_training() -> None:
+    from accord.models.towers import patch_dropout_hook
+
+    cfg = {"kind": "vit", "hf": VIT, "patch_dropout": 0.5}
+    model = tiny_model(towers={"text": {"kind": "bert", "hf": TINY["bert"][1]}, "image": cfg})
+    tower = model.towers["image"]
+    seen = []
+    first_block = tower.backbone.layers[0]
+    first_block.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True
+    )
+    pixels = torch.randn(3, 3, VIT["image_size"], VIT["image_size"], dtype=torch.float64)
+    patches = (VIT["image_size"] // VIT["patch_size"]) ** 2
+    model.train()
+    first = tower({"pixel_values": pixels}).embedding
+    second = tower({"pixel_values": pixels}).embedding
+    model.eval()
+    tower({"pixel_values": pixels})
+    assert seen == [1 + patches // 2, 1 + patches // 2, 1 + patches]
+    assert not torch.allclose(first, second)  # other patches each time
+    tokens = torch.arange(2 * 5 * 1, dtype=torch.float32).reshape(2, 5, 1)
+    kept = patch_dropout_hook(0.5)(torch.nn.Module().train(), (), tokens)
+    assert kept is not None and kept.shape == (2, 3, 1) and kept[:, 0].tolist() == [[0.0], [5.0]]
+    assert all(set(kept[i, 1:, 0].tolist()) <= set(tokens[i, 1:, 0].tolist()) for i in range(2))
+    assert tower.cache_refusal() == "not frozen"
+    with pytest.raises(ConfigError, match="patch_dropout: only for image towers"):
+        from_dict(TowerConfig, {"kind": "bert", "patch_dropout": 0.5}, "model.towers.text")

@@ -48,6 +48,9 @@ class TowerConfig:
     """Recompute the backbone's activations in backward (HF gradient checkpointing): less memory, more compute."""
     lr_scale: float = 1.0
     """This tower's backbone learns at ``optim.lr`` x ``lr_scale`` (tune a pretrained tower gently)."""
+    patch_dropout: float = 0.0
+    """Image towers (vit, clip_vision): while training, drop this fraction of each image's patch tokens after the
+    embeddings, CLS kept (FLIP; open_clip's ``patch_dropout``): fewer tokens per step; evaluation sees them all."""
     frame_kind: Literal["vit", "clip_vision"] = "vit"
     """Kind ``frames``: the per-frame image backbone."""
     share_image_backbone: bool = False
@@ -74,6 +77,10 @@ class TowerConfig:
             raise ConfigError(f"{prefix}.lr_scale: must be > 0")
         if self.frozen_cache_items < 0:
             raise ConfigError(f"{prefix}.frozen_cache_items: must be >= 0")
+        if not 0 <= self.patch_dropout < 1:
+            raise ConfigError(f"{prefix}.patch_dropout: must be in [0, 1)")
+        if self.patch_dropout > 0 and self.kind not in ("vit", "clip_vision"):
+            raise ConfigError(f"{prefix}.patch_dropout: only for image towers of kind vit or clip_vision")
         if self.share_image_backbone and self.kind != "frames":
             raise ConfigError(f"{prefix}.share_image_backbone: only for kind 'frames'")
 

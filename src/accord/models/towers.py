@@ -10,7 +10,7 @@ Inputs per modality (what the data pipeline's collate produces):
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple, cast
 
 import torch
@@ -148,6 +148,9 @@ class Tower(nn.Module):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.freeze and shared_backbone is None:
             freeze_backbone(self.backbone, cfg.unfreeze_last_n or 0)
+        if cfg.patch_dropout > 0:
+            embeddings = getattr(self.backbone, "vision_model", self.backbone).embeddings
+            embeddings.register_forward_hook(patch_dropout_hook(cfg.patch_dropout))
         self.cache: FrozenFeatureCache | None = None  # see enable_cache
         self.cache_tokens = False  # the cache keeps a medium's token features beside its pooled ones
 
@@ -280,6 +283,8 @@ class Tower(nn.Module):
             return f"unfreeze_last_n = {self.cfg.unfreeze_last_n} leaves layers trainable (a cut-layer cache: bert)"
         if self.cfg.kind == "frames":
             return "the frames tower's temporal pooling needs every frame's patch features"
+        if self.cfg.patch_dropout > 0:
+            return f"patch_dropout = {self.cfg.patch_dropout} drops random patches"
         if self.cfg.frozen_dropout:
             source = active_dropout(self.backbone)
             if source is not None:
@@ -342,7 +347,7 @@ class Tower(nn.Module):
         return {"features": torch.zeros(n, 2 * c.max_source_positions, c.num_mel_bins, device=device, dtype=dtype)}
 
 
-def _layer_list(backbone: nn.Module) -> nn.ModuleList | None:
+def layer_list(backbone: nn.Module) -> nn.ModuleList | None:
     """The transformer block list: the longest ModuleList named like '*layer*' / '*layers*'."""
     candidates = [
         m
@@ -352,13 +357,45 @@ def _layer_list(backbone: nn.Module) -> nn.ModuleList | None:
     return max(candidates, key=len, default=None)
 
 
+def layer_depths(backbone: nn.Module) -> tuple[dict[int, int], int]:
+    """Each parameter's depth (by ``id``) and the number of blocks L: 0 before the first transformer block (the
+    embeddings), i + 1 in block i, L + 1 after the last (final norms, pooler), in registration order; ({}, 0) where
+    no block list is found."""
+    layers = layer_list(backbone)
+    if layers is None:
+        return {}, 0
+    block_of = {id(q): i + 1 for i, block in enumerate(layers) for q in block.parameters()}
+    depths: dict[int, int] = {}
+    after_a_block = False
+    for q in backbone.parameters():
+        after_a_block = after_a_block or id(q) in block_of
+        depths[id(q)] = block_of.get(id(q), len(layers) + 1 if after_a_block else 0)
+    return depths, len(layers)
+
+
+def patch_dropout_hook(rate: float) -> Callable[[nn.Module, Any, torch.Tensor], torch.Tensor | None]:
+    """A forward hook for a ViT's embeddings module: while training, keep the CLS token and a random
+    ``1 - rate`` of the patch tokens of each image (FLIP; open_clip's ``patch_dropout``); nothing in eval mode."""
+
+    def hook(module: nn.Module, _inputs: Any, tokens: torch.Tensor) -> torch.Tensor | None:
+        if not module.training or rate <= 0:
+            return None
+        b, n, width = tokens.shape
+        keep = max(1, int((n - 1) * (1 - rate)))
+        order = torch.rand(b, n - 1, device=tokens.device).argsort(dim=1)[:, :keep]
+        patches = tokens[:, 1:].gather(1, order.unsqueeze(-1).expand(-1, -1, width))
+        return torch.cat([tokens[:, :1], patches], dim=1)
+
+    return hook
+
+
 def freeze_backbone(backbone: nn.Module, unfreeze_last_n: int = 0) -> None:
     """Freeze everything; with ``unfreeze_last_n`` keep the last N blocks and the norms after them trainable."""
     for p in backbone.parameters():
         p.requires_grad_(False)
     if unfreeze_last_n <= 0:
         return
-    layers = _layer_list(backbone)
+    layers = layer_list(backbone)
     if layers is None:
         raise ValueError(f"{type(backbone).__name__}: no transformer layer list found for unfreeze_last_n")
     for block in list(layers)[-unfreeze_last_n:]:

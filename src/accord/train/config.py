@@ -20,6 +20,13 @@ class OptimConfig:
     """Peak learning rate (per-tower multiples: ``model.towers.<m>.lr_scale``)."""
     weight_decay: float = 0.2
     """Decoupled weight decay; norms, biases, embeddings and temperatures get none."""
+    no_decay: list[str] = field(default_factory=list)
+    """More parameters without weight decay: fnmatch patterns of their names (``towers.image.backbone.*``,
+    ``*.proj.weight``; ``accord train --print-config`` does not list names, ``model.named_parameters()`` does)."""
+    layer_decay: float | None = None
+    """Layer-wise lr decay of the towers' backbones (BEiT / EVA fine-tuning): a parameter at depth d of a backbone
+    with L blocks learns at ``lr x layer_decay ** (L + 1 - d)`` (embeddings d = 0, block i d = i + 1, after the last
+    block d = L + 1), times the tower's ``lr_scale``; null: no decay."""
     betas: tuple[float, float] = (0.9, 0.98)
     """Adam's betas (CLIP's)."""
     eps: float = 1e-6
@@ -47,6 +54,8 @@ class OptimConfig:
             raise ConfigError(f"{dot}lr: must be > 0")
         if self.warmup_steps < 0:
             raise ConfigError(f"{dot}warmup_steps: must be >= 0")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise ConfigError(f"{dot}layer_decay: must be in (0, 1]")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"{dot}min_lr_ratio: must be in [0, 1]")
         if not 0 < self.cooldown_fraction <= 1 or self.cooldown_power <= 0:

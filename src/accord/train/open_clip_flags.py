@@ -213,7 +213,7 @@ FLAGS: dict[str, tuple[bool, Rule]] = {
         _refuse("--lock-image-unlocked-groups counts blocks + the final norm: set model.towers.image.unfreeze_last_n"),
     ),
     "--grad-checkpointing": (False, _refuse("--grad-checkpointing: set model.towers.<m>.gradient_checkpointing")),
-    "--force-patch-dropout": (True, _refuse("--force-patch-dropout: accord's towers have no patch dropout")),
+    "--force-patch-dropout": (True, _set("model.towers.image.patch_dropout")),
     "--horovod": (False, _refuse("--horovod: accord runs under DeepSpeed (deepspeed launcher, torchrun, SLURM)")),
     "--distill-model": (True, _refuse("--distill-model: accord has no distillation")),
     "--dist-backend": (True, _refuse("--dist-backend: accord picks gloo on CPU, NCCL on GPUs")),

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 from torch import nn
 
+from accord.models.towers import layer_depths
 from accord.train.config import OptimConfig
 
 
@@ -24,17 +26,25 @@ def no_decay(name: str, param: nn.Parameter) -> bool:
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Decayed and not-decayed parameters, split further by their tower's ``lr_scale`` (a pretrained tower tuned
-    at a fraction of the learning rate); each group carries its ``lr_scale`` for the schedule."""
+    """Decayed and not-decayed parameters (``no_decay`` and ``cfg.no_decay``'s patterns), split further by their
+    learning-rate scale: their tower's ``lr_scale`` (a pretrained tower tuned at a fraction of the learning rate)
+    times, with ``cfg.layer_decay``, their depth's factor; each group carries its ``lr_scale`` for the schedule."""
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    scales = {f"towers.{m}.backbone.": t.cfg.lr_scale for m, t in getattr(model, "towers", {}).items()}
+    towers = dict(getattr(model, "towers", {}).items())
+    scales = {f"towers.{m}.backbone.": t.cfg.lr_scale for m, t in towers.items()}
+    depth_factor: dict[int, float] = {}
+    if cfg.layer_decay is not None:
+        for tower in towers.values():
+            depths, blocks = layer_depths(tower.backbone)
+            depth_factor.update({pid: cfg.layer_decay ** (blocks + 1 - d) for pid, d in depths.items()})
     seen: set[int] = set()
     for name, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:  # shared backbones appear under two names
             continue
         seen.add(id(p))
-        scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0)
-        groups.setdefault((no_decay(name, p), scale), []).append(p)
+        scale = next((s for prefix, s in scales.items() if name.startswith(prefix)), 1.0) * depth_factor.get(id(p), 1.0)
+        plain = no_decay(name, p) or any(fnmatch.fnmatchcase(name, pattern) for pattern in cfg.no_decay)
+        groups.setdefault((plain, scale), []).append(p)
     groups.setdefault((False, 1.0), [])
     groups.setdefault((True, 1.0), [])
     return [
