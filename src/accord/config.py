@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import inspect
 import json
+import re
 import textwrap
 import types
 import typing
@@ -242,3 +243,17 @@ def reference(cls: type, config: Any = None) -> str:
             cells.append(f"`{d.value}`")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
+         "gib": 2**30, "tib": 2**40}  # fmt: skip
+
+
+def parse_bytes(value: int | str, key: str) -> int:
+    """``20GB``, ``512MiB``, ``1000000`` -> bytes; a bad value is a ConfigError naming ``key``."""
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not match or match.group(2).lower() not in UNITS:
+        raise ConfigError(f"{key}: {value!r} is not a size (e.g. 20GB, 512MiB, 1000000)")
+    return int(float(match.group(1)) * UNITS[match.group(2).lower()])

@@ -37,6 +37,9 @@ LAZY = {
     "skimage": "the demo extra; real photos for the demo corpus",
     "wandb": "only with log.wandb; slow to import",
     "torch.utils.tensorboard": "only with log.tensorboard; imports tensorboard",
+    "mlflow": "only with log.mlflow (the mlflow extra); ~1.5 s to import",
+    "aiohttp": "fsspec's HTTP client: only http(s) shards and their faults; ~0.3 s to import",
+    "botocore": "s3fs's client: only s3:// shards' faults, and only where the s3 extra is installed",
     "torch": "the shard builder's processes do not load torch unless they resample audio",
 }
 # (importer, imported) pairs of accord modules imported inside a function, and why

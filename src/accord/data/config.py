@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from accord.config import ConfigError
+from accord.config import ConfigError, parse_bytes
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -139,8 +139,6 @@ class DataConfig:
         if self.worker_timeout_s is not None and self.worker_timeout_s < 0:
             raise ConfigError(f"{dot}worker_timeout_s: must be >= 0 (seconds; 0: no timeout)")
         if self.cache_limit is not None:
-            from accord.data.shardcache import parse_bytes
-
             if parse_bytes(self.cache_limit, f"{dot}cache_limit") <= 0:
                 raise ConfigError(f"{dot}cache_limit: must be > 0")
             if self.cache_dir is None:

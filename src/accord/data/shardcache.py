@@ -24,29 +24,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+import fsspec
+
 from accord.config import ConfigError
 from accord.data.shardio import IOPolicy, ShardUnreadable, open_shard
-
-UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20,
-         "gib": 2**30, "tib": 2**40}  # fmt: skip
-
-
-def parse_bytes(value: int | str, key: str) -> int:
-    """``20GB``, ``512MiB``, ``1000000`` -> bytes; a bad value is a ConfigError naming ``key``."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
-    if not match or match.group(2).lower() not in UNITS:
-        raise ConfigError(f"{key}: {value!r} is not a size (e.g. 20GB, 512MiB, 1000000)")
-    return int(float(match.group(1)) * UNITS[match.group(2).lower()])
 
 
 def check_limit(limit: int, urls: list[str], slots_on_node: int, looked_at: int = 8) -> None:
     """Refuse (ConfigError naming data.cache_limit) a limit that cannot hold the shards in flight on this node: the
     one each data worker reads and the one it downloads ahead, sized by the largest of the first ``looked_at``
     remote URLs (``pipe:`` shards have no size to ask for: checked as they come)."""
-    import fsspec
-
     sizes = []
     for url in [u for u in urls if not u.startswith("pipe:")][:looked_at]:
         with contextlib.suppress(Exception):  # a shard that cannot be asked about fails when it is read

@@ -32,8 +32,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from accord.config import parse_bytes
 from accord.data.config import DataConfig
-from accord.data.shardcache import ShardCache, parse_bytes
+from accord.data.shardcache import ShardCache
 from accord.data.shardio import IOPolicy, ShardUnreadable, is_local, open_shard
 from accord.data.shardlists import Shard
 from accord.data.transforms import BadSample, SampleDecoder, collate

@@ -4,6 +4,7 @@ the window of steps a log line summarises; the per-rank log of sample keys."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -154,8 +155,6 @@ class MlflowRun:
     ``output_dir/mlflow_run_id`` so that a resumed run logs on into the same MLflow run."""
 
     def __init__(self, uri: str, experiment: str, name: str | None, output_dir: Path, run_config: dict[str, Any]):
-        import logging
-
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
