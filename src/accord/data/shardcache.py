@@ -28,6 +28,7 @@ import fsspec
 
 from accord.config import ConfigError
 from accord.data.shardio import IOPolicy, ShardUnreadable, open_shard
+from accord.data.shardlists import shard_token
 
 
 def check_limit(limit: int, urls: list[str], slots_on_node: int, looked_at: int = 8) -> None:
@@ -64,7 +65,8 @@ class ShardCache:
     def path(self, url: str) -> Path:
         """Where ``url`` is cached: a hash of the URL (or command), then the shard's file name."""
         digest = hashlib.blake2b(url.encode(), digest_size=8).hexdigest()
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(url.split()[-1] if url.startswith("pipe:") else url))
+        word = (shard_token(url[5:]) or "shard.tar") if url.startswith("pipe:") else url
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", posixpath.basename(word))
         return self.folder / f"{digest}-{name[-80:]}"
 
     def open(self, url: str, on_retry: Callable[[], None] | None = None) -> _HeldFile:
