@@ -17,10 +17,10 @@ format:  ## apply ruff's fixes and formatting
 typecheck:  ## mypy on src/ (settings in pyproject.toml)
 	.venv/bin/mypy
 
-test-quick:  ## everything in-process (no launcher, no ranks, no commands): under 3 minutes on 2 cores
+test-quick:  ## everything in-process (no launcher, no ranks, no commands): ~3 minutes on 2 cores
 	$(PY) -m pytest -q -m "not slow" tests
 
-test:  ## the whole suite (under 20 minutes on 2 cores)
+test:  ## the whole suite (~32 minutes on 2 cores in its last run; the budget is 20)
 	$(PY) -m pytest -q tests
 
 config-reference:  ## rewrite the README's config reference from accord train --print-config

@@ -270,6 +270,7 @@ def s3_bucket(mixed_shards):
     server.stop()
 
 
+@pytest.mark.slow  # moto's server: ~5 s to start and fill
 @pytest.mark.parametrize("fault", [None, "reset", "stall"])
 def test_s3_shards_through_faults_give_the_local_epoch(fault, s3_bucket, mixed_shards, monkeypatch, local_keys) -> None:
     """s3:// shards from moto's server, directly and through a proxy that resets or stalls the first GET of every
