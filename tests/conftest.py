@@ -23,6 +23,7 @@ from helpers.corpus import make_raw_corpus  # noqa: E402
 from helpers.media import solid, write_audio, write_video  # noqa: E402
 
 SHM = Path("/dev/shm")
+LOKY = "sem.loky-*"  # joblib's semaphores (see no_leaked_shm_workspace)
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +33,12 @@ def no_leaked_shm_workspace(request: pytest.FixtureRequest):
     ``kills_processes`` SIGKILLs whole process groups, resource trackers included, as a crash does: what those
     leave is removed here, as a reboot would, and not counted."""
     patterns = ("deepspeed_allreduce_buffer_*", "sem.mp-*")
-    before = {p: set(SHM.glob(p)) for p in patterns}
+    before = {p: set(SHM.glob(p)) for p in (*patterns, LOKY)}
     yield
+    # transformers imports scikit-learn when it is installed (mlflow brings it), and its joblib / loky creates named
+    # semaphores at import; a rank that ends by os._exit (a data error, a lost rank) or SIGKILL cannot release them
+    for f in set(SHM.glob(LOKY)) - before[LOKY]:
+        f.unlink(missing_ok=True)
 
     def new_files() -> list[Path]:
         return sorted(f for p in patterns for f in set(SHM.glob(p)) - before[p])
