@@ -95,7 +95,7 @@ class Loader:
         cache = self.dataset.cache
         if cache is not None and cache.limit is not None:
             local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-            remote = [s.url for s in self.dataset.shards if not is_local(s.url)]
+            remote = (s.url for s in self.dataset.shards if not is_local(s.url))  # only the first few are asked
             check_limit(cache.limit, remote, max(1, cfg.workers) * local_world)
         self._epoch = 0  # the epoch being read (or last read, when self._done)
         self._done = False  # this rank's part of self._epoch has been read to the end

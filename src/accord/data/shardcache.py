@@ -16,11 +16,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import itertools
 import os
 import posixpath
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,12 +32,12 @@ from accord.data.shardio import IOPolicy, ShardUnreadable, open_shard
 from accord.data.shardlists import shard_token
 
 
-def check_limit(limit: int, urls: list[str], slots_on_node: int, looked_at: int = 8) -> None:
+def check_limit(limit: int, urls: Iterable[str], slots_on_node: int, looked_at: int = 8) -> None:
     """Refuse (ConfigError naming data.cache_limit) a limit that cannot hold the shards in flight on this node: the
     one each data worker reads and the one it downloads ahead, sized by the largest of the first ``looked_at``
     remote URLs (``pipe:`` shards have no size to ask for: checked as they come)."""
     sizes = []
-    for url in [u for u in urls if not u.startswith("pipe:")][:looked_at]:
+    for url in itertools.islice((u for u in urls if not u.startswith("pipe:")), looked_at):
         with contextlib.suppress(Exception):  # a shard that cannot be asked about fails when it is read
             fs, path = fsspec.core.url_to_fs(url)
             sizes.append(int(fs.info(path)["size"]))
@@ -60,7 +61,6 @@ class ShardCache:
     def __init__(self, folder: str | Path, limit: int | None, policy: IOPolicy):
         self.folder, self.limit, self.policy = Path(folder), limit, policy
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.downloads = 0  # this process's downloads (the tests count the server's requests instead)
 
     def path(self, url: str) -> Path:
         """Where ``url`` is cached: a hash of the URL (or command), then the shard's file name."""
@@ -115,7 +115,6 @@ class ShardCache:
                     dst.write(chunk)
             self.make_room(tmp.stat().st_size, keep=path)
             os.replace(tmp, path)
-            self.downloads += 1
         finally:
             tmp.unlink(missing_ok=True)
 

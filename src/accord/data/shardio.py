@@ -237,7 +237,6 @@ class RetryingReader(io.RawIOBase):
         self.url, self.opener, self.policy, self.on_retry = url, opener, policy, on_retry
         self.received = 0  # bytes taken from the stream so far: where a reopened attempt starts
         self.faults = 0  # faults in a row without progress
-        self.retries = 0  # reopenings of this shard
         self._chunk, self._at, self._eof = b"", 0, False
         self._attempt: _ReadAhead | None = None
         self._rng = random.Random()
@@ -279,7 +278,6 @@ class RetryingReader(io.RawIOBase):
                 f"{self.url}: unreadable after {self.policy.retries} retries (data.io_retries) at byte "
                 f"{self.received}: {type(item).__name__}: {item}"
             ) from item
-        self.retries += 1
         if self.on_retry is not None:
             self.on_retry()
         time.sleep(self.policy.backoff(self.faults, self._rng))

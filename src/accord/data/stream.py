@@ -154,14 +154,13 @@ class ShardStream(IterableDataset):
             self.cache.prefetch(shard.url, lambda: counters.update(["io: retries"]))
 
     def raw_samples(
-        self, shard: Shard, epoch: int, counters: Counter | None = None, errors: list[str] | None = None
+        self, shard: Shard, epoch: int, counters: Counter, errors: list[str]
     ) -> Iterator[dict[str, Any] | str]:
         """Samples of one shard through the seeded shuffle buffer. Samples lost to a corrupt tar or to a remote
         shard whose retries are spent (per sizes.json, at least one) come out as their reason string, so that
         positions stay aligned with sample counts. ``counters`` gets 'io: retries' and 'io: failures'; ``errors``
         the message of each shard given up on."""
         read = 0
-        counters = Counter() if counters is None else counters
 
         def retried() -> None:
             counters["io: retries"] += 1
@@ -196,8 +195,7 @@ class ShardStream(IterableDataset):
             lost = shard.size - read if shard.size is not None else 1
             if isinstance(e, ShardUnreadable):
                 counters["io: failures"] += 1
-                if errors is not None:
-                    errors.append(e.message)
+                errors.append(e.message)
                 yield from ["unreadable (data.io_retries spent)"] * lost
             else:
                 yield from [f"corrupt tar ({type(e).__name__})"] * lost
