@@ -189,7 +189,7 @@ def test_a_non_finite_loss_stops_every_rank_naming_the_ranks_and_pairs(mixed_sha
     """README: a non-finite loss on any rank stops the step with the ranks and pair losses named (2 ranks, exit 2,
     no traceback)."""
     opts = ["max_steps=4", "optim.lr=1e35", "optim.warmup_steps=1", "optim.grad_clip=null"]
-    cmd = launch(mixed_shards[0], tmp_path / "run", *opts)
+    cmd = launch(mixed_shards[0], tmp_path / "run", *opts, deepspeed=True)  # what its users see: no traceback
     proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     # one line per rank (the two ranks' lines may interleave in the launcher's output)

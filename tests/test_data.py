@@ -6,6 +6,7 @@ import gc
 import io
 import json
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -387,3 +388,15 @@ def test_a_sample_looks_the_same_whichever_worker_reads_it(mixed_shards) -> None
     assert one.keys() == two.keys() == media.keys()
     for key in one:
         assert one[key].keys() == two[key].keys() and all(torch.equal(one[key][m], two[key][m]) for m in one[key])
+
+
+@pytest.mark.slow
+def test_data_workers_start_with_their_imports_done(mixed_shards) -> None:
+    """warm_workers preloads the forkserver with what a worker imports (the tokenizer module: ~3 s, torchaudio,
+    the video backend), so no set of workers imports them itself."""
+    cmd = [sys.executable, str(WORKERS / "warm_worker.py"), str(mixed_shards[0])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert run["inherited"] == ["transformers.models.auto.tokenization_auto", "torchaudio", "decord"]
+    assert run["parent"] == [] and run["samples"] == 48

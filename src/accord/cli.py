@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from accord import verbosity
+from accord.shutdown import end_process
 
 COMMANDS = {
     "demo": ("accord.demo.run", "the whole chain on embedded data (--quick: 3 minutes)"),
@@ -20,6 +21,11 @@ COMMANDS = {
     ),
     "experiment": ("accord.experiments", "experiments with a table and a plot: fusion, captioning, recipes"),
 }
+
+
+def run() -> None:
+    """The ``accord`` console script: ``main`` on ``sys.argv``, then the process ends."""
+    end_process(main())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,4 +49,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from accord import collectives
 from accord.config import ConfigError, load_config, reference, to_dict
 from accord.data.batches import empty_batch, lockstep, real_samples, to_device
-from accord.data.loader import DataStalled, Loader, NoSamples, TooManyBadSamples
+from accord.data.loader import DataStalled, Loader, NoSamples, TooManyBadSamples, warm_workers
 from accord.data.negatives import NegativeSampler, Vocabulary, seen_facts
 from accord.data.shardio import ShardUnreadable
 from accord.data.synthetic import SyntheticBatches
@@ -590,6 +590,8 @@ def main(argv: list[str] | None = None) -> int:
         print(reference(TrainConfig, cfg), end="")
         return 0
     init_distributed(cfg.dist_timeout_s)
+    if not cfg.data.synthetic:  # the data workers' imports run beside the model's construction
+        warm_workers(cfg.data, tuple(cfg.model.towers))
     nodes = gather_node_info()
     heartbeat = Heartbeat() if dist.get_world_size() > 1 else None
     trainer = None
