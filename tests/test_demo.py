@@ -82,10 +82,15 @@ def test_quick_demo_learns_held_out_combinations(installed: Path, tmp_path: Path
     assert "replace colour" in compositional["image"] and "replace pitch" in compositional["audio"]
     assert "replace direction" in compositional["video"]
     assert "Compositional: each caption against its one-edit negatives" in report
+    # the training run's own page (accord report), linked from the demo's
+    assert (
+        'href="run/report.html"' in report
+        and ">Throughput and data wait per rank" in (out / "run/report.html").read_text()
+    )
 
 
 def test_loss_curves_are_smoothed_with_a_trailing_mean() -> None:
-    from accord.demo.report import smooth
+    from accord.train.report import smooth
 
     assert smooth([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert smooth([4.0], 5) == [4.0]

@@ -274,7 +274,7 @@ def s3_bucket(mixed_shards):
 @pytest.mark.parametrize("fault", [None, "reset", "stall"])
 def test_s3_shards_through_faults_give_the_local_epoch(fault, s3_bucket, mixed_shards, monkeypatch, local_keys) -> None:
     """s3:// shards from moto's server, directly and through a proxy that resets or stalls the first GET of every
-    shard half-way. s3fs mends a reset itself (accord counts no retry); a stall is accord's (data.io_timeout_s)."""
+    shard half-way. s3fs mends most resets itself; a stall is accord's (data.io_timeout_s)."""
     import s3fs
 
     plan = first_get_of_each_shard(fault, 0.5, mixed_shards[0]) if fault else (lambda *_: None)
@@ -289,7 +289,10 @@ def test_s3_shards_through_faults_give_the_local_epoch(fault, s3_bucket, mixed_s
         loader = Loader(data_config(f"s3://shards/d/{SIX}", workers=0, **FAST_IO), MODALITIES, rank=0, world=1)
         assert loader.num_samples == 18 and keys_of(loader) == local_keys
         assert sum(proxy.faults.values()) == (6 if fault else 0)
-        assert loader.report()["io"]["retries"] == (6 if fault == "stall" else 0)
+        retries = loader.report()["io"]["retries"]
+        # a stall is always accord's to retry; a reset is mostly mended inside s3fs (its own retry), but one that
+        # reaches accord is retried there (seen once in a suite run: 1 of 6): at most one retry per fault
+        assert retries == 6 if fault == "stall" else retries <= (6 if fault else 0)
     finally:
         proxy.close()
         s3fs.S3FileSystem.clear_instance_cache()

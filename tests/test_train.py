@@ -146,6 +146,17 @@ def test_loss_falls_at_every_zero_stage(mixed_shards, tmp_path: Path, stage: int
         assert got.keys() == expected.keys() and "compositional/image/replace colour/cosine" in got
         for k, v in expected.items():
             assert got[k] == pytest.approx(v, abs=1e-6), k
+        # `accord report` on this run: every section as tables and plots, from what the run wrote
+        report = subprocess.run(
+            [str(Path(sys.executable).parent / "accord"), "report", str(out)], capture_output=True, text=True, env=ENV
+        )
+        assert report.returncode == 0 and f"report: {out / 'report.html'}" in report.stdout, report.stderr
+        page = (out / "report.html").read_text()
+        for section in ("Run", "Loss per pair", "Retrieval R@1", "Zero-shot classification", "Compositional",
+                        "Throughput and data wait per rank", "Skipped samples"):  # fmt: skip
+            assert f">{section}" in page, section
+        assert page.count("data:image/png;base64") == 3 and "<pre>" not in page and "{&quot;" not in page
+        assert "240 samples read by 2 rank(s)" in page  # 48 samples x 5 epochs, from the ranks' data_rank files
     assert exported.keys() == logged.keys()
     for k, v in logged.items():
         assert exported[k] == pytest.approx(v, abs=1e-6), k

@@ -13,6 +13,7 @@ COMMANDS = {
     "build-shards": ("accord.shards.build", "raw media + captions -> WebDataset shards"),
     "verify-shards": ("accord.shards.verify", "check shards, counts and decoding"),
     "train": ("accord.train.main", "train the towers (one process; use deepspeed/torchrun for more)"),
+    "report": ("accord.train.report", "a training run's output_dir -> one HTML page of its curves and tables"),
     "export": ("accord.train.export", "DeepSpeed checkpoint (any ZeRO stage) -> backbone directory"),
     "score": ("accord.consistency.score", "consistency scores of a manifest or shard set"),
     "eval": (

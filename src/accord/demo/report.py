@@ -15,41 +15,9 @@ from accord.data.decode import decode_video
 from accord.evaluation.compositional import write as write_compositional
 from accord.evaluation.plots import pyplot
 from accord.shards.read import shard_items
+from accord.train.report import loss_plot, png_data, table, write_run_report
 
 plt = pyplot()
-
-
-def _png(fig) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average: which pairs a logged step happened to sample makes single points jump."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v - (values[i - window] if i >= window else 0.0)
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def _loss_plot(metrics: list[dict[str, Any]]) -> str:
-    rows = [r for r in metrics if "loss" in r]
-    window = max(1, len(rows) // 25)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
-        have = [r for r in rows if key in r]  # a pair is logged only when the window had samples for it
-        steps, values = [r["step"] for r in have], [r[key] for r in have]
-        (line,) = ax.plot(steps, values, alpha=0.2, lw=0.8)
-        ax.plot(steps, smooth(values, window), color=line.get_color(), lw=1.6, label=key[5:])
-    ax.plot([r["step"] for r in rows], smooth([r["loss"] for r in rows], window), "k", lw=2, label="total")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"contrastive loss (moving mean of {window} logs)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    return _png(fig)
 
 
 def _histograms(scores: dict[str, Any]) -> str:
@@ -61,7 +29,7 @@ def _histograms(scores: dict[str, Any]) -> str:
         ax.set_title(f"{medium}-text CLIP-S (held out)")
         ax.set_xlabel("score")
         ax.legend(fontsize=7)
-    return _png(fig)
+    return png_data(fig)
 
 
 def _media(medium: str, data: bytes) -> str:
@@ -124,13 +92,6 @@ def _compositional_section(out: Path, result: dict[str, Any] | None) -> str:
     )
 
 
-def _table(header: list[str], rows: list[list[object]]) -> str:
-    """An HTML table (cells escaped)."""
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def _data_section(
     counts: dict[str, int], train_stats: dict[str, Any], val_stats: dict[str, Any], timings: dict[str, float]
 ) -> str:
@@ -138,14 +99,14 @@ def _data_section(
     keys = ("inputs", "written", "rejected", "shards")
     return (
         "<h3>Rendered samples</h3>"
-        + _table(["kind", "samples"], [[k, v] for k, v in counts.items()])
+        + table(["kind", "samples"], [[k, v] for k, v in counts.items()])
         + "<h3>Shards</h3>"
-        + _table(
+        + table(
             ["split", *keys],
             [[name, *(st[k] for k in keys)] for name, st in (("train", train_stats), ("val", val_stats))],
         )
         + "<h3>Time</h3>"
-        + _table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])
+        + table(["stage", "seconds"], [[k, f"{v:.1f}"] for k, v in timings.items()])
     )
 
 
@@ -159,6 +120,7 @@ def write_report(
     timings: dict[str, float],
     compositional: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    write_run_report(out / "run")
     metrics = [json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in metrics if "loss" in r]
     pairs = sorted({k.split("/")[0] for k in retrieval if k.endswith("/n")})
@@ -222,7 +184,9 @@ shapes, moving shapes and tones plus real photos, clips and speech. Validation h
 <b>combinations never seen in training</b>
 (e.g. "a red square" while training saw red things and squares, never a red square).</p>
 <pre>{html.escape(text)}</pre>
-<h2>Training loss</h2><img src="{_loss_plot(metrics)}">
+<h2>Training loss</h2><img src="{loss_plot(metrics)}">
+<p>The training run's own report (throughput and data wait per rank, evaluations over steps, skipped samples):
+<a href="run/report.html">run/report.html</a> (<code>accord report {html.escape(str(out / "run"))}</code>).</p>
 <h2>Zero-shot retrieval on held-out combinations</h2>
 <p>medium→text R@1 ranks all distinct held-out captions for each sample (chance = 1 / distinct captions);
 text→medium ranks individual samples, several of which share the caption, so its ceiling is below 1.</p>

@@ -6,6 +6,8 @@ CLIP_benchmark do it.
     accord eval --backbone backbone/ --data shards/ --classes classes.txt [--templates templates.txt]
                 [--label-key label] [--modality image] [--confusion confusion.png]
     accord eval --backbone backbone/ --data shards/ --compositional [--train-data train_shards/] [--out DIR]
+    accord eval --backbone backbone/ --data wds_cifar10/ [--split test] [--results result.json]   # CLIP_benchmark
+    accord eval --backbone backbone/ --imagenet-val val/ [--classes names.txt] [--results result.json]
 
 Samples that cannot be used are counted by reason and reported beside the figures, never dropped silently.
 """
@@ -25,6 +27,13 @@ from accord.consistency.backbone import Backbone, load_backbone
 from accord.data.config import DataConfig, TextConfig
 from accord.data.loader import Loader
 from accord.errors import InputError, command
+from accord.evaluation.benchmark import (
+    evaluate_set,
+    is_wds_benchmark,
+    read_image_folder,
+    read_wds_benchmark,
+    result_row,
+)
 from accord.evaluation.compositional import compositional_eval
 from accord.evaluation.compositional import write as write_compositional
 from accord.evaluation.embed import embed_all
@@ -161,7 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         description="Zero-shot retrieval R@1/5/10 per pair on shards, or zero-shot classification with --classes.",
     )
     p.add_argument("--backbone", required=True)
-    p.add_argument("--data", required=True, help="shard folder / pattern")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="shard folder / pattern, or a CLIP_benchmark webdataset folder (SPLIT/nshards.txt, classnames.txt, ...)",
+    )
     p.add_argument("--plot", default=None, help="similarity-matrix PNG (first pair, first 32 samples)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=0)
@@ -191,7 +204,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     c.add_argument("--train-data", default=None, help="training shards: the vocabulary and the blind baselines")
     c.add_argument("--out", default=None, help="write compositional.json, .md and .png into this folder")
+    b = p.add_argument_group("CLIP_benchmark datasets and results (see accord.evaluation.benchmark)")
+    b.add_argument("--split", default="test", help="the split of a CLIP_benchmark webdataset folder")
+    b.add_argument("--imagenet-val", default=None, metavar="DIR", help="an ImageFolder: DIR/CLASS/IMAGE (sorted)")
+    b.add_argument("--results", default=None, help="write the figures as a CLIP_benchmark result file (JSON)")
+    b.add_argument("--dataset-name", default=None, help="its 'dataset' field (default: wds/FOLDER, imagefolder/DIR)")
     args = p.parse_args(argv)
+    if (args.data is None) == (args.imagenet_val is None):
+        p.error("give one of --data and --imagenet-val")
+    if args.imagenet_val or is_wds_benchmark(args.data, args.split):
+        return benchmark(args)
+    if args.results:
+        p.error(
+            "--results: CLIP_benchmark result files are written for its datasets (--data WDS_FOLDER, --imagenet-val)"
+        )
     if args.compositional:
         result = compositional_eval(args.backbone, args.data, args.train_data, args.batch_size)
         if args.out:
@@ -229,6 +255,34 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"accord eval: warning: read {report['read']} of {report['expected']} samples that sizes.json "
             f"promises in {args.data} (skipped: {reasons}); the retrieval figures cover the samples read",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    """``accord eval`` on a CLIP_benchmark webdataset folder or an ImageFolder: its metrics, printed and written."""
+    if args.imagenet_val:
+        data = read_image_folder(args.imagenet_val, args.classes)
+        name = args.dataset_name or f"imagefolder/{Path(args.imagenet_val).resolve().name}"
+    else:
+        data = read_wds_benchmark(args.data, args.split, args.classes)
+        name = args.dataset_name or f"wds/{Path(args.data).resolve().name}"
+    if args.templates:
+        data.templates = read_lines(args.templates, "--templates")
+    metrics = evaluate_set(load_backbone(args.backbone), data, args.batch_size)
+    row = result_row(name, args.backbone, data.task, metrics)
+    print(
+        json.dumps(
+            {**row, "samples": {"read": data.read, "evaluated": len(data.images), "skipped": data.skipped}}, indent=2
+        )
+    )
+    if args.results:
+        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.results).write_text(json.dumps(row))
+    if data.skipped:
+        print(
+            f"accord eval: warning: {sum(data.skipped.values())} samples not evaluated ({dict(data.skipped)})",
             file=sys.stderr,
         )
     return 0

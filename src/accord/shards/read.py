@@ -28,10 +28,11 @@ def read_sizes(folder: str) -> dict[str, int]:
     return json.loads(fs.cat(path)) if fs.exists(path) else {}
 
 
-def shard_items(folder: str, with_json: bool = False) -> Iterator[Item]:
+def shard_items(folder: str, with_json: bool = False, keep: tuple[str, ...] = ()) -> Iterator[Item]:
     """Samples of every shard in a folder, streamed (one sample in memory at a time); ``with_json`` adds each
-    sample's json bytes as ``"json"``. A shard that yields fewer samples than its sizes.json entry (truncated,
-    corrupt) adds one error item naming it and the samples lost."""
+    sample's json bytes as ``"json"``, ``keep`` the bytes of the members with those extensions (or None). A shard
+    that yields fewer samples than its sizes.json entry (truncated, corrupt) adds one error item naming it and the
+    samples lost."""
     fs, root = fsspec.core.url_to_fs(folder)
     sizes = read_sizes(folder)
     for tar in sorted(fs.glob(f"{root.rstrip('/')}/*.tar")):
@@ -52,6 +53,8 @@ def shard_items(folder: str, with_json: bool = False) -> Iterator[Item]:
                         item[medium] = m[ext]
                 if with_json:
                     item["json"] = m.get("json")
+                for ext in keep:
+                    item[ext] = m.get(ext)
                 yield item
         except (tarfile.TarError, OSError) as e:
             problem = f"unreadable after {read} samples ({type(e).__name__}: {e})"

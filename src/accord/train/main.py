@@ -418,6 +418,8 @@ class Trainer:
         if self.checkpointer.should_save(self.step, self.total_steps, last=True):
             self.save()
         self.logger.close()
+        if isinstance(self.loader, Loader):  # samples read and skipped by reason (accord report)
+            (self.out / f"data_rank{self.rank:05d}.json").write_text(json.dumps(self.loader.report()))
         return {"step": self.step, "epoch": self.loader.epoch, "eval": last_eval}
 
     def _no_samples(self) -> str:
