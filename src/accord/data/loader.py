@@ -56,7 +56,9 @@ def warm_workers(cfg: DataConfig, modalities: tuple[str, ...]) -> None:
     Workers that fork from this process find the modules here. Forkserver workers fork from the forkserver, which
     is started now with them preloaded: its imports run beside the caller's own start-up (call this early), and each
     later set of workers (an evaluation, an epoch without persistent workers) starts in a fraction of a second
-    instead of ~5 s of imports each. Spawned workers import for themselves. Idempotent; nothing without workers.
+    instead of ~5 s of imports each. The forkserver only imports (it decodes nothing: torchaudio's risk to forked
+    workers comes from its use, and its import starts no thread here). Spawned workers import for themselves.
+    Idempotent; nothing without workers.
     """
     if cfg.workers <= 0:
         return
