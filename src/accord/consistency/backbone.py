@@ -288,6 +288,11 @@ class HFClipBackbone(nn.Module):
         return F.normalize(emb.float(), dim=-1)
 
 
+def embed_in_chunks(backbone: Backbone | HFClipBackbone, modality: str, inputs: Any, chunk: int = 64) -> torch.Tensor:
+    """``backbone.embed(modality, ...)`` over ``inputs`` (a sequence) ``chunk`` at a time: [N, D], fp32."""
+    return torch.cat([backbone.embed(modality, inputs[i : i + chunk]) for i in range(0, len(inputs), chunk)])
+
+
 def _is_float(inputs: Any) -> bool:
     first = inputs if torch.is_tensor(inputs) else inputs[0]
     return first.is_floating_point()

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from accord.consistency.backbone import Backbone, HFClipBackbone, embed_in_chunks
 from accord.errors import InputError
 from accord.evaluation.zeroshot import DEFAULT_TEMPLATES, class_embeddings, classify, read_lines
 from accord.modalities import MEMBER_EXTS
@@ -57,10 +58,11 @@ def is_wds_benchmark(root: str, split: str = "test") -> bool:
 def read_wds_benchmark(root: str, split: str = "test", classes_file: str | None = None) -> BenchmarkSet:
     """A CLIP_benchmark webdataset folder's ``split``; ``classes_file`` overrides its ``classnames.txt``."""
     folder = Path(root)
-    kind = folder / "dataset_type.txt"
-    task = RETRIEVAL if kind.is_file() and kind.read_text().strip().lower() == "retrieval" else CLASSIFICATION
-    if kind.is_file() and kind.read_text().strip().lower() not in ("retrieval", "classification"):
-        raise InputError(f"{kind}: accord reads 'classification' and 'retrieval' datasets, not {kind.read_text()!r}")
+    kind_file = folder / "dataset_type.txt"
+    kind = kind_file.read_text().strip().lower() if kind_file.is_file() else "classification"
+    if kind not in ("retrieval", "classification"):
+        raise InputError(f"{kind_file}: accord reads 'classification' and 'retrieval' datasets, not {kind!r}")
+    task = RETRIEVAL if kind == "retrieval" else CLASSIFICATION
     data = BenchmarkSet(task)
     if task == CLASSIFICATION:
         names = classes_file or str(folder / "classnames.txt")
@@ -129,15 +131,16 @@ def recall_at_k(scores: torch.Tensor, positive: torch.Tensor, k: int) -> float:
     return float(positive.gather(1, top).any(dim=1).float().mean())
 
 
-def evaluate_set(backbone: Any, data: BenchmarkSet, batch_size: int = 32, modality: str = "image") -> dict[str, float]:
-    """CLIP_benchmark's metrics of ``backbone`` (anything with ``embed(modality, inputs)``) on ``data``."""
+def evaluate_set(
+    backbone: Backbone | HFClipBackbone, data: BenchmarkSet, batch_size: int = 32, modality: str = "image"
+) -> dict[str, float]:
+    """CLIP_benchmark's metrics of ``backbone`` (an accord backbone or an exported CLIP directory's) on ``data``."""
     if not data.images:
         raise InputError(f"no usable sample (read {data.read}; skipped: {dict(data.skipped) or 'none'})")
 
     def embed(kind: str, inputs: list[Any]) -> torch.Tensor:
         with torch.no_grad():
-            out = [backbone.embed(kind, inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-        return F.normalize(torch.cat(out).float(), dim=-1)
+            return F.normalize(embed_in_chunks(backbone, kind, inputs, batch_size), dim=-1)
 
     images = embed(modality, data.images)
     if data.task == CLASSIFICATION:

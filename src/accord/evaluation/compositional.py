@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from accord.consistency.backbone import Backbone, HFClipBackbone, load_backbone
+from accord.consistency.backbone import Backbone, HFClipBackbone, embed_in_chunks, load_backbone
 from accord.data.negatives import CATEGORIES, Vocabulary, negatives
 from accord.errors import InputError
 from accord.evaluation.blind import NgramLM, blind_models, same_bag_of_words
@@ -116,9 +116,7 @@ class PairScores:
                 self.media_emb = self.media.embedding.float()
             else:
                 self.media = None
-                self.media_emb = torch.cat(
-                    [backbone.embed(self.medium, data[i : i + chunk]) for i in range(0, len(data), chunk)]
-                )
+                self.media_emb = embed_in_chunks(backbone, self.medium, data, chunk)
         fused = isinstance(backbone, Backbone) and backbone.has_fusion and captions.out is not None
         self.generative = isinstance(backbone, Backbone) and backbone.has_generative
         alpha = backbone.generative_alpha if isinstance(backbone, Backbone) and self.generative else 0.0
@@ -186,9 +184,7 @@ class _Captions:
                 )
             else:
                 self.out, self.pooled = None, None
-                self.emb = torch.cat(
-                    [backbone.embed("text", texts[i : i + chunk]) for i in range(0, len(texts), chunk)]
-                )
+                self.emb = embed_in_chunks(backbone, "text", texts, chunk)
 
 
 def _probe(captions: _Captions, true: list[str], edited: list[str]) -> list[float]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from accord.consistency.backbone import Backbone, load_backbone
+from accord.consistency.backbone import Backbone, embed_in_chunks, load_backbone
 from accord.data.config import DataConfig, TextConfig
 from accord.data.loader import Loader
 from accord.errors import InputError, command
@@ -142,16 +142,8 @@ def zeroshot_eval(
             f"(skipped: {dict(skipped) or 'none'})"
         )
     with torch.no_grad():
-        class_emb = class_embeddings(
-            lambda texts: torch.cat(
-                [backbone.embed("text", texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-            ),
-            classes,
-            templates,
-        )
-        features = torch.cat(
-            [backbone.embed(modality, inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
-        )
+        class_emb = class_embeddings(lambda t: embed_in_chunks(backbone, "text", t, batch_size), classes, templates)
+        features = embed_in_chunks(backbone, modality, inputs, batch_size)
     metrics = classify(features, torch.tensor(labels), class_emb)
     if confusion_png:
         confusion_plot(metrics["confusion"], classes, confusion_png)

@@ -34,6 +34,7 @@ import torch
 from tqdm import tqdm
 
 from accord.consistency import load_backbone
+from accord.consistency.backbone import embed_in_chunks
 from accord.errors import command
 from accord.evaluation.plots import pyplot
 from accord.evaluation.zeroshot import class_embeddings, classify
@@ -92,12 +93,10 @@ def evaluate(backbone_dir: Path, test_shards: Path, seed: int) -> dict[str, floa
     meta = [json.loads(i["json"]) for i in items]
     labels = torch.tensor([m["label"] for m in meta])
     rng = np.random.default_rng(seed + 7)
-    images = torch.cat(
-        [backbone.embed("image", [i["image"] for i in items[k : k + 64]]) for k in range(0, len(items), 64)]
-    )
+    images = embed_in_chunks(backbone, "image", [i["image"] for i in items])
 
     def texts(captions: list[str]) -> torch.Tensor:
-        return torch.cat([backbone.embed("text", captions[k : k + 64]) for k in range(0, len(captions), 64)])
+        return embed_in_chunks(backbone, "text", captions)
 
     out: dict[str, float] = {"n": len(items)}
     for name, captions in (
