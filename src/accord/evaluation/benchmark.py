@@ -41,7 +41,7 @@ class BenchmarkSet:
     """Images with a class index each (classification) or captions each (retrieval), and what was skipped."""
 
     task: str
-    images: list[bytes] = field(default_factory=list)
+    images: list[bytes | str] = field(default_factory=list)  # shard members' bytes, or an ImageFolder's paths
     labels: list[int] = field(default_factory=list)  # classification: class index per image
     captions: list[list[str]] = field(default_factory=list)  # retrieval: captions per image
     classes: list[str] = field(default_factory=list)
@@ -112,7 +112,7 @@ def read_image_folder(root: str, classes_file: str | None = None) -> BenchmarkSe
             if path.suffix.lower() not in images:
                 data.skipped[f"not an image ({path.suffix or 'no extension'})"] += 1
                 continue
-            data.images.append(path.read_bytes())
+            data.images.append(str(path))  # read chunk by chunk as it is embedded, not all at once
             data.labels.append(label)
     return data
 
