@@ -14,7 +14,7 @@ from accord.losses.contrastive import HardNegativesConfig
 from accord.models.model import ModelOutput
 
 from helpers.procs import ENV, WORKERS, torchrun
-from helpers.tiny import VARIANTS, rel_err, run, tiny_model, variant_batch
+from helpers.tiny import VARIANTS, rel_err, rows_in_rank_order, run, tiny_model, variant_batch
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +34,8 @@ def test_two_ranks_equal_one_process(two_rank_results: dict, variant: tuple) -> 
     model = tiny_model(init_logit_bias=-10.0)
     ref = run(model, variant, variant_batch(variant))
     assert rel_err(dist_res["loss"], ref["loss"]) < 1e-5
-    for m, g in ref["features"].items():
-        assert rel_err(dist_res["features"][m], g) < 1e-5, m
+    for m, g in ref["features"].items():  # with pairs, each rank's rows are its samples and then their pairs
+        assert rel_err(dist_res["features"][m], rows_in_rank_order(g, 2) if variant[5] else g) < 1e-5, m
     checked = 0
     for name, g in ref["params"].items():
         assert rel_err(dist_res["params"][name], g) < 1e-5, name
@@ -44,9 +44,16 @@ def test_two_ranks_equal_one_process(two_rank_results: dict, variant: tuple) -> 
     assert checked > 0.8 * len(ref["params"]) - 8
     if variant[4] is not None:  # the negatives are columns that matter, and their embeddings take gradient
         grad = ref["features"]["text_negatives"]
-        assert grad[variant_batch(variant)["text_negatives"]["present"]].abs().sum(dim=-1).min() > 0
-        plain = run(model, (*variant[:4], None), variant_batch(variant))
+        assert grad[:8][variant_batch(variant)["text_negatives"]["present"]].abs().sum(dim=-1).min() > 0
+        plain = run(model, (*variant[:4], None, variant[5]), variant_batch(variant))
         assert abs(plain["loss"].item() - ref["loss"].item()) > 1e-3
+    if variant[5]:  # the pairs are rows that matter: each present pair's image and caption take gradient
+        pairs = variant_batch(variant)["counterfactual"]["present"]
+        for m in ("text", "image"):
+            assert ref["features"][m][8:][pairs[m]].abs().sum(dim=-1).min() > 0, m
+            assert ref["features"][m][8:][~pairs[m]].abs().sum() == 0, m
+        without = run(model, (*variant[:5], False), variant_batch((*variant[:5], False)))
+        assert abs(without["loss"].item() - ref["loss"].item()) > 1e-3
     kind = variant[0]
     for pair in ("text-image", "text-video", "text-audio"):
         assert ref["params"][f"logit_scale.{pair}"].abs().sum() > 0

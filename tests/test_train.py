@@ -290,15 +290,18 @@ def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars(tag)]
 
 
-@pytest.mark.parametrize("negatives", [False, True], ids=["plain", "hard_negatives"])
-def test_accumulation_equals_the_k_times_batch(negatives: bool) -> None:
+ACCUMULATED = [(False, False), (True, False), (True, True)]  # (hard negatives, counterfactual pairs)
+
+
+@pytest.mark.parametrize("negatives, pairs", ACCUMULATED, ids=["plain", "hard_negatives", "counterfactuals"])
+def test_accumulation_equals_the_k_times_batch(negatives: bool, pairs: bool) -> None:
     model = tiny_model()
     hard = HardNegativesConfig(per_caption=NEGATIVES) if negatives else None
     loss_fn = ContrastiveLoss(LossConfig(kind="infonce", gather="local", hard_negatives=hard))
     grads = []
     for k in (1, 2, 4):
         model.zero_grad(set_to_none=True)
-        batch = global_batch(masked=True, negatives=negatives)
+        batch = global_batch(masked=True, negatives=negatives, counterfactuals=pairs)
         size = GLOBAL_BATCH // k
         micro = [slice_batch(batch, i * size, (i + 1) * size) for i in range(k)]
         loss, _ = contrastive_step(model, loss_fn, micro, backward=lambda loss: loss.backward())

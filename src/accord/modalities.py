@@ -36,6 +36,10 @@ INPUT_EXTS: dict[str, frozenset[str]] = {
     "video": frozenset(VIDEO_CONTAINERS),
     "audio": frozenset({*MEMBER_EXTS["audio"], "oga", "opus", "m4a", "aac"}),
 }
+# A sample's counterfactual pair (a rendered minimal pair: its medium with one thing changed, and that medium's
+# caption) is stored in members named "counterfactual.<ext>" and "counterfactual.txt"; readers that do not ask for it
+# never see it (no medium's member extension starts with it). Inputs: "<stem>.counterfactual.<ext>" beside "<stem>.*".
+COUNTERFACTUAL = "counterfactual"
 _MEDIUM_OF_MEMBER = {ext: medium for medium, exts in MEMBER_EXTS.items() for ext in exts}
 
 
@@ -51,6 +55,7 @@ def medium_of_input(path: str) -> str | None:
     return next((medium for medium, exts in INPUT_EXTS.items() if ext in exts), None)
 
 
-def member_of(sample: Container[str], medium: str) -> str | None:
-    """The extension of ``sample``'s member holding ``medium`` (a webdataset sample dict), or None."""
-    return next((ext for ext in MEMBER_EXTS[medium] if ext in sample), None)
+def member_of(sample: Container[str], medium: str, prefix: str = "") -> str | None:
+    """The extension of ``sample``'s member holding ``medium`` (a webdataset sample dict), or None; ``prefix``
+    :data:`COUNTERFACTUAL` + "." for the member of its counterfactual pair."""
+    return next((prefix + ext for ext in MEMBER_EXTS[medium] if prefix + ext in sample), None)

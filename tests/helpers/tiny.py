@@ -33,21 +33,24 @@ VIT = {
 }
 GLOBAL_BATCH = 8
 NEGATIVES = 2  # hard negatives per caption in the variants that have them
-# (loss kind, gather, presence masks, label smoothing, hard negatives' weight or None)
+# (loss kind, gather, presence masks, label smoothing, hard negatives' weight or None, counterfactual pairs)
 VARIANTS = [
-    ("infonce", "global", False, 0.0, None),
-    ("infonce", "local", False, 0.0, None),
-    ("infonce", "global", True, 0.0, None),
-    ("infonce", "local", True, 0.1, None),
-    ("siglip", "global", False, 0.0, None),
-    ("siglip", "local", False, 0.0, None),
-    ("siglip", "global", True, 0.0, None),
-    ("siglip", "local", True, 0.0, None),
-    ("infonce", "global", False, 0.0, 1.0),
-    ("infonce", "local", True, 0.0, 1.0),
-    ("infonce", "local", True, 0.1, 0.5),
-    ("siglip", "global", True, 0.0, 2.0),
-    ("siglip", "local", True, 0.0, 1.0),
+    ("infonce", "global", False, 0.0, None, False),
+    ("infonce", "local", False, 0.0, None, False),
+    ("infonce", "global", True, 0.0, None, False),
+    ("infonce", "local", True, 0.1, None, False),
+    ("siglip", "global", False, 0.0, None, False),
+    ("siglip", "local", False, 0.0, None, False),
+    ("siglip", "global", True, 0.0, None, False),
+    ("siglip", "local", True, 0.0, None, False),
+    ("infonce", "global", False, 0.0, 1.0, False),
+    ("infonce", "local", True, 0.0, 1.0, False),
+    ("infonce", "local", True, 0.1, 0.5, False),
+    ("siglip", "global", True, 0.0, 2.0, False),
+    ("siglip", "local", True, 0.0, 1.0, False),
+    ("infonce", "global", True, 0.0, None, True),
+    ("infonce", "local", True, 0.1, 1.0, True),
+    ("siglip", "local", True, 0.0, 1.0, True),
 ]
 
 
@@ -66,9 +69,10 @@ def tiny_model(**overrides) -> AccordModel:
     return AccordModel(from_dict(ModelConfig, data, "model")).double().eval()  # eval: no dropout noise
 
 
-def global_batch(masked: bool, negatives: bool = False) -> dict:
+def global_batch(masked: bool, negatives: bool = False, counterfactuals: bool = False) -> dict:
     """The fixed global batch; ``negatives``: NEGATIVES caption negatives per sample, some absent (rank 1 holds
-    samples without any)."""
+    samples without any); ``counterfactuals``: the samples' counterfactual pairs (``batch["counterfactual"]``), of
+    image and video only, some absent, none on samples 6-7 (the last micro-batch of 4 has no image pair)."""
     g = torch.Generator().manual_seed(1)
     n = GLOBAL_BATCH
     batch = {
@@ -96,21 +100,48 @@ def global_batch(masked: bool, negatives: bool = False) -> dict:
             ).long(),
             "present": torch.tensor([[1, 1], [1, 0], [1, 1], [0, 0], [1, 1], [0, 0], [0, 1], [1, 1]]).bool(),
         }
+    if counterfactuals:
+        g = torch.Generator().manual_seed(3)
+        batch["counterfactual"] = {
+            "text": {
+                "input_ids": torch.randint(1, 1000, (n, 5), generator=g),
+                "attention_mask": (torch.arange(5)[None] < torch.randint(2, 6, (n, 1), generator=g)).long(),
+            },
+            "image": {"pixel_values": torch.randn(n, 3, 32, 32, generator=g, dtype=torch.float64)},
+            "video": {"pixel_values": torch.randn(n, 4, 3, 32, 32, generator=g, dtype=torch.float64)},
+            "present": {
+                "text": torch.tensor([1, 1, 0, 1, 1, 1, 0, 0]).bool(),
+                "image": torch.tensor([1, 0, 0, 1, 1, 0, 0, 0]).bool(),
+                "video": torch.tensor([0, 1, 0, 0, 1, 1, 0, 0]).bool(),
+                "audio": torch.zeros(n, dtype=torch.bool),
+            },
+        }
     return batch
 
 
 def slice_batch(batch: dict, start: int, stop: int) -> dict:
-    return {k: {n: t[start:stop] for n, t in v.items()} for k, v in batch.items()}
+    """Rows ``start:stop`` of every tensor of a (nested) batch dict."""
+    return {k: slice_batch(v, start, stop) if isinstance(v, dict) else v[start:stop] for k, v in batch.items()}
 
 
 def variant_batch(variant: tuple) -> dict:
-    """The global batch of a variant: masked as it says, with hard negatives when it has a weight."""
-    return global_batch(variant[2], negatives=variant[4] is not None)
+    """The global batch of a variant: masked as it says, with hard negatives when it has a weight, with
+    counterfactual pairs when it says so."""
+    return global_batch(variant[2], negatives=variant[4] is not None, counterfactuals=variant[5])
+
+
+def rows_in_rank_order(x: torch.Tensor, world: int) -> torch.Tensor:
+    """Rows of a one-process joined batch (its samples, then their pairs: [2N, ...]) in the order that ``world``
+    ranks holding N / world samples each gather them (each rank's samples, then its pairs)."""
+    n = x.shape[0] // 2
+    per = n // world
+    order = [i for r in range(world) for half in (0, n) for i in range(half + r * per, half + (r + 1) * per)]
+    return x[order]
 
 
 def run(model: AccordModel, variant: tuple, batch: dict) -> dict:
     """Loss and gradients of this process (raw, before any averaging)."""
-    kind, gather, _, smoothing, weight = variant
+    kind, gather, _, smoothing, weight, _ = variant
     model.zero_grad(set_to_none=True)
     out = model(batch)
     for e in out.embeddings.values():

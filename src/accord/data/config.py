@@ -122,6 +122,12 @@ class DataConfig:
     cache_limit: int | str | None = None
     """Bytes the cache may hold (``20GB``, ``512MiB``); least recently used shards no one reads are evicted. It must
     hold the shards in flight (2 per data worker of every rank of the node): checked at start. None: no limit."""
+    counterfactuals: bool = False
+    """Training: a sample's counterfactual pair (members ``counterfactual.<ext>`` + ``counterfactual.txt``: its medium
+    with one thing changed, and that medium's caption; the captioning world renders them) joins its batch as one more
+    sample, so that each is the other's hardest negative in both directions of the contrastive loss (TripletCLIP's
+    rendered negatives). A batch of ``batch_size`` samples then holds 2 x ``batch_size`` rows; samples without a pair
+    have an absent row. Evaluation never reads them."""
     synthetic: bool = False
     """Random batches of the configured shapes instead of shards (every modality present, captions of
     ``text.max_length`` tokens), made on the training device: measures the step alone. Needs ``max_steps``."""
@@ -148,6 +154,8 @@ class DataConfig:
                 raise ConfigError(f"{dot}{key}: must be >= 0")
         if not 0 <= self.max_bad_fraction <= 1:
             raise ConfigError(f"{dot}max_bad_fraction: must be in [0, 1]")
+        if self.counterfactuals and self.synthetic:
+            raise ConfigError(f"{dot}counterfactuals: not with {dot}synthetic (random batches have no pairs)")
         if self.weights is not None:
             if self.train is None or len(self.weights) != len(self.train.split("::")):
                 raise ConfigError(f"{dot}weights: needs one weight per '::'-joined source of {dot}train")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from accord.data.config import AudioConfig, DataConfig, ImageConfig, VideoConfig
 from accord.data.decode import decode_audio, decode_image, decode_video, uniform_indices
 from accord.data.negatives import NegativeSampler
-from accord.modalities import member_of
+from accord.modalities import COUNTERFACTUAL, member_of
 from accord.resources import resolve_local_dir
 
 
@@ -162,6 +162,7 @@ class SampleDecoder:
         self.cfg, self.modalities, self.train = cfg, modalities, train
         self.label_key = label_key  # a field of the sample's json passed on as its label (None where absent)
         self.negatives = negatives  # draws each caption's hard negatives (tokenized as ``text_negatives``)
+        self.counterfactuals = cfg.counterfactuals and train  # decode each sample's counterfactual pair
         self._tokenizer: Any = None
         if "text" in modalities and not cfg.text.tokenizer:
             raise ValueError("data.text.tokenizer: a local tokenizer directory is needed to load text")
@@ -193,11 +194,14 @@ class SampleDecoder:
             ext = member_of(raw, modality)
             if ext is None:
                 continue  # absent modality: normal, masked downstream
+            draws = rng.getstate()  # where this medium's random crop starts: its counterfactual repeats it
             try:
                 out[modality] = self.decode_medium(modality, raw[ext], rng)
             except Exception as e:
                 raise BadSample(f"undecodable {modality}") from e
-        if not set(out) - {"__key__", "label", "text"}:
+            if self.counterfactuals:
+                self._decode_counterfactual(raw, modality, draws, out)
+        if not set(out) - {"__key__", "label", "text", COUNTERFACTUAL}:
             raise BadSample("none of the trained media", bad=False)
         if self.negatives is not None and "text" in out:  # drawn last: the media's random crops stay the same
             edits = self.negatives(text, rng)
@@ -208,6 +212,27 @@ class SampleDecoder:
             )
             out["text_negatives"] = [torch.tensor(i, dtype=torch.long) for i in ids]
         return out
+
+    def _decode_counterfactual(self, raw: dict[str, Any], modality: str, draws: Any, out: dict[str, Any]) -> None:
+        """The counterfactual of ``modality`` (when the sample has one) into ``out[COUNTERFACTUAL]``, with the random
+        crop of the sample's own medium (``draws``: the state its decode started from), and the pair's caption."""
+        ext = member_of(raw, modality, f"{COUNTERFACTUAL}.")
+        if ext is None:
+            return
+        data = raw.get(f"{COUNTERFACTUAL}.txt")
+        text = data.decode("utf-8", errors="replace").strip() if data else ""
+        if not text:
+            raise BadSample(f"counterfactual {modality} without its caption")
+        same = random.Random()
+        same.setstate(draws)
+        pair = out.setdefault(COUNTERFACTUAL, {"__key__": f"{raw['__key__']}.{COUNTERFACTUAL}"})
+        try:
+            pair[modality] = self.decode_medium(modality, raw[ext], same)
+        except Exception as e:
+            raise BadSample(f"undecodable counterfactual {modality}") from e
+        if "text" in self.modalities:
+            ids = self.tokenizer(text, truncation=True, max_length=self.cfg.text.max_length)["input_ids"]
+            pair["text"] = torch.tensor(ids, dtype=torch.long)
 
     def decode_medium(self, modality: str, data: bytes, rng: random.Random) -> torch.Tensor:
         """One media member's bytes -> the tower's input tensor, as training (``train``) or evaluation sees it."""
@@ -267,29 +292,45 @@ INPUT_NAMES = {"image": "pixel_values", "video": "pixel_values", "audio": "featu
 
 
 def collate(samples: list[dict[str, Any]], decoder: SampleDecoder, pad_id: int = 0) -> dict[str, Any]:
-    """Decoded samples -> batch with a presence mask per modality; a modality no sample has is left out."""
-    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples], "present": {}}
+    """Decoded samples -> batch with a presence mask per modality; a modality no sample has is left out. With
+    counterfactuals, ``batch[COUNTERFACTUAL]`` holds the samples' pairs in the same form, row for row (absent rows
+    where a sample has none; :func:`accord.data.batches.join_counterfactuals` makes them rows of the batch)."""
+    batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples], **collate_media(samples, decoder, pad_id)}
     if all("__shard__" in s for s in samples):  # the shard each sample came from (Shard.name): keys repeat across
         batch["__shard__"] = [s["__shard__"] for s in samples]  # builds, (shard, key) does not
     if decoder.label_key is not None:
         batch["labels"] = [s.get("label") for s in samples]
+    if decoder.negatives is not None and "text" in batch:
+        batch["text_negatives"] = collate_negatives(samples, decoder.negatives.per_caption, pad_id)
+    if decoder.counterfactuals:
+        batch[COUNTERFACTUAL] = collate_media([s.get(COUNTERFACTUAL, {}) for s in samples], decoder, pad_id)
+    return batch
+
+
+def collate_media(samples: list[dict[str, Any]], decoder: SampleDecoder, pad_id: int = 0) -> dict[str, Any]:
+    """``{"present": {modality: bool [B]}, modality: {input name: [B, ...]}}`` of the modalities some sample has:
+    captions padded with ``pad_id`` (and their attention mask), media stacked with zeros where absent."""
+    batch: dict[str, Any] = {"present": {}}
     for modality in decoder.modalities:
         present = torch.tensor([modality in s for s in samples], dtype=torch.bool)
         batch["present"][modality] = present
         if not present.any():
             continue
         if modality == "text":
-            longest = max(len(s["text"]) for s in samples if "text" in s)
-            ids = torch.full((len(samples), longest), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(samples), longest), dtype=torch.long)
-            for i, s in enumerate(samples):
-                if "text" in s:
-                    ids[i, : len(s["text"])] = s["text"]
-                    mask[i, : len(s["text"])] = 1
-            batch["text"] = {"input_ids": ids, "attention_mask": mask}
-            if decoder.negatives is not None:
-                batch["text_negatives"] = collate_negatives(samples, decoder.negatives.per_caption, pad_id)
+            batch["text"] = pad_captions([s.get("text") for s in samples], pad_id)
         else:
             stacked = torch.stack([s[modality] if modality in s else decoder.placeholder(modality) for s in samples])
             batch[modality] = {INPUT_NAMES[modality]: stacked}
     return batch
+
+
+def pad_captions(captions: list[torch.Tensor | None], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Token ids of captions (None: absent) -> ``input_ids`` padded with ``pad_id`` and ``attention_mask`` [B, L]."""
+    longest = max((len(c) for c in captions if c is not None), default=1)
+    ids = torch.full((len(captions), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(captions), longest), dtype=torch.long)
+    for i, c in enumerate(captions):
+        if c is not None:
+            ids[i, : len(c)] = c
+            mask[i, : len(c)] = 1
+    return {"input_ids": ids, "attention_mask": mask}

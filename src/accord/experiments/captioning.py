@@ -105,10 +105,11 @@ PLANS = {"quick": WorldPlan(400, 48, 3, 4, 1), "full": WorldPlan(3000, 300, 8, 1
 def build_world(out: Path, plan: WorldPlan, seed: int) -> tuple[Path, Path]:
     """Render the captioning world and build its shards (reused when ``out`` holds the same plan and seed).
     Returns (train shards, held-out shards)."""
-    stamp = json.dumps({"train": plan.train, "heldout": plan.heldout, "seed": seed})
+    stamp = json.dumps({"train": plan.train, "heldout": plan.heldout, "seed": seed, "counterfactuals": True})
     shards = out / "shards"
     if not ((out / "world.json").exists() and (out / "world.json").read_text() == stamp):
-        write_world(out / "raw", plan.train, plan.heldout, seed=seed)
+        # every training scene with its rendered counterfactual (used by recipes with data.counterfactuals)
+        write_world(out / "raw", plan.train, plan.heldout, seed=seed, counterfactuals=True)
         # at least 3 shards per split: 2 ranks (x 1 loader worker) each need one in finite mode
         build_shards(out / "raw" / "train", shards / "train", samples_per_shard=min(250, math.ceil(plan.train / 4)))
         build_shards(

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from accord.data.batches import join_counterfactuals
 from accord.modalities import MODALITIES
 from accord.models.config import ModelConfig, pair_name
 from accord.models.fusion import FusionHead
@@ -16,7 +17,8 @@ from accord.models.generative import GenerativeHead
 from accord.models.towers import Tower, TowerDict, TowerOutput, backbone_width
 
 # {modality: {input name: tensor}, "present": {modality: bool[B]}}, and optionally the captions' hard negatives
-# "text_negatives": {"input_ids": [B, K, L], "attention_mask": [B, K, L], "present": bool [B, K]}
+# "text_negatives": {"input_ids": [B, K, L], "attention_mask": [B, K, L], "present": bool [B, K]} and the samples'
+# counterfactual pairs "counterfactual": {modality: ..., "present": ...} (B rows; forward makes them rows B..2B-1)
 Batch = dict
 
 
@@ -162,6 +164,7 @@ class AccordModel(nn.Module):
         return TowerOutput(emb + 0.0 * live.tokens.sum(), tokens, mask), present
 
     def forward(self, batch: Batch) -> ModelOutput:
+        batch = join_counterfactuals(batch)  # a sample's counterfactual pair is one more sample of its batch
         present = batch.get("present", {})
         sizes = {len(v) for v in present.values()} | {
             next(iter(batch[m].values())).shape[0] for m in self.towers if m in batch

@@ -32,7 +32,7 @@ import fsspec
 from tqdm import tqdm
 
 from accord.errors import command
-from accord.modalities import IMAGE_FORMATS, MEDIA
+from accord.modalities import COUNTERFACTUAL, IMAGE_FORMATS, MEDIA
 from accord.shards.media import (
     RESIZE_MODES,
     AudioOptions,
@@ -156,6 +156,27 @@ def _read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def _convert(modality: str, url: str, cfg: BuildConfig, what: str = "") -> tuple[bytes, str, dict[str, Any], bytes]:
+    """Read one medium and convert it as the build options say: (member bytes, member extension, its json info with
+    the input's sha256, the input's bytes); ``what`` names it in the rejection ("counterfactual ")."""
+    try:
+        data = _read_bytes(url)
+    except (FileNotFoundError, IsADirectoryError):
+        raise MediaError(f"{what}{modality} file not found: {url}") from None
+    try:
+        if modality == "image":
+            out, ext, info = process_image(data, cfg.image)
+        elif modality == "video":
+            out, ext, info = process_video(data, url.rsplit(".", 1)[-1], cfg.video)
+        else:
+            out, ext, info = process_audio(data, cfg.audio)
+    except MediaError as e:
+        if not what:
+            raise
+        raise MediaError(f"{what}{e}") from None
+    return out, ext, {**info, "sha256": _sha256(data)}, data
+
+
 def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
     """Validate and convert one input into its shard members and its json; raises MediaError to reject it."""
     if src.error:
@@ -173,25 +194,23 @@ def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str,
         url = src.media.get(modality)
         if url is None:
             continue
-        try:
-            data = _read_bytes(url)
-        except (FileNotFoundError, IsADirectoryError):
-            raise MediaError(f"{modality} file not found: {url}") from None
+        out, ext, meta[modality], data = _convert(modality, url, cfg)
         if modality == "video":
             video_bytes = data
-        if modality == "image":
-            out, ext, info = process_image(data, cfg.image)
-        elif modality == "video":
-            out, ext, info = process_video(data, url.rsplit(".", 1)[-1], cfg.video)
-        else:
-            out, ext, info = process_audio(data, cfg.audio)
-        meta[modality] = {**info, "sha256": _sha256(data)}
         members.append((ext, out))
     if cfg.extract_audio and "video" in meta and "audio" not in meta and meta["video"].get("has_audio"):
         wav, rate = decode_audio_track(video_bytes)
         out, ext, info = process_waveform(wav, rate, cfg.audio)
         meta["audio"] = {**info, "sha256": meta["video"]["sha256"], "from": "video"}
         members.append((ext, out))
+    if src.counterfactual:  # sources checked it: a caption, and media of the sample's own modalities
+        pair: dict[str, Any] = {"text": src.counterfactual_text, "source": dict(src.counterfactual)}
+        for modality in MEDIA:
+            if modality in src.counterfactual:
+                out, ext, pair[modality], _ = _convert(modality, src.counterfactual[modality], cfg, "counterfactual ")
+                members.append((f"{COUNTERFACTUAL}.{ext}", out))
+        members.append((f"{COUNTERFACTUAL}.txt", (src.counterfactual_text or "").encode("utf-8")))
+        meta[COUNTERFACTUAL] = pair
     digests = [f"{m}:{meta[m]['sha256']}" for m in MEDIA if m in meta and "from" not in meta[m]]
     text = src.text or ""  # read_sources rejects inputs without a caption (src.error)
     if cfg.dedupe == "sample":
@@ -204,6 +223,7 @@ def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str,
         "origin": src.origin,
         "hash": _sha256("|".join(digests).encode()),
         "modalities": [m for m in MEDIA if m in meta],
+        COUNTERFACTUAL: sorted(src.counterfactual),
     }
     return members, record
 
@@ -353,6 +373,7 @@ def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: i
     duplicates: list[dict[str, Any]] = []
     sizes: dict[str, int] = {}
     modalities: Counter[str] = Counter()
+    pairs = 0  # samples written with a counterfactual pair
     total_bytes = 0
     writer: TarWriter | None = None
 
@@ -389,6 +410,7 @@ def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: i
                 writer = TarWriter(fs, f"{out}/{cfg.prefix}-{len(sizes):06d}.tar")
             writer.add(key, members)
             modalities.update(rec["modalities"])
+            pairs += bool(rec.get(COUNTERFACTUAL))
         bar.update()
     close()
     bar.close()
@@ -407,6 +429,7 @@ def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: i
         "shards": len(sizes),
         "bytes": total_bytes,
         "modalities": {m: modalities.get(m, 0) for m in MEDIA},
+        "counterfactuals": pairs,
         "reasons": dict(reasons.most_common()),
     }
 
@@ -514,7 +537,8 @@ def _print_summary(cfg: BuildConfig, stats: dict[str, Any]) -> None:
         f"({stats['bytes'] / 2**20:.1f} MiB) from {stats['inputs']} inputs in {stats['seconds']:.1f} s "
         f"({stats['samples_per_second']} inputs/s)"
     )
-    print(f"  modalities: {mods or 'none'}")
+    pairs = f"; with a counterfactual pair: {stats['counterfactuals']}" if stats.get("counterfactuals") else ""
+    print(f"  modalities: {mods or 'none'}{pairs}")
     print(f"  rejected: {stats['rejected']} (see failures.jsonl)  duplicates: {stats['duplicates']}")
     for reason, count in list(stats["reasons"].items())[:8]:
         print(f"    {count:6d}  {reason}")

@@ -18,11 +18,14 @@ from typing import Any
 import fsspec
 
 from accord.errors import InputError
-from accord.modalities import MEDIA, medium_of_input
+from accord.modalities import COUNTERFACTUAL, MEDIA, medium_of_input
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
 # Fields accord writes into each sample's json; manifest columns may not reuse them.
-RESERVED_FIELDS = frozenset({"key", "source", "text", "sha256", *MEDIA})
+RESERVED_FIELDS = frozenset({"key", "source", "text", "sha256", COUNTERFACTUAL, *MEDIA})
+# Manifest columns of a sample's counterfactual pair: its caption, and its medium per modality
+COUNTERFACTUAL_TEXT = f"{COUNTERFACTUAL}_text"
+COUNTERFACTUAL_MEDIA = {m: f"{COUNTERFACTUAL}_{m}" for m in MEDIA}
 
 
 @dataclass
@@ -35,6 +38,8 @@ class SampleSource:
     media: dict[str, str] = field(default_factory=dict)  # modality -> path/URL
     extra: dict[str, Any] = field(default_factory=dict)
     error: str | None = None  # set when the input is rejected at enumeration time
+    counterfactual: dict[str, str] = field(default_factory=dict)  # modality -> path/URL of the counterfactual medium
+    counterfactual_text: str | None = None  # the counterfactual medium's caption
 
     @property
     def key(self) -> str:
@@ -111,13 +116,13 @@ def _read_manifest(
 ) -> list[SampleSource]:
     rows = _rows(fs, path)
     name = posixpath.basename(path)
+    used = {text_column, *media_columns.values(), COUNTERFACTUAL_TEXT, *COUNTERFACTUAL_MEDIA.values()}
     if rows:
         columns = set().union(*(r.keys() for r in rows))
         if text_column not in columns:
             raise InputError(f"{url}: no caption column {text_column!r} (columns: {sorted(columns)})")
         if not columns & set(media_columns.values()):
             raise InputError(f"{url}: needs at least one media column of {sorted(media_columns.values())}")
-        used = {text_column, *media_columns.values()}
         clash = sorted((columns - used) & RESERVED_FIELDS)
         if clash:
             raise InputError(f"{url}: extra columns {clash} clash with fields accord writes; rename them")
@@ -128,7 +133,12 @@ def _read_manifest(
         for modality, column in media_columns.items():
             if not _missing(row.get(column)):
                 src.media[modality] = _join(url, str(row[column]))
-        src.extra = {k: v for k, v in row.items() if k not in (text_column, *media_columns.values())}
+        for modality, column in COUNTERFACTUAL_MEDIA.items():
+            if not _missing(row.get(column)):
+                src.counterfactual[modality] = _join(url, str(row[column]))
+        if not _missing(row.get(COUNTERFACTUAL_TEXT)):
+            src.counterfactual_text = str(row[COUNTERFACTUAL_TEXT]).strip()
+        src.extra = {k: v for k, v in row.items() if k not in used}
         text = row.get(text_column)
         if _missing(text):
             src.error = "missing caption"
@@ -136,14 +146,31 @@ def _read_manifest(
             src.text = str(text).strip()
         if src.error is None and not src.media:
             src.error = "no media: needs an image, video or audio path"
+        src.error = src.error or counterfactual_problem(src)
         out.append(src)
     return out
 
 
+def counterfactual_problem(src: SampleSource) -> str | None:
+    """Why ``src``'s counterfactual pair cannot be used, or None (also when it has none): it needs its caption, a
+    medium of a modality the sample itself has (a minimal pair of the sample's own medium), and not a caption alone."""
+    if not src.counterfactual and src.counterfactual_text is None:
+        return None
+    if not src.counterfactual:
+        return "counterfactual caption without a counterfactual medium"
+    if src.counterfactual_text is None:
+        return "counterfactual without its caption"
+    other = sorted(set(src.counterfactual) - set(src.media))
+    if other:
+        return f"counterfactual {other[0]} of a sample without {other[0]}"
+    return None
+
+
 def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[SampleSource]:
-    """Files sharing a stem (relative path without extension) form one sample. Every file is an input: hidden ones
-    (a name or folder starting with ``.``: ``.DS_Store``, ``.git/``) are rejected unread, with that reason; names
-    starting with ``_`` (``_DSC0001.JPG``, a camera's default) are read like any other."""
+    """Files sharing a stem (relative path without extension) form one sample; files of the stem
+    ``<stem>.counterfactual`` are that sample's counterfactual pair. Every file is an input: hidden ones (a name or
+    folder starting with ``.``: ``.DS_Store``, ``.git/``) are rejected unread, with that reason; names starting with
+    ``_`` (``_DSC0001.JPG``, a camera's default) are read like any other."""
     root = root.rstrip("/")
     groups: dict[str, list[str]] = {}
     for full in sorted(fs.find(root)):
@@ -152,6 +179,10 @@ def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[
         dot = name.rfind(".")
         stem = rel[: len(rel) - len(name) + dot] if dot > 0 else rel  # ".DS_Store" is a stem, not an extension
         groups.setdefault(stem, []).append(rel)
+    suffix = f".{COUNTERFACTUAL}"
+    pairs = {stem[: -len(suffix)]: groups.pop(stem) for stem in list(groups) if stem.endswith(suffix)}
+    for base in set(pairs) - set(groups):  # a counterfactual of no sample: an input of its own, rejected
+        groups[base + suffix] = pairs.pop(base)
     base = url.rstrip("/")
     out = []
     for i, stem in enumerate(sorted(groups)):
@@ -160,31 +191,62 @@ def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[
             src.error = f"hidden (a name starting with '.'), not read: {', '.join(groups[stem])}"
             out.append(src)
             continue
-        problems = []
+        if stem.endswith(suffix):
+            owner = stem[: -len(suffix)]
+            src.error = f"counterfactual of no sample (no {owner}.* beside it): {', '.join(groups[stem])}"
+            out.append(src)
+            continue
+        problems: list[str] = []
         for rel in groups[stem]:
-            ext = rel.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(rel) else ""
-            modality = medium_of_input(rel)
-            if modality is not None:
-                if modality in src.media:
-                    problems.append(f"several {modality} files ({posixpath.basename(rel)})")
-                src.media[modality] = f"{base}/{rel}"
-            elif ext == "txt":
-                with fs.open(f"{root}/{rel}", "rb") as f:
-                    lines = f.read().decode("utf-8", errors="replace").splitlines()
-                src.text = lines[0].strip() if lines and lines[0].strip() else None
-                if src.text is None:
-                    problems.append("empty caption")
-            elif ext == "json":
-                src.extra.update(_side_json(fs, f"{root}/{rel}", problems))
-            else:
-                problems.append(f"unsupported file type {posixpath.basename(rel)!r}")
+            _read_member(fs, root, base, rel, src, problems)
+        for rel in pairs.get(stem, []):
+            _read_member(fs, root, base, rel, src, problems, counterfactual=True)
         if not problems and src.text is None:
             problems.append("missing caption (no .txt)")
         if not problems and not src.media:
             problems.append("no media: needs an image, video or audio file")
+        problem = counterfactual_problem(src)
+        if not problems and problem:
+            problems.append(problem)
         src.error = "; ".join(problems) or None
         out.append(src)
     return out
+
+
+def _read_member(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    base: str,
+    rel: str,
+    src: SampleSource,
+    problems: list[str],
+    counterfactual: bool = False,
+) -> None:
+    """One file of a sample's stem into ``src`` (a medium, its caption, its json; ``counterfactual``: of its
+    counterfactual pair, which has no json), or its problem into ``problems``."""
+    name = posixpath.basename(rel)
+    ext = rel.rsplit(".", 1)[-1].lower() if "." in name else ""
+    modality = medium_of_input(rel)
+    media = src.counterfactual if counterfactual else src.media
+    what = f"{COUNTERFACTUAL} " if counterfactual else ""
+    if modality is not None:
+        if modality in media:
+            problems.append(f"several {what}{modality} files ({name})")
+        media[modality] = f"{base}/{rel}"
+    elif ext == "txt":
+        with fs.open(f"{root}/{rel}", "rb") as f:
+            lines = f.read().decode("utf-8", errors="replace").splitlines()
+        text = lines[0].strip() if lines and lines[0].strip() else None
+        if text is None:
+            problems.append(f"empty {what}caption")
+        if counterfactual:
+            src.counterfactual_text = text
+        else:
+            src.text = text
+    elif ext == "json" and not counterfactual:
+        src.extra.update(_side_json(fs, f"{root}/{rel}", problems))
+    else:
+        problems.append(f"unsupported file type {name!r}")
 
 
 def _side_json(fs: fsspec.AbstractFileSystem, path: str, problems: list[str]) -> dict[str, Any]:

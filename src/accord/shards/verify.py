@@ -22,7 +22,7 @@ from accord.data.config import DataConfig
 from accord.data.stream import seed_of
 from accord.data.transforms import SampleDecoder
 from accord.errors import InputError, command
-from accord.modalities import MEDIA, MEMBER_EXTS
+from accord.modalities import COUNTERFACTUAL, MEDIA, MEMBER_EXTS, member_of
 from accord.shards.build import check_shard_count
 
 MAX_LISTED = 50
@@ -73,6 +73,7 @@ def verify(
     modalities: Counter[str] = Counter()
     keys: set[str] = set()
     n_bad = 0
+    counterfactuals = 0  # samples that carry a counterfactual pair
 
     def problem(text: str) -> None:
         nonlocal n_bad
@@ -108,8 +109,13 @@ def verify(
                 present = [(m, ext) for m, exts in MEMBER_EXTS.items() for ext in exts if ext in sample]
                 if not present:
                     problem(f"{where}: no image, video or audio member")
-                for modality, ext in present:
-                    modalities[modality] += 1
+                pair = [(m, ext) for m in MEDIA if (ext := member_of(sample, m, f"{COUNTERFACTUAL}.")) is not None]
+                if pair:
+                    counterfactuals += 1
+                    if not sample.get(f"{COUNTERFACTUAL}.txt", b"").strip():
+                        problem(f"{where}: counterfactual {pair[0][0]} without its caption ({COUNTERFACTUAL}.txt)")
+                modalities.update(m for m, _ in present)
+                for modality, ext in present + pair:
                     if decode:
                         try:
                             rng = random.Random(seed_of(name, sample["__key__"]))
@@ -136,6 +142,7 @@ def verify(
         "shards": len(names),
         "samples": sum(counts.values()),
         "modalities": dict(modalities),
+        "counterfactuals": counterfactuals,
         "decoded": decode,
         "decode_settings": decode_settings(decoder.cfg) if decode else None,
         "problems": problems,

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from accord import collectives
 from accord.config import ConfigError, load_config, reference, to_dict
-from accord.data.batches import empty_batch, lockstep, real_samples, to_device
+from accord.data.batches import empty_batch, lockstep, real_pairs, real_samples, to_device
 from accord.data.loader import DataStalled, Loader, NoSamples, TooManyBadSamples, warm_workers
 from accord.data.negatives import NegativeSampler, Vocabulary, seen_facts
 from accord.data.shardio import ShardUnreadable
@@ -399,9 +399,8 @@ class Trainer:
                         raise NoSamples(self._no_samples())
                     break
                 loss, parts = self.train_step(group)
-                window.add(
-                    sum(real_samples(b) for b in group), wait_s, float(loss), {k: float(v) for k, v in parts.items()}
-                )
+                samples, pairs = sum(real_samples(b) for b in group), sum(real_pairs(b) for b in group)
+                window.add(samples, wait_s, float(loss), {k: float(v) for k, v in parts.items()}, pairs)
                 self.logger.progress.update(self.step, float(loss), window.samples / max(window.elapsed_s(), 1e-9))
                 if self.logger.should_log(self.step, self.total_steps):
                     with stage("log"):
@@ -437,9 +436,9 @@ class Trainer:
 
     def _epoch_groups(self) -> Iterator[list[dict[str, Any]]]:
         """This epoch's optimiser steps as groups of ``accum_steps`` micro-batches, in lock-step across ranks."""
-        size = self.cfg.data.batch_size
-        batches = lockstep(iter(self.loader), self.modalities, size)
-        return accumulation_groups(batches, self.cfg.accum_steps, lambda: empty_batch(self.modalities, size))
+        size, pairs = self.cfg.data.batch_size, self.cfg.data.counterfactuals
+        batches = lockstep(iter(self.loader), self.modalities, size, pairs)
+        return accumulation_groups(batches, self.cfg.accum_steps, lambda: empty_batch(self.modalities, size, pairs))
 
     def _report_profile(self, stages: dict[str, float] | None) -> None:
         if stages is not None and self.rank == 0:
@@ -453,7 +452,9 @@ class Trainer:
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
         skips = self.loader.skip_stats()
         io = [skips.get("io: retries", 0), skips.get("io: failures", 0)]
-        stats = torch.tensor([window.samples, window.wait_s, elapsed, peak_rss_mib, *io], dtype=torch.float64)
+        stats = torch.tensor(
+            [window.samples, window.wait_s, elapsed, peak_rss_mib, *io, window.pairs], dtype=torch.float64
+        )
         per_rank = collectives.all_gather(stats)
         parts = {}
         for k, vs in window.parts.items():  # each rank's loss share; their mean is the global-batch loss
@@ -479,6 +480,7 @@ class Trainer:
             "io/retries": int(sum(r[4] for r in per_rank)),  # remote shards reopened after a fault, since the start
             "io/failures": int(sum(r[5] for r in per_rank)),  # shards given up on (the run stops)
             "io/retries_per_rank": [int(r[4]) for r in per_rank],
+            **({"counterfactual_pairs": int(sum(r[6] for r in per_rank))} if self.cfg.data.counterfactuals else {}),
             **self.engine.module.frozen_cache_stats(),  # rank 0's
             **self._perf(samples_per_s),
         }

@@ -19,17 +19,19 @@ from accord.train.config import LogConfig
 
 @dataclass
 class MetricsWindow:
-    """What this rank did since the last log line: samples trained, seconds waiting for data, and the loss (total
-    and per part) of each step."""
+    """What this rank did since the last log line: samples trained (and of them, those with a counterfactual pair),
+    seconds waiting for data, and the loss (total and per part) of each step."""
 
     start: float = field(default_factory=time.perf_counter)
     samples: int = 0
+    pairs: int = 0
     wait_s: float = 0.0
     loss: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=dict)
 
-    def add(self, samples: int, wait_s: float, loss: float, parts: dict[str, float]) -> None:
+    def add(self, samples: int, wait_s: float, loss: float, parts: dict[str, float], pairs: int = 0) -> None:
         self.samples += samples
+        self.pairs += pairs
         self.wait_s += wait_s
         self.loss.append(loss)
         for k, v in parts.items():

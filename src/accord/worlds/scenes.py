@@ -6,6 +6,9 @@ referee` parses them back. Some object kinds (colour + shape) and some placement
 occur in training: the ``heldout`` split is made of scenes that have at least one of them.
 
     write_world(out, train=3000, heldout=300, seed=0)  ->  out/train/*.png|txt|json, out/heldout/...
+
+With ``counterfactuals`` each training scene also gets its counterfactual (``s00001.counterfactual.png`` + ``.txt``):
+the same picture with one thing changed (:func:`counterfactual`), the shard builder's counterfactual members.
 """
 
 from __future__ import annotations
@@ -102,6 +105,17 @@ def one_change(scene: Scene, what: str, rng: np.random.Generator) -> Scene | Non
     return Scene(tuple(objs), scene.relation)
 
 
+def counterfactual(scene: Scene, rng: np.random.Generator, heldout: bool = False) -> Scene | None:
+    """``scene`` with one thing changed (a :data:`CHANGES` kind drawn among those that apply), showing held-out parts
+    only when ``heldout``: a training scene's counterfactual is a true pair trained on, so it may not show a
+    combination held out of training. None when no change qualifies."""
+    for what in rng.permutation(CHANGES):
+        other = one_change(scene, str(what), rng)
+        if other is not None and other != scene and (heldout or not other.held_out_parts()):
+            return other
+    return None
+
+
 def random_scene(rng: np.random.Generator, heldout: bool) -> Scene:
     """A scene of the training distribution, or (``heldout``) one with at least one held-out part."""
     while True:
@@ -144,9 +158,13 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return img
 
 
-def write_world(out: Path, train: int, heldout: int, seed: int = 0, progress: bool = True) -> dict[str, int]:
+def write_world(
+    out: Path, train: int, heldout: int, seed: int = 0, progress: bool = True, counterfactuals: bool = False
+) -> dict[str, int]:
     """``out/train`` and ``out/heldout``: ``s*.png`` + a caption ``.txt`` (a random phrasing) + the scene ``.json``
-    (the referee's ground truth)."""
+    (the referee's ground truth). ``counterfactuals``: each training scene's counterfactual beside it, rendered from
+    the same random draws (background, noise, jitter), so that the two pictures differ in the changed thing only,
+    and captioned in the same phrasing; the scenes themselves are the same with and without."""
     rng = np.random.default_rng(seed)
     jobs = [("train", i) for i in range(train)] + [("heldout", i) for i in range(heldout)]
     for split in ("train", "heldout"):
@@ -154,9 +172,18 @@ def write_world(out: Path, train: int, heldout: int, seed: int = 0, progress: bo
     for split, i in tqdm(jobs, desc="render captioning world", unit="scene", disable=not progress):
         scene = random_scene(rng, heldout=split == "heldout")
         stem = out / split / f"s{i:05d}"
+        draws = rng.bit_generator.state  # where the picture's draws start: the counterfactual repeats them
         render(scene, rng).save(stem.with_suffix(".png"))
-        stem.with_suffix(".txt").write_text(caption(scene, str(rng.choice(TEMPLATES[len(scene.objects)]))) + "\n")
+        template = str(rng.choice(TEMPLATES[len(scene.objects)]))
+        stem.with_suffix(".txt").write_text(caption(scene, template) + "\n")
         stem.with_suffix(".json").write_text(json.dumps({"scene": scene.to_json(), "held_out": scene.held_out_parts()}))
+        other = counterfactual(scene, np.random.default_rng([seed, i, 1])) if counterfactuals else None
+        if split == "train" and other is not None:
+            same = np.random.default_rng()
+            same.bit_generator.state = draws
+            cf = stem.with_name(f"{stem.name}.counterfactual")
+            render(other, same).save(cf.with_name(cf.name + ".png"))
+            cf.with_name(cf.name + ".txt").write_text(caption(other, template) + "\n")
     return {"train": train, "heldout": heldout}
 
 
