@@ -26,7 +26,7 @@ from accord.pipeline import build_shards
 from accord.shards.read import shard_items
 from accord.shards.sources import read_sources
 from accord.shards.verify import verify
-from accord.worlds import scenes
+from accord.worlds import demo, scenes
 from accord.worlds.referee import parse
 
 from helpers.procs import ENV, launch, metrics
@@ -69,6 +69,30 @@ def test_each_training_scene_has_a_counterfactual_that_differs_in_one_thing(worl
         assert (a == b).mean() > 0.6
     assert changed == {"colour", "shape", "size", "relation"}
     assert not list((raw / "heldout").glob("*.counterfactual.*"))  # evaluation scenes have none
+
+
+def test_the_demo_world_pairs_change_one_word_of_training_samples(tmp_path: Path) -> None:
+    size = demo.WorldSize(images=24, videos=16, sounds=18, pairs=4, val_per_combo=1)
+    demo.generate(tmp_path / "plain", size, seed=0, progress=False)
+    counts = demo.generate(tmp_path / "pairs", size, seed=0, progress=False, counterfactuals=True)
+    assert [counts[f"train/{k} counterfactual"] for k in ("image", "video", "sound")] == [24, 16, 18]
+    changed = set()
+    for txt in sorted((tmp_path / "pairs" / "train").glob("*.counterfactual.txt")):
+        stem = txt.name.split(".")[0]
+        words, other = (tmp_path / "pairs" / "train" / f"{stem}.txt").read_text().split(), txt.read_text().split()
+        diffs = [(a, b) for a, b in zip(words, other, strict=True) if a != b]
+        assert len(diffs) == 1, (words, other)
+        changed.add(diffs[0][0] in demo.DIRECTIONS)
+        media = [f for f in txt.parent.glob(f"{stem}.*") if f.suffix in (".png", ".mp4", ".wav") and f.stem == stem]
+        assert media
+        for f in media:  # the sample itself is the same as in a world without pairs
+            assert f.read_bytes() == (tmp_path / "plain" / "train" / f.name).read_bytes()
+        if stem.startswith("sound"):
+            assert tuple(other[1:3]) not in demo.HELD_OUT_SOUNDS
+        else:
+            assert tuple(other[1:3]) not in demo.HELD_OUT_SHAPES
+    assert changed == {True, False}  # videos change direction too
+    assert not list((tmp_path / "pairs" / "val").glob("*.counterfactual.*"))
 
 
 def test_the_builder_stores_pairs_and_accounts_for_every_unusable_one(world: Path, tmp_path: Path) -> None:

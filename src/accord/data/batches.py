@@ -62,11 +62,11 @@ def join_counterfactuals(batch: dict[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in batch.items() if k != COUNTERFACTUAL}
     out["present"] = {m: torch.cat([p, pairs["present"][m]]) for m, p in present.items()}
     for modality in present:
-        halves = [half.get(modality) for half in (batch, pairs)]
-        if halves == [None, None]:
+        found = [half.get(modality) for half in (batch, pairs)]
+        like = next((h for h in found if h is not None), None)
+        if like is None:
             continue
-        like = next(h for h in halves if h is not None)
-        halves = [h if h is not None else {k: torch.zeros_like(t) for k, t in like.items()} for h in halves]
+        halves = [h if h is not None else {k: torch.zeros_like(t) for k, t in like.items()} for h in found]
         if modality == "text":
             length = max(h["input_ids"].shape[1] for h in halves)
             halves = [{k: F.pad(t, (0, length - t.shape[1])) for k, t in h.items()} for h in halves]

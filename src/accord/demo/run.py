@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = {}
 
     t = _step("1/6 rendering the demo world (+ real media)")
-    counts = generate(out / "raw", size, seed=args.seed)
+    counts = generate(out / "raw", size, seed=args.seed, counterfactuals=True)  # data.counterfactuals=true uses them
     timings["render"] = time.perf_counter() - t
 
     t = _step("2/6 building shards")

@@ -8,6 +8,9 @@
 
 Some (colour, shape) and (pitch, rhythm) combinations never appear in training: the validation split holds only
 those, so retrieval on it measures generalisation to unseen combinations of known words.
+
+With ``counterfactuals`` each training image, video and sound also gets its counterfactual pair
+(``<stem>.counterfactual.<ext>`` + ``.txt``): the same draws with one word's worth changed (:func:`counterfactual`).
 """
 
 from __future__ import annotations
@@ -68,8 +71,53 @@ def _combos(held_out: set, a: tuple, b: tuple, val: bool) -> list[tuple[str, str
     return [(x, y) for x in a for y in b if ((x, y) in held_out) == val]
 
 
-def generate(out: Path, size: WorldSize, seed: int = 0, progress: bool = True) -> dict[str, int]:
-    """Write ``out/train`` and ``out/val`` (stem-grouped files + captions); returns counts per kind."""
+# what a counterfactual may change, per kind of sample: its words, by slot of its combo (and a video's direction)
+CHANGEABLE = {"image": ("colour", "shape"), "video": ("colour", "shape", "direction"), "sound": ("pitch", "rhythm")}
+
+
+def counterfactual(kind: str, combo: tuple[str, str], extra: Any, rng: np.random.Generator) -> tuple[tuple, Any]:
+    """Another (combo, direction) of a training ``kind`` sample: one of its words (:data:`CHANGEABLE`) replaced by
+    another of its class, never forming a held-out combination (a pair is trained on as true)."""
+    held, classes = (
+        (HELD_OUT_SOUNDS, (tuple(PITCHES), RHYTHMS)) if kind == "sound" else (HELD_OUT_SHAPES, (tuple(COLORS), SHAPES))
+    )
+    options = []
+    for what in CHANGEABLE[kind]:
+        if what == "direction":
+            options += [(combo, d) for d in DIRECTIONS if d != extra]
+            continue
+        slot = 0 if what in ("colour", "pitch") else 1
+        for word in classes[slot]:
+            other = (word, combo[1]) if slot == 0 else (combo[0], word)
+            if word != combo[slot] and other not in held:
+                options.append((other, extra))
+    return options[int(rng.integers(len(options)))]
+
+
+def _render(kind: str, stem: Path, combo: tuple[str, str], extra: Any, rng: np.random.Generator) -> str:
+    """One sample's media at ``stem`` (by kind); returns its caption."""
+    first, second = combo  # colour and shape, or pitch and rhythm for a sound
+    if kind == "image":
+        shape_image(first, second, rng).save(stem.with_name(stem.name + ".png"))
+        return f"a {first} {second}"
+    if kind == "video":
+        write_video(stem.with_name(stem.name + ".mp4"), first, second, extra, rng)
+        return f"a {first} {second} moving {extra}"
+    if kind == "sound":
+        sf.write(stem.with_name(stem.name + ".wav"), _tone(first, second, rng), RATE)
+        return f"a {first} {second} tone"
+    pitch, rhythm = extra
+    shape_image(first, second, rng).save(stem.with_name(stem.name + ".png"))
+    sf.write(stem.with_name(stem.name + ".wav"), _tone(pitch, rhythm, rng), RATE)
+    return f"a {first} {second} with a {pitch} {rhythm} tone"
+
+
+def generate(
+    out: Path, size: WorldSize, seed: int = 0, progress: bool = True, counterfactuals: bool = False
+) -> dict[str, int]:
+    """Write ``out/train`` and ``out/val`` (stem-grouped files + captions); returns counts per kind.
+    ``counterfactuals``: each training image, video and sound's pair beside it, rendered from the same draws; the
+    samples themselves are the same with and without."""
 
     rng = np.random.default_rng(seed)
     counts: dict[str, int] = {}
@@ -93,28 +141,24 @@ def generate(out: Path, size: WorldSize, seed: int = 0, progress: bool = True) -
             jobs.append((split, "pair", shapes[i % len(shapes)], sounds[(i * 7) % len(sounds)], i))
     for split, kind, combo, extra, i in tqdm(jobs, desc="render world", unit="sample", disable=not progress):
         stem = out / split / f"{kind}_{i:05d}"
-        first, second = combo  # colour and shape, or pitch and rhythm for a sound
-        if kind == "image":
-            shape_image(first, second, rng).save(stem.with_suffix(".png"))
-            caption = f"a {first} {second}"
-        elif kind == "video":
-            write_video(stem.with_suffix(".mp4"), first, second, extra, rng)
-            caption = f"a {first} {second} moving {extra}"
-        elif kind == "sound":
-            sf.write(stem.with_suffix(".wav"), _tone(first, second, rng), RATE)
-            caption = f"a {first} {second} tone"
-        else:
-            pitch, rhythm = extra
-            shape_image(first, second, rng).save(stem.with_suffix(".png"))
-            sf.write(stem.with_suffix(".wav"), _tone(pitch, rhythm, rng), RATE)
-            caption = f"a {first} {second} with a {pitch} {rhythm} tone"
+        draws = rng.bit_generator.state  # where the sample's draws start: its counterfactual repeats them
+        caption = _render(kind, stem, combo, extra, rng)
         stem.with_suffix(".txt").write_text(caption + "\n")
         # the combinations never seen in training (the sample json's held_out, read by compositional evaluation)
-        held = [f"{first} {second}"] if split == "val" else []
+        held = [" ".join(combo)] if split == "val" else []
         if kind == "pair" and split == "val":
             held.append(" ".join(extra))
         stem.with_suffix(".json").write_text(json.dumps({"held_out": held}))
         counts[f"{split}/{kind}"] = counts.get(f"{split}/{kind}", 0) + 1
+        if counterfactuals and split == "train" and kind in CHANGEABLE:
+            same = np.random.default_rng()
+            same.bit_generator.state = draws
+            pair = stem.with_name(f"{stem.name}.counterfactual")
+            other, other_extra = counterfactual(
+                kind, combo, extra, np.random.default_rng([seed, list(CHANGEABLE).index(kind), i])
+            )
+            pair.with_name(pair.name + ".txt").write_text(_render(kind, pair, other, other_extra, same) + "\n")
+            counts[f"{split}/{kind} counterfactual"] = counts.get(f"{split}/{kind} counterfactual", 0) + 1
     counts.update(add_real_media(out / "train", rng))
     return counts
 
