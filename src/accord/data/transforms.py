@@ -225,12 +225,12 @@ class SampleDecoder:
             raise BadSample(f"counterfactual {modality} without its caption")
         same = random.Random()
         same.setstate(draws)
-        pair = out.setdefault(COUNTERFACTUAL, {"__key__": f"{raw['__key__']}.{COUNTERFACTUAL}"})
+        pair = out.setdefault(COUNTERFACTUAL, {})
         try:
             pair[modality] = self.decode_medium(modality, raw[ext], same)
         except Exception as e:
             raise BadSample(f"undecodable counterfactual {modality}") from e
-        if "text" in self.modalities:
+        if "text" in self.modalities and "text" not in pair:
             ids = self.tokenizer(text, truncation=True, max_length=self.cfg.text.max_length)["input_ids"]
             pair["text"] = torch.tensor(ids, dtype=torch.long)
 

@@ -146,12 +146,12 @@ def _read_manifest(
             src.text = str(text).strip()
         if src.error is None and not src.media:
             src.error = "no media: needs an image, video or audio path"
-        src.error = src.error or counterfactual_problem(src)
+        src.error = src.error or _counterfactual_problem(src)
         out.append(src)
     return out
 
 
-def counterfactual_problem(src: SampleSource) -> str | None:
+def _counterfactual_problem(src: SampleSource) -> str | None:
     """Why ``src``'s counterfactual pair cannot be used, or None (also when it has none): it needs its caption, a
     medium of a modality the sample itself has (a minimal pair of the sample's own medium), and not a caption alone."""
     if not src.counterfactual and src.counterfactual_text is None:
@@ -205,7 +205,7 @@ def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[
             problems.append("missing caption (no .txt)")
         if not problems and not src.media:
             problems.append("no media: needs an image, video or audio file")
-        problem = counterfactual_problem(src)
+        problem = _counterfactual_problem(src)
         if not problems and problem:
             problems.append(problem)
         src.error = "; ".join(problems) or None
