@@ -196,6 +196,48 @@ def test_resume_after_kill_gives_identical_shards(tmp_path: Path) -> None:
     assert changed.returncode == 2 and "image" in changed.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
+def test_a_killed_nodes_blocks_are_taken_over_and_the_output_is_identical(tmp_path: Path) -> None:
+    """Node 1 of 2 is SIGKILLed with blocks claimed; node 0, started after, converts the blocks no one took, waits
+    until node 1's claims go stale (no heartbeat), takes them over, and packs: byte-identical to a one-node build."""
+    src = tmp_path / "many"
+    src.mkdir()
+    for i in range(160):
+        gradient(480, 360, seed=i).save(src / f"{i:04d}.jpg", quality=90)
+        (src / f"{i:04d}.txt").write_text(f"picture {i}")
+    opts = ["--samples-per-shard", "16", "--workers", "1", "--image-size", "96"]
+    reference = tmp_path / "reference"
+    run_build(src, reference, *opts)
+
+    out = tmp_path / "two"
+    nodes = [*opts, "--num-nodes", "2", "--claim-timeout", "2"]
+    cmd = [sys.executable, str(SCRIPT), "--input", str(src), "--output", str(out), "--quiet", *nodes]
+    node1 = subprocess.Popen([*cmd, "--node-rank", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log1 = out / "_staging" / "nodes" / "node-0001.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log1.exists() or len(log1.read_text().splitlines()) < 6):
+        time.sleep(0.01)
+    assert node1.poll() is None, "node 1 finished before it could be killed; make the input larger"
+    os.kill(node1.pid, signal.SIGKILL)
+    node1.wait()
+    claims = {int(c.name[6:12]): json.loads(c.read_text()) for c in (out / "_staging").glob("block-*.claim")}
+    held = {b for b, c in claims.items() if not (out / "_staging" / f"block-{b:06d}.json").exists()}
+    assert held and {c["node"] for c in claims.values()} == {1}  # it died holding claims of unfinished blocks
+
+    t = time.time()
+    proc = run_build(src, out, *nodes, "--node-rank", "0", "--keep-staging")
+    assert proc.returncode == 0, proc.stderr
+    assert time.time() - t >= 2  # it waited for the claims to go stale
+    rows = [json.loads(line) for line in (out / "_staging" / "nodes" / "node-0000.jsonl").read_text().splitlines()]
+    assert {r["block"] for r in rows if r["took_over"]} == held
+    committed = [json.loads(line)["block"] for line in log1.read_text().splitlines()] + [r["block"] for r in rows]
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["inputs"] == stats["written"] == 160
+    assert sorted(committed) == list(range(-(-160 // stats["plan"]["block_size"])))  # every block once
+    assert output_files(out) == output_files(reference)
+
+
 def test_nodes_build_disjoint_parts_with_same_result(raw_corpus: Path, built: Path, tmp_path: Path) -> None:
     opts = ["--samples-per-shard", "4", "--dedupe", "--num-nodes", "2"]
     cmd = [sys.executable, str(SCRIPT), "--input", str(raw_corpus), "--output", str(tmp_path), "--quiet", *opts]

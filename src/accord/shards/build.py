@@ -4,7 +4,8 @@ The build runs in two phases, which is what makes it reproducible, resumable and
 
 1. *Process* (parallel over ``--workers`` processes and ``--num-nodes`` machines): the ordered inputs are cut into
    fixed blocks; each block is validated/converted and written to ``OUT/_staging/block-N.tar`` plus a
-   ``block-N.json`` commit record (written last). A resumed build skips blocks whose record exists.
+   ``block-N.json`` commit record (written last). A resumed build skips blocks whose record exists. Nodes claim
+   blocks as they go and take over a dead node's (:mod:`accord.shards.claims`).
 2. *Pack* (node 0, sequential, no re-encoding): blocks are read in order, exact duplicates dropped, and samples
    packed into ``PREFIX-NNNNNN.tar`` by count and bytes; then ``sizes.json``, ``stats.json``, ``failures.jsonl`` and
    ``duplicates.jsonl`` are written and the staging folder removed.
@@ -16,6 +17,7 @@ number of workers or nodes, and after any crash + ``--resume``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -23,8 +25,11 @@ import math
 import multiprocessing as mp
 import os
 import random
+import threading
 import time
+import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +38,7 @@ from tqdm import tqdm
 
 from accord.errors import command
 from accord.modalities import COUNTERFACTUAL, IMAGE_FORMATS, MEDIA
+from accord.shards.claims import BlockClaims
 from accord.shards.media import (
     RESIZE_MODES,
     AudioOptions,
@@ -84,6 +90,9 @@ class BuildConfig:
     """Machines sharing the build over a shared output folder."""
     node_rank: int = 0
     """This machine's part of the build (0 packs the shards)."""
+    claim_timeout_s: float = 300.0
+    """With ``num_nodes``: seconds after which a block claimed by a node that stopped touching its claim (dead or
+    hung) is taken over by another node."""
     resume: bool = False
     """Continue an interrupted build with the same options."""
     overwrite: bool = False
@@ -109,6 +118,10 @@ class BuildConfig:
             bad("--dedupe", f"must be none, media or sample, not {self.dedupe!r}")
         if not 0 <= self.node_rank < self.num_nodes:
             bad("--node-rank", f"must be in [0, --num-nodes={self.num_nodes}), not {self.node_rank}")
+        if self.num_nodes > 1 and "file" not in fsspec.core.url_to_fs(self.output)[0].protocol:
+            bad("--num-nodes", f"needs --output on a shared POSIX folder (NFS, Lustre, local), not {self.output}")
+        if self.claim_timeout_s <= 0:
+            bad("--claim-timeout", "must be > 0 (seconds)")
         if self.workers < 1:
             bad("--workers", "must be >= 1")
         if self.resume and self.overwrite:
@@ -136,6 +149,7 @@ class BuildConfig:
             "workers",
             "num_nodes",
             "node_rank",
+            "claim_timeout_s",
             "resume",
             "overwrite",
             "keep_staging",
@@ -254,8 +268,11 @@ def _process_block(task: tuple[BuildConfig, str, int, list[SampleSource]]) -> tu
             continue
         samples.append((src.key, members))
         records.append(record)
-    write_tar(fs, f"{root}/block-{block:06d}.tar", samples)
-    _write_json(fs, f"{root}/block-{block:06d}.json", {"block": block, "samples": records, "failures": failures})
+    # temporary names of this process: a block taken over from a node that was only slow may be written twice, at once
+    tmp = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    write_tar(fs, f"{root}/block-{block:06d}.tar", samples, tmp=f"{root}/block-{block:06d}.tar.{tmp}")
+    record = {"block": block, "samples": records, "failures": failures}
+    _write_json(fs, f"{root}/block-{block:06d}.json", record, tmp=f"{root}/block-{block:06d}.json.{tmp}")
     return block, len(sources), len(failures)
 
 
@@ -269,10 +286,11 @@ def _init_worker() -> None:
         pass
 
 
-def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any) -> None:
-    with fs.open(f"{path}.tmp", "w") as f:
+def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any, tmp: str | None = None) -> None:
+    tmp = tmp or f"{path}.tmp"
+    with fs.open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
-    fs.mv(f"{path}.tmp", path)
+    fs.mv(tmp, path)
 
 
 def _write_jsonl(fs: fsspec.AbstractFileSystem, path: str, rows: list[dict[str, Any]]) -> None:
@@ -464,37 +482,21 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             print(f"{cfg.output}: build already complete ({stats['written']} samples in {stats['shards']} shards)")
         return stats
     staging = f"{out}/{STAGING}"
-    mine = [b for b in range(len(blocks)) if b % cfg.num_nodes == cfg.node_rank]
-    todo = [b for b in mine if not fs.exists(f"{staging}/block-{b:06d}.json")]
-    tasks = [(cfg, f"{cfg.output.rstrip('/')}/{STAGING}", b, blocks[b]) for b in todo]
-    done_inputs = sum(len(blocks[b]) for b in mine) - sum(len(blocks[b]) for b in todo)
-    bar = tqdm(
-        total=sum(len(blocks[b]) for b in mine),
-        initial=done_inputs,
-        desc="process",
-        unit="sample",
-        disable=not cfg.progress,
-    )
-    rejected = 0
-    if cfg.workers == 1:
-        _init_worker()
-        results = map(_process_block, tasks)
-        for _, n_in, n_bad in results:
-            bar.update(n_in)
-            rejected += n_bad
-            bar.set_postfix(rejected=rejected)
-    else:
-        with mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker) as pool:
-            for _, n_in, n_bad in pool.imap_unordered(_process_block, tasks):
-                bar.update(n_in)
-                rejected += n_bad
-                bar.set_postfix(rejected=rejected)
+    claims = BlockClaims(fs, staging, len(blocks), cfg.num_nodes, cfg.node_rank, cfg.claim_timeout_s)
+    log = NodeLog(fs, f"{staging}/nodes/node-{cfg.node_rank:04d}.jsonl")
+    missing = set(claims.missing())
+    done_inputs = sum(len(blocks[b]) for b in range(len(blocks)) if b not in missing)
+    bar = tqdm(total=n, initial=done_inputs, desc="process", unit="sample", disable=not cfg.progress)
+    converted = _convert_blocks(cfg, blocks, claims, bar, log)
+    while cfg.node_rank == 0 and claims.missing():  # node 0 packs: it waits, and takes over a dead node's blocks
+        _wait_for_blocks(claims, cfg.progress)
+        converted += _convert_blocks(cfg, blocks, claims, bar, log)
     bar.close()
+    claims.close()
     if cfg.node_rank != 0:
         if cfg.progress:
-            print(f"node {cfg.node_rank}/{cfg.num_nodes}: processed {len(mine)} blocks; node 0 packs the shards")
-        return {"node_rank": cfg.node_rank, "blocks": len(mine), "inputs": done_inputs + sum(len(t[3]) for t in tasks)}
-    _wait_for_blocks(fs, staging, len(blocks), cfg.progress)
+            print(f"node {cfg.node_rank}/{cfg.num_nodes}: converted {converted} blocks; node 0 packs the shards")
+        return {"node_rank": cfg.node_rank, "blocks": converted, "inputs": sum(r["inputs"] for r in log.rows)}
     stats = {"inputs": n, **_pack(fs, out, cfg, len(blocks))}
     stats["seconds"] = round(time.perf_counter() - start, 3)
     stats["samples_per_second"] = round(n / stats["seconds"], 2) if stats["seconds"] else None
@@ -509,22 +511,77 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     return stats
 
 
-def _wait_for_blocks(fs: fsspec.AbstractFileSystem, staging: str, n_blocks: int, progress: bool) -> None:
-    """Node 0 waits for the other nodes' blocks (shared output folder) before packing."""
-    missing = [b for b in range(n_blocks) if not fs.exists(f"{staging}/block-{b:06d}.json")]
-    if not missing:
-        return
+def _convert_blocks(
+    cfg: BuildConfig, blocks: list[list[SampleSource]], claims: BlockClaims, bar: tqdm, log: NodeLog
+) -> int:
+    """Convert every block this node can claim now (its share, then any no live node holds) with ``cfg.workers``
+    processes; returns how many it converted. Blocks are claimed as workers become free, never all at once."""
+    slots = threading.BoundedSemaphore(2 * cfg.workers)  # claimed but not yet committed
+    stop = threading.Event()  # the pool's feeder thread must not wait on a slot once this ends
+
+    def tasks() -> Iterator[tuple[BuildConfig, str, int, list[SampleSource]]]:
+        for b in claims.candidates():
+            while not slots.acquire(timeout=0.5):
+                if stop.is_set():
+                    return
+            if claims.claim(b):
+                yield cfg, f"{cfg.output.rstrip('/')}/{STAGING}", b, blocks[b]
+            else:
+                slots.release()
+
+    converted = rejected = 0
+    with contextlib.ExitStack() as stack:
+        if cfg.workers == 1:
+            _init_worker()
+            results: Iterator[tuple[int, int, int]] = map(_process_block, tasks())
+        else:
+            pool = stack.enter_context(mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker))
+            results = pool.imap_unordered(_process_block, tasks())
+        stack.callback(stop.set)  # runs before the pool is ended
+        for block, n_in, n_bad in results:
+            claims.release(block)
+            slots.release()
+            log.write(block=block, inputs=n_in, rejected=n_bad, took_over=block in claims.taken_over)
+            converted += 1
+            rejected += n_bad
+            bar.update(n_in)
+            bar.set_postfix(rejected=rejected)
+    return converted
+
+
+class NodeLog:
+    """``_staging/nodes/node-R.jsonl``: a line per block a node committed (time, inputs, rejected, whether taken over
+    from a dead node's claim), appended as it goes: each node's progress, readable while the build runs."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+        self.fs, self.path = fs, path
+        self.rows: list[dict[str, Any]] = []
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+
+    def write(self, **row: Any) -> None:
+        row = {"time": round(time.time(), 3), **row}
+        self.rows.append(row)
+        with self.fs.open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def _wait_for_blocks(claims: BlockClaims, progress: bool) -> None:
+    """Node 0 waits until every block is committed or one can be taken over (its claim went stale, or no one holds
+    it); the bar names who holds what is missing."""
+    missing = claims.missing()
     bar = tqdm(
-        total=n_blocks,
-        initial=n_blocks - len(missing),
+        total=claims.n_blocks,
+        initial=claims.n_blocks - len(missing),
         desc="waiting for other nodes",
         unit="block",
         disable=not progress,
     )
     while missing:
-        time.sleep(1.0)
-        fs.invalidate_cache()
-        still = [b for b in missing if not fs.exists(f"{staging}/block-{b:06d}.json")]
+        if any(claims.owner(b) is None or claims.stale(b) for b in missing):
+            break
+        bar.set_postfix_str(", ".join(f"{k}: {len(v)}" for k, v in claims.holders(missing).items()))
+        time.sleep(min(1.0, claims.timeout_s / 4))
+        still = claims.missing()
         bar.update(len(missing) - len(still))
         missing = still
     bar.close()
@@ -596,6 +653,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
     g.add_argument("--num-nodes", type=int, default=1, help="machines sharing the build (shared output folder)")
     g.add_argument("--node-rank", type=int, default=0)
+    g.add_argument(
+        "--claim-timeout",
+        type=float,
+        default=300.0,
+        help="seconds after which a dead or hung node's claimed blocks are taken over by another node",
+    )
     g.add_argument("--resume", action="store_true", help="continue an interrupted build")
     g.add_argument("--overwrite", action="store_true", help="delete a previous build in --output first")
     g.add_argument("--keep-staging", action="store_true")
@@ -639,6 +702,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         extract_audio=args.extract_audio,
         workers=args.workers,
         num_nodes=args.num_nodes,
+        claim_timeout_s=args.claim_timeout,
         node_rank=args.node_rank,
         resume=args.resume,
         overwrite=args.overwrite,

@@ -30,8 +30,8 @@ class TarWriter:
     A tar that was being written when the process died is only ever seen as ``*.tar.tmp``.
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
-        self.fs, self.path, self.tmp = fs, path, f"{path}.tmp"
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, tmp: str | None = None):
+        self.fs, self.path, self.tmp = fs, path, tmp or f"{path}.tmp"
         self._raw = fs.open(self.tmp, "wb")
         self._tar = tarfile.open(fileobj=self._raw, mode="w", format=tarfile.USTAR_FORMAT)
         self.count = 0
@@ -49,9 +49,9 @@ class TarWriter:
         self.fs.mv(self.tmp, self.path)
 
 
-def write_tar(fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[Sample]) -> int:
-    """Write samples to ``path`` atomically; return the number of samples."""
-    writer = TarWriter(fs, path)
+def write_tar(fs: fsspec.AbstractFileSystem, path: str, samples: Iterable[Sample], tmp: str | None = None) -> int:
+    """Write samples to ``path`` atomically (through ``tmp``, default ``path.tmp``); return the number of samples."""
+    writer = TarWriter(fs, path, tmp)
     for key, members in samples:
         writer.add(key, members)
     writer.close()
