@@ -431,6 +431,9 @@ def test_demo_and_experiments_refuse_bad_inputs_without_harm(tmp_path: Path, cap
     assert (precious / "thesis.tex").exists()
     assert main_demo(["--out", str(precious / "thesis.tex")]) == 2
     assert "is a file, not a folder" in one_line_error(capsys, "accord demo")
+    fresh = tmp_path / "fresh"  # a training override checked before anything is rendered
+    assert main_demo(["--quick", "--out", str(fresh), "loss.kindd=siglip"]) == 2
+    assert "loss.kindd: unknown key" in one_line_error(capsys, "accord demo") and not fresh.exists()
     assert (
         main_experiment(
             [

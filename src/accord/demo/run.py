@@ -19,13 +19,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from accord.config import load_config
 from accord.consistency import ConsistencyScorer
 from accord.demo.report import write_report
 from accord.errors import command
 from accord.evaluation.compositional import compositional_eval
 from accord.modalities import MEDIA
 from accord.pipeline import build_shards, evaluate, export_backbone, fresh_output_dir, launch_training
+from accord.resources import config_file
 from accord.shards.read import shard_items
+from accord.train.config import TrainConfig
 from accord.worlds.demo import WorldSize, generate, mismatch
 
 # docs/recipes.md (compositional study, issue #25): MiniLM cut after its 4th layer (bottom frozen and cached, top 2
@@ -90,11 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     size, epochs = SIZES["quick" if args.quick else "full"]
+    training = (f"seed={args.seed}", f"data.seed={args.seed}", *TEXT_RECIPE, *args.overrides)
+    # the overrides checked before anything is rendered; and whether training reads counterfactual pairs
+    shards = Path(args.out) / "shards"
+    given = [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}", *training]
+    pairs = load_config(TrainConfig, config_file("tiny.yaml"), given).data.counterfactuals
     out = fresh_output_dir(Path(args.out), "accord demo")
     timings = {}
 
     t = _step("1/6 rendering the demo world (+ real media)")
-    counts = generate(out / "raw", size, seed=args.seed, counterfactuals=True)  # data.counterfactuals=true uses them
+    counts = generate(out / "raw", size, seed=args.seed, counterfactuals=pairs)
     timings["render"] = time.perf_counter() - t
 
     t = _step("2/6 building shards")
@@ -112,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         out / "run",
         epochs,
         args.port,
-        overrides=(f"seed={args.seed}", f"data.seed={args.seed}", *TEXT_RECIPE, *args.overrides),
+        overrides=training,
     )
     timings["train"] = time.perf_counter() - t
 
