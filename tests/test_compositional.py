@@ -317,3 +317,28 @@ def test_an_unknown_recipe_exits_2_naming_it(tmp_path: Path, capsys: pytest.Capt
     assert main(["--recipes", "frozen", "tuned twice", "--out", str(tmp_path)]) == 2
     assert "--recipes: unknown recipe 'tuned twice'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything ran
+
+
+def test_the_relation_probe_reads_a_relation_where_an_embedding_holds_it(world: dict[str, Path], monkeypatch) -> None:
+    """A stand-in backbone whose image embedding is the scene's relation (one-hot) and whose text embedding is noise:
+    the probe reads the relation from the image side on held-out scenes and not from the text side."""
+    from accord.experiments import compositional as experiment
+    from accord.shards.read import shard_items
+
+    relation = {}
+    for split in ("train", "heldout"):
+        for item in shard_items(str(world[split]), with_json=True):
+            rel = json.loads(item["json"])["scene"]["relation"]
+            if rel is not None:
+                relation[item["image"]] = scenes.RELATIONS.index(rel)
+    assert len(set(relation.values())) == 4
+
+    class Stub:
+        def embed(self, modality: str, inputs: list) -> torch.Tensor:
+            if modality == "image":
+                return torch.nn.functional.one_hot(torch.tensor([relation[x] for x in inputs]), 8).float()
+            return torch.randn(len(inputs), 8, generator=torch.Generator().manual_seed(len(inputs)))
+
+    monkeypatch.setattr(experiment, "load_backbone", lambda path: Stub())
+    probe = experiment.relation_probe(Path("stub"), world["train"], world["heldout"])
+    assert probe["image"] == 1.0 and probe["text"] < 0.75, probe

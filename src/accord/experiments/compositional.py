@@ -25,14 +25,18 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+from accord.consistency.backbone import embed_in_chunks, load_backbone
 from accord.errors import InputError, command
 from accord.evaluation.compositional import NULL_DECODER, compositional_eval, write
 from accord.evaluation.plots import pyplot
 from accord.experiments.captioning import PLANS, build_world, prepare_world, train_backbone
 from accord.pipeline import build_shards
-from accord.worlds.scenes import write_minimal_pairs, write_world
+from accord.shards.read import shard_items
+from accord.worlds.scenes import RELATIONS, write_minimal_pairs, write_world
 
 PAIRS = {"quick": 24, "full": 150}
 
@@ -103,6 +107,44 @@ def validation_scenes(world: Path, seed: int) -> Path:
     return val
 
 
+def relation_probe(backbone: Path, train: Path, heldout: Path, steps: int = 500) -> dict[str, float]:
+    """Which side of the score holds a scene's relation: a linear probe (4-way softmax regression, chance 0.25) on
+    the image embedding, and one on its caption's text embedding, each trained on the training scenes of two objects
+    and scored on the held-out ones (their accuracy). A side near chance cannot tell "left of" from "right of",
+    whatever the other does."""
+
+    def scenes(folder: Path) -> tuple[list[Any], list[str], torch.Tensor]:
+        images, captions, labels = [], [], []
+        for item in shard_items(str(folder), with_json=True):
+            relation = (json.loads(item.get("json") or "{}").get("scene") or {}).get("relation")
+            if relation is not None and "image" in item:
+                images.append(item["image"])
+                captions.append(item["text"].strip())
+                labels.append(RELATIONS.index(relation))
+        return images, captions, torch.tensor(labels)
+
+    model = load_backbone(backbone)
+    (tr_images, tr_captions, tr_y), (te_images, te_captions, te_y) = scenes(train), scenes(heldout)
+    out = {}
+    with torch.no_grad():
+        features = {
+            "image": [embed_in_chunks(model, "image", x) for x in (tr_images, te_images)],
+            "text": [embed_in_chunks(model, "text", x) for x in (tr_captions, te_captions)],
+        }
+    for side, (x_train, x_test) in features.items():
+        torch.manual_seed(0)
+        w = torch.zeros(x_train.shape[1], len(RELATIONS), requires_grad=True)
+        b = torch.zeros(len(RELATIONS), requires_grad=True)
+        opt = torch.optim.Adam([w, b], lr=0.05)
+        for _ in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(x_train.float() @ w + b, tr_y).backward()
+            opt.step()
+        with torch.no_grad():
+            out[side] = float(((x_test.float() @ w + b).argmax(dim=1) == te_y).float().mean())
+    return out
+
+
 def evaluate(backbone: Path, heldout: Path, pairs: Path, train: Path, out: Path) -> dict[str, Any]:
     """The compositional evaluation on the held-out scenes, with the pairs' groups; written to ``out``."""
     result = compositional_eval(str(backbone), str(heldout), str(train))
@@ -136,8 +178,13 @@ def run_recipe(out: Path, plan_name: str, seed: int, port: int, recipe: str) -> 
     backbone = train_backbone(folder, train, heldout, plan, seed, port, RECIPES[recipe], alpha_data=alpha_data)
     saved = folder / "result.json"
     if saved.exists() and saved.stat().st_mtime >= (folder / "plan.json").stat().st_mtime:
-        return json.loads(saved.read_text())  # evaluated since this backbone was trained
+        result = json.loads(saved.read_text())  # evaluated since this backbone was trained
+        if "relation probe" not in result:  # evaluated before the probe existed
+            result["relation probe"] = relation_probe(backbone, train, heldout)
+            saved.write_text(json.dumps(result))
+        return result
     result = evaluate(backbone, heldout, pairs, train, folder / "eval")
+    result["relation probe"] = relation_probe(backbone, train, heldout)
     # the same categories on combinations seen in training (the first SEEN_SAMPLES training scenes)
     seen = compositional_eval(str(backbone), str(train), str(train), max_samples=SEEN_SAMPLES)
     result["seen"] = {c: v["scores"]["cosine"]["all"] for c, v in seen["media"]["image"]["categories"].items()}
@@ -159,6 +206,7 @@ def study_table(by_recipe: dict[str, list[dict[str, Any]]]) -> dict[str, dict[st
             "seen": {c: stats([r["seen"][c] for r in results if c in r["seen"]]) for c in results[0]["seen"]},
             "retrieval R@1": stats([r["retrieval R@1"] for r in results]),
             "train_s": stats([r["train_s"] for r in results]),
+            "relation probe": {side: stats([r["relation probe"][side] for r in results]) for side in ("image", "text")},
         }
         for name, results in by_recipe.items()
     }
@@ -201,6 +249,9 @@ def study_markdown(table: dict[str, dict[str, Any]], seeds: list[int]) -> str:
         ("train time (s)", "train_s", "{:.0f} +- {:.0f}"),
     ):
         lines.append(f"| {label} | " + " | ".join(fmt.format(*table[n][key]) for n in names) + " | | |")
+    for side in ("image", "text"):  # relation_probe: which side holds the relation (chance 0.25)
+        cells = ["{:.3f} +- {:.3f}".format(*table[n]["relation probe"][side]) for n in names]
+        lines.append(f"| relation probe: {side} embedding (chance 0.25) | " + " | ".join(cells) + " | | |")
     seen_cats = list(table[names[0]]["seen"])
     lines += [
         "",
