@@ -295,6 +295,7 @@ def test_the_recipe_study_picks_its_winner_by_the_stated_criterion() -> None:
             "seen": {c: level + 0.1 for c in TARGETS[:-1]},
             "retrieval R@1": r1,
             "train_s": 100.0,
+            "relation probe": {"image": 0.25, "text": level},
         }
 
     by_recipe = {
@@ -309,6 +310,7 @@ def test_the_recipe_study_picks_its_winner_by_the_stated_criterion() -> None:
     assert means["better"] == pytest.approx((6 * 0.71 + 0.355) / 7)
     md = study_markdown(table, [0, 1])
     assert "Winner: **better**" in md and "| replace shape (trained) |" in md and "seen combinations" in md
+    assert "| relation probe: text embedding (chance 0.25) | 0.510 +- 0.014 | 0.710 +- 0.014 |" in md
 
 
 def test_an_unknown_recipe_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
