@@ -65,6 +65,7 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "cut 2 + seen-only negatives + generative head": (*CUT, *SEEN_NEGATIVES, *GENERATIVE),
     "cut 2 + seen-only negatives + rendered pairs": (*CUT, *SEEN_NEGATIVES, *PAIRS_RENDERED),
     "cut 2 + rendered pairs": (*CUT, *NO_NEGATIVES, *PAIRS_RENDERED),
+    "cut 2 + seen-only negatives + rendered pairs, larger ViT": (*CUT, *SEEN_NEGATIVES, *PAIRS_RENDERED, *LARGER_VIT),
 }
 # the study of docs/recipes.md (issue #25): every recipe but the larger ViT, which was dropped for time, the
 # generative head of issue #27 (its own comparison in docs/generative.md), and the rendered pairs (their own
