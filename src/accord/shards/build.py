@@ -577,7 +577,7 @@ def _wait_for_blocks(claims: BlockClaims, progress: bool) -> None:
         disable=not progress,
     )
     while missing:
-        if any(claims.owner(b) is None or claims.stale(b) for b in missing):
+        if any(claims.claimable(b) for b in missing):
             break
         bar.set_postfix_str(", ".join(f"{k}: {len(v)}" for k, v in claims.holders(missing).items()))
         time.sleep(min(1.0, claims.timeout_s / 4))

@@ -75,6 +75,10 @@ class BlockClaims:
         except FileNotFoundError:
             return False
 
+    def claimable(self, block: int) -> bool:
+        """Whether no live node holds ``block``'s claim (none exists, or it is stale)."""
+        return not os.path.exists(self.path(block)) or self.stale(block)
+
     def claim(self, block: int) -> bool:
         """Claim ``block`` if no live node holds it and it is not done; True when this process now holds it."""
         if self.done(block):
