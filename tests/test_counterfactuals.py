@@ -20,7 +20,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from accord.data.batches import empty_batch, join_counterfactuals, pad_batch
+from accord.data.batches import empty_batch, pad_batch
+from accord.data.rows import join_counterfactuals
 from accord.data.transforms import SampleDecoder, collate
 from accord.pipeline import build_shards
 from accord.shards.read import shard_items

@@ -294,7 +294,7 @@ INPUT_NAMES = {"image": "pixel_values", "video": "pixel_values", "audio": "featu
 def collate(samples: list[dict[str, Any]], decoder: SampleDecoder, pad_id: int = 0) -> dict[str, Any]:
     """Decoded samples -> batch with a presence mask per modality; a modality no sample has is left out. With
     counterfactuals, ``batch[COUNTERFACTUAL]`` holds the samples' pairs in the same form, row for row (absent rows
-    where a sample has none; :func:`accord.data.batches.join_counterfactuals` makes them rows of the batch)."""
+    where a sample has none; :func:`accord.data.rows.join_counterfactuals` makes them rows of the batch)."""
     batch: dict[str, Any] = {"__key__": [s["__key__"] for s in samples], **collate_media(samples, decoder, pad_id)}
     if all("__shard__" in s for s in samples):  # the shard each sample came from (Shard.name): keys repeat across
         batch["__shard__"] = [s["__shard__"] for s in samples]  # builds, (shard, key) does not

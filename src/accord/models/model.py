@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from accord.data.batches import join_counterfactuals
+from accord.data.rows import join_counterfactuals
 from accord.modalities import MODALITIES
 from accord.models.config import ModelConfig, pair_name
 from accord.models.fusion import FusionHead
