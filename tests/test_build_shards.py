@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -160,27 +161,37 @@ def test_verify_decode_catches_corrupt_member(tmp_path: Path) -> None:
     assert not summary["ok"] and "shard-000000.tar:a.jpg: cannot decode image" in summary["problems"][0]
 
 
+def many_images(folder: Path, n: int, size: tuple[int, int]) -> Path:
+    """``n`` captioned JPEG gradients: an input slow enough to kill a build in the middle of."""
+    folder.mkdir()
+    for i in range(n):
+        gradient(*size, seed=i).save(folder / f"{i:04d}.jpg", quality=90)
+        (folder / f"{i:04d}.txt").write_text(f"picture {i}")
+    return folder
+
+
+def kill_build_when(src: Path, out: Path, opts: list[str], ready: Callable[[], bool]) -> None:
+    """Start a build of ``src`` into ``out`` and SIGKILL it once ``ready()`` holds (asserting it was still running)."""
+    cmd = [sys.executable, str(SCRIPT), "--input", str(src), "--output", str(out), "--quiet", *opts]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ready():
+        time.sleep(0.01)
+    assert proc.poll() is None, "the build finished before it could be killed; make the input larger"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.kills_processes  # SIGKILL: a crash (see conftest.no_leaked_shm_workspace)
 def test_resume_after_kill_gives_identical_shards(tmp_path: Path) -> None:
-    src = tmp_path / "many"
-    src.mkdir()
-    for i in range(240):
-        gradient(640, 480, seed=i).save(src / f"{i:04d}.jpg", quality=90)
-        (src / f"{i:04d}.txt").write_text(f"picture {i}")
+    src = many_images(tmp_path / "many", 240, (640, 480))
     opts = ["--samples-per-shard", "16", "--workers", "1", "--image-size", "128"]
     reference = tmp_path / "reference"
     run_build(src, reference, *opts)
 
     out = tmp_path / "resumed"
-    cmd = [sys.executable, str(SCRIPT), "--input", str(src), "--output", str(out), "--quiet", *opts]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list((out / "_staging").glob("block-*.json"))) < 10:
-        time.sleep(0.02)
-    assert proc.poll() is None, "build finished before it could be killed; make the input larger"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_build_when(src, out, opts, lambda: len(list((out / "_staging").glob("block-*.json"))) >= 10)
     assert not (out / "stats.json").exists()
     done_before = len(list((out / "_staging").glob("block-*.json")))
     assert 10 <= done_before < 60
@@ -201,26 +212,17 @@ def test_resume_after_kill_gives_identical_shards(tmp_path: Path) -> None:
 def test_a_killed_nodes_blocks_are_taken_over_and_the_output_is_identical(tmp_path: Path) -> None:
     """Node 1 of 2 is SIGKILLed with blocks claimed; node 0, started after, converts the blocks no one took, waits
     until node 1's claims go stale (no heartbeat), takes them over, and packs: byte-identical to a one-node build."""
-    src = tmp_path / "many"
-    src.mkdir()
-    for i in range(160):
-        gradient(480, 360, seed=i).save(src / f"{i:04d}.jpg", quality=90)
-        (src / f"{i:04d}.txt").write_text(f"picture {i}")
+    src = many_images(tmp_path / "many", 160, (480, 360))
     opts = ["--samples-per-shard", "16", "--workers", "1", "--image-size", "96"]
     reference = tmp_path / "reference"
     run_build(src, reference, *opts)
 
     out = tmp_path / "two"
     nodes = [*opts, "--num-nodes", "2", "--claim-timeout", "2"]
-    cmd = [sys.executable, str(SCRIPT), "--input", str(src), "--output", str(out), "--quiet", *nodes]
-    node1 = subprocess.Popen([*cmd, "--node-rank", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log1 = out / "_staging" / "nodes" / "node-0001.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not log1.exists() or len(log1.read_text().splitlines()) < 6):
-        time.sleep(0.01)
-    assert node1.poll() is None, "node 1 finished before it could be killed; make the input larger"
-    os.kill(node1.pid, signal.SIGKILL)
-    node1.wait()
+    kill_build_when(
+        src, out, [*nodes, "--node-rank", "1"], lambda: log1.exists() and len(log1.read_text().splitlines()) >= 6
+    )
     claims = {int(c.name[6:12]): json.loads(c.read_text()) for c in (out / "_staging").glob("block-*.claim")}
     held = {b for b, c in claims.items() if not (out / "_staging" / f"block-{b:06d}.json").exists()}
     assert held and {c["node"] for c in claims.values()} == {1}  # it died holding claims of unfinished blocks
