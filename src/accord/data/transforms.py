@@ -194,7 +194,8 @@ class SampleDecoder:
             ext = member_of(raw, modality)
             if ext is None:
                 continue  # absent modality: normal, masked downstream
-            draws = rng.getstate()  # where this medium's random crop starts: its counterfactual repeats it
+            # where this medium's random crop starts: its counterfactual repeats it
+            draws = rng.getstate() if self.counterfactuals else None
             try:
                 out[modality] = self.decode_medium(modality, raw[ext], rng)
             except Exception as e:

@@ -483,7 +483,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         return stats
     staging = f"{out}/{STAGING}"
     claims = BlockClaims(fs, staging, len(blocks), cfg.num_nodes, cfg.node_rank, cfg.claim_timeout_s)
-    log = NodeLog(fs, f"{staging}/nodes/node-{cfg.node_rank:04d}.jsonl")
+    log = NodeLog(fs, f"{staging}/nodes/node-{cfg.node_rank:04d}.jsonl" if cfg.num_nodes > 1 else None)
     missing = set(claims.missing())
     done_inputs = sum(len(blocks[b]) for b in range(len(blocks)) if b not in missing)
     bar = tqdm(total=n, initial=done_inputs, desc="process", unit="sample", disable=not cfg.progress)
@@ -550,19 +550,23 @@ def _convert_blocks(
 
 
 class NodeLog:
-    """``_staging/nodes/node-R.jsonl``: a line per block a node committed (time, inputs, rejected, whether taken over
-    from a dead node's claim), appended as it goes: each node's progress, readable while the build runs."""
+    """A line per block a node committed (time, inputs, rejected, whether taken over from a dead node's claim), kept
+    in ``rows`` and, on a build over several nodes (a POSIX folder), appended to ``path``
+    (``_staging/nodes/node-R.jsonl``) as it goes: each node's progress, readable while the build runs. A one-node
+    build keeps it in memory only: object stores cannot append."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str | None):
         self.fs, self.path = fs, path
         self.rows: list[dict[str, Any]] = []
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        if path is not None:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
 
     def write(self, **row: Any) -> None:
         row = {"time": round(time.time(), 3), **row}
         self.rows.append(row)
-        with self.fs.open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if self.path is not None:
+            with self.fs.open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
 
 def _wait_for_blocks(claims: BlockClaims, progress: bool) -> None:
