@@ -99,6 +99,8 @@ class BlockClaims:
             fd = os.open(self.path(block), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             return False
+        except FileNotFoundError:  # no staging folder: node 0 has packed the build and removed it
+            return False
         with os.fdopen(fd, "w") as f:
             json.dump({"node": self.node_rank, "token": self.token, "pid": os.getpid()}, f)
         if self.done(block):  # committed by its old owner between our checks
