@@ -30,7 +30,7 @@ RUNS = {
 
 
 def world_shards() -> Path:
-    from accord.experiments.captioning import PLANS, build_world
+    from accord.experiments.scene_world import PLANS, build_world
 
     train, _ = build_world(WORK / "world", PLANS["full"], seed=0)
     return train

@@ -33,45 +33,25 @@ from accord.consistency.backbone import embed_in_chunks, load_backbone
 from accord.errors import InputError, command
 from accord.evaluation.compositional import NULL_DECODER, compositional_eval, write
 from accord.evaluation.plots import pyplot
-from accord.experiments.captioning import PLANS, build_world, prepare_world, train_backbone
+from accord.experiments.scene_world import (
+    PLANS,
+    RECIPES,
+    TRAINED_TYPES,
+    build_world,
+    prepare_world,
+    train_backbone,
+    validation_scenes,
+)
 from accord.pipeline import build_shards
 from accord.shards.read import shard_items
-from accord.worlds.scenes import RELATIONS, write_minimal_pairs, write_world
+from accord.worlds.scenes import RELATIONS, write_minimal_pairs
 
 PAIRS = {"quick": 24, "full": 150}
 
-CUT = ("model.towers.text.unfreeze_last_n=2", "model.towers.text.lr_scale=0.1")
-FROZEN = ("model.towers.text.unfreeze_last_n=null",)
-NO_NEGATIVES = ("loss.hard_negatives=null",)
-ALL_NEGATIVES = ("loss.hard_negatives={per_caption: 2}",)
-TRAINED_TYPES = ("replace colour", "replace shape", "replace relation")  # the others are unseen in training
-SEEN_NEGATIVES = ("loss.hard_negatives={per_caption: 2, seen_only: true}",)
-SOME_NEGATIVES = (f"loss.hard_negatives={{per_caption: 2, types: [{', '.join(TRAINED_TYPES)}]}}",)
-LARGER_VIT = (
-    "model.towers.image.hf={image_size: 64, patch_size: 8, hidden_size: 128, num_hidden_layers: 6, "
-    "num_attention_heads: 4, intermediate_size: 256}",
-)
-GENERATIVE = ("model.generative={dim: 64, layers: 2, heads: 4}",)  # issue #27: the CoCa-style head
-PAIRS_RENDERED = ("data.counterfactuals=true",)  # each scene's rendered counterfactual joins its batch (TripletCLIP)
-# name -> overrides of configs/captioning_world.yaml; each states the text tower and the negatives itself
-RECIPES: dict[str, tuple[str, ...]] = {
-    "frozen": (*FROZEN, *NO_NEGATIVES),
-    "frozen + negatives": (*FROZEN, *ALL_NEGATIVES),
-    "cut 2": (*CUT, *NO_NEGATIVES),
-    "cut 2 + negatives": (*CUT, *ALL_NEGATIVES),
-    "cut 2 + negatives of 3 types": (*CUT, *SOME_NEGATIVES),
-    "cut 2 + seen-only negatives": (*CUT, *SEEN_NEGATIVES),
-    "cut 2 + negatives, larger ViT": (*CUT, *ALL_NEGATIVES, *LARGER_VIT),
-    "cut 2 + seen-only negatives + generative head": (*CUT, *SEEN_NEGATIVES, *GENERATIVE),
-    "cut 2 + seen-only negatives + rendered pairs": (*CUT, *SEEN_NEGATIVES, *PAIRS_RENDERED),
-    "cut 2 + rendered pairs": (*CUT, *NO_NEGATIVES, *PAIRS_RENDERED),
-    "cut 2 + seen-only negatives + rendered pairs, larger ViT": (*CUT, *SEEN_NEGATIVES, *PAIRS_RENDERED, *LARGER_VIT),
-}
 # the study of docs/recipes.md (issue #25): every recipe but the larger ViT, which was dropped for time, the
 # generative head of issue #27 (its own comparison in docs/generative.md), and the rendered pairs (their own
 # comparison in docs/recipes.md, run after the study)
 STUDY = tuple(name for name in RECIPES if not any(w in name for w in ("larger ViT", "generative", "rendered")))
-VALIDATION_SCENES = 300  # training-distribution scenes, never trained on: the generative score's alpha is chosen there
 TARGETS = (
     "replace shape",
     "replace size",
@@ -96,16 +76,6 @@ def minimal_pairs(world: Path, plan_name: str, seed: int) -> Path:
         write_minimal_pairs(world / "raw" / "pairs", PAIRS[plan_name], seed=seed + 1000)
         build_shards(world / "raw" / "pairs", pairs, samples_per_shard=100)
     return pairs
-
-
-def validation_scenes(world: Path, seed: int) -> Path:
-    """Shards of :data:`VALIDATION_SCENES` fresh scenes drawn as the training ones are (built once per world): where
-    the generative score's alpha is chosen, never on the held-out scenes it is evaluated on."""
-    val = world / "shards" / "val"
-    if not (val / "sizes.json").exists():
-        write_world(world / "raw" / "val", VALIDATION_SCENES, 0, seed=seed + 2000, progress=False)
-        build_shards(world / "raw" / "val" / "train", val, samples_per_shard=100)
-    return val
 
 
 def relation_probe(backbone: Path, train: Path, heldout: Path, steps: int = 500) -> dict[str, float]:
