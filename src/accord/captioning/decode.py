@@ -8,7 +8,7 @@
   over the ``guide_top_k`` most likely continuations of every beam (as MAGIC guides with CLIP); with ``beta = 0`` it
   is plain beam search.
 
-``consistency`` is a :class:`~accord.captioning.reward.CaptionConsistency` (the backbone's cosine of a caption with
+``consistency`` is any :class:`~accord.captioning.guides.Scorer` (e.g. the backbone's cosine of a caption with
 the medium's embedding ``media``). Sequences are generator indices without BOS, EOS-terminated, PAD after.
 """
 
@@ -19,8 +19,9 @@ from typing import Literal
 
 import torch
 
+from accord.captioning.guides import Scorer
 from accord.captioning.model import Decoder
-from accord.captioning.reward import CaptionConsistency, Media
+from accord.captioning.reward import Media
 from accord.captioning.vocab import BOS, EOS, PAD
 
 Strategy = Literal["greedy", "beam", "sample", "rerank", "guided"]
@@ -139,7 +140,7 @@ def beam_search(
     mask: torch.Tensor,
     beam: int,
     max_len: int,
-    consistency: CaptionConsistency | None = None,
+    consistency: Scorer | None = None,
     media: Media | None = None,
     beta: float = 0.0,
     guide_top_k: int | None = None,
@@ -189,7 +190,7 @@ def beam_search(
 
 @torch.no_grad()
 def rerank(
-    candidates: torch.Tensor, logp: torch.Tensor, media: Media, consistency: CaptionConsistency, beta: float
+    candidates: torch.Tensor, logp: torch.Tensor, media: Media, consistency: Scorer, beta: float
 ) -> tuple[Decoded, torch.Tensor]:
     """Pick from ``candidates`` [B, N, T] by ``logp / length + beta * consistency``; returns the choice and the
     index of the chosen candidate per row."""
@@ -208,7 +209,7 @@ def generate(
     mask: torch.Tensor,
     cfg: DecodeConfig,
     media: Media | None = None,
-    consistency: CaptionConsistency | None = None,
+    consistency: Scorer | None = None,
 ) -> Decoded:
     """Captions for a batch of media: ``memory`` [B, L, W] token features (+ bool ``mask``), ``media`` [B, D]
     embeddings for the consistency-based strategies."""

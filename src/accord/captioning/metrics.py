@@ -1,5 +1,6 @@
 """Caption quality: BLEU-4, METEOR, ROUGE-L, CIDEr (pycocoevalcap; METEOR and the PTB tokenizer need Java), and
-distinct-n / mean length, which expose degenerate captions that a consistency reward can drive a decoder to."""
+distinct-n / repetition / mean length, which expose degenerate captions that a consistency reward can drive a
+decoder to."""
 
 from __future__ import annotations
 
@@ -10,6 +11,17 @@ def distinct_n(captions: list[str], n: int) -> float:
     """Distinct n-grams / all n-grams over the whole set of captions."""
     grams = [tuple(words[i : i + n]) for c in captions for words in [c.split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition(captions: list[str], n: int = 4) -> float:
+    """seq-rep-n (Welleck et al. 2020): per caption, the share of its word n-grams that repeat an earlier one of the
+    same caption, averaged over captions (0: no caption repeats itself)."""
+    rates = []
+    for c in captions:
+        words = c.split()
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        rates.append(1 - len(set(grams)) / len(grams) if grams else 0.0)
+    return sum(rates) / max(1, len(rates))
 
 
 def mean_length(captions: list[str]) -> float:
@@ -51,13 +63,14 @@ def coco_metrics(variants: dict[str, list[str]], references: list[list[str]]) ->
 
 
 def caption_metrics(variants: dict[str, list[str]], references: list[list[str]]) -> dict[str, dict[str, float]]:
-    """:func:`coco_metrics` + distinct-1/2 and mean length, per variant."""
+    """:func:`coco_metrics` + distinct-1/2, seq-rep-4 and mean length, per variant."""
     coco = coco_metrics(variants, references)
     return {
         name: {
             **coco[name],
             "distinct-1": distinct_n(c, 1),
             "distinct-2": distinct_n(c, 2),
+            "repetition": repetition(c),
             "mean_length": mean_length(c),
         }
         for name, c in variants.items()

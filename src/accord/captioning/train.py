@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from accord.captioning.data import CaptionData
 from accord.captioning.decode import greedy, sample
+from accord.captioning.guides import Scorer
 from accord.captioning.model import Decoder
 from accord.captioning.reward import CaptionConsistency
 from accord.captioning.vocab import BOS, EOS, PAD
@@ -66,7 +67,7 @@ def sequence_logp(model: Decoder, seqs: torch.Tensor, memory: torch.Tensor, mask
 
 
 def _step_loss(
-    model: Decoder, batch: tuple[torch.Tensor, ...], cfg: CaptionTrainConfig, consistency: CaptionConsistency | None
+    model: Decoder, batch: tuple[torch.Tensor, ...], cfg: CaptionTrainConfig, consistency: Scorer | None
 ) -> tuple[torch.Tensor, dict[str, float]]:
     memory, mask, media, targets = batch
     if cfg.strategy == "scst" and consistency is not None:  # (train_captioner refuses scst without one)
@@ -88,7 +89,7 @@ def _step_loss(
     logits = model(targets[:, :-1], memory, mask)
     loss = mle_loss(logits, targets)
     logs = {"mle": float(loss.detach())}
-    if cfg.strategy == "consistency" and consistency is not None:
+    if cfg.strategy == "consistency" and isinstance(consistency, CaptionConsistency):
         words = (targets[:, 1:] != PAD) & (targets[:, 1:] != EOS)
         if cfg.soft == "gumbel":
             probs = F.gumbel_softmax(logits.float(), tau=cfg.gumbel_tau, hard=True)
@@ -104,13 +105,16 @@ def train_captioner(
     model: Decoder,
     data: CaptionData,
     cfg: CaptionTrainConfig,
-    consistency: CaptionConsistency | None = None,
+    consistency: Scorer | None = None,
     progress: bool = True,
 ) -> list[dict[str, float]]:
     """Train in place and leave the model in eval mode (decoding with dropout on would be random); returns per-epoch
-    mean logs."""
+    mean logs. ``consistency``: SCST's reward (any :class:`~accord.captioning.guides.Scorer`, e.g. a fluency-guarded
+    cosine), or the soft loss's score (a :class:`CaptionConsistency`: its soft captions go through the text tower)."""
     if cfg.strategy != "mle" and consistency is None:
-        raise ValueError(f"training strategy {cfg.strategy!r} needs a CaptionConsistency")
+        raise ValueError(f"training strategy {cfg.strategy!r} needs a consistency score")
+    if cfg.strategy == "consistency" and not isinstance(consistency, CaptionConsistency):
+        raise ValueError("the consistency loss needs a CaptionConsistency (it scores soft captions)")
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 
 from accord.captioning.decode import Decoded, constrain
+from accord.captioning.guides import Scorer
 from accord.captioning.model import Decoder, blank_memory
-from accord.captioning.reward import CaptionConsistency, Media
+from accord.captioning.reward import Media
 from accord.captioning.vocab import BOS, EOS, PAD
 
 
@@ -28,7 +29,7 @@ def magic(
     lm: Decoder,
     n: int,
     max_len: int,
-    consistency: CaptionConsistency | None = None,
+    consistency: Scorer | None = None,
     media: Media | None = None,
     top_k: int = 5,
     alpha: float = 0.6,

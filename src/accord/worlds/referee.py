@@ -7,8 +7,9 @@ Parsing reads object mentions (``[size] colour shape``) left to right, and a rel
 read (a mention without a size, a relation) and ignores the rest.
 
 Per caption: attribute precision / recall (size, colour, shape of mentions matched one-to-one to true objects so
-that the most attributes agree), whether the stated relation holds, hallucinated objects (mentions whose colour +
-shape no true object has) and missed objects.
+that the most attributes agree) and their F1, whether the stated relation holds, hallucinated objects (mentions
+whose colour + shape no true object has), missed objects, and ``correct``: one figure of truth per caption (attribute
+F1, averaged with the relation's correctness when the scene has a relation).
 """
 
 from __future__ import annotations
@@ -99,6 +100,8 @@ def judge(caption: str, truth: Scene) -> dict[str, float]:
         "missed_objects": float(max(0, len(objs) - len(mentions))),
         "parsed": float(parsed.scene() is not None),
     }
+    p, r = out["attribute_precision"], out["attribute_recall"]
+    out["attribute_f1"] = 2 * p * r / (p + r) if p + r else 0.0
     if parsed.relation is not None:
         a, rel, b = parsed.relation
         holds = False
@@ -106,6 +109,12 @@ def judge(caption: str, truth: Scene) -> dict[str, float]:
             pair = (match[a], match[b])
             holds = (pair == (0, 1) and rel == truth.relation) or (pair == (1, 0) and rel == INVERSE[truth.relation])
         out["relation_correct"] = float(holds)
+    # one figure of truth per caption: attribute F1, averaged with the relation's correctness when the scene has one
+    # (a caption that states no relation of a two-object scene gets 0 for it)
+    if truth.relation is None:
+        out["correct"] = out["attribute_f1"]
+    else:
+        out["correct"] = (out["attribute_f1"] + out.get("relation_correct", 0.0)) / 2
     return out
 
 
@@ -114,7 +123,15 @@ def referee(captions: list[str], truths: list[Scene]) -> dict[str, float]:
     rows = [judge(c, t) for c, t in zip(captions, truths, strict=True)]
     out = {
         k: sum(r[k] for r in rows) / len(rows)
-        for k in ("attribute_precision", "attribute_recall", "hallucinated_objects", "missed_objects", "parsed")
+        for k in (
+            "attribute_precision",
+            "attribute_recall",
+            "attribute_f1",
+            "hallucinated_objects",
+            "missed_objects",
+            "parsed",
+            "correct",
+        )
     }
     stated = [r["relation_correct"] for r in rows if "relation_correct" in r]
     out["relation_accuracy"] = sum(stated) / len(stated) if stated else float("nan")
