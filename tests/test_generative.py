@@ -388,12 +388,15 @@ def test_joint_training_resumes_exactly_exports_and_scores(
 
 def test_captioning_starts_from_the_generative_head(tmp_path: Path) -> None:
     """accord.captioning's HeadCaptioner: the head's logits restricted to the caption vocabulary, teacher-forced;
-    every decoding strategy runs on it; MLE fine-tuning lowers its loss and leaves the backbone's head untouched."""
+    every decoding strategy runs on it; MLE fine-tuning lowers its loss, also of a frozen backbone's head (as the
+    captioning experiment freezes it), and leaves the backbone's head untouched."""
     from accord.captioning import CaptionTrainConfig, CaptionVocab, HeadCaptioner, train_captioner
     from accord.captioning.data import CaptionData
     from accord.captioning.decode import greedy
 
     backbone, _ = _backbone(tmp_path)
+    for p in backbone.parameters():
+        p.requires_grad_(False)
     vocab = CaptionVocab(backbone.tokenizer, CAPTIONS)
     images = _images(len(CAPTIONS))
     with torch.no_grad():

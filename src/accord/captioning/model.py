@@ -87,7 +87,7 @@ class HeadCaptioner(nn.Module):
         self.cfg = cfg or CaptionerConfig()
         if self.cfg.max_len + 2 > head.cfg.max_length:
             raise ValueError(f"max_len {self.cfg.max_len}: the head has {head.cfg.max_length} positions")
-        self.head = copy.deepcopy(head).float()
+        self.head = copy.deepcopy(head).float().requires_grad_(True)  # trainable, whatever the backbone's are
         self.modality = modality
         self.memory_width = backbone_width(backbone.model.towers[modality].backbone)
         self.token_ids: torch.Tensor
