@@ -44,10 +44,12 @@ def test_referee_counts_by_hand() -> None:
     assert judge("a small red circle to the left of a large blue square", truth) == {
         "attribute_precision": 1.0,
         "attribute_recall": 1.0,
+        "attribute_f1": 1.0,
         "hallucinated_objects": 0.0,
         "missed_objects": 0.0,
         "parsed": 1.0,
         "relation_correct": 1.0,
+        "correct": 1.0,
     }
     # the same facts said the other way round hold; a wrong size, a hallucinated green triangle, a wrong relation
     assert judge("a large blue square with a small red circle to its left", truth)["relation_correct"] == 1.0
@@ -57,8 +59,11 @@ def test_referee_counts_by_hand() -> None:
     assert wrong["attribute_precision"] == pytest.approx(2 / 6)
     assert wrong["attribute_recall"] == pytest.approx(2 / 6)
     assert wrong["hallucinated_objects"] == 1.0 and wrong["relation_correct"] == 0.0
+    assert wrong["attribute_f1"] == pytest.approx(2 / 6) and wrong["correct"] == pytest.approx((2 / 6 + 0) / 2)
     vague = judge("a red circle", truth)  # no size: parsed as a mention, not as a grammatical scene
     assert vague["parsed"] == 0.0 and vague["attribute_precision"] == 1.0 and vague["missed_objects"] == 1.0
+    # F1 of precision 1 and recall 2/6 is 0.5; no relation stated of a two-object scene counts 0 for it
+    assert vague["attribute_f1"] == pytest.approx(0.5) and vague["correct"] == pytest.approx(0.25)
     both = referee(["a small red circle to the left of a large blue square", "a red circle"], [truth, truth])
     assert both["relation_accuracy"] == 1.0 and both["relations_stated"] == 1.0
     assert both["attribute_recall"] == pytest.approx((1 + 2 / 6) / 2)

@@ -783,7 +783,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 xerr=r["z:ens_std"],
                 yerr=r[y + "_std"],
                 fmt="D" if refs else _marker(r["decoding"]),
-                color="grey" if refs else colours(groups.index(r["training"]) % 10),
+                color="black" if refs else colours(groups.index(r["training"]) % 10),
                 ms=6,
                 capsize=2,
                 alpha=0.85,
