@@ -438,3 +438,19 @@ def test_retrieval_baseline_returns_the_most_consistent_training_caption(setup) 
     sims = data.media @ emb.T
     for i in range(len(got)):
         assert sims[i, index[i]] == sims[i].max() and got[i] == train[index[i]]
+
+
+def test_the_experiments_per_caption_scores_equal_the_guides_it_decodes_with(setup) -> None:
+    """``scores_of`` derives every guide from each raw score computed once; the values equal the guides' own."""
+    from accord.experiments.captioning import make_guides, scores_of
+
+    _, backbone, vocab, data, _, _ = setup
+    guides, _ = make_guides(backbone, vocab, "image", data, data, seed=0, progress=False)
+    captions = data.captions[:10]
+    seqs = vocab.encode(captions, 8)[:, 1:]
+    media = data.features()[:10]
+    got = scores_of(guides, captions, media)
+    with torch.no_grad():  # as the decoders score (the fixture's backbone is not frozen)
+        for name in guides.names:
+            assert np.allclose(got[f"z:{name}"], guides.get(name).score(seqs, media).numpy(), atol=1e-5), name
+        assert np.allclose(got["cosine"], guides.raw("cos").score(seqs, media).numpy(), atol=1e-6)

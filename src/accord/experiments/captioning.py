@@ -209,17 +209,14 @@ def make_guides(
     return Guides(backbone, vocab, modality, stats, fluency, ensemble), accuracy
 
 
-def decode_all(
-    model: Decoder, data: CaptionData, cfg: DecodeConfig, guide: Scorer | None, batch: int = 64
-) -> list[str]:
+def decode_all(model: Decoder, data: CaptionData, cfg: DecodeConfig, guide: Scorer, batch: int = 64) -> list[str]:
+    """Captions of every item under ``cfg`` (``guide``: what rerank / guided beam optimise; its vocabulary decodes)."""
     media = data.features()
     seqs = [
         generate(model, data.memory[i : i + batch], data.mask[i : i + batch], cfg, media[i : i + batch], guide).seqs
         for i in range(0, len(data), batch)
     ]
-    vocab = guide.vocab if guide is not None else None
-    assert vocab is not None
-    return [c for s in seqs for c in vocab.decode(s)]
+    return [c for s in seqs for c in guide.vocab.decode(s)]
 
 
 def magic_all(
@@ -273,17 +270,26 @@ class Candidates:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def scores_of(guides: Guides, captions: list[str], media: MediaFeatures, chunk: int = 128) -> dict[str, np.ndarray]:
-    """Per caption: every raw score (``cosine``, ``fused``, ``generative``) and every guide's value (``z:NAME``)."""
+    """Per caption: every raw score (``cosine``, ``fused``, ``generative``) and every guide's value (``z:NAME``).
+    Each raw score is computed once; the guides are derived from it as :meth:`Guides.get` builds them."""
     seqs = guides.vocab.encode([c or "" for c in captions], CaptionerConfig().max_len)[:, 1:]
-    out: dict[str, list[torch.Tensor]] = {}
-    scorers: dict[str, Scorer] = {KINDS[k]: guides.raw(k) for k in guides.stats}
-    scorers.update({f"z:{name}": guides.get(name) for name in guides.names})
-    for name, scorer in scorers.items():
-        out[name] = [
-            scorer.score(seqs[i : i + chunk], media[i : i + chunk]).float() for i in range(0, len(seqs), chunk)
-        ]
-    return {k: torch.cat(v).cpu().numpy() for k, v in out.items()}
+    out: dict[str, torch.Tensor] = {}
+    z = []
+    for kind, (mean, std) in guides.stats.items():
+        scorer = guides.raw(kind)
+        raw = torch.cat(
+            [scorer.score(seqs[i : i + chunk], media[i : i + chunk]).float() for i in range(0, len(seqs), chunk)]
+        )
+        out[KINDS[kind]] = raw
+        out[f"z:{kind}"] = (raw - mean) / std
+        z.append(out[f"z:{kind}"])
+    stacked = torch.stack(z)
+    out[f"z:{ENSEMBLE}"] = stacked.mean(0) if guides.ensemble == "mean" else stacked.min(0).values
+    fluency = guides.fluency.score(seqs).to(stacked.device)
+    out[f"z:{GUARDED}"] = out[f"z:{ENSEMBLE}"] + FLUENCY_WEIGHT * fluency
+    return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def truth(captions: list[str], items: list[dict[str, Any]]) -> float:
@@ -448,18 +454,19 @@ def run_backbone(
         variants[("MLE", f"rerank {g}")] = Variant(
             partial(pool.rerank, media, guides.get(g), beta), g, mle_base, beta, pool.seconds
         )
+    guided_beta: dict[str, float] = {}
     for g in ("cos", ENSEMBLE, GUARDED):
-        beta, tuning[f"guided {g}"] = tune_setting(
+        guided_beta[g], tuning[f"guided {g}"] = tune_setting(
             f"guided {g} beta",
             partial(guided_setting, mle, tune_data, guides, g),
             GUIDED_BETAS,
             tune_items,
         )
         variants[("MLE", f"guided {g}")] = Variant(
-            partial(decode_all, mle, val_data, DecodeConfig("guided", beam=4, beta=beta), guides.get(g)),
+            partial(decode_all, mle, val_data, DecodeConfig("guided", beam=4, beta=guided_beta[g]), guides.get(g)),
             g,
             mle_base,
-            beta,
+            guided_beta[g],
         )
     if backbone.has_generative:  # the decoder trained with the towers (issue #27), as is and fine-tuned by MLE
         head = HeadCaptioner(backbone, vocab, modality, cap_cfg)
@@ -470,8 +477,7 @@ def run_backbone(
         variants[head_base] = Variant(
             partial(decode_all, head, val_data, DecodeConfig("greedy"), guides.get("cos")), None, head_base
         )
-        # not re-tuned for the head: the MLE decoder's choice
-        beta = max(tuning[f"guided {GUARDED}"], key=lambda r: r["truth"])["setting"]
+        beta = guided_beta[GUARDED]  # not re-tuned for the head: the MLE decoder's choice
         variants[(HEAD, f"guided {GUARDED}")] = Variant(
             partial(decode_all, head, val_data, DecodeConfig("guided", beam=4, beta=beta), guides.get(GUARDED)),
             GUARDED,
