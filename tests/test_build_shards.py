@@ -191,9 +191,9 @@ def test_resume_after_kill_gives_identical_shards(tmp_path: Path) -> None:
     run_build(src, reference, *opts)
 
     out = tmp_path / "resumed"
-    kill_build_when(src, out, opts, lambda: len(list((out / "_staging").glob("block-*.json"))) >= 10)
+    kill_build_when(src, out, opts, lambda: len(list((out / "_staging").glob("blocks/*/block-*.json"))) >= 10)
     assert not (out / "stats.json").exists()
-    done_before = len(list((out / "_staging").glob("block-*.json")))
+    done_before = len(list((out / "_staging").glob("blocks/*/block-*.json")))
     assert 10 <= done_before < 60
 
     again = run_build(src, out, *opts, check=False)
@@ -223,8 +223,8 @@ def test_a_killed_nodes_blocks_are_taken_over_and_the_output_is_identical(tmp_pa
     kill_build_when(
         src, out, [*nodes, "--node-rank", "1"], lambda: log1.exists() and len(log1.read_text().splitlines()) >= 6
     )
-    claims = {int(c.name[6:12]): json.loads(c.read_text()) for c in (out / "_staging").glob("block-*.claim")}
-    held = {b for b, c in claims.items() if not (out / "_staging" / f"block-{b:06d}.json").exists()}
+    claims = {int(c.name[6:12]): json.loads(c.read_text()) for c in (out / "_staging").glob("blocks/*/block-*.claim")}
+    held = {b for b, c in claims.items() if not (out / "_staging" / "blocks" / "000" / f"block-{b:06d}.json").exists()}
     assert held and {c["node"] for c in claims.values()} == {1}  # it died holding claims of unfinished blocks
 
     t = time.time()

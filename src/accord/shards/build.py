@@ -2,13 +2,16 @@
 
 The build runs in two phases, which is what makes it reproducible, resumable and splittable across machines:
 
-1. *Process* (parallel over ``--workers`` processes and ``--num-nodes`` machines): the ordered inputs are cut into
-   fixed blocks; each block is validated/converted and written to ``OUT/_staging/block-N.tar`` plus a
-   ``block-N.json`` commit record (written last). A resumed build skips blocks whose record exists. Nodes claim
-   blocks as they go and take over a dead node's (:mod:`accord.shards.claims`).
+0. *Plan* (:mod:`accord.shards.plan`, streaming: memory does not grow with the inputs): the inputs are counted and
+   hashed, then cut into fixed blocks (in a seeded random order with ``--shuffle-seed``) whose inputs are written to
+   staging (:mod:`accord.shards.staging`).
+1. *Process* (parallel over ``--workers`` processes and ``--num-nodes`` machines): each block is validated/converted
+   and written to ``block-N.tar`` plus a ``block-N.json`` commit record (written last). A resumed build skips blocks
+   whose record exists. Nodes claim blocks as they go and take over a dead node's (:mod:`accord.shards.claims`).
 2. *Pack* (node 0, sequential, no re-encoding): blocks are read in order, exact duplicates dropped, and samples
    packed into ``PREFIX-NNNNNN.tar`` by count and bytes; then ``sizes.json``, ``stats.json``, ``failures.jsonl`` and
-   ``duplicates.jsonl`` are written and the staging folder removed.
+   ``duplicates.jsonl`` are written (as the blocks are read) and the staging folder removed. Node 0 holds the
+   shard sizes and, with ``--dedupe``, one hash per kept sample.
 
 Since every block's bytes depend only on its inputs and the options, the output is byte-identical whatever the
 number of workers or nodes, and after any crash + ``--resume``.
@@ -21,10 +24,8 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
-import random
 import threading
 import time
 import uuid
@@ -52,11 +53,18 @@ from accord.shards.media import (
     process_video,
     process_waveform,
 )
-from accord.shards.sources import SampleSource, read_sources
+from accord.shards.plan import (
+    PLAN_VERSION,
+    block_count,
+    block_inputs,
+    block_size,
+    read_block_inputs,
+    stage_inputs,
+    survey,
+)
+from accord.shards.sources import SampleSource
+from accord.shards.staging import STAGING, block_path
 from accord.shards.tario import TarWriter, read_tar, tar_size, write_tar
-
-STAGING = "_staging"
-PLAN_VERSION = 1
 
 
 @dataclass
@@ -242,10 +250,11 @@ def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str,
     return members, record
 
 
-def _process_block(task: tuple[BuildConfig, str, int, list[SampleSource]]) -> tuple[int, int, int]:
-    """Worker: process one block into staging; returns (block, inputs, rejected)."""
-    cfg, staging, block, sources = task
+def _process_block(task: tuple[BuildConfig, str, int]) -> tuple[int, int, int]:
+    """Worker: process one block (its inputs read from staging) into staging; returns (block, inputs, rejected)."""
+    cfg, staging, block = task
     fs, root = fsspec.core.url_to_fs(staging)
+    sources = read_block_inputs(fs, root, block)
     samples, records, failures = [], [], []
     for src in sources:
         try:
@@ -270,9 +279,9 @@ def _process_block(task: tuple[BuildConfig, str, int, list[SampleSource]]) -> tu
         records.append(record)
     # temporary names of this process: a block taken over from a node that was only slow may be written twice, at once
     tmp = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
-    write_tar(fs, f"{root}/block-{block:06d}.tar", samples, tmp=f"{root}/block-{block:06d}.tar.{tmp}")
-    record = {"block": block, "samples": records, "failures": failures}
-    _write_json(fs, f"{root}/block-{block:06d}.json", record, tmp=f"{root}/block-{block:06d}.json.{tmp}")
+    tar, commit = block_path(root, block, "tar"), block_path(root, block, "json")
+    write_tar(fs, tar, samples, tmp=f"{tar}.{tmp}")
+    _write_json(fs, commit, {"block": block, "samples": records, "failures": failures}, tmp=f"{commit}.{tmp}")
     return block, len(sources), len(failures)
 
 
@@ -293,16 +302,21 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any, tmp: str | N
     fs.mv(tmp, path)
 
 
-def _write_jsonl(fs: fsspec.AbstractFileSystem, path: str, rows: list[dict[str, Any]]) -> None:
-    with fs.open(f"{path}.tmp", "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-    fs.mv(f"{path}.tmp", path)
+class _JsonlWriter:
+    """Rows appended to ``path`` as they come, under a temporary name until ``close()``."""
 
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+        self.fs, self.path = fs, path
+        self.file = fs.open(f"{path}.tmp", "w")
+        self.count = 0
 
-def _block_size(n_inputs: int) -> int:
-    """Depends on the input count only, so every node and every resume cuts the same blocks."""
-    return max(1, min(256, math.ceil(n_inputs / 64)))
+    def write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self.file.close()
+        self.fs.mv(f"{self.path}.tmp", self.path)
 
 
 # ------------------------------------------------------------------------------------------------ output dir
@@ -387,8 +401,9 @@ def check_shard_count(n_shards: int, workers: int | None, world_size: int | None
 def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: int) -> dict[str, Any]:
     staging = f"{out}/{STAGING}"
     seen: dict[str, str] = {}
-    failures: list[dict[str, Any]] = []
-    duplicates: list[dict[str, Any]] = []
+    failures = _JsonlWriter(fs, f"{out}/failures.jsonl")  # in block order: input order unless shuffled
+    duplicates = _JsonlWriter(fs, f"{out}/duplicates.jsonl")
+    reasons: Counter[str] = Counter()
     sizes: dict[str, int] = {}
     modalities: Counter[str] = Counter()
     pairs = 0  # samples written with a counterfactual pair
@@ -405,15 +420,17 @@ def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: i
 
     bar = tqdm(total=n_blocks, desc="pack", unit="block", disable=not cfg.progress)
     for block in range(n_blocks):
-        with fs.open(f"{staging}/block-{block:06d}.json") as f:
+        with fs.open(block_path(staging, block, "json")) as f:
             info = json.load(f)
-        failures.extend(info["failures"])
+        for row in info["failures"]:
+            failures.write(row)
+            reasons[row["reason"].split(":")[0]] += 1
         records = {r["key"]: r for r in info["samples"]}
-        for key, members in read_tar(fs, f"{staging}/block-{block:06d}.tar"):
+        for key, members in read_tar(fs, block_path(staging, block, "tar")):
             rec = records[key]
             if cfg.dedupe != "none":
                 if rec["hash"] in seen:
-                    duplicates.append(
+                    duplicates.write(
                         {"index": rec["index"], "key": key, "origin": rec["origin"], "duplicate_of": seen[rec["hash"]]}
                     )
                     continue
@@ -435,15 +452,13 @@ def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: i
     for stale in fs.glob(f"{out}/{cfg.prefix}-*.tar"):
         if stale.rsplit("/", 1)[-1] not in sizes:
             fs.rm(stale)
-    failures.sort(key=lambda r: r["index"])
     _write_json(fs, f"{out}/sizes.json", sizes)
-    _write_jsonl(fs, f"{out}/failures.jsonl", failures)
-    _write_jsonl(fs, f"{out}/duplicates.jsonl", duplicates)
-    reasons = Counter(r["reason"].split(":")[0] for r in failures)
+    failures.close()
+    duplicates.close()
     return {
         "written": sum(sizes.values()),
-        "rejected": len(failures),
-        "duplicates": len(duplicates),
+        "rejected": failures.count,
+        "duplicates": duplicates.count,
         "shards": len(sizes),
         "bytes": total_bytes,
         "modalities": {m: modalities.get(m, 0) for m in MEDIA},
@@ -457,19 +472,14 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     """Run (or resume) a build; returns the stats written to ``stats.json`` (or this node's part of them)."""
     cfg.validate()
     start = time.perf_counter()
-    sources = read_sources(cfg.input, text_column=cfg.text_column)
-    order = list(range(len(sources)))
-    if cfg.shuffle_seed is not None:
-        random.Random(cfg.shuffle_seed).shuffle(order)
-    n = len(order)
-    bs = _block_size(n)
-    blocks = [[sources[i] for i in order[b : b + bs]] for b in range(0, n, bs)]
-    listing = json.dumps([dataclasses.asdict(s) for s in sources], sort_keys=True, default=str)
+    inputs = survey(cfg.input, cfg.text_column, cfg.progress)
+    n, bs = inputs.inputs, block_size(inputs.inputs)
+    n_blocks = block_count(n, bs)
     plan = {
         "version": PLAN_VERSION,
         "inputs": n,
         "block_size": bs,
-        "input_digest": _sha256(listing.encode()),
+        "input_digest": inputs.digest,
         **cfg.output_options(),
     }
     plan = json.loads(json.dumps(plan, default=str))
@@ -482,22 +492,34 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             print(f"{cfg.output}: build already complete ({stats['written']} samples in {stats['shards']} shards)")
         return stats
     staging = f"{out}/{STAGING}"
-    claims = BlockClaims(fs, staging, len(blocks), cfg.num_nodes, cfg.node_rank, cfg.claim_timeout_s)
+    stage_inputs(
+        fs,
+        staging,
+        cfg.input,
+        cfg.text_column,
+        n,
+        cfg.shuffle_seed,
+        cfg.node_rank,
+        cfg.num_nodes,
+        cfg.claim_timeout_s,
+        cfg.progress,
+    )
+    claims = BlockClaims(fs, staging, n_blocks, cfg.num_nodes, cfg.node_rank, cfg.claim_timeout_s)
     log = NodeLog(fs, f"{staging}/nodes/node-{cfg.node_rank:04d}.jsonl" if cfg.num_nodes > 1 else None)
     missing = set(claims.missing())
-    done_inputs = sum(len(blocks[b]) for b in range(len(blocks)) if b not in missing)
+    done_inputs = sum(block_inputs(n, bs, b) for b in range(n_blocks) if b not in missing)
     bar = tqdm(total=n, initial=done_inputs, desc="process", unit="sample", disable=not cfg.progress)
-    converted = _convert_blocks(cfg, blocks, claims, bar, log)
+    converted = _convert_blocks(cfg, claims, bar, log)
     while cfg.node_rank == 0 and claims.missing():  # node 0 packs: it waits, and takes over a dead node's blocks
         _wait_for_blocks(claims, cfg.progress)
-        converted += _convert_blocks(cfg, blocks, claims, bar, log)
+        converted += _convert_blocks(cfg, claims, bar, log)
     bar.close()
     claims.close()
     if cfg.node_rank != 0:
         if cfg.progress:
             print(f"node {cfg.node_rank}/{cfg.num_nodes}: converted {converted} blocks; node 0 packs the shards")
         return {"node_rank": cfg.node_rank, "blocks": converted, "inputs": sum(r["inputs"] for r in log.rows)}
-    stats = {"inputs": n, **_pack(fs, out, cfg, len(blocks))}
+    stats = {"inputs": n, **_pack(fs, out, cfg, n_blocks)}
     stats["seconds"] = round(time.perf_counter() - start, 3)
     stats["samples_per_second"] = round(n / stats["seconds"], 2) if stats["seconds"] else None
     stats["plan"] = plan
@@ -511,21 +533,19 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     return stats
 
 
-def _convert_blocks(
-    cfg: BuildConfig, blocks: list[list[SampleSource]], claims: BlockClaims, bar: tqdm, log: NodeLog
-) -> int:
+def _convert_blocks(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeLog) -> int:
     """Convert every block this node can claim now (its share, then any no live node holds) with ``cfg.workers``
     processes; returns how many it converted. Blocks are claimed as workers become free, never all at once."""
     slots = threading.BoundedSemaphore(2 * cfg.workers)  # claimed but not yet committed
     stop = threading.Event()  # the pool's feeder thread must not wait on a slot once this ends
 
-    def tasks() -> Iterator[tuple[BuildConfig, str, int, list[SampleSource]]]:
+    def tasks() -> Iterator[tuple[BuildConfig, str, int]]:
         for b in claims.candidates():
             while not slots.acquire(timeout=0.5):
                 if stop.is_set():
                     return
             if claims.claim(b):
-                yield cfg, f"{cfg.output.rstrip('/')}/{STAGING}", b, blocks[b]
+                yield cfg, f"{cfg.output.rstrip('/')}/{STAGING}", b
             else:
                 slots.release()
 

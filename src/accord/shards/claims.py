@@ -1,14 +1,14 @@
 """Blocks of a shared-folder build (``--num-nodes``) claimed as nodes get to them, so that live nodes take over the
 blocks of a node that died.
 
-A node claims block N by creating ``_staging/block-N.claim`` exclusively (``O_EXCL``: one creator wins), and keeps
-its claims alive by touching them every ``timeout_s / 4`` seconds while its workers convert them; the block's commit
-record ``block-N.json`` marks it done. A claim untouched for ``timeout_s`` seconds is a dead (or hung) node's: a node
-takes it over by renaming it away (one rename wins) and claiming the block afresh. A claim left by an earlier process
-of the same node rank (a node killed and started again) is taken over at once. Every node starts with its own share
-(blocks ``node_rank``, ``node_rank + num_nodes``, ...) and then takes whatever no one holds, so a fast node also
-converts a slow node's blocks. Two nodes converting one block (a claim taken from a node that was only slow) write
-the same bytes, each under its own temporary names.
+A node claims block N by creating its ``block-N.claim`` (:mod:`accord.shards.staging`) exclusively (a hard link of the
+written claim: one creator wins), and keeps its claims alive by touching them every ``timeout_s / 4`` seconds while its
+workers convert them; the block's commit record ``block-N.json`` marks it done. A claim untouched for ``timeout_s``
+seconds is a dead (or hung) node's: a node takes it over by renaming it away (one rename wins) and claiming the block
+afresh. A claim left by an earlier process of the same node rank (a node killed and started again) is taken over at
+once. Every node starts with its own share (blocks ``node_rank``, ``node_rank + num_nodes``, ...) and then takes
+whatever no one holds, so a fast node also converts a slow node's blocks. Two nodes converting one block (a claim taken
+from a node that was only slow) write the same bytes, each under its own temporary names.
 
 The shared folder must be a POSIX file system (local disk, NFS, Lustre: what SLURM arrays share); the staleness test
 compares file times with this machine's clock, so node clocks must agree to well within ``timeout_s``.
@@ -16,6 +16,7 @@ compares file times with this machine's clock, so node clocks must agree to well
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -24,6 +25,8 @@ import uuid
 from collections.abc import Iterator
 
 import fsspec
+
+from accord.shards.staging import block_path, committed_glob
 
 
 class BlockClaims:
@@ -51,10 +54,10 @@ class BlockClaims:
             threading.Thread(target=self._heartbeat, name="accord-build-claims", daemon=True).start()
 
     def path(self, block: int) -> str:
-        return f"{self.staging}/block-{block:06d}.claim"
+        return block_path(self.staging, block, "claim")
 
     def done(self, block: int) -> bool:
-        return self.fs.exists(f"{self.staging}/block-{block:06d}.json")
+        return self.fs.exists(block_path(self.staging, block, "json"))
 
     def owner(self, block: int) -> dict | None:
         """The claim on ``block`` ({"node", "token"}), or None when no one holds it."""
@@ -95,14 +98,20 @@ class BlockClaims:
                 return False
             os.remove(f"{self.path(block)}.{self.token}.stale")
             took = True
+        # Written whole, then linked into place: link() fails when the claim exists (one creator wins, as with
+        # O_EXCL), and no one ever reads a claim half written, even of a node killed while claiming.
+        tmp = f"{self.path(block)}.{self.token}.tmp"
         try:
-            fd = os.open(self.path(block), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with open(tmp, "w") as f:
+                json.dump({"node": self.node_rank, "token": self.token, "pid": os.getpid()}, f)
+            os.link(tmp, self.path(block))
         except FileExistsError:
             return False
         except FileNotFoundError:  # no staging folder: node 0 has packed the build and removed it
             return False
-        with os.fdopen(fd, "w") as f:
-            json.dump({"node": self.node_rank, "token": self.token, "pid": os.getpid()}, f)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
         if self.done(block):  # committed by its old owner between our checks
             os.remove(self.path(block))
             return False
@@ -132,7 +141,7 @@ class BlockClaims:
     def missing(self) -> list[int]:
         """The blocks not committed yet (listed once, not asked one by one)."""
         self.fs.invalidate_cache(self.staging)
-        done = {p.rsplit("/", 1)[-1] for p in self.fs.glob(f"{self.staging}/block-*.json")}
+        done = {p.rsplit("/", 1)[-1] for p in self.fs.glob(committed_glob(self.staging))}
         return [b for b in range(self.n_blocks) if f"block-{b:06d}.json" not in done]
 
     def holders(self, blocks: list[int]) -> dict[str, list[int]]:

@@ -1,4 +1,4 @@
-"""Enumerate raw inputs (a manifest or a directory) into an ordered list of sample sources.
+"""Enumerate raw inputs (manifests or a directory) into an ordered stream of sample sources.
 
 Every input becomes exactly one :class:`SampleSource`. Inputs that are already known to be unusable at
 enumeration time (no caption, unsupported file type, ...) carry an ``error`` and are rejected downstream with
@@ -8,19 +8,22 @@ that reason, so that they are accounted for like any other rejected input.
 from __future__ import annotations
 
 import csv
-import io
+import glob
 import json
 import math
 import posixpath
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
+import braceexpand
 import fsspec
 
 from accord.errors import InputError
 from accord.modalities import COUNTERFACTUAL, MEDIA, medium_of_input
 
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".tsv", ".parquet")
+PARQUET_BATCH_ROWS = 1024  # rows of a parquet manifest decoded at once (memory: this many rows, twice)
 # Fields accord writes into each sample's json; manifest columns may not reuse them.
 RESERVED_FIELDS = frozenset({"key", "source", "text", "sha256", COUNTERFACTUAL, *MEDIA})
 # Manifest columns of a sample's counterfactual pair: its caption, and its medium per modality
@@ -51,15 +54,70 @@ def read_sources(
     text_column: str = "text",
     media_columns: dict[str, str] | None = None,
 ) -> list[SampleSource]:
-    """Read a manifest file or scan a directory (local path or any fsspec URL)."""
-    fs, path = fsspec.core.url_to_fs(src)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"--input {src!r} does not exist")
-    if fs.isdir(path):
-        return _scan_directory(fs, path, src)
-    if not path.lower().endswith(MANIFEST_SUFFIXES):
-        raise InputError(f"--input {src!r} is neither a directory nor a manifest ({', '.join(MANIFEST_SUFFIXES)})")
-    return _read_manifest(fs, path, src, text_column, media_columns or {m: m for m in MEDIA})
+    """All of :func:`iter_sources` in a list: for callers that hold the inputs anyway (small manifests)."""
+    return list(iter_sources(src, text_column, media_columns))
+
+
+def iter_sources(
+    src: str,
+    text_column: str = "text",
+    media_columns: dict[str, str] | None = None,
+) -> Iterator[SampleSource]:
+    """The inputs of a manifest, several manifests, or a directory (local paths or any fsspec URLs), in build order.
+
+    ``src`` is a directory, a manifest, or a pattern of manifests (braces and globs: ``parts/{0..9}.parquet``,
+    ``parts/*.jsonl``), read in sorted order with indices running on across them. The input is checked now (it
+    exists, names manifests), the rest as the inputs are read. Manifests are streamed (parquet in row batches, csv /
+    tsv / jsonl line by line), so memory does not grow with their size; a directory is listed whole (at scale, give
+    a manifest). A manifest's errors (not UTF-8, bad JSON, a column clash or no caption column) raise
+    :class:`InputError` naming the file and line, possibly after earlier inputs came."""
+    media_columns = media_columns or {m: m for m in MEDIA}
+    urls = _manifest_urls(src)  # raised now: a missing input is named before anything is read
+    if urls is None:
+        fs, path = fsspec.core.url_to_fs(src)
+        return iter(_scan_directory(fs, path, src))
+    return _read_manifests(urls, text_column, media_columns)
+
+
+def _read_manifests(urls: list[str], text_column: str, media_columns: dict[str, str]) -> Iterator[SampleSource]:
+    index = 0
+    for url in urls:
+        fs, path = fsspec.core.url_to_fs(url)
+        for src in _read_manifest(fs, path, url, text_column, media_columns, index):
+            index = src.index + 1
+            yield src
+
+
+def _manifest_urls(src: str) -> list[str] | None:
+    """The manifests ``src`` names (sorted), or None when it is a directory; raises when it names nothing usable."""
+    patterns = list(braceexpand.braceexpand(src))
+    fs, path = fsspec.core.url_to_fs(patterns[0])
+    if len(patterns) == 1 and not glob.has_magic(path):
+        if not fs.exists(path):
+            raise FileNotFoundError(f"--input {src!r} does not exist")
+        if fs.isdir(path):
+            return None
+        if not path.lower().endswith(MANIFEST_SUFFIXES):
+            raise InputError(f"--input {src!r} is neither a directory nor a manifest ({', '.join(MANIFEST_SUFFIXES)})")
+    urls: list[str] = []
+    for pattern in patterns:
+        fs, path = fsspec.core.url_to_fs(pattern)
+        if not glob.has_magic(path):  # named as given: media paths resolve against it as written
+            if not fs.exists(path):
+                raise FileNotFoundError(f"--input {src!r}: {pattern!r} does not exist")
+            urls.append(pattern)
+            continue
+        found = sorted(fs.glob(path))
+        if not found:
+            raise FileNotFoundError(f"--input {src!r}: {pattern!r} matches no file")
+        local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+        urls += [p if local else fs.unstrip_protocol(p) for p in found]
+    for url in urls:
+        if not url.lower().endswith(MANIFEST_SUFFIXES):
+            raise InputError(f"--input {src!r}: {url!r} is not a manifest ({', '.join(MANIFEST_SUFFIXES)})")
+    if len(set(urls)) < len(urls):
+        raise InputError(f"--input {src!r} names a manifest twice")
+    return urls
 
 
 def _join(base_url: str, rel: str) -> str:
@@ -74,37 +132,51 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
-def _rows(fs: fsspec.AbstractFileSystem, path: str) -> list[dict[str, Any]]:
-    lower = path.lower()
-    if lower.endswith(".parquet"):
-        import pyarrow.parquet as pq
+def _text_lines(f: IO[bytes], path: str) -> Iterator[tuple[int, str]]:
+    """(line number, decoded line with its newline) of a UTF-8 file (a BOM dropped), one line at a time."""
+    offset = 0
+    for lineno, raw in enumerate(f, 1):
+        try:
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(
+                f"{path}: not UTF-8 text (line {lineno}, byte {offset + e.start}: {e.reason}); "
+                "re-encode the manifest as UTF-8"
+            ) from None
+        offset += len(raw)
+        yield lineno, line
 
-        with fs.open(path, "rb") as f:
-            return pq.read_table(f).to_pylist()
+
+def _rows(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[list[str] | None, dict[str, Any]]]:
+    """The rows of one manifest as dicts, each with the file's columns when the format declares them up front
+    (parquet schema, csv header) or None (jsonl: each row has its own keys)."""
+    lower = path.lower()
     with fs.open(path, "rb") as f:
-        raw = f.read()
-    try:
-        data = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise InputError(
-            f"{path}: not UTF-8 text (line {line}, byte {e.start}: {e.reason}); re-encode the manifest as UTF-8"
-        ) from None
-    if lower.endswith(".jsonl"):
-        rows = []
-        for lineno, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise InputError(f"{path}: line {lineno} is not a JSON object")
-            rows.append(row)
-        return rows
-    delimiter = "\t" if lower.endswith(".tsv") else ","
-    return list(csv.DictReader(io.StringIO(data), delimiter=delimiter))
+        if lower.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(f)
+            names = list(table.schema_arrow.names)
+            for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS):
+                for row in batch.to_pylist():
+                    yield names, row
+        elif lower.endswith(".jsonl"):
+            for lineno, line in _text_lines(f, path):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise InputError(f"{path}: line {lineno} is not a JSON object")
+                yield None, row
+        else:
+            delimiter = "\t" if lower.endswith(".tsv") else ","
+            reader = csv.DictReader((line for _, line in _text_lines(f, path)), delimiter=delimiter)
+            header = list(reader.fieldnames or [])
+            for row in reader:
+                yield header, row
 
 
 def _read_manifest(
@@ -113,23 +185,27 @@ def _read_manifest(
     url: str,
     text_column: str,
     media_columns: dict[str, str],
-) -> list[SampleSource]:
-    rows = _rows(fs, path)
+    first_index: int = 0,
+) -> Iterator[SampleSource]:
+    """The inputs of one manifest, numbered from ``first_index``. The column checks run on the declared columns
+    (parquet, csv) before the first row, or as rows come (jsonl): a reserved name at its first row, a missing caption
+    or media column once the file ends without one."""
     name = posixpath.basename(path)
     used = {text_column, *media_columns.values(), COUNTERFACTUAL_TEXT, *COUNTERFACTUAL_MEDIA.values()}
-    if rows:
-        columns = set().union(*(r.keys() for r in rows))
-        if text_column not in columns:
-            raise InputError(f"{url}: no caption column {text_column!r} (columns: {sorted(columns)})")
-        if not columns & set(media_columns.values()):
-            raise InputError(f"{url}: needs at least one media column of {sorted(media_columns.values())}")
-        clash = sorted((columns - used) & RESERVED_FIELDS)
-        if clash:
-            raise InputError(f"{url}: extra columns {clash} clash with fields accord writes; rename them")
-    out = []
-    for i, row in enumerate(rows):
+    wanted = set(media_columns.values())
+    columns: set[str] = set()
+    i = -1
+    for declared, row in _rows(fs, path):
+        i += 1
+        if declared is not None and i == 0 or declared is None and not row.keys() <= columns:
+            columns.update(declared if declared is not None else row.keys())
+            clash = sorted((columns - used) & RESERVED_FIELDS)
+            if clash:
+                raise InputError(f"{url}: extra columns {clash} clash with fields accord writes; rename them")
+            if declared is not None:
+                _check_columns(url, columns, text_column, wanted)
         origin = f"{name}:row {i + 1}"
-        src = SampleSource(index=i, origin=origin)
+        src = SampleSource(index=first_index + i, origin=origin)
         for modality, column in media_columns.items():
             if not _missing(row.get(column)):
                 src.media[modality] = _join(url, str(row[column]))
@@ -147,8 +223,16 @@ def _read_manifest(
         if src.error is None and not src.media:
             src.error = "no media: needs an image, video or audio path"
         src.error = src.error or _counterfactual_problem(src)
-        out.append(src)
-    return out
+        yield src
+    if i >= 0:
+        _check_columns(url, columns, text_column, wanted)
+
+
+def _check_columns(url: str, columns: set[str], text_column: str, media: set[str]) -> None:
+    if text_column not in columns:
+        raise InputError(f"{url}: no caption column {text_column!r} (columns: {sorted(columns)})")
+    if not columns & media:
+        raise InputError(f"{url}: needs at least one media column of {sorted(media)}")
 
 
 def _counterfactual_problem(src: SampleSource) -> str | None:
