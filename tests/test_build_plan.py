@@ -1,10 +1,12 @@
 """Shard builder at scale: streamed manifests on bounded memory, block inputs in staging, the external shuffle,
-fanned-out staging folders, and a planner that no dead node 0 can stall."""
+fanned-out staging folders, a planner that no dead node 0 can stall, and dedupe partitioned by hash."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import random
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from accord.shards import plan, staging
+from accord.shards import dedupe, plan, staging
 from accord.shards.build import BuildConfig, build
 from accord.shards.plan import block_size, read_block_inputs, shuffled_lines, stage_inputs, survey
 from accord.shards.sources import iter_sources
@@ -188,3 +190,29 @@ def test_a_node_plans_when_node_0_is_dead_and_waits_while_it_lives(tmp_path: Pat
     thread.join()
     assert waited >= 1.3 and (alive / plan.COMPLETE).exists()
     assert list((alive / "blocks" / "000").glob("*.tmp")) == []
+
+
+@pytest.mark.parametrize("partitions", [1, 3, 256])
+def test_partitioned_dedupe_equals_one_dict_over_every_hash(tmp_path: Path, monkeypatch, partitions: int) -> None:
+    """Duplicates found partition by partition are exactly those of one pass with every hash in a dict, in the same
+    (block) order, whatever the number of partitions."""
+    monkeypatch.setattr(dedupe, "PARTITIONS", partitions)
+    rng = random.Random(0)
+    hashes = [hashlib.sha256(str(rng.randrange(60)).encode()).hexdigest() for _ in range(400)]
+    fs = fsspec.filesystem("file")
+    blocks = [hashes[i : i + 37] for i in range(0, 400, 37)]
+    for b, block in enumerate(blocks):
+        fs.makedirs(staging.block_folder(str(tmp_path), b), exist_ok=True)
+        records = [{"key": f"{b:04d}{p:04d}", "hash": h} for p, h in enumerate(block)]
+        Path(staging.block_path(str(tmp_path), b, "json")).write_text(json.dumps({"samples": records}))
+    seen: dict[str, str] = {}
+    expected = []
+    for b, block in enumerate(blocks):
+        for p, h in enumerate(block):
+            key = f"{b:04d}{p:04d}"
+            if h in seen:
+                expected.append((b, p, key, seen[h]))
+            else:
+                seen[h] = key
+    got = list(dedupe.duplicates_in_order(fs, str(tmp_path), len(blocks)))
+    assert got == expected and len(got) == 400 - len(set(hashes)) > 300

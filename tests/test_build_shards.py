@@ -220,12 +220,18 @@ def test_a_killed_nodes_blocks_are_taken_over_and_the_output_is_identical(tmp_pa
     out = tmp_path / "two"
     nodes = [*opts, "--num-nodes", "2", "--claim-timeout", "2"]
     log1 = out / "_staging" / "nodes" / "node-0001.jsonl"
-    kill_build_when(
-        src, out, [*nodes, "--node-rank", "1"], lambda: log1.exists() and len(log1.read_text().splitlines()) >= 6
-    )
-    claims = {int(c.name[6:12]): json.loads(c.read_text()) for c in (out / "_staging").glob("blocks/*/block-*.claim")}
-    held = {b for b, c in claims.items() if not (out / "_staging" / "blocks" / "000" / f"block-{b:06d}.json").exists()}
-    assert held and {c["node"] for c in claims.values()} == {1}  # it died holding claims of unfinished blocks
+
+    def unfinished_claims() -> set[int]:
+        claims = [int(c.name[6:12]) for c in (out / "_staging").glob("blocks/*/block-*.claim")]
+        return {b for b in claims if not (out / "_staging" / "blocks" / "000" / f"block-{b:06d}.json").exists()}
+
+    def ready() -> bool:  # killed between two claims it would hold none: wait for one
+        return log1.exists() and len(log1.read_text().splitlines()) >= 6 and bool(unfinished_claims())
+
+    kill_build_when(src, out, [*nodes, "--node-rank", "1"], ready)
+    held = unfinished_claims()
+    claims = [json.loads(c.read_text()) for c in (out / "_staging").glob("blocks/*/block-*.claim")]
+    assert held and {c["node"] for c in claims} == {1}  # it died holding claims of unfinished blocks
 
     t = time.time()
     proc = run_build(src, out, *nodes, "--node-rank", "0", "--keep-staging")
