@@ -6,7 +6,7 @@ rows point at 16 tiny PNGs (so the run measures the builder, not the codec: 8 px
 workers included). Targets (issue #30): peak RSS at the largest size within 1.2x of the smallest; time per row
 within 1.2x across sizes.
 
-    .venv/bin/python bench/build_scale.py --rows 10000 100000 1000000 --workers 2
+    .venv/bin/python bench/build_scale.py --rows 10000 100000 1000000 --workers 2 [--dedupe sample]
 """
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ def write_inputs(folder: Path, rows: int) -> Path:
     return manifest
 
 
-def run(manifest: Path, out: Path, workers: int) -> dict[str, float]:
+def run(manifest: Path, out: Path, workers: int, dedupe: str) -> dict[str, float]:
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, str(ROOT / "data_tools" / "build_shards.py"), "--input", str(manifest)]
     cmd += ["--output", str(out), "--workers", str(workers), "--image-size", "8", "--samples-per-shard", "10000"]
-    cmd += ["--quiet"]
+    cmd += ["--dedupe", dedupe, "--quiet"]
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     main = psutil.Process(proc.pid)
@@ -73,12 +73,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--dedupe", default="none", choices=("none", "sample"), help="sample: the dedupe pass runs (captions differ)"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     results = []
     for rows in args.rows:
         manifest = write_inputs(WORK, rows)
-        r = {"rows": rows, **run(manifest, WORK / f"out-{rows}", args.workers)}
+        r = {"rows": rows, **run(manifest, WORK / f"out-{rows}", args.workers, args.dedupe)}
         r["us_per_row"] = r["seconds"] / rows * 1e6
         results.append(r)
         print(

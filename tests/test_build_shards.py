@@ -35,7 +35,7 @@ from accord.shards.tario import read_tar
 from accord.shards.verify import data_config_of, verify
 
 from helpers.corpus import EXPECTED
-from helpers.media import gradient, write_audio, write_image, write_truncated_jpeg, write_video
+from helpers.media import gradient, many_images, write_audio, write_image, write_truncated_jpeg, write_video
 from helpers.procs import ROOT
 
 SCRIPT = ROOT / "data_tools" / "build_shards.py"
@@ -159,15 +159,6 @@ def test_verify_decode_catches_corrupt_member(tmp_path: Path) -> None:
     assert verify(str(out), decode=False, progress=False)["ok"]
     summary = verify(str(out), decode=True, progress=False)
     assert not summary["ok"] and "shard-000000.tar:a.jpg: cannot decode image" in summary["problems"][0]
-
-
-def many_images(folder: Path, n: int, size: tuple[int, int]) -> Path:
-    """``n`` captioned JPEG gradients: an input slow enough to kill a build in the middle of."""
-    folder.mkdir()
-    for i in range(n):
-        gradient(*size, seed=i).save(folder / f"{i:04d}.jpg", quality=90)
-        (folder / f"{i:04d}.txt").write_text(f"picture {i}")
-    return folder
 
 
 def kill_build_when(src: Path, out: Path, opts: list[str], ready: Callable[[], bool]) -> None:

@@ -116,3 +116,12 @@ def write_audio(path: Path, seconds: float = 0.5, rate: int = 22050, channels: i
     fmt = {"wav": "WAV", "flac": "FLAC", "ogg": "OGG"}[path.suffix[1:]]
     sf.write(path, wav, rate, format=fmt)
     return path
+
+
+def many_images(folder: Path, n: int, size: tuple[int, int]) -> Path:
+    """``n`` captioned JPEG gradients: an input slow enough to kill a build in the middle of."""
+    folder.mkdir()
+    for i in range(n):
+        gradient(*size, seed=i).save(folder / f"{i:04d}.jpg", quality=90)
+        (folder / f"{i:04d}.txt").write_text(f"picture {i}")
+    return folder

@@ -96,7 +96,16 @@ class BuildConfig:
     extract_audio: bool = False
     """Store a video's sound track as the sample's audio when it has none of its own."""
     workers: int = 1
-    """Processes converting inputs (the output is identical for any number)."""
+    """Processes converting inputs (the output is identical for any number); with ``distributor: ray``, the Ray
+    cluster's CPUs instead."""
+    distributor: Literal["multiprocessing", "ray"] = "multiprocessing"
+    """What runs the blocks: this machine's process pool, or a Ray cluster (each block a task retried on failure
+    and on a lost node; the output folder must be reachable from every Ray node: a shared folder or object store)."""
+    ray_address: str | None = None
+    """With ``distributor: ray``: the cluster to join (``auto``, ``ray://host:10001``, ...); default ``RAY_ADDRESS``,
+    else a local Ray started for the build."""
+    ray_retries: int = 3
+    """With ``distributor: ray``: times a block's task is run again after it failed or its node was lost."""
     num_nodes: int = 1
     """Machines sharing the build over a shared output folder."""
     node_rank: int = 0
@@ -135,6 +144,17 @@ class BuildConfig:
             bad("--claim-timeout", "must be > 0 (seconds)")
         if self.workers < 1:
             bad("--workers", "must be >= 1")
+        if self.distributor not in ("multiprocessing", "ray"):
+            bad("--distributor", f"must be multiprocessing or ray, not {self.distributor!r}")
+        if self.distributor == "ray":
+            if self.num_nodes > 1:
+                bad("--distributor", "ray spreads the blocks over its own cluster; drop --num-nodes")
+            if self.ray_retries < 0:
+                bad("--ray-retries", "must be >= 0")
+            try:
+                import ray  # noqa: F401
+            except ImportError:
+                bad("--distributor", "ray needs the ray package: pip install 'accord[ray]'")
         if self.resume and self.overwrite:
             bad("--resume", "cannot be combined with --overwrite")
         if self.image.resize_mode not in RESIZE_MODES:
@@ -158,6 +178,9 @@ class BuildConfig:
             "input",
             "output",
             "workers",
+            "distributor",
+            "ray_address",
+            "ray_retries",
             "num_nodes",
             "node_rank",
             "claim_timeout_s",
@@ -551,6 +574,8 @@ def _convert_blocks(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeL
             else:
                 slots.release()
 
+    if cfg.distributor == "ray":
+        return _convert_blocks_ray(cfg, claims, bar, log)
     converted = rejected = 0
     with contextlib.ExitStack() as stack:
         if cfg.workers == 1:
@@ -568,6 +593,49 @@ def _convert_blocks(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeL
             rejected += n_bad
             bar.update(n_in)
             bar.set_postfix(rejected=rejected)
+    return converted
+
+
+def _convert_blocks_ray(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeLog) -> int:
+    """Convert every uncommitted block as a Ray task (``cfg.ray_retries`` retries, on an error or a lost node), at
+    most two per cluster CPU in flight; each result's commit record is checked, and a block whose retries are spent
+    stops the build naming it (a failed task is never taken for a converted block)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False)
+    task = ray.remote(num_cpus=1, max_retries=cfg.ray_retries, retry_exceptions=True)(_process_block)
+    staging = f"{cfg.output.rstrip('/')}/{STAGING}"
+    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    in_flight: dict[Any, int] = {}
+    converted = rejected = 0
+
+    def finish(ref: Any) -> None:
+        nonlocal converted, rejected
+        block = in_flight.pop(ref)
+        try:
+            done, n_in, n_bad = ray.get(ref)
+        except ray.exceptions.RayError as e:
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"block {block}: its Ray task failed {cfg.ray_retries + 1} times ({cause})") from None
+        if done != block or not claims.done(block):
+            raise RuntimeError(f"block {block}: its Ray task returned but left no commit record in {staging}")
+        log.write(block=block, inputs=n_in, rejected=n_bad, took_over=False)
+        converted += 1
+        rejected += n_bad
+        bar.update(n_in)
+        bar.set_postfix(rejected=rejected)
+
+    for b in claims.candidates():
+        if not claims.claim(b):
+            continue
+        while len(in_flight) >= limit:
+            ready, _ = ray.wait(list(in_flight), num_returns=1)
+            finish(ready[0])
+        in_flight[task.remote((cfg, staging, b))] = b
+    while in_flight:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        finish(ready[0])
     return converted
 
 
@@ -677,6 +745,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--audio-max-seconds", type=float, default=None)
     g = p.add_argument_group("execution")
     g.add_argument("--workers", type=int, default=1, help="processes (output is identical for any number)")
+    g.add_argument(
+        "--distributor",
+        default="multiprocessing",
+        choices=("multiprocessing", "ray"),
+        help="run the blocks in this machine's process pool or as tasks of a Ray cluster",
+    )
+    g.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)")
+    g.add_argument("--ray-retries", type=int, default=3, help="retries of a block's Ray task (error or lost node)")
     g.add_argument("--num-nodes", type=int, default=1, help="machines sharing the build (shared output folder)")
     g.add_argument("--node-rank", type=int, default=0)
     g.add_argument(
@@ -727,6 +803,9 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
         ),
         extract_audio=args.extract_audio,
         workers=args.workers,
+        distributor=args.distributor,
+        ray_address=args.ray_address,
+        ray_retries=args.ray_retries,
         num_nodes=args.num_nodes,
         claim_timeout_s=args.claim_timeout,
         node_rank=args.node_rank,
