@@ -8,11 +8,11 @@ The build runs in two phases, which is what makes it reproducible, resumable and
 1. *Process* (parallel over ``--workers`` processes and ``--num-nodes`` machines): each block is validated/converted
    and written to ``block-N.tar`` plus a ``block-N.json`` commit record (written last). A resumed build skips blocks
    whose record exists. Nodes claim blocks as they go and take over a dead node's (:mod:`accord.shards.claims`).
-2. *Pack* (node 0, sequential, no re-encoding): blocks are read in order, exact duplicates dropped, and samples
-   packed into ``PREFIX-NNNNNN.tar`` by count and bytes; then ``sizes.json``, ``stats.json``, ``failures.jsonl`` and
-   ``duplicates.jsonl`` are written (as the blocks are read) and the staging folder removed. Duplicates are found
-   before, in a pass over the blocks' recorded hashes partitioned by hash (:mod:`accord.shards.dedupe`), so that
-   node 0 never holds every hash.
+2. *Pack* (:mod:`accord.shards.pack`, no re-encoding): node 0 reads the blocks' commit records in order, drops
+   exact duplicates (found in a pass over the recorded hashes partitioned by hash, :mod:`accord.shards.dedupe`, so
+   no process holds every hash), assigns samples to ``PREFIX-NNNNNN.tar`` by count and bytes and writes
+   ``failures.jsonl`` and ``duplicates.jsonl``; then the shards are written in parallel (the worker pool, or Ray
+   tasks over the cluster), ``sizes.json`` and ``stats.json`` last, and the staging folder is removed.
 
 Since every block's bytes depend only on its inputs and the options, the output is byte-identical whatever the
 number of workers or nodes, and after any crash + ``--resume``.
@@ -31,10 +31,9 @@ import sys
 import threading
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import fsspec
 from tqdm import tqdm
@@ -42,7 +41,6 @@ from tqdm import tqdm
 from accord.errors import command
 from accord.modalities import COUNTERFACTUAL, IMAGE_FORMATS, MEDIA
 from accord.shards.claims import BlockClaims
-from accord.shards.dedupe import Duplicate, duplicates_in_order
 from accord.shards.media import (
     RESIZE_MODES,
     AudioOptions,
@@ -56,6 +54,7 @@ from accord.shards.media import (
     process_video,
     process_waveform,
 )
+from accord.shards.pack import plan_shards, write_shard
 from accord.shards.plan import (
     PLAN_VERSION,
     block_count,
@@ -67,7 +66,10 @@ from accord.shards.plan import (
 )
 from accord.shards.sources import SampleSource
 from accord.shards.staging import STAGING, block_path
-from accord.shards.tario import TarWriter, read_tar, tar_size, write_tar
+from accord.shards.tario import tar_size, write_tar
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 @dataclass
@@ -302,7 +304,7 @@ def _process_block(task: tuple[BuildConfig, str, int]) -> tuple[int, int, int]:
             )
             continue
         samples.append((src.key, members))
-        records.append(record)
+        records.append({**record, "bytes": tar_size(members)})
     # temporary names of this process: a block taken over from a node that was only slow may be written twice, at once
     tmp = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
     tar, commit = block_path(root, block, "tar"), block_path(root, block, "json")
@@ -325,23 +327,6 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any, tmp: str | N
     with fs.open(tmp, "w") as f:
         json.dump(obj, f, indent=1, sort_keys=True)
     fs.mv(tmp, path)
-
-
-class _JsonlWriter:
-    """Rows appended to ``path`` as they come, under a temporary name until ``close()``."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
-        self.fs, self.path = fs, path
-        self.file = fs.open(f"{path}.tmp", "w")
-        self.count = 0
-
-    def write(self, row: dict[str, Any]) -> None:
-        self.file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-        self.count += 1
-
-    def close(self) -> None:
-        self.file.close()
-        self.fs.mv(f"{self.path}.tmp", self.path)
 
 
 # ------------------------------------------------------------------------------------------------ output dir
@@ -423,75 +408,6 @@ def check_shard_count(n_shards: int, workers: int | None, world_size: int | None
     )
 
 
-def _pack(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, n_blocks: int) -> dict[str, Any]:
-    staging = f"{out}/{STAGING}"
-    found: Iterator[Duplicate] = duplicates_in_order(fs, staging, n_blocks) if cfg.dedupe != "none" else iter(())
-    dup = next(found, None)
-    failures = _JsonlWriter(fs, f"{out}/failures.jsonl")  # in block order: input order unless shuffled
-    duplicates = _JsonlWriter(fs, f"{out}/duplicates.jsonl")
-    reasons: Counter[str] = Counter()
-    sizes: dict[str, int] = {}
-    modalities: Counter[str] = Counter()
-    pairs = 0  # samples written with a counterfactual pair
-    total_bytes = 0
-    writer: TarWriter | None = None
-
-    def close() -> None:
-        nonlocal writer, total_bytes
-        if writer is not None:
-            writer.close()
-            sizes[writer.path.rsplit("/", 1)[-1]] = writer.count
-            total_bytes += writer.bytes
-            writer = None
-
-    bar = tqdm(total=n_blocks, desc="pack", unit="block", disable=not cfg.progress)
-    for block in range(n_blocks):
-        with fs.open(block_path(staging, block, "json")) as f:
-            info = json.load(f)
-        for row in info["failures"]:
-            failures.write(row)
-            reasons[row["reason"].split(":")[0]] += 1
-        records = {r["key"]: r for r in info["samples"]}
-        for key, members in read_tar(fs, block_path(staging, block, "tar")):
-            rec = records[key]
-            if dup is not None and (dup.block, dup.key) == (block, key):
-                duplicates.write(
-                    {"index": rec["index"], "key": key, "origin": rec["origin"], "duplicate_of": dup.duplicate_of}
-                )
-                dup = next(found, None)
-                continue
-            size = tar_size(members)
-            if writer is not None and (
-                writer.count >= cfg.samples_per_shard
-                or (cfg.max_shard_bytes is not None and writer.bytes + size > cfg.max_shard_bytes)
-            ):
-                close()
-            if writer is None:
-                writer = TarWriter(fs, f"{out}/{cfg.prefix}-{len(sizes):06d}.tar")
-            writer.add(key, members)
-            modalities.update(rec["modalities"])
-            pairs += bool(rec.get(COUNTERFACTUAL))
-        bar.update()
-    close()
-    bar.close()
-    for stale in fs.glob(f"{out}/{cfg.prefix}-*.tar"):
-        if stale.rsplit("/", 1)[-1] not in sizes:
-            fs.rm(stale)
-    _write_json(fs, f"{out}/sizes.json", sizes)
-    failures.close()
-    duplicates.close()
-    return {
-        "written": sum(sizes.values()),
-        "rejected": failures.count,
-        "duplicates": duplicates.count,
-        "shards": len(sizes),
-        "bytes": total_bytes,
-        "modalities": {m: modalities.get(m, 0) for m in MEDIA},
-        "counterfactuals": pairs,
-        "reasons": dict(reasons.most_common()),
-    }
-
-
 # ---------------------------------------------------------------------------------------------------- driver
 def build(cfg: BuildConfig) -> dict[str, Any]:
     """Run (or resume) a build; returns the stats written to ``stats.json`` (or this node's part of them)."""
@@ -544,7 +460,24 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
         if cfg.progress:
             print(f"node {cfg.node_rank}/{cfg.num_nodes}: converted {converted} blocks; node 0 packs the shards")
         return {"node_rank": cfg.node_rank, "blocks": converted, "inputs": sum(r["inputs"] for r in log.rows)}
-    stats = {"inputs": n, **_pack(fs, out, cfg, n_blocks)}
+    packed = plan_shards(
+        fs,
+        out,
+        staging,
+        n_blocks,
+        cfg.prefix,
+        cfg.samples_per_shard,
+        cfg.max_shard_bytes,
+        cfg.dedupe != "none",
+        cfg.progress,
+    )
+    sizes = packed.pop("sizes")
+    _write_shards(cfg, len(sizes))
+    for stale in fs.glob(f"{out}/{cfg.prefix}-*.tar"):
+        if stale.rsplit("/", 1)[-1] not in sizes:
+            fs.rm(stale)
+    _write_json(fs, f"{out}/sizes.json", sizes)
+    stats = {"inputs": n, **packed}
     stats["seconds"] = round(time.perf_counter() - start, 3)
     stats["samples_per_second"] = round(n / stats["seconds"], 2) if stats["seconds"] else None
     stats["plan"] = plan
@@ -597,27 +530,11 @@ def _convert_blocks(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeL
 
 
 def _convert_blocks_ray(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeLog) -> int:
-    """Convert every uncommitted block as a Ray task (``cfg.ray_retries`` retries, on an error or a lost node), at
-    most two per cluster CPU in flight; each result's commit record is checked, and a block whose retries are spent
-    stops the build naming it (a failed task is never taken for a converted block)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False)
-    task = ray.remote(num_cpus=1, max_retries=cfg.ray_retries, retry_exceptions=True)(_process_block)
+    """Convert every uncommitted block as a Ray task; each result's commit record is checked."""
     staging = f"{cfg.output.rstrip('/')}/{STAGING}"
-    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    in_flight: dict[Any, int] = {}
     converted = rejected = 0
-
-    def finish(ref: Any) -> None:
-        nonlocal converted, rejected
-        block = in_flight.pop(ref)
-        try:
-            done, n_in, n_bad = ray.get(ref)
-        except ray.exceptions.RayError as e:
-            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise RuntimeError(f"block {block}: its Ray task failed {cfg.ray_retries + 1} times ({cause})") from None
+    tasks = ((cfg, staging, b) for b in claims.candidates() if claims.claim(b))
+    for (_, _, block), (done, n_in, n_bad) in _ray_map(_process_block, tasks, cfg, lambda t: f"block {t[2]}"):
         if done != block or not claims.done(block):
             raise RuntimeError(f"block {block}: its Ray task returned but left no commit record in {staging}")
         log.write(block=block, inputs=n_in, rejected=n_bad, took_over=False)
@@ -625,18 +542,55 @@ def _convert_blocks_ray(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: N
         rejected += n_bad
         bar.update(n_in)
         bar.set_postfix(rejected=rejected)
-
-    for b in claims.candidates():
-        if not claims.claim(b):
-            continue
-        while len(in_flight) >= limit:
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            finish(ready[0])
-        in_flight[task.remote((cfg, staging, b))] = b
-    while in_flight:
-        ready, _ = ray.wait(list(in_flight), num_returns=1)
-        finish(ready[0])
     return converted
+
+
+def _ray_map(
+    func: Callable[[T], R], tasks: Iterable[T], cfg: BuildConfig, name: Callable[[T], str]
+) -> Iterator[tuple[T, R]]:
+    """(task, func(task)) of every task run as a Ray task (``cfg.ray_retries`` retries, on an error or a lost node),
+    in completion order, at most two per cluster CPU in flight; a task whose retries are spent stops the build
+    naming it (a failed task is never taken for a finished one)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False)
+    remote = ray.remote(num_cpus=1, max_retries=cfg.ray_retries, retry_exceptions=True)(func)
+    limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    in_flight: dict[Any, T] = {}
+
+    def finish() -> tuple[T, R]:
+        ready, _ = ray.wait(list(in_flight), num_returns=1)
+        task = in_flight.pop(ready[0])
+        try:
+            return task, ray.get(ready[0])
+        except ray.exceptions.RayError as e:
+            cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise RuntimeError(f"{name(task)}: its Ray task failed {cfg.ray_retries + 1} times ({cause})") from None
+
+    for task in tasks:
+        if len(in_flight) >= limit:
+            yield finish()
+        in_flight[remote.remote(task)] = task
+    while in_flight:
+        yield finish()
+
+
+def _write_shards(cfg: BuildConfig, n_shards: int) -> None:
+    """Write the planned final shards in parallel: the worker pool's processes, or Ray tasks over the cluster."""
+    tasks = [(cfg.output, s) for s in range(n_shards)]
+    bar = tqdm(total=n_shards, desc="write shards", unit="shard", disable=not cfg.progress)
+    with contextlib.ExitStack() as stack:
+        if cfg.distributor == "ray":
+            results: Iterable[Any] = _ray_map(write_shard, tasks, cfg, lambda t: f"shard {t[1]}")
+        elif cfg.workers == 1 or n_shards == 1:
+            results = map(write_shard, tasks)
+        else:
+            pool = stack.enter_context(mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker))
+            results = pool.imap_unordered(write_shard, tasks)
+        for _ in results:
+            bar.update()
+    bar.close()
 
 
 class NodeLog:

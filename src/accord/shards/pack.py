@@ -1,0 +1,151 @@
+"""The last phase of a shard build: committed blocks into final shards, in two steps so that no one process
+copies every byte.
+
+1. :func:`plan_shards` (one process, metadata only): the blocks' commit records are read in order, duplicates
+   dropped (:mod:`accord.shards.dedupe`) and samples assigned to shards by count and bytes (each record carries its
+   sample's size in a tar); each shard's list of (block, keys) is written to staging, and ``failures.jsonl`` and
+   ``duplicates.jsonl`` as the records are read.
+2. :func:`write_shard` (any process, one shard each, in parallel: the build's worker pool or its Ray tasks): reads
+   its samples from the block tars and writes ``PREFIX-NNNNNN.tar``.
+
+A shard's bytes depend only on its list, so they are the same whichever process writes it, and the same as one
+process packing the blocks in order.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+from tqdm import tqdm
+
+from accord.modalities import COUNTERFACTUAL, MEDIA
+from accord.shards.dedupe import Duplicate, duplicates_in_order
+from accord.shards.staging import STAGING, block_path, shard_plan_path
+from accord.shards.tario import TarWriter, read_tar
+
+
+class JsonlWriter:
+    """Rows appended to ``path`` as they come, under a temporary name until ``close()``."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+        self.fs, self.path = fs, path
+        self.file = fs.open(f"{path}.tmp", "w")
+        self.count = 0
+
+    def write(self, row: dict[str, Any]) -> None:
+        self.file.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+        self.count += 1
+
+    def close(self) -> None:
+        self.file.close()
+        self.fs.mv(f"{self.path}.tmp", self.path)
+
+
+def plan_shards(
+    fs: fsspec.AbstractFileSystem,
+    out: str,
+    staging: str,
+    n_blocks: int,
+    prefix: str,
+    samples_per_shard: int,
+    max_shard_bytes: int | None,
+    dedupe: bool,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Assign every kept sample of the ``n_blocks`` committed blocks to a shard (lists in staging); write
+    ``failures.jsonl`` (block order: input order unless shuffled) and ``duplicates.jsonl``; return the pack's
+    figures with ``sizes`` (shard name -> samples)."""
+    found: Iterator[Duplicate] = duplicates_in_order(fs, staging, n_blocks) if dedupe else iter(())
+    dup = next(found, None)
+    failures = JsonlWriter(fs, f"{out}/failures.jsonl")
+    duplicates = JsonlWriter(fs, f"{out}/duplicates.jsonl")
+    reasons: Counter[str] = Counter()
+    modalities: Counter[str] = Counter()
+    sizes: dict[str, int] = {}
+    pairs = total_bytes = 0  # pairs: samples written with a counterfactual pair
+    runs: list[list[Any]] = []  # the open shard's [block, [keys]]
+    count = nbytes = 0  # the open shard's samples and bytes
+
+    def close() -> None:
+        nonlocal runs, count, nbytes, total_bytes
+        if count:
+            shard = len(sizes)
+            name = f"{prefix}-{shard:06d}.tar"
+            path = shard_plan_path(staging, shard)
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            with fs.open(f"{path}.tmp", "w") as f:
+                json.dump({"name": name, "runs": runs, "samples": count, "bytes": nbytes}, f)
+            fs.mv(f"{path}.tmp", path)
+            sizes[name] = count
+            total_bytes += nbytes
+        runs, count, nbytes = [], 0, 0
+
+    for block in tqdm(range(n_blocks), desc="plan shards", unit="block", disable=not progress):
+        with fs.open(block_path(staging, block, "json")) as f:
+            info = json.load(f)
+        for row in info["failures"]:
+            failures.write(row)
+            reasons[row["reason"].split(":")[0]] += 1
+        for rec in info["samples"]:
+            key = rec["key"]
+            if dup is not None and (dup.block, dup.key) == (block, key):
+                duplicates.write(
+                    {"index": rec["index"], "key": key, "origin": rec["origin"], "duplicate_of": dup.duplicate_of}
+                )
+                dup = next(found, None)
+                continue
+            size = rec["bytes"]
+            if count and (
+                count >= samples_per_shard or (max_shard_bytes is not None and nbytes + size > max_shard_bytes)
+            ):
+                close()
+            if not runs or runs[-1][0] != block:
+                runs.append([block, []])
+            runs[-1][1].append(key)
+            count += 1
+            nbytes += size
+            modalities.update(rec["modalities"])
+            pairs += bool(rec.get(COUNTERFACTUAL))
+    close()
+    failures.close()
+    duplicates.close()
+    return {
+        "written": sum(sizes.values()),
+        "rejected": failures.count,
+        "duplicates": duplicates.count,
+        "shards": len(sizes),
+        "bytes": total_bytes,
+        "modalities": {m: modalities.get(m, 0) for m in MEDIA},
+        "counterfactuals": pairs,
+        "reasons": dict(reasons.most_common()),
+        "sizes": sizes,
+    }
+
+
+def write_shard(task: tuple[str, int]) -> tuple[int, int]:
+    """Write final shard ``shard`` of the build whose output folder is ``output`` (an fsspec URL) from its list in
+    staging; returns (shard, samples)."""
+    output, shard = task
+    fs, out = fsspec.core.url_to_fs(output)
+    staging = f"{out}/{STAGING}"
+    with fs.open(shard_plan_path(staging, shard)) as f:
+        plan = json.load(f)
+    writer = TarWriter(fs, f"{out}/{plan['name']}")
+    for block, keys in plan["runs"]:
+        wanted, left = set(keys), len(keys)
+        for key, members in read_tar(fs, block_path(staging, block, "tar")):
+            if key in wanted:
+                writer.add(key, members)
+                left -= 1
+                if not left:
+                    break
+        if left:
+            raise RuntimeError(f"{plan['name']}: block {block}'s tar lacks {left} of the samples its record lists")
+    writer.close()
+    if writer.count != plan["samples"] or writer.bytes != plan["bytes"]:
+        raise RuntimeError(f"{plan['name']}: wrote {writer.count} samples ({writer.bytes} B), planned {plan}")
+    return shard, writer.count
