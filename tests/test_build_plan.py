@@ -72,6 +72,7 @@ def test_planning_a_manifest_never_holds_it(tmp_path: Path, monkeypatch, fmt: st
     assert sorted(s.index for block in inputs for s in block) == list(range(15_000))
 
 
+@pytest.mark.slow  # a process of its own
 def test_planning_a_parquet_manifest_reads_it_in_row_batches(tmp_path: Path) -> None:
     """In a process of its own (Arrow's allocator keeps a peak per process): a 20 MB parquet manifest of many row
     groups is planned with Arrow's peak allocation and Python's peak each a fraction of the file."""

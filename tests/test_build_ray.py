@@ -62,6 +62,7 @@ def test_ray_build_survives_a_lost_node_and_equals_a_one_node_build(tmp_path: Pa
     assert output_files(out) == output_files(reference)
 
 
+@pytest.mark.slow  # the build command
 def test_ray_refuses_num_nodes(tmp_path: Path) -> None:
     proc = run_build(tmp_path, tmp_path / "out", "--distributor", "ray", "--num-nodes", "2", check=False)
     assert proc.returncode == 2 and "--distributor: ray spreads the blocks over its own cluster" in proc.stderr

@@ -494,6 +494,8 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
 def _convert_blocks(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeLog) -> int:
     """Convert every block this node can claim now (its share, then any no live node holds) with ``cfg.workers``
     processes; returns how many it converted. Blocks are claimed as workers become free, never all at once."""
+    if cfg.distributor == "ray":
+        return _convert_blocks_ray(cfg, claims, bar, log)
     slots = threading.BoundedSemaphore(2 * cfg.workers)  # claimed but not yet committed
     stop = threading.Event()  # the pool's feeder thread must not wait on a slot once this ends
 
@@ -507,8 +509,6 @@ def _convert_blocks(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeL
             else:
                 slots.release()
 
-    if cfg.distributor == "ray":
-        return _convert_blocks_ray(cfg, claims, bar, log)
     converted = rejected = 0
     with contextlib.ExitStack() as stack:
         if cfg.workers == 1:
