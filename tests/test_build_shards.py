@@ -203,7 +203,7 @@ def test_resume_after_kill_gives_identical_shards(tmp_path: Path) -> None:
 def test_a_killed_nodes_blocks_are_taken_over_and_the_output_is_identical(tmp_path: Path) -> None:
     """Node 1 of 2 is SIGKILLed with blocks claimed; node 0, started after, converts the blocks no one took, waits
     until node 1's claims go stale (no heartbeat), takes them over, and packs: byte-identical to a one-node build."""
-    src = many_images(tmp_path / "many", 160, (480, 360))
+    src = many_images(tmp_path / "many", 160, (800, 600))  # blocks slow enough to kill node 1 holding one
     opts = ["--samples-per-shard", "16", "--workers", "1", "--image-size", "96"]
     reference = tmp_path / "reference"
     run_build(src, reference, *opts)
@@ -229,8 +229,9 @@ def test_a_killed_nodes_blocks_are_taken_over_and_the_output_is_identical(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert time.time() - t >= 2  # it waited for the claims to go stale
     rows = [json.loads(line) for line in (out / "_staging" / "nodes" / "node-0000.jsonl").read_text().splitlines()]
-    assert {r["block"] for r in rows if r["took_over"]} == held
-    committed = [json.loads(line)["block"] for line in log1.read_text().splitlines()] + [r["block"] for r in rows]
+    assert {r["block"] for r in rows if "block" in r and r["took_over"]} == held
+    committed = [json.loads(line)["block"] for line in log1.read_text().splitlines()]
+    committed += [r["block"] for r in rows if "block" in r]
     stats = json.loads((out / "stats.json").read_text())
     assert stats["inputs"] == stats["written"] == 160
     assert sorted(committed) == list(range(-(-160 // stats["plan"]["block_size"])))  # every block once
@@ -246,6 +247,34 @@ def test_nodes_build_disjoint_parts_with_same_result(raw_corpus: Path, built: Pa
     assert node1.returncode == 0, node1.stderr
     assert node0.wait(timeout=120) == 0, node0.stderr.read()
     assert output_files(tmp_path) == output_files(built)
+
+
+@pytest.mark.slow
+def test_every_node_writes_final_shards(tmp_path: Path) -> None:
+    """Node 1, done with its blocks, waits for node 0's shard plan and then writes shards too: node 0 is paused
+    (SIGSTOP) the moment its plan is complete, so node 1 writes the rest; the output equals a one-node build."""
+    src = many_images(tmp_path / "many", 96, (160, 120))
+    opts = ["--samples-per-shard", "2", "--workers", "1", "--image-size", "64"]
+    reference = tmp_path / "reference"
+    run_build(src, reference, *opts)
+    out = tmp_path / "two"
+    cmd = [sys.executable, str(SCRIPT), "--input", str(src), "--output", str(out), "--quiet", *opts]
+    cmd += ["--num-nodes", "2", "--claim-timeout", "30", "--keep-staging"]
+    node0 = subprocess.Popen([*cmd, "--node-rank", "0"], stderr=subprocess.PIPE, text=True)
+    node1 = subprocess.Popen([*cmd, "--node-rank", "1"], stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "_staging" / "pack" / "complete").exists():
+        time.sleep(0.005)
+    os.kill(node0.pid, signal.SIGSTOP)
+    try:
+        assert node1.wait(timeout=120) == 0, node1.stderr.read() if node1.stderr else ""
+    finally:
+        os.kill(node0.pid, signal.SIGCONT)
+    assert node0.wait(timeout=120) == 0, node0.stderr.read() if node0.stderr else ""
+    logs = {r: (out / "_staging" / "nodes" / f"node-{r:04d}.jsonl").read_text().splitlines() for r in (0, 1)}
+    wrote = {r: [json.loads(x)["shard"] for x in lines if "shard" in json.loads(x)] for r, lines in logs.items()}
+    assert wrote[1] and sorted(wrote[0] + wrote[1]) == list(range(48))  # every shard once, node 1 some of them
+    assert output_files(out) == output_files(reference)
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "tsv", "parquet"])

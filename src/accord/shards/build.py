@@ -11,8 +11,8 @@ The build runs in two phases, which is what makes it reproducible, resumable and
 2. *Pack* (:mod:`accord.shards.pack`, no re-encoding): node 0 reads the blocks' commit records in order, drops
    exact duplicates (found in a pass over the recorded hashes partitioned by hash, :mod:`accord.shards.dedupe`, so
    no process holds every hash), assigns samples to ``PREFIX-NNNNNN.tar`` by count and bytes and writes
-   ``failures.jsonl`` and ``duplicates.jsonl``; then the shards are written in parallel (the worker pool, or Ray
-   tasks over the cluster), ``sizes.json`` and ``stats.json`` last, and the staging folder is removed.
+   ``failures.jsonl`` and ``duplicates.jsonl``; then the shards are written in parallel (every node's worker pool,
+   claimed like blocks, or Ray tasks), ``sizes.json`` and ``stats.json`` last, and the staging folder is removed.
 
 Since every block's bytes depend only on its inputs and the options, the output is byte-identical whatever the
 number of workers or nodes, and after any crash + ``--resume``.
@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from accord.errors import command
 from accord.modalities import COUNTERFACTUAL, IMAGE_FORMATS, MEDIA
-from accord.shards.claims import BlockClaims
+from accord.shards.claims import BlockClaims, heartbeat, stale_heartbeat
 from accord.shards.media import (
     RESIZE_MODES,
     AudioOptions,
@@ -54,7 +54,7 @@ from accord.shards.media import (
     process_video,
     process_waveform,
 )
-from accord.shards.pack import plan_shards, write_shard
+from accord.shards.pack import plan_shards, planned_shards, write_shard
 from accord.shards.plan import (
     PLAN_VERSION,
     block_count,
@@ -65,9 +65,10 @@ from accord.shards.plan import (
     survey,
 )
 from accord.shards.sources import SampleSource
-from accord.shards.staging import STAGING, block_path
+from accord.shards.staging import STAGING, block_path, shard_path
 from accord.shards.tario import tar_size, write_tar
 
+SHARD_PLANNER = "pack-planner"  # node 0's heartbeat while it plans the shards
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -111,7 +112,7 @@ class BuildConfig:
     num_nodes: int = 1
     """Machines sharing the build over a shared output folder."""
     node_rank: int = 0
-    """This machine's part of the build (0 packs the shards)."""
+    """This machine's part of the build (0 plans the shards and writes the summary)."""
     claim_timeout_s: float = 300.0
     """With ``num_nodes``: seconds after which a block claimed by a node that stopped touching its claim (dead or
     hung) is taken over by another node."""
@@ -451,28 +452,33 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     done_inputs = sum(block_inputs(n, bs, b) for b in range(n_blocks) if b not in missing)
     bar = tqdm(total=n, initial=done_inputs, desc="process", unit="sample", disable=not cfg.progress)
     converted = _convert_blocks(cfg, claims, bar, log)
-    while cfg.node_rank == 0 and claims.missing():  # node 0 packs: it waits, and takes over a dead node's blocks
-        _wait_for_blocks(claims, cfg.progress)
+    while claims.missing():  # every node waits for the blocks, taking over a dead node's
+        _wait_for_others(claims, "block", cfg.progress)
         converted += _convert_blocks(cfg, claims, bar, log)
     bar.close()
     claims.close()
     if cfg.node_rank != 0:
+        n_shards = _wait_for_shard_plan(fs, staging, cfg)
+        shards = _write_shards(cfg, fs, staging, n_shards, log) if n_shards is not None else 0
         if cfg.progress:
-            print(f"node {cfg.node_rank}/{cfg.num_nodes}: converted {converted} blocks; node 0 packs the shards")
-        return {"node_rank": cfg.node_rank, "blocks": converted, "inputs": sum(r["inputs"] for r in log.rows)}
-    packed = plan_shards(
-        fs,
-        out,
-        staging,
-        n_blocks,
-        cfg.prefix,
-        cfg.samples_per_shard,
-        cfg.max_shard_bytes,
-        cfg.dedupe != "none",
-        cfg.progress,
-    )
+            left = "" if n_shards is not None else " (node 0 planned no shards in --claim-timeout: left to node 0)"
+            print(f"node {cfg.node_rank}/{cfg.num_nodes}: converted {converted} blocks, wrote {shards} shards{left}")
+        inputs = sum(r.get("inputs", 0) for r in log.rows)
+        return {"node_rank": cfg.node_rank, "blocks": converted, "shards": shards, "inputs": inputs}
+    with heartbeat(f"{staging}/{SHARD_PLANNER}" if cfg.num_nodes > 1 else None, cfg.claim_timeout_s):
+        packed = plan_shards(
+            fs,
+            out,
+            staging,
+            n_blocks,
+            cfg.prefix,
+            cfg.samples_per_shard,
+            cfg.max_shard_bytes,
+            cfg.dedupe != "none",
+            cfg.progress,
+        )
     sizes = packed.pop("sizes")
-    _write_shards(cfg, len(sizes))
+    _write_shards(cfg, fs, staging, len(sizes), log)
     for stale in fs.glob(f"{out}/{cfg.prefix}-*.tar"):
         if stale.rsplit("/", 1)[-1] not in sizes:
             fs.rm(stale)
@@ -493,40 +499,51 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
 
 def _convert_blocks(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeLog) -> int:
     """Convert every block this node can claim now (its share, then any no live node holds) with ``cfg.workers``
-    processes; returns how many it converted. Blocks are claimed as workers become free, never all at once."""
+    processes or as Ray tasks; returns how many it converted."""
     if cfg.distributor == "ray":
         return _convert_blocks_ray(cfg, claims, bar, log)
-    slots = threading.BoundedSemaphore(2 * cfg.workers)  # claimed but not yet committed
+    staging = f"{cfg.output.rstrip('/')}/{STAGING}"
+    converted = rejected = 0
+    for block, (_, n_in, n_bad) in _claimed_map(cfg, claims, _process_block, lambda b: (cfg, staging, b)):
+        log.write(block=block, inputs=n_in, rejected=n_bad, took_over=block in claims.taken_over)
+        converted += 1
+        rejected += n_bad
+        bar.update(n_in)
+        bar.set_postfix(rejected=rejected)
+    return converted
+
+
+def _claimed_map(
+    cfg: BuildConfig, claims: BlockClaims, func: Callable[[T], Any], task_of: Callable[[int], T]
+) -> Iterator[tuple[int, Any]]:
+    """(unit, func(task_of(unit))) for every block or shard this node can claim now, over ``cfg.workers`` processes;
+    ``func`` returns the unit first. Units are claimed as workers become free, never all at once, and released as
+    their results come."""
+    slots = threading.BoundedSemaphore(2 * cfg.workers)  # claimed but not yet done
     stop = threading.Event()  # the pool's feeder thread must not wait on a slot once this ends
 
-    def tasks() -> Iterator[tuple[BuildConfig, str, int]]:
-        for b in claims.candidates():
+    def tasks() -> Iterator[T]:
+        for unit in claims.candidates():
             while not slots.acquire(timeout=0.5):
                 if stop.is_set():
                     return
-            if claims.claim(b):
-                yield cfg, f"{cfg.output.rstrip('/')}/{STAGING}", b
+            if claims.claim(unit):
+                yield task_of(unit)
             else:
                 slots.release()
 
-    converted = rejected = 0
     with contextlib.ExitStack() as stack:
         if cfg.workers == 1:
             _init_worker()
-            results: Iterator[tuple[int, int, int]] = map(_process_block, tasks())
+            results: Iterator[Any] = map(func, tasks())
         else:
             pool = stack.enter_context(mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker))
-            results = pool.imap_unordered(_process_block, tasks())
+            results = pool.imap_unordered(func, tasks())
         stack.callback(stop.set)  # runs before the pool is ended
-        for block, n_in, n_bad in results:
-            claims.release(block)
+        for result in results:
+            claims.release(result[0])
             slots.release()
-            log.write(block=block, inputs=n_in, rejected=n_bad, took_over=block in claims.taken_over)
-            converted += 1
-            rejected += n_bad
-            bar.update(n_in)
-            bar.set_postfix(rejected=rejected)
-    return converted
+            yield result[0], result
 
 
 def _convert_blocks_ray(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeLog) -> int:
@@ -576,21 +593,46 @@ def _ray_map(
         yield finish()
 
 
-def _write_shards(cfg: BuildConfig, n_shards: int) -> None:
-    """Write the planned final shards in parallel: the worker pool's processes, or Ray tasks over the cluster."""
-    tasks = [(cfg.output, s) for s in range(n_shards)]
+def _write_shards(cfg: BuildConfig, fs: fsspec.AbstractFileSystem, staging: str, n_shards: int, log: NodeLog) -> int:
+    """Write the planned final shards this node can claim, in parallel (the worker pool, or Ray tasks over the
+    cluster); node 0 then waits for the rest, taking over a dead node's. Returns how many this node wrote."""
     bar = tqdm(total=n_shards, desc="write shards", unit="shard", disable=not cfg.progress)
-    with contextlib.ExitStack() as stack:
-        if cfg.distributor == "ray":
-            results: Iterable[Any] = _ray_map(write_shard, tasks, cfg, lambda t: f"shard {t[1]}")
-        elif cfg.workers == 1 or n_shards == 1:
-            results = map(write_shard, tasks)
-        else:
-            pool = stack.enter_context(mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker))
-            results = pool.imap_unordered(write_shard, tasks)
-        for _ in results:
+    written = 0
+    if cfg.distributor == "ray":
+        tasks = [(cfg.output, s) for s in range(n_shards) if not fs.exists(shard_path(staging, s, "done"))]
+        for _ in _ray_map(write_shard, tasks, cfg, lambda t: f"shard {t[1]}"):
+            written += 1
             bar.update()
+        bar.close()
+        return written
+    claims = BlockClaims(fs, staging, n_shards, cfg.num_nodes, cfg.node_rank, cfg.claim_timeout_s, kind="shard")
+    bar.update(n_shards - len(claims.missing()))
+    while True:
+        for shard, (_, samples) in _claimed_map(cfg, claims, write_shard, lambda s: (cfg.output, s)):
+            log.write(shard=shard, samples=samples, took_over=shard in claims.taken_over)
+            written += 1
+            bar.update()
+        if cfg.node_rank != 0 or not claims.missing():
+            break
+        _wait_for_others(claims, "shard", cfg.progress)
+    claims.close()
     bar.close()
+    return written
+
+
+def _wait_for_shard_plan(fs: fsspec.AbstractFileSystem, staging: str, cfg: BuildConfig) -> int | None:
+    """A node but node 0, once every block is committed: the number of shards once node 0 has planned them, or None
+    when its heartbeat went stale first (node 0 dead: the shards are left to a restarted node 0)."""
+    since = time.time()
+    bar = tqdm(desc="waiting for node 0 to plan the shards", disable=not cfg.progress, bar_format="{desc} {elapsed}")
+    try:
+        while (n := planned_shards(fs, staging)) is None:
+            if stale_heartbeat(f"{staging}/{SHARD_PLANNER}", since, cfg.claim_timeout_s):
+                return None
+            time.sleep(min(1.0, cfg.claim_timeout_s / 4))
+        return n
+    finally:
+        bar.close()
 
 
 class NodeLog:
@@ -613,15 +655,15 @@ class NodeLog:
                 f.write(json.dumps(row) + "\n")
 
 
-def _wait_for_blocks(claims: BlockClaims, progress: bool) -> None:
-    """Node 0 waits until every block is committed or one can be taken over (its claim went stale, or no one holds
+def _wait_for_others(claims: BlockClaims, what: str, progress: bool) -> None:
+    """Wait until every block (or shard) is done or one can be taken over (its claim went stale, or no one holds
     it); the bar names who holds what is missing."""
     missing = claims.missing()
     bar = tqdm(
         total=claims.n_blocks,
         initial=claims.n_blocks - len(missing),
         desc="waiting for other nodes",
-        unit="block",
+        unit=what,
         disable=not progress,
     )
     while missing:

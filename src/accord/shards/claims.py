@@ -26,13 +26,14 @@ from collections.abc import Iterator
 
 import fsspec
 
-from accord.shards.staging import block_path, committed_glob
+from accord.shards.staging import UNITS, done_glob, unit_path
 
 
 class BlockClaims:
-    """The claims of one node process over ``n_blocks`` blocks in ``staging`` (on ``fs``). With one node nothing is
-    claimed (every block not yet committed is this node's) and any fsspec file system serves; with several,
-    ``staging`` is a local path of the shared folder."""
+    """The claims of one node process over ``n_blocks`` blocks in ``staging`` (on ``fs``), or over the final shards
+    with ``kind="shard"`` (the same protocol; a shard is done once its ``.done`` marker exists). With one node
+    nothing is claimed (every block not yet committed is this node's) and any fsspec file system serves; with
+    several, ``staging`` is a local path of the shared folder."""
 
     def __init__(
         self,
@@ -42,8 +43,9 @@ class BlockClaims:
         num_nodes: int,
         node_rank: int,
         timeout_s: float,
+        kind: str = "block",
     ):
-        self.fs, self.staging, self.n_blocks = fs, staging, n_blocks
+        self.fs, self.staging, self.n_blocks, self.kind = fs, staging, n_blocks, kind
         self.num_nodes, self.node_rank, self.timeout_s = num_nodes, node_rank, timeout_s
         self.token = uuid.uuid4().hex  # this process
         self.held: set[int] = set()
@@ -54,10 +56,10 @@ class BlockClaims:
             threading.Thread(target=self._heartbeat, name="accord-build-claims", daemon=True).start()
 
     def path(self, block: int) -> str:
-        return block_path(self.staging, block, "claim")
+        return unit_path(self.staging, self.kind, block, "claim")
 
     def done(self, block: int) -> bool:
-        return self.fs.exists(block_path(self.staging, block, "json"))
+        return self.fs.exists(unit_path(self.staging, self.kind, block, UNITS[self.kind][1]))
 
     def owner(self, block: int) -> dict | None:
         """The claim on ``block`` ({"node", "token"}), or None when no one holds it."""
@@ -141,8 +143,9 @@ class BlockClaims:
     def missing(self) -> list[int]:
         """The blocks not committed yet (listed once, not asked one by one)."""
         self.fs.invalidate_cache(self.staging)
-        done = {p.rsplit("/", 1)[-1] for p in self.fs.glob(committed_glob(self.staging))}
-        return [b for b in range(self.n_blocks) if f"block-{b:06d}.json" not in done]
+        done = {p.rsplit("/", 1)[-1] for p in self.fs.glob(done_glob(self.staging, self.kind))}
+        suffix = UNITS[self.kind][1]
+        return [b for b in range(self.n_blocks) if f"{self.kind}-{b:06d}.{suffix}" not in done]
 
     def holders(self, blocks: list[int]) -> dict[str, list[int]]:
         """Who holds each of ``blocks``: "node R" or "no one"."""
@@ -165,3 +168,38 @@ class BlockClaims:
     def close(self) -> None:
         """Stop the heartbeat (claims still held go stale, for another node to take over)."""
         self._stop.set()
+
+
+def stale_heartbeat(beat: str, waiting_since: float, timeout_s: float) -> bool:
+    """Whether the heartbeat file ``beat`` (see :func:`heartbeat`) is older than ``timeout_s``, or has been absent that
+    long since ``waiting_since``."""
+    try:
+        last = os.stat(beat).st_mtime
+    except FileNotFoundError:
+        last = waiting_since
+    return time.time() - last > timeout_s
+
+
+@contextlib.contextmanager
+def heartbeat(path: str | None, timeout_s: float) -> Iterator[None]:
+    """Touch ``path`` every ``timeout_s / 4`` seconds while the body runs (nothing when ``path`` is None)."""
+    if path is None:
+        yield
+        return
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            with open(path, "a"):
+                pass
+            os.utime(path)
+            if stop.wait(timeout_s / 4):
+                return
+
+    thread = threading.Thread(target=beat, name="accord-build-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()

@@ -5,8 +5,9 @@ copies every byte.
    dropped (:mod:`accord.shards.dedupe`) and samples assigned to shards by count and bytes (each record carries its
    sample's size in a tar); each shard's list of (block, keys) is written to staging, and ``failures.jsonl`` and
    ``duplicates.jsonl`` as the records are read.
-2. :func:`write_shard` (any process, one shard each, in parallel: the build's worker pool or its Ray tasks): reads
-   its samples from the block tars and writes ``PREFIX-NNNNNN.tar``.
+2. :func:`write_shard` (any process, one shard each, in parallel: the build's worker pools on every node, claimed
+   like blocks, or its Ray tasks): reads its samples from the block tars, writes ``PREFIX-NNNNNN.tar`` and marks
+   the shard done.
 
 A shard's bytes depend only on its list, so they are the same whichever process writes it, and the same as one
 process packing the blocks in order.
@@ -15,6 +16,8 @@ process packing the blocks in order.
 from __future__ import annotations
 
 import json
+import os
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -24,8 +27,19 @@ from tqdm import tqdm
 
 from accord.modalities import COUNTERFACTUAL, MEDIA
 from accord.shards.dedupe import Duplicate, duplicates_in_order
-from accord.shards.staging import STAGING, block_path, shard_plan_path
+from accord.shards.staging import STAGING, block_path, shard_path
 from accord.shards.tario import TarWriter, read_tar
+
+PACK_COMPLETE = "pack/complete"  # every shard's list is written (its content: the number of shards)
+
+
+def planned_shards(fs: fsspec.AbstractFileSystem, staging: str) -> int | None:
+    """The number of shards once :func:`plan_shards` has finished, else None."""
+    try:
+        with fs.open(f"{staging}/{PACK_COMPLETE}") as f:
+            return int(json.load(f)["shards"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
 
 
 class JsonlWriter:
@@ -75,7 +89,7 @@ def plan_shards(
         if count:
             shard = len(sizes)
             name = f"{prefix}-{shard:06d}.tar"
-            path = shard_plan_path(staging, shard)
+            path = shard_path(staging, shard, "json")
             fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
             with fs.open(f"{path}.tmp", "w") as f:
                 json.dump({"name": name, "runs": runs, "samples": count, "bytes": nbytes}, f)
@@ -113,6 +127,9 @@ def plan_shards(
     close()
     failures.close()
     duplicates.close()
+    fs.makedirs(f"{staging}/pack", exist_ok=True)
+    with fs.open(f"{staging}/{PACK_COMPLETE}", "w") as f:
+        json.dump({"shards": len(sizes)}, f)
     return {
         "written": sum(sizes.values()),
         "rejected": failures.count,
@@ -132,9 +149,10 @@ def write_shard(task: tuple[str, int]) -> tuple[int, int]:
     output, shard = task
     fs, out = fsspec.core.url_to_fs(output)
     staging = f"{out}/{STAGING}"
-    with fs.open(shard_plan_path(staging, shard)) as f:
+    with fs.open(shard_path(staging, shard, "json")) as f:
         plan = json.load(f)
-    writer = TarWriter(fs, f"{out}/{plan['name']}")
+    tmp = f"{out}/{plan['name']}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # a shard taken over may be written twice
+    writer = TarWriter(fs, f"{out}/{plan['name']}", tmp=tmp)
     for block, keys in plan["runs"]:
         wanted, left = set(keys), len(keys)
         for key, members in read_tar(fs, block_path(staging, block, "tar")):
@@ -148,4 +166,6 @@ def write_shard(task: tuple[str, int]) -> tuple[int, int]:
     writer.close()
     if writer.count != plan["samples"] or writer.bytes != plan["bytes"]:
         raise RuntimeError(f"{plan['name']}: wrote {writer.count} samples ({writer.bytes} B), planned {plan}")
+    with fs.open(shard_path(staging, shard, "done"), "w") as f:
+        f.write(f"{writer.count}\n")
     return shard, writer.count

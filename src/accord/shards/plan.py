@@ -27,7 +27,6 @@ import math
 import os
 import random
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
@@ -37,6 +36,7 @@ from typing import IO
 import fsspec
 from tqdm import tqdm
 
+from accord.shards.claims import heartbeat, stale_heartbeat
 from accord.shards.sources import SampleSource, iter_sources
 from accord.shards.staging import block_folder, block_path
 
@@ -185,10 +185,10 @@ def stage_inputs(
     waited = time.time()
     bar = None
     while not fs.exists(marker):
-        if node_rank == 0 or num_nodes == 1 or _stale(beat, waited, timeout_s):
+        if node_rank == 0 or num_nodes == 1 or stale_heartbeat(beat, waited, timeout_s):
             if bar is not None:
                 bar.close()
-            with _heartbeat(beat if num_nodes > 1 else None, timeout_s):
+            with heartbeat(beat if num_nodes > 1 else None, timeout_s):
                 write_block_inputs(fs, staging, src, text_column, n_inputs, shuffle_seed, progress)
             return
         if bar is None:
@@ -199,37 +199,3 @@ def stage_inputs(
         fs.invalidate_cache(staging)
     if bar is not None:
         bar.close()
-
-
-def _stale(beat: str, waiting_since: float, timeout_s: float) -> bool:
-    """Whether the planner's heartbeat ``beat`` is older than ``timeout_s`` (or absent that long)."""
-    try:
-        last = os.stat(beat).st_mtime
-    except FileNotFoundError:
-        last = waiting_since
-    return time.time() - last > timeout_s
-
-
-@contextlib.contextmanager
-def _heartbeat(path: str | None, timeout_s: float) -> Iterator[None]:
-    """Touch ``path`` every ``timeout_s / 4`` seconds while the body runs (nothing when ``path`` is None)."""
-    if path is None:
-        yield
-        return
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            with open(path, "a"):
-                pass
-            os.utime(path)
-            if stop.wait(timeout_s / 4):
-                return
-
-    thread = threading.Thread(target=beat, name="accord-build-plan", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()

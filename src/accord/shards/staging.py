@@ -6,29 +6,37 @@ written), ``nodes/node-R.jsonl`` (each node's progress log) and, per block N, in
 inputs): ``block-N.inputs.jsonl`` (its inputs, one :class:`~accord.shards.sources.SampleSource` per line),
 ``block-N.tar`` and ``block-N.json`` (its converted samples and commit record) and, on a shared-folder build,
 ``block-N.claim`` (the node converting it); per final shard N, ``pack/NNN/shard-N.json`` (the samples it takes from
-which blocks).
+which blocks), ``shard-N.done`` once written and ``shard-N.claim`` (the node writing it); ``pack/complete`` once
+every shard's list is written.
 """
 
 from __future__ import annotations
 
 STAGING = "_staging"
 BLOCKS_PER_FOLDER = 1000
+# what a build hands out to workers and nodes: its folder in staging, and the suffix of the file that marks one done
+UNITS = {"block": ("blocks", "json"), "shard": ("pack", "done")}
+
+
+def unit_path(staging: str, kind: str, n: int, suffix: str) -> str:
+    """``staging/FOLDER/NNN/KIND-NNNNNN.SUFFIX``: a file of block or shard ``n`` (:data:`UNITS`)."""
+    return f"{staging}/{UNITS[kind][0]}/{n // BLOCKS_PER_FOLDER:03d}/{kind}-{n:06d}.{suffix}"
+
+
+def done_glob(staging: str, kind: str) -> str:
+    """A glob of the files marking each block (its commit record) or shard (written) done."""
+    return f"{staging}/{UNITS[kind][0]}/*/{kind}-*.{UNITS[kind][1]}"
 
 
 def block_folder(staging: str, block: int) -> str:
-    return f"{staging}/blocks/{block // BLOCKS_PER_FOLDER:03d}"
+    return unit_path(staging, "block", block, "x").rsplit("/", 1)[0]
 
 
 def block_path(staging: str, block: int, suffix: str) -> str:
     """``staging/blocks/NNN/block-NNNNNN.{suffix}`` (suffix: ``inputs.jsonl``, ``tar``, ``json``, ``claim``)."""
-    return f"{block_folder(staging, block)}/block-{block:06d}.{suffix}"
+    return unit_path(staging, "block", block, suffix)
 
 
-def committed_glob(staging: str) -> str:
-    """A glob of every block's commit record."""
-    return f"{staging}/blocks/*/block-*.json"
-
-
-def shard_plan_path(staging: str, shard: int) -> str:
-    """``staging/pack/NNN/shard-NNNNNN.json``: which samples of which blocks final shard N holds."""
-    return f"{staging}/pack/{shard // BLOCKS_PER_FOLDER:03d}/shard-{shard:06d}.json"
+def shard_path(staging: str, shard: int, suffix: str) -> str:
+    """``staging/pack/NNN/shard-NNNNNN.{suffix}`` (``json``: its samples; ``done``: written; ``claim``)."""
+    return unit_path(staging, "shard", shard, suffix)
