@@ -42,7 +42,7 @@ LAZY = {
     "aiohttp": "fsspec's HTTP client: only http(s) shards and their faults; ~0.3 s to import",
     "botocore": "s3fs's client: only s3:// shards' faults, and only where the s3 extra is installed",
     "torch": "the shard builder's processes do not load torch unless they resample audio",
-    "ray": "the ray extra; only build-shards --distributor ray (~2 s to import)",
+    "ray": "the ray extra; only build-shards --distributor ray",
 }
 # (importer, imported) pairs of accord modules imported inside a function, and why
 LAZY_ACCORD = {

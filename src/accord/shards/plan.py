@@ -185,7 +185,7 @@ def stage_inputs(
     waited = time.time()
     bar = None
     while not fs.exists(marker):
-        if node_rank == 0 or num_nodes == 1 or stale_heartbeat(beat, waited, timeout_s):
+        if node_rank == 0 or stale_heartbeat(beat, waited, timeout_s):
             if bar is not None:
                 bar.close()
             with heartbeat(beat if num_nodes > 1 else None, timeout_s):
