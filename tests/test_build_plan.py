@@ -193,19 +193,22 @@ def test_a_node_plans_when_node_0_is_dead_and_waits_while_it_lives(tmp_path: Pat
     assert list((alive / "blocks" / "000").glob("*.tmp")) == []
 
 
-@pytest.mark.parametrize("partitions", [1, 3, 256])
-def test_partitioned_dedupe_equals_one_dict_over_every_hash(tmp_path: Path, monkeypatch, partitions: int) -> None:
-    """Duplicates found partition by partition are exactly those of one pass with every hash in a dict, in the same
-    (block) order, whatever the number of partitions."""
-    monkeypatch.setattr(dedupe, "PARTITIONS", partitions)
+@pytest.mark.parametrize(("partitions", "group_blocks"), [(1, 1000), (3, 4), (256, 1)])
+def test_partitioned_dedupe_equals_one_dict_over_every_hash(
+    tmp_path: Path, monkeypatch, partitions: int, group_blocks: int
+) -> None:
+    """Duplicates found by the map tasks (groups of blocks) and reduce tasks (partitions), run in any order, are
+    exactly those of one pass with every hash in a dict, in the same (block) order."""
+    monkeypatch.setattr(dedupe, "GROUP_BLOCKS", group_blocks)
     rng = random.Random(0)
     hashes = [hashlib.sha256(str(rng.randrange(60)).encode()).hexdigest() for _ in range(400)]
     fs = fsspec.filesystem("file")
+    root = str(tmp_path / staging.STAGING)
     blocks = [hashes[i : i + 37] for i in range(0, 400, 37)]
     for b, block in enumerate(blocks):
-        fs.makedirs(staging.block_folder(str(tmp_path), b), exist_ok=True)
+        fs.makedirs(staging.block_folder(root, b), exist_ok=True)
         records = [{"key": f"{b:04d}{p:04d}", "hash": h} for p, h in enumerate(block)]
-        Path(staging.block_path(str(tmp_path), b, "json")).write_text(json.dumps({"samples": records}))
+        Path(staging.block_path(root, b, "json")).write_text(json.dumps({"samples": records}))
     seen: dict[str, str] = {}
     expected = []
     for b, block in enumerate(blocks):
@@ -215,5 +218,55 @@ def test_partitioned_dedupe_equals_one_dict_over_every_hash(tmp_path: Path, monk
                 expected.append((b, p, key, seen[h]))
             else:
                 seen[h] = key
-    got = list(dedupe.duplicates_in_order(fs, str(tmp_path), len(blocks)))
+    assert [dedupe.partitions(n) for n in (1, 100_000, 100_001, 10**8, 10**12)] == [1, 1, 2, 1000, 1024]
+    n_groups = dedupe.groups(len(blocks))
+    assert n_groups == -(-len(blocks) // group_blocks)
+    for g in rng.sample(range(n_groups), n_groups):
+        assert dedupe.map_group(dedupe.map_task(str(tmp_path), g, len(blocks), partitions))[0] == g
+    counts = [dedupe.reduce_partition((str(tmp_path), p, n_groups)) for p in rng.sample(range(partitions), partitions)]
+    got = list(dedupe.duplicates_in_order(fs, root, partitions))
+    assert sum(c for _, c in counts) == len(got)
     assert got == expected and len(got) == 400 - len(set(hashes)) > 300
+
+
+def test_a_directory_is_streamed_folder_by_folder_in_the_order_of_one_sorted_listing(tmp_path: Path, monkeypatch):
+    """A directory input yields its samples in the sorted order of every stem of the tree (a subfolder ``d`` sorts
+    as ``d/``, between ``d-x`` and ``d0``), listing one folder at a time: the first sample comes before the later
+    folders are listed."""
+    files = [
+        "a.png", "a.txt", "a-b.png", "a-b.txt", "a0.png", "a0.txt", "a/x.png", "a/x.txt", "a/sub/y.png",
+        "a/sub/y.txt", "a/z.png", "a/z.txt", "b/c/d.png", "b/c/d.txt", "b/c/d.counterfactual.png",
+        "b/c/d.counterfactual.txt", "b/orphan.counterfactual.png", ".hidden/h.png", "_DSC1.png", "_DSC1.txt",
+        "z/empty/.DS_Store", "notes",
+    ]  # fmt: skip
+    for rel in files:
+        path = tmp_path / "tree" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith(".png"):
+            write_image(path, "png")
+        else:
+            path.write_text(f"caption of {rel}")
+    stems: set[str] = set()
+    for rel in files:
+        name = rel.rsplit("/", 1)[-1]
+        dot = name.rfind(".")
+        stem = rel[: len(rel) - len(name) + dot] if dot > 0 else rel
+        stems.add(stem)
+    stems -= {"b/c/d.counterfactual"}  # d's pair, not an input of its own
+    got = list(iter_sources(str(tmp_path / "tree")))
+    assert [s.origin for s in got] == sorted(stems) and [s.index for s in got] == list(range(len(stems)))
+    by = {s.origin: s for s in got}
+    assert by["b/c/d"].error is None and by["b/c/d"].counterfactual_text == "caption of b/c/d.counterfactual.txt"
+    assert "counterfactual of no sample" in by["b/orphan.counterfactual"].error
+    assert "hidden" in by[".hidden/h"].error and "hidden" in by["z/empty/.DS_Store"].error
+    assert by["a/sub/y"].error is None and "unsupported file type" in by["notes"].error
+
+    listed: list[str] = []
+    ls = fsspec.implementations.local.LocalFileSystem.ls
+    monkeypatch.setattr(
+        fsspec.implementations.local.LocalFileSystem,
+        "ls",
+        lambda self, path, detail=True, **kw: listed.append(path.rstrip("/")) or ls(self, path, detail, **kw),
+    )
+    first = next(iter_sources(str(tmp_path / "tree")))
+    assert first.origin == ".hidden/h" and [p.rsplit("tree", 1)[-1] for p in listed] == ["", "/.hidden"]

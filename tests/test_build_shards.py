@@ -249,6 +249,28 @@ def test_nodes_build_disjoint_parts_with_same_result(raw_corpus: Path, built: Pa
     assert output_files(tmp_path) == output_files(built)
 
 
+def test_any_node_runs_the_dedupe_pass(raw_corpus: Path, built: Path, tmp_path: Path) -> None:
+    """The dedupe pass is not node 0's: node 1 alone (node 0 not started: it plans in node 0's place, converts every
+    block) maps every group of blocks and reduces every partition, many of each (groups of one block, partitions
+    of 4 samples); node 0, started once node 1 has given up waiting for it, only plans and writes the shards, and
+    the output equals a one-node build."""
+    opts = ["--samples-per-shard", "4", "--dedupe", "--num-nodes", "2", "--keep-staging", "--claim-timeout", "1"]
+    run = "import sys; from accord.shards import dedupe; dedupe.GROUP_BLOCKS, dedupe.PARTITION_SAMPLES = 1, 4; "
+    run += "from accord.shards.build import main; sys.exit(main(sys.argv[1:]))"
+    cmd = [sys.executable, "-c", run, "--input", str(raw_corpus), "--output", str(tmp_path), "--quiet", *opts]
+    for rank in (1, 0):
+        node = subprocess.run([*cmd, "--node-rank", str(rank)], capture_output=True, text=True, timeout=120)
+        assert node.returncode == 0, node.stderr
+    stats = json.loads((tmp_path / "stats.json").read_text())
+    n_blocks = -(-stats["inputs"] // stats["plan"]["block_size"])
+    logs = {r: [json.loads(x) for x in (tmp_path / f"_staging/nodes/node-{r:04d}.jsonl").open()] for r in (0, 1)}
+    assert sorted(r["group"] for r in logs[1] if "group" in r) == list(range(n_blocks))
+    assert sorted(r["partition"] for r in logs[1] if "partition" in r) == list(range(-(-stats["inputs"] // 4)))
+    assert sum(r["duplicates"] for r in logs[1] if "partition" in r) == stats["duplicates"] > 0
+    assert not [r for r in logs[0] if "group" in r or "partition" in r or "block" in r]
+    assert output_files(tmp_path) == output_files(built)
+
+
 @pytest.mark.slow
 def test_every_node_writes_final_shards(tmp_path: Path) -> None:
     """Node 1, done with its blocks, waits for node 0's shard plan and then writes shards too: node 0 is paused
@@ -466,6 +488,27 @@ def test_video_transcode_and_extract_audio(tmp_path: Path) -> None:
     assert rate == 8000 and wav.ndim == 1 and len(wav) == pytest.approx(16000, rel=0.05)
     spectrum = np.abs(np.fft.rfft(wav))
     assert np.fft.rfftfreq(len(wav), 1 / 8000)[spectrum.argmax()] == pytest.approx(440, abs=5)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_an_input_that_hangs_is_rejected_after_the_sample_timeout(tmp_path: Path, workers: str) -> None:
+    """A medium whose read never returns (a FIFO no one writes: a stalled mount) is rejected after --sample-timeout
+    with that reason, in the build's own process and in its workers; the inputs around it are written."""
+    os.mkfifo(tmp_path / "stalled.png")
+    rows = [{"image": write_image(tmp_path / f"{i}.png", "png", seed=i).name, "text": f"image {i}"} for i in (0, 1)]
+    rows.insert(1, {"image": "stalled.png", "text": "an image that never arrives"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--input", str(tmp_path / "m.jsonl"), "--output", str(out), "--quiet"]
+    t = time.perf_counter()
+    proc = subprocess.run([*cmd, "--sample-timeout", "1", "--workers", workers], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - t < 60
+    stats = json.loads((out / "stats.json").read_text())
+    assert (stats["written"], stats["rejected"]) == (2, 1)
+    (failure,) = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert failure["key"] == "000000001"
+    assert failure["reason"] == "took longer than --sample-timeout=1 s to read and convert"
 
 
 def test_audio_resample_mono_and_crop(tmp_path: Path) -> None:

@@ -23,10 +23,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import sys
 import threading
 import time
@@ -41,6 +43,7 @@ from tqdm import tqdm
 from accord.errors import command
 from accord.modalities import COUNTERFACTUAL, IMAGE_FORMATS, MEDIA
 from accord.shards.claims import BlockClaims, heartbeat, stale_heartbeat
+from accord.shards.dedupe import groups, map_group, map_task, partitions, reduce_partition
 from accord.shards.media import (
     RESIZE_MODES,
     AudioOptions,
@@ -65,12 +68,13 @@ from accord.shards.plan import (
     survey,
 )
 from accord.shards.sources import SampleSource
-from accord.shards.staging import STAGING, block_path, shard_path
+from accord.shards.staging import BLOCKS_PER_FOLDER, STAGING, block_path, unit_folder
 from accord.shards.tario import tar_size, write_tar
 
 SHARD_PLANNER = "pack-planner"  # node 0's heartbeat while it plans the shards
 T = TypeVar("T")
 R = TypeVar("R")
+Task = TypeVar("Task", bound=tuple)  # a unit's task: (where, unit, ...)
 
 
 @dataclass
@@ -98,6 +102,11 @@ class BuildConfig:
     audio: AudioOptions = field(default_factory=AudioOptions)
     extract_audio: bool = False
     """Store a video's sound track as the sample's audio when it has none of its own."""
+    sample_timeout_s: float = 300.0
+    """Seconds one input may take to be read and converted (PIL, PyAV, ffmpeg); an input over it is rejected with
+    that reason, so a file that hangs (a stalled mount, a decoder that loops) cannot hang its block. Enforced by
+    SIGALRM in the process converting it (a worker, or the build's main thread); ``--video-timeout`` still bounds
+    each ffmpeg run."""
     workers: int = 1
     """Processes converting inputs (the output is identical for any number); with ``distributor: ray``, the Ray
     cluster's CPUs instead."""
@@ -172,6 +181,8 @@ class BuildConfig:
             bad("--prefix", "must be a non-empty file name prefix without '/'")
         if self.video.timeout_s <= 0:
             bad("--video-timeout", "must be > 0 (seconds)")
+        if self.sample_timeout_s <= 0:
+            bad("--sample-timeout", "must be > 0 (seconds)")
         if self.video.mode == "transcode":
             ffmpeg_binary()  # fail now, not in every sample
 
@@ -187,6 +198,7 @@ class BuildConfig:
             "num_nodes",
             "node_rank",
             "claim_timeout_s",
+            "sample_timeout_s",
             "resume",
             "overwrite",
             "keep_staging",
@@ -279,18 +291,20 @@ def process_sample(src: SampleSource, cfg: BuildConfig) -> tuple[list[tuple[str,
     return members, record
 
 
-def _process_block(task: tuple[BuildConfig, str, int]) -> tuple[int, int, int]:
+def _process_block(task: tuple[str, int, BuildConfig]) -> tuple[int, int, int]:
     """Worker: process one block (its inputs read from staging) into staging; returns (block, inputs, rejected)."""
-    cfg, staging, block = task
+    staging, block, cfg = task
     fs, root = fsspec.core.url_to_fs(staging)
     sources = read_block_inputs(fs, root, block)
     samples, records, failures = [], [], []
     for src in sources:
         try:
-            members, record = process_sample(src, cfg)
-        except MediaError as e:
+            with _time_limit(cfg.sample_timeout_s):
+                members, record = process_sample(src, cfg)
+        except (MediaError, SampleTimedOut) as e:
+            reason = str(e) or f"took longer than --sample-timeout={cfg.sample_timeout_s:g} s to read and convert"
             failures.append(
-                {"index": src.index, "key": src.key, "origin": src.origin, "reason": str(e), "source": src.media}
+                {"index": src.index, "key": src.key, "origin": src.origin, "reason": reason, "source": src.media}
             )
             continue
         except Exception as e:  # a bug or an unexpected library error must not kill the build either
@@ -312,6 +326,31 @@ def _process_block(task: tuple[BuildConfig, str, int]) -> tuple[int, int, int]:
     write_tar(fs, tar, samples, tmp=f"{tar}.{tmp}")
     _write_json(fs, commit, {"block": block, "samples": records, "failures": failures}, tmp=f"{commit}.{tmp}")
     return block, len(sources), len(failures)
+
+
+class SampleTimedOut(BaseException):
+    """Raised by SIGALRM in the sample being converted (a BaseException, so no library's ``except Exception``
+    swallows it)."""
+
+
+def _on_alarm(signum: int, frame: Any) -> None:
+    raise SampleTimedOut
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise :class:`SampleTimedOut` in the body after ``seconds`` (wall clock), even from a blocked read (PEP 475:
+    the call is interrupted, not retried); no limit off the main thread, where no signal can be handled."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _init_worker() -> None:
@@ -435,51 +474,50 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             print(f"{cfg.output}: build already complete ({stats['written']} samples in {stats['shards']} shards)")
         return stats
     staging = f"{out}/{STAGING}"
-    stage_inputs(
-        fs,
-        staging,
-        cfg.input,
-        cfg.text_column,
-        n,
-        cfg.shuffle_seed,
-        cfg.node_rank,
-        cfg.num_nodes,
-        cfg.claim_timeout_s,
-        cfg.progress,
-    )
-    claims = BlockClaims(fs, staging, n_blocks, cfg.num_nodes, cfg.node_rank, cfg.claim_timeout_s)
-    log = NodeLog(fs, f"{staging}/nodes/node-{cfg.node_rank:04d}.jsonl" if cfg.num_nodes > 1 else None)
-    missing = set(claims.missing())
-    done_inputs = sum(block_inputs(n, bs, b) for b in range(n_blocks) if b not in missing)
-    bar = tqdm(total=n, initial=done_inputs, desc="process", unit="sample", disable=not cfg.progress)
-    converted = _convert_blocks(cfg, claims, bar, log)
-    while claims.missing():  # every node waits for the blocks, taking over a dead node's
-        _wait_for_others(claims, "block", cfg.progress)
-        converted += _convert_blocks(cfg, claims, bar, log)
-    bar.close()
-    claims.close()
-    if cfg.node_rank != 0:
-        n_shards = _wait_for_shard_plan(fs, staging, cfg)
-        shards = _write_shards(cfg, fs, staging, n_shards, log) if n_shards is not None else 0
-        if cfg.progress:
-            left = "" if n_shards is not None else " (node 0 planned no shards in --claim-timeout: left to node 0)"
-            print(f"node {cfg.node_rank}/{cfg.num_nodes}: converted {converted} blocks, wrote {shards} shards{left}")
-        inputs = sum(r.get("inputs", 0) for r in log.rows)
-        return {"node_rank": cfg.node_rank, "blocks": converted, "shards": shards, "inputs": inputs}
-    with heartbeat(f"{staging}/{SHARD_PLANNER}" if cfg.num_nodes > 1 else None, cfg.claim_timeout_s):
-        packed = plan_shards(
+    with contextlib.ExitStack() as stack:
+        pool = _pool(cfg, stack)  # started now, so its workers start while the inputs are planned
+        stage_inputs(
             fs,
-            out,
             staging,
-            n_blocks,
-            cfg.prefix,
-            cfg.samples_per_shard,
-            cfg.max_shard_bytes,
-            cfg.dedupe != "none",
+            cfg.input,
+            cfg.text_column,
+            n,
+            cfg.shuffle_seed,
+            cfg.node_rank,
+            cfg.num_nodes,
+            cfg.claim_timeout_s,
             cfg.progress,
         )
-    sizes = packed.pop("sizes")
-    _write_shards(cfg, fs, staging, len(sizes), log)
+        run = functools.partial(_run_units, cfg, pool, NodeLog(fs, _node_log(cfg, staging)))
+        blocks = run(
+            "block", n_blocks, _process_block, lambda b: (staging, b, cfg), True, lambda b: block_inputs(n, bs, b)
+        )
+        planner = f"{staging}/{SHARD_PLANNER}" if cfg.num_nodes > 1 and cfg.node_rank == 0 else None
+        with heartbeat(planner, cfg.claim_timeout_s):  # node 0 dedupes and plans; the others wait for its plan
+            dedupe_partitions = _dedupe(cfg, run, n, n_blocks) if cfg.dedupe != "none" else None
+            if cfg.node_rank == 0:
+                packed = plan_shards(
+                    fs,
+                    out,
+                    staging,
+                    n_blocks,
+                    cfg.prefix,
+                    cfg.samples_per_shard,
+                    cfg.max_shard_bytes,
+                    dedupe_partitions,
+                    cfg.progress,
+                )
+        if cfg.node_rank != 0:
+            n_shards = _wait_for_shard_plan(fs, staging, cfg)
+            shards = (
+                run("shard", n_shards, write_shard, lambda s: (cfg.output, s), False) if n_shards is not None else 0
+            )
+            if cfg.progress:
+                left = "" if n_shards is not None else " (node 0 planned no shards in --claim-timeout: left to node 0)"
+                print(f"node {cfg.node_rank}/{cfg.num_nodes}: converted {blocks} blocks, wrote {shards} shards{left}")
+            return {"node_rank": cfg.node_rank, "blocks": blocks, "shards": shards}
+        sizes = packed.pop("sizes")
+        run("shard", len(sizes), write_shard, lambda s: (cfg.output, s), True)
     for stale in fs.glob(f"{out}/{cfg.prefix}-*.tar"):
         if stale.rsplit("/", 1)[-1] not in sizes:
             fs.rm(stale)
@@ -498,35 +536,102 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     return stats
 
 
-def _convert_blocks(cfg: BuildConfig, claims: BlockClaims, bar: tqdm, log: NodeLog) -> int:
-    """Convert every block this node can claim now (its share, then any no live node holds) with ``cfg.workers``
-    processes or as Ray tasks (each result's commit record checked); returns how many it converted."""
-    staging = f"{cfg.output.rstrip('/')}/{STAGING}"
-    results: Iterator[tuple[int, Any]]
-    if cfg.distributor == "ray":
-        tasks = ((cfg, staging, b) for b in claims.candidates() if claims.claim(b))
-        results = ((t[2], r) for t, r in _ray_map(_process_block, tasks, cfg, lambda t: f"block {t[2]}"))
-    else:
-        results = _claimed_map(cfg, claims, _process_block, lambda b: (cfg, staging, b))
-    converted = rejected = 0
-    for block, (done, n_in, n_bad) in results:
-        if done != block or not claims.done(block):
-            raise RuntimeError(f"block {block}: its task returned but left no commit record in {staging}")
-        log.write(block=block, inputs=n_in, rejected=n_bad, took_over=block in claims.taken_over)
-        converted += 1
-        rejected += n_bad
-        bar.update(n_in)
-        bar.set_postfix(rejected=rejected)
-    return converted
+def _dedupe(cfg: BuildConfig, run: Callable[..., int], n: int, n_blocks: int) -> int:
+    """The dedupe pass (:mod:`accord.shards.dedupe`): every node maps groups of blocks and waits until all are
+    mapped, then reduces partitions; node 0 waits until all are reduced. Returns the number of partitions."""
+    n_partitions, n_groups = partitions(n), groups(n_blocks)
+    fs, out = fsspec.core.url_to_fs(cfg.output)
+    for kind, count in (("group", n_groups), ("partition", n_partitions)):  # claims are made in these folders
+        for first in range(0, count, BLOCKS_PER_FOLDER):
+            fs.makedirs(unit_folder(f"{out}/{STAGING}", kind, first), exist_ok=True)
+    run("group", n_groups, map_group, lambda g: map_task(cfg.output, g, n_blocks, n_partitions), True)
+    run("partition", n_partitions, reduce_partition, lambda p: (cfg.output, p, n_groups), cfg.node_rank == 0)
+    return n_partitions
+
+
+def _node_log(cfg: BuildConfig, staging: str) -> str | None:
+    return f"{staging}/nodes/node-{cfg.node_rank:04d}.jsonl" if cfg.num_nodes > 1 else None
+
+
+def _pool(cfg: BuildConfig, stack: contextlib.ExitStack) -> Any:
+    """The build's worker processes (None: the blocks run in this process, or as Ray tasks), ended with ``stack``."""
+    if cfg.distributor == "ray" or cfg.workers == 1:
+        _init_worker()
+        return None
+    return stack.enter_context(mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker))
+
+
+UNIT_FIELDS = {  # what a unit's task returns after the unit: its node-log fields
+    "block": ("inputs", "rejected"),
+    "group": ("samples",),
+    "partition": ("duplicates",),
+    "shard": ("samples",),
+}
+UNIT_DESC = {"block": "process", "group": "dedupe: map", "partition": "dedupe: reduce", "shard": "write shards"}
+
+
+def _run_units(
+    cfg: BuildConfig,
+    pool: Any,
+    log: NodeLog,
+    kind: str,
+    n: int,
+    func: Callable[[Any], tuple[Any, ...]],
+    task_of: Callable[[int], tuple[Any, ...]],
+    wait: bool,
+    weight: Callable[[int], int] = lambda unit: 1,
+) -> int:
+    """Run ``func(task_of(u))`` for every unit ``u < n`` of ``kind`` (:data:`UNIT_FIELDS`: blocks, dedupe groups and
+    partitions, shards) that this node can claim, over the worker pool, in this process, or as Ray tasks, checking
+    that each left its done file; with ``wait``, then wait for the others, taking over a dead node's, until all are
+    done. The bar advances by ``weight(u)`` (a block: its inputs). Returns how many units this node ran."""
+    fs, out = fsspec.core.url_to_fs(cfg.output)
+    staging = f"{out}/{STAGING}"
+    claims = BlockClaims(fs, staging, n, cfg.num_nodes, cfg.node_rank, cfg.claim_timeout_s, kind=kind)
+    missing = set(claims.missing())
+    total = sum(weight(u) for u in range(n))
+    initial = total - sum(weight(u) for u in missing)
+    bar = tqdm(
+        total=total,
+        initial=initial,
+        desc=UNIT_DESC[kind],
+        unit="sample" if kind == "block" else kind,
+        disable=not cfg.progress,
+    )
+    ran = rejected = 0
+    try:
+        while True:
+            results: Iterator[tuple[int, tuple[Any, ...]]]
+            if cfg.distributor == "ray":  # one node: claims.claim() only skips what is done
+                tasks = (task_of(u) for u in range(n) if claims.claim(u))
+                results = ((t[1], r) for t, r in _ray_map(func, tasks, cfg, kind))
+            else:
+                results = _claimed_map(pool, claims, func, task_of)
+            for unit, result in results:
+                if result[0] != unit or not claims.done(unit):
+                    raise RuntimeError(f"{kind} {unit}: its task returned but left no done file in {staging}")
+                fields = dict(zip(UNIT_FIELDS[kind], result[1:], strict=True))
+                log.write(**{kind: unit}, **fields, took_over=unit in claims.taken_over)
+                ran += 1
+                bar.update(weight(unit))
+                if kind == "block":
+                    rejected += result[2]
+                    bar.set_postfix(rejected=rejected)
+            if not wait or not claims.missing() or _finished(fs, out):  # (finished: by the other nodes)
+                return ran
+            _wait_for_others(claims, kind, cfg.progress)
+    finally:
+        claims.close()
+        bar.close()
 
 
 def _claimed_map(
-    cfg: BuildConfig, claims: BlockClaims, func: Callable[[T], Any], task_of: Callable[[int], T]
-) -> Iterator[tuple[int, Any]]:
-    """(unit, func(task_of(unit))) for every block or shard this node can claim now, over ``cfg.workers`` processes;
-    ``func`` returns the unit first. Units are claimed as workers become free, never all at once, and released as
-    their results come."""
-    slots = threading.BoundedSemaphore(2 * cfg.workers)  # claimed but not yet done
+    pool: Any, claims: BlockClaims, func: Callable[[T], tuple[Any, ...]], task_of: Callable[[int], T]
+) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    """(unit, func(task_of(unit))) for every unit this node can claim now, over the worker ``pool`` (None: in this
+    process); ``func`` returns the unit first. Units are claimed as workers become free, never all at once, and
+    released as their results come."""
+    slots = threading.BoundedSemaphore(2 * (pool._processes if pool is not None else 1))  # claimed, not yet done
     stop = threading.Event()  # the pool's feeder thread must not wait on a slot once this ends
 
     def tasks() -> Iterator[T]:
@@ -539,42 +644,36 @@ def _claimed_map(
             else:
                 slots.release()
 
-    with contextlib.ExitStack() as stack:
-        if cfg.workers == 1:
-            _init_worker()
-            results: Iterator[Any] = map(func, tasks())
-        else:
-            pool = stack.enter_context(mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker))
-            results = pool.imap_unordered(func, tasks())
-        stack.callback(stop.set)  # runs before the pool is ended
+    results = map(func, tasks()) if pool is None else pool.imap_unordered(func, tasks())
+    try:
         for result in results:
             claims.release(result[0])
             slots.release()
             yield result[0], result
+    finally:
+        stop.set()
 
 
-def _ray_map(
-    func: Callable[[T], R], tasks: Iterable[T], cfg: BuildConfig, name: Callable[[T], str]
-) -> Iterator[tuple[T, R]]:
+def _ray_map(func: Callable[[Task], R], tasks: Iterable[Task], cfg: BuildConfig, kind: str) -> Iterator[tuple[Task, R]]:
     """(task, func(task)) of every task run as a Ray task (``cfg.ray_retries`` retries, on an error or a lost node),
     in completion order, at most two per cluster CPU in flight; a task whose retries are spent stops the build
-    naming it (a failed task is never taken for a finished one)."""
+    naming it (``kind`` and the task's unit, its second item; a failed task is never taken for a finished one)."""
     import ray
 
     if not ray.is_initialized():
         ray.init(address=cfg.ray_address, log_to_driver=False, include_dashboard=False)
     remote = ray.remote(num_cpus=1, max_retries=cfg.ray_retries, retry_exceptions=True)(func)
     limit = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    in_flight: dict[Any, T] = {}
+    in_flight: dict[Any, Task] = {}
 
-    def finish() -> tuple[T, R]:
+    def finish() -> tuple[Task, R]:
         ready, _ = ray.wait(list(in_flight), num_returns=1)
         task = in_flight.pop(ready[0])
         try:
             return task, ray.get(ready[0])
         except ray.exceptions.RayError as e:
             cause = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise RuntimeError(f"{name(task)}: its Ray task failed {cfg.ray_retries + 1} times ({cause})") from None
+            raise RuntimeError(f"{kind} {task[1]}: its Ray task failed {cfg.ray_retries + 1} times ({cause})") from None
 
     for task in tasks:
         if len(in_flight) >= limit:
@@ -582,33 +681,6 @@ def _ray_map(
         in_flight[remote.remote(task)] = task
     while in_flight:
         yield finish()
-
-
-def _write_shards(cfg: BuildConfig, fs: fsspec.AbstractFileSystem, staging: str, n_shards: int, log: NodeLog) -> int:
-    """Write the planned final shards this node can claim, in parallel (the worker pool, or Ray tasks over the
-    cluster); node 0 then waits for the rest, taking over a dead node's. Returns how many this node wrote."""
-    bar = tqdm(total=n_shards, desc="write shards", unit="shard", disable=not cfg.progress)
-    written = 0
-    if cfg.distributor == "ray":
-        tasks = [(cfg.output, s) for s in range(n_shards) if not fs.exists(shard_path(staging, s, "done"))]
-        for _ in _ray_map(write_shard, tasks, cfg, lambda t: f"shard {t[1]}"):
-            written += 1
-            bar.update()
-        bar.close()
-        return written
-    claims = BlockClaims(fs, staging, n_shards, cfg.num_nodes, cfg.node_rank, cfg.claim_timeout_s, kind="shard")
-    bar.update(n_shards - len(claims.missing()))
-    while True:
-        for shard, (_, samples) in _claimed_map(cfg, claims, write_shard, lambda s: (cfg.output, s)):
-            log.write(shard=shard, samples=samples, took_over=shard in claims.taken_over)
-            written += 1
-            bar.update()
-        if cfg.node_rank != 0 or not claims.missing():
-            break
-        _wait_for_others(claims, "shard", cfg.progress)
-    claims.close()
-    bar.close()
-    return written
 
 
 def _wait_for_shard_plan(fs: fsspec.AbstractFileSystem, staging: str, cfg: BuildConfig) -> int | None:
@@ -753,6 +825,12 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-staging", action="store_true")
     g.add_argument("--expect-workers", type=int, default=None, help="warn if shards < workers x world size")
     g.add_argument("--expect-world-size", type=int, default=None)
+    g.add_argument(
+        "--sample-timeout",
+        type=float,
+        default=300.0,
+        help="seconds one input may take to read and convert; over it the input is rejected",
+    )
     g.add_argument("--quiet", action="store_true", help="no progress bars or summary")
     return p
 
@@ -789,6 +867,7 @@ def config_from_args(args: argparse.Namespace) -> BuildConfig:
             sample_rate=args.sample_rate, mono=not args.keep_channels, max_seconds=args.audio_max_seconds
         ),
         extract_audio=args.extract_audio,
+        sample_timeout_s=args.sample_timeout,
         workers=args.workers,
         distributor=args.distributor,
         ray_address=args.ray_address,

@@ -2,9 +2,9 @@
 copies every byte.
 
 1. :func:`plan_shards` (one process, metadata only): the blocks' commit records are read in order, duplicates
-   dropped (:mod:`accord.shards.dedupe`) and samples assigned to shards by count and bytes (each record carries its
-   sample's size in a tar); each shard's list of (block, keys) is written to staging, and ``failures.jsonl`` and
-   ``duplicates.jsonl`` as the records are read.
+   dropped (found beforehand by :mod:`accord.shards.dedupe`) and samples assigned to shards by count and bytes (each
+   record carries its sample's size in a tar); each shard's list of (block, keys) is written to staging, and
+   ``failures.jsonl`` and ``duplicates.jsonl`` as the records are read.
 2. :func:`write_shard` (any process, one shard each, in parallel: the build's worker pools on every node, claimed
    like blocks, or its Ray tasks): reads its samples from the block tars, writes ``PREFIX-NNNNNN.tar`` and marks
    the shard done.
@@ -67,13 +67,16 @@ def plan_shards(
     prefix: str,
     samples_per_shard: int,
     max_shard_bytes: int | None,
-    dedupe: bool,
+    dedupe_partitions: int | None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Assign every kept sample of the ``n_blocks`` committed blocks to a shard (lists in staging); write
-    ``failures.jsonl`` (block order: input order unless shuffled) and ``duplicates.jsonl``; return the pack's
-    figures with ``sizes`` (shard name -> samples)."""
-    found: Iterator[Duplicate] = duplicates_in_order(fs, staging, n_blocks) if dedupe else iter(())
+    """Assign every kept sample of the ``n_blocks`` committed blocks to a shard (lists in staging), dropping the
+    duplicates of the ``dedupe_partitions`` reduced partitions (None: no dedupe); write ``failures.jsonl`` (block
+    order: input order unless shuffled) and ``duplicates.jsonl``; return the pack's figures with ``sizes`` (shard
+    name -> samples)."""
+    found: Iterator[Duplicate] = iter(())
+    if dedupe_partitions is not None:
+        found = duplicates_in_order(fs, staging, dedupe_partitions)
     dup = next(found, None)
     failures = JsonlWriter(fs, f"{out}/failures.jsonl")
     duplicates = JsonlWriter(fs, f"{out}/duplicates.jsonl")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import itertools
 import json
 import math
 import posixpath
@@ -68,14 +69,15 @@ def iter_sources(
     ``src`` is a directory, a manifest, or a pattern of manifests (braces and globs: ``parts/{0..9}.parquet``,
     ``parts/*.jsonl``), read in sorted order with indices running on across them. The input is checked now (it
     exists, names manifests), the rest as the inputs are read. Manifests are streamed (parquet in row batches, csv /
-    tsv / jsonl line by line), so memory does not grow with their size; a directory is listed whole (at scale, give
-    a manifest). A manifest's errors (not UTF-8, bad JSON, a column clash or no caption column) raise
-    :class:`InputError` naming the file and line, possibly after earlier inputs came."""
+    tsv / jsonl line by line), so memory does not grow with their size; a directory is listed one folder at a time
+    (a folder of millions of files is still listed whole: at scale, nest the folders or give a manifest). A
+    manifest's errors (not UTF-8, bad JSON, a column clash or no caption column) raise :class:`InputError` naming
+    the file and line, possibly after earlier inputs came."""
     media_columns = media_columns or {m: m for m in MEDIA}
     urls = _manifest_urls(src)  # raised now: a missing input is named before anything is read
     if urls is None:
         fs, path = fsspec.core.url_to_fs(src)
-        return iter(_scan_directory(fs, path, src))
+        return _scan_directory(fs, path, src)
     return _read_manifests(urls, text_column, media_columns)
 
 
@@ -250,51 +252,69 @@ def _counterfactual_problem(src: SampleSource) -> str | None:
     return None
 
 
-def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> list[SampleSource]:
+def _scan_directory(fs: fsspec.AbstractFileSystem, root: str, url: str) -> Iterator[SampleSource]:
     """Files sharing a stem (relative path without extension) form one sample; files of the stem
     ``<stem>.counterfactual`` are that sample's counterfactual pair. Every file is an input: hidden ones (a name or
     folder starting with ``.``: ``.DS_Store``, ``.git/``) are rejected unread, with that reason; names starting with
-    ``_`` (``_DSC0001.JPG``, a camera's default) are read like any other."""
-    root = root.rstrip("/")
+    ``_`` (``_DSC0001.JPG``, a camera's default) are read like any other. Samples come in the sorted order of their
+    stems, folder by folder: memory holds one folder's listing, never the tree's."""
+    yield from _scan_folder(fs, root.rstrip("/"), "", url.rstrip("/"), itertools.count())
+
+
+def _scan_folder(
+    fs: fsspec.AbstractFileSystem, root: str, folder: str, base: str, index: Iterator[int]
+) -> Iterator[SampleSource]:
+    """The samples of ``root/folder`` and of its subfolders, in the sorted order of their stems: a subfolder ``d``
+    sorts as ``d/``, so its stems come where they would in one sorted list of the whole tree."""
     groups: dict[str, list[str]] = {}
-    for full in sorted(fs.find(root)):
-        rel = full[len(root) + 1 :]
-        name = posixpath.basename(rel)
+    folders: list[str] = []
+    for entry in sorted(fs.ls(f"{root}/{folder}" if folder else root, detail=True), key=lambda e: e["name"]):
+        name = posixpath.basename(entry["name"].rstrip("/"))
+        rel = f"{folder}/{name}" if folder else name
+        if entry["type"] == "directory":
+            folders.append(rel)
+            continue
         dot = name.rfind(".")
         stem = rel[: len(rel) - len(name) + dot] if dot > 0 else rel  # ".DS_Store" is a stem, not an extension
         groups.setdefault(stem, []).append(rel)
     suffix = f".{COUNTERFACTUAL}"
     pairs = {stem[: -len(suffix)]: groups.pop(stem) for stem in list(groups) if stem.endswith(suffix)}
-    for base in set(pairs) - set(groups):  # a counterfactual of no sample: an input of its own, rejected
-        groups[base + suffix] = pairs.pop(base)
-    base = url.rstrip("/")
-    out = []
-    for i, stem in enumerate(sorted(groups)):
-        src = SampleSource(index=i, origin=stem)
-        if any(part.startswith(".") for part in stem.split("/")):
-            src.error = f"hidden (a name starting with '.'), not read: {', '.join(groups[stem])}"
-            out.append(src)
-            continue
-        if stem.endswith(suffix):
-            owner = stem[: -len(suffix)]
-            src.error = f"counterfactual of no sample (no {owner}.* beside it): {', '.join(groups[stem])}"
-            out.append(src)
-            continue
-        problems: list[str] = []
-        for rel in groups[stem]:
-            _read_member(fs, root, base, rel, src, problems)
-        for rel in pairs.get(stem, []):
-            _read_member(fs, root, base, rel, src, problems, counterfactual=True)
-        if not problems and src.text is None:
-            problems.append("missing caption (no .txt)")
-        if not problems and not src.media:
-            problems.append("no media: needs an image, video or audio file")
-        problem = _counterfactual_problem(src)
-        if not problems and problem:
-            problems.append(problem)
-        src.error = "; ".join(problems) or None
-        out.append(src)
-    return out
+    for owner in set(pairs) - set(groups):  # a counterfactual of no sample: an input of its own, rejected
+        groups[owner + suffix] = pairs.pop(owner)
+    for key in sorted([*groups, *(f"{d}/" for d in folders)]):
+        if key.endswith("/"):
+            yield from _scan_folder(fs, root, key[:-1], base, index)
+        else:
+            yield _stem_sample(fs, root, base, key, groups[key], pairs.get(key, []), next(index))
+
+
+def _stem_sample(
+    fs: fsspec.AbstractFileSystem, root: str, base: str, stem: str, files: list[str], pair: list[str], index: int
+) -> SampleSource:
+    """The sample of one stem's ``files`` (and its counterfactual ``pair``'s), or its reason to be rejected."""
+    src = SampleSource(index=index, origin=stem)
+    if any(part.startswith(".") for part in stem.split("/")):
+        src.error = f"hidden (a name starting with '.'), not read: {', '.join(files)}"
+        return src
+    suffix = f".{COUNTERFACTUAL}"
+    if stem.endswith(suffix):
+        owner = stem[: -len(suffix)]
+        src.error = f"counterfactual of no sample (no {owner}.* beside it): {', '.join(files)}"
+        return src
+    problems: list[str] = []
+    for rel in files:
+        _read_member(fs, root, base, rel, src, problems)
+    for rel in pair:
+        _read_member(fs, root, base, rel, src, problems, counterfactual=True)
+    if not problems and src.text is None:
+        problems.append("missing caption (no .txt)")
+    if not problems and not src.media:
+        problems.append("no media: needs an image, video or audio file")
+    problem = _counterfactual_problem(src)
+    if not problems and problem:
+        problems.append(problem)
+    src.error = "; ".join(problems) or None
+    return src
 
 
 def _read_member(

@@ -7,7 +7,9 @@ inputs): ``block-N.inputs.jsonl`` (its inputs, one :class:`~accord.shards.source
 ``block-N.tar`` and ``block-N.json`` (its converted samples and commit record) and, on a shared-folder build,
 ``block-N.claim`` (the node converting it); per final shard N, ``pack/NNN/shard-N.json`` (the samples it takes from
 which blocks), ``shard-N.done`` once written and ``shard-N.claim`` (the node writing it); ``pack/complete`` once
-every shard's list is written.
+every shard's list is written. With ``--dedupe`` (:mod:`accord.shards.dedupe`): per group of
+:data:`BLOCKS_PER_FOLDER` blocks, ``dedupe/hashes/PPPP/group-G.txt`` (its samples' hashes in partition P) and
+``dedupe/NNN/group-G.done``; per partition P, ``dedupe/NNN/partition-P.dup`` (its duplicates); claims beside them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from __future__ import annotations
 STAGING = "_staging"
 BLOCKS_PER_FOLDER = 1000
 # what a build hands out to workers and nodes: its folder in staging, and the suffix of the file that marks one done
-UNITS = {"block": ("blocks", "json"), "shard": ("pack", "done")}
+UNITS = {
+    "block": ("blocks", "json"),
+    "shard": ("pack", "done"),
+    "group": ("dedupe", "done"),  # dedupe's map tasks: a group of blocks' hashes split by partition
+    "partition": ("dedupe", "dup"),  # dedupe's reduce tasks: one partition's duplicates
+}
 
 
 def unit_path(staging: str, kind: str, n: int, suffix: str) -> str:
@@ -28,8 +35,13 @@ def done_glob(staging: str, kind: str) -> str:
     return f"{staging}/{UNITS[kind][0]}/*/{kind}-*.{UNITS[kind][1]}"
 
 
+def unit_folder(staging: str, kind: str, n: int) -> str:
+    """The folder of block or shard ``n``'s files."""
+    return unit_path(staging, kind, n, "x").rsplit("/", 1)[0]
+
+
 def block_folder(staging: str, block: int) -> str:
-    return unit_path(staging, "block", block, "x").rsplit("/", 1)[0]
+    return unit_folder(staging, "block", block)
 
 
 def block_path(staging: str, block: int, suffix: str) -> str:
@@ -40,3 +52,8 @@ def block_path(staging: str, block: int, suffix: str) -> str:
 def shard_path(staging: str, shard: int, suffix: str) -> str:
     """``staging/pack/NNN/shard-NNNNNN.{suffix}`` (``json``: its samples; ``done``: written; ``claim``)."""
     return unit_path(staging, "shard", shard, suffix)
+
+
+def hashes_path(staging: str, partition: int, group: int) -> str:
+    """``staging/dedupe/hashes/PPPP/group-NNNNNN.txt``: the hashes of block group ``group`` in ``partition``."""
+    return f"{staging}/{UNITS['group'][0]}/hashes/{partition:04d}/group-{group:06d}.txt"
