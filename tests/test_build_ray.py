@@ -1,8 +1,10 @@
-"""``build-shards --distributor ray`` on a local Ray cluster of two nodes, one removed in the middle of the build."""
+"""``build-shards --distributor ray`` on a local Ray cluster of two nodes, one removed in the middle of the build;
+its dedupe and shard tasks run on the cluster too."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ from helpers.media import many_images
 
 pytest.importorskip("ray")
 
-OPTS = ["--samples-per-shard", "16", "--image-size", "96"]
+OPTS = ["--samples-per-shard", "16", "--image-size", "96", "--dedupe"]
 
 # The driver: a head and a worker node (1 CPU each), the build in a thread, the worker node removed once 10 blocks
 # are committed. Prints the cluster's nodes before, the blocks committed at removal, and the build's stats.
@@ -49,6 +51,9 @@ print(json.dumps({"nodes": nodes, "at_removal": at_removal, "stats": result}))
 @pytest.mark.slow
 def test_ray_build_survives_a_lost_node_and_equals_a_one_node_build(tmp_path: Path) -> None:
     src = many_images(tmp_path / "many", 160, (640, 480))
+    for i in range(8):  # duplicates for the dedupe tasks to find
+        shutil.copy(src / f"{i:04d}.jpg", src / f"copy-{i}.jpg")
+        (src / f"copy-{i}.txt").write_text(f"a copy of picture {i}")
     reference = tmp_path / "reference"
     run_build(src, reference, *OPTS)
     out = tmp_path / "ray"
@@ -56,9 +61,9 @@ def test_ray_build_survives_a_lost_node_and_equals_a_one_node_build(tmp_path: Pa
     proc = subprocess.run([sys.executable, "-c", DRIVER, str(out), *args], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    n_blocks = -(-160 // report["stats"]["plan"]["block_size"])
+    n_blocks = -(-168 // report["stats"]["plan"]["block_size"])
     assert report["nodes"] == 2 and 10 <= report["at_removal"] < n_blocks  # removed in the middle
-    assert report["stats"]["written"] == 160
+    assert (report["stats"]["written"], report["stats"]["duplicates"]) == (160, 8)
     assert output_files(out) == output_files(reference)
 
 
