@@ -28,7 +28,7 @@ from tqdm import tqdm
 from accord.modalities import COUNTERFACTUAL, MEDIA
 from accord.shards.dedupe import Duplicate, duplicates_in_order
 from accord.shards.staging import STAGING, block_path, shard_path
-from accord.shards.tario import TarWriter, read_tar
+from accord.shards.tario import member_key, tar_end
 
 PACK_COMPLETE = "pack/complete"  # every shard's list is written (its content: the number of shards)
 
@@ -84,7 +84,7 @@ def plan_shards(
     modalities: Counter[str] = Counter()
     sizes: dict[str, int] = {}
     pairs = total_bytes = 0  # pairs: samples written with a counterfactual pair
-    runs: list[list[Any]] = []  # the open shard's [block, [keys]]
+    runs: list[list[Any]] = []  # the open shard's [block, offset, [keys], [sizes]]: samples adjacent in the block
     count = nbytes = 0  # the open shard's samples and bytes
 
     def close() -> None:
@@ -104,25 +104,32 @@ def plan_shards(
     for block in tqdm(range(n_blocks), desc="plan shards", unit="block", disable=not progress):
         with fs.open(block_path(staging, block, "json")) as f:
             info = json.load(f)
+        offset = 0  # of the sample in the block's tar (its samples are there in record order)
+        adjacent = False  # whether the open run ends just before this sample
         for row in info["failures"]:
             failures.write(row)
             reasons[row["reason"].split(":")[0]] += 1
         for rec in info["samples"]:
             key = rec["key"]
+            size = rec["bytes"]
             if dup is not None and (dup.block, dup.key) == (block, key):
                 duplicates.write(
                     {"index": rec["index"], "key": key, "origin": rec["origin"], "duplicate_of": dup.duplicate_of}
                 )
                 dup = next(found, None)
+                offset += size
+                adjacent = False
                 continue
-            size = rec["bytes"]
             if count and (
                 count >= samples_per_shard or (max_shard_bytes is not None and nbytes + size > max_shard_bytes)
             ):
                 close()
-            if not runs or runs[-1][0] != block:
-                runs.append([block, []])
-            runs[-1][1].append(key)
+            if not (runs and adjacent):
+                runs.append([block, offset, [], []])
+            runs[-1][2].append(key)
+            runs[-1][3].append(size)
+            offset += size
+            adjacent = True
             count += 1
             nbytes += size
             modalities.update(rec["modalities"])
@@ -148,27 +155,35 @@ def plan_shards(
 
 def write_shard(task: tuple[str, int]) -> tuple[int, int]:
     """Write final shard ``shard`` of the build whose output folder is ``output`` (an fsspec URL) from its list in
-    staging; returns (shard, samples)."""
+    staging; returns (shard, samples). Its samples' tar records are copied from the block tars as they are (each
+    sample's first header checked to name it), then the tar's end as :mod:`tarfile` writes it: the bytes a
+    :class:`~accord.shards.tario.TarWriter` would write, without parsing or re-encoding a header."""
     output, shard = task
     fs, out = fsspec.core.url_to_fs(output)
     staging = f"{out}/{STAGING}"
     with fs.open(shard_path(staging, shard, "json")) as f:
         plan = json.load(f)
-    tmp = f"{out}/{plan['name']}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # a shard taken over may be written twice
-    writer = TarWriter(fs, f"{out}/{plan['name']}", tmp=tmp)
-    for block, keys in plan["runs"]:
-        wanted, left = set(keys), len(keys)
-        for key, members in read_tar(fs, block_path(staging, block, "tar")):
-            if key in wanted:
-                writer.add(key, members)
-                left -= 1
-                if not left:
-                    break
-        if left:
-            raise RuntimeError(f"{plan['name']}: block {block}'s tar lacks {left} of the samples its record lists")
-    writer.close()
-    if writer.count != plan["samples"] or writer.bytes != plan["bytes"]:
-        raise RuntimeError(f"{plan['name']}: wrote {writer.count} samples ({writer.bytes} B), planned {plan}")
+    path = f"{out}/{plan['name']}"
+    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # a shard taken over may be written twice
+    count = written = 0
+    with fs.open(tmp, "wb") as dst:
+        for block, offset, keys, sizes in plan["runs"]:
+            with fs.open(block_path(staging, block, "tar"), "rb") as src:
+                src.seek(offset)
+                for key, size in zip(keys, sizes, strict=True):
+                    data = src.read(size)
+                    if len(data) != size or member_key(data) != key:
+                        raise RuntimeError(
+                            f"{plan['name']}: block {block}'s tar does not hold {key} where its record says"
+                        )
+                    dst.write(data)
+                    count += 1
+                    written += size
+        dst.write(tar_end(written))
+    if count != plan["samples"] or written != plan["bytes"]:
+        fs.rm(tmp)
+        raise RuntimeError(f"{plan['name']}: wrote {count} samples ({written} B), planned {plan}")
+    fs.mv(tmp, path)
     with fs.open(shard_path(staging, shard, "done"), "w") as f:
-        f.write(f"{writer.count}\n")
-    return shard, writer.count
+        f.write(f"{count}\n")
+    return shard, count

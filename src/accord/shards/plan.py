@@ -40,7 +40,7 @@ from accord.shards.claims import heartbeat, stale_heartbeat
 from accord.shards.sources import SampleSource, iter_sources
 from accord.shards.staging import block_folder, block_path
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3  # 3: shard lists hold byte ranges of the block tars (a staging folder of 2 cannot be resumed)
 MAX_BLOCKS = 100_000  # blocks grow beyond 256 inputs so that 100M inputs make 100k blocks, not 400k
 BUCKET_ROWS = 16_384  # inputs per shuffle bucket, until there are MAX_BUCKETS of them
 MAX_BUCKETS = 512  # open bucket files while shuffling

@@ -16,6 +16,27 @@ def tar_size(members: list[tuple[str, bytes]]) -> int:
     return sum(512 + -(-len(data) // 512) * 512 for _, data in members)
 
 
+def tar_end(offset: int) -> bytes:
+    """The bytes :mod:`tarfile` closes an archive of ``offset`` bytes of records with: two zero blocks, then zeros to
+    a multiple of its record size."""
+    end = offset + 2 * tarfile.BLOCKSIZE
+    return bytes(2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE)
+
+
+def member_key(record: bytes) -> str:
+    """The sample key of the tar member whose header starts ``record`` (its name up to the first dot of the file
+    name)."""
+    return key_of(record[:100].split(b"\0", 1)[0].decode("utf-8", errors="replace"))
+
+
+def key_of(name: str) -> str:
+    """A member's sample key: its path up to the first dot of the file name (a/x.jpg and b/x.jpg are two samples,
+    as in webdataset)."""
+    folder, _, file = name.rpartition("/")
+    stem = file.partition(".")[0]
+    return f"{folder}/{stem}" if folder else stem
+
+
 def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = size, 0, 0o444
@@ -65,9 +86,7 @@ def read_tar(fs: fsspec.AbstractFileSystem, path: str) -> Iterator[Sample]:
         for info in tar:
             if not info.isfile():
                 continue
-            folder, _, name = info.name.rpartition("/")
-            stem, _, ext = name.partition(".")
-            k = f"{folder}/{stem}" if folder else stem  # a/x.jpg and b/x.jpg are two samples (as in webdataset)
+            k, ext = key_of(info.name), info.name.rpartition("/")[2].partition(".")[2]
             member = tar.extractfile(info)
             assert member is not None  # a regular file
             data = member.read()
