@@ -3,8 +3,9 @@
 Each size is one ``data_tools/build_shards.py`` run in a process of its own, on a synthetic jsonl manifest whose
 rows point at 16 tiny PNGs (so the run measures the builder, not the codec: 8 px images stored as 8 px JPEGs) with
 300-byte captions. Peak RSS is sampled every 0.1 s, for the build's main process and for its whole process tree (the
-workers included). Targets (issue #30): peak RSS at the largest size within 1.2x of the smallest; time per row
-within 1.2x across sizes.
+workers included); each phase's time per row comes from the build's ``stats.json`` (``phase_seconds``), and what
+is left of the wall time is the process's start (interpreter, imports) and exit. Targets (issue #30): peak RSS at
+the largest size within 1.2x of the smallest; time per row within 1.2x across sizes.
 
     .venv/bin/python bench/build_scale.py --rows 10000 100000 1000000 --workers 2 [--dedupe sample]
 """
@@ -66,7 +67,12 @@ def run(manifest: Path, out: Path, workers: int, dedupe: str) -> dict[str, float
         raise SystemExit(f"build of {manifest} failed: {err.strip().splitlines()[-1]}")
     stats = json.loads((out / "stats.json").read_text())
     assert stats["written"] == stats["inputs"], stats
-    return {"seconds": seconds, "rss_main_mib": peak_main / 2**20, "rss_tree_mib": peak_tree / 2**20}
+    return {
+        "seconds": seconds,
+        "rss_main_mib": peak_main / 2**20,
+        "rss_tree_mib": peak_tree / 2**20,
+        "phase_seconds": stats["phase_seconds"],
+    }
 
 
 def main() -> None:
@@ -89,6 +95,10 @@ def main() -> None:
             f"peak RSS main {r['rss_main_mib']:6.1f} MiB  tree {r['rss_tree_mib']:6.1f} MiB",
             flush=True,
         )
+        order = ("survey", "plan_blocks", "process", "dedupe", "plan_shards", "write_shards")
+        phases = ", ".join(f"{k} {r['phase_seconds'][k] / rows * 1e6:.0f}" for k in order if k in r["phase_seconds"])
+        start = r["seconds"] - sum(r["phase_seconds"].values())
+        print(f"{'':>15}us/row by phase: {phases}; start and exit {start:.2f} s", flush=True)
         shutil.rmtree(WORK / f"out-{rows}", ignore_errors=True)
     first, last = results[0], results[-1]
     per_row = [r["us_per_row"] for r in results]

@@ -454,7 +454,9 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     """Run (or resume) a build; returns the stats written to ``stats.json`` (or this node's part of them)."""
     cfg.validate()
     start = time.perf_counter()
+    phases = Phases()
     inputs = survey(cfg.input, cfg.text_column, cfg.progress)
+    phases.done("survey")
     n, bs = inputs.inputs, block_size(inputs.inputs)
     n_blocks = block_count(n, bs)
     plan = {
@@ -488,13 +490,18 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             cfg.claim_timeout_s,
             cfg.progress,
         )
+        phases.done("plan_blocks")
         run = functools.partial(_run_units, cfg, pool, NodeLog(fs, _node_log(cfg, staging)))
         blocks = run(
             "block", n_blocks, _process_block, lambda b: (staging, b, cfg), True, lambda b: block_inputs(n, bs, b)
         )
+        phases.done("process")
         planner = f"{staging}/{SHARD_PLANNER}" if cfg.num_nodes > 1 and cfg.node_rank == 0 else None
         with heartbeat(planner, cfg.claim_timeout_s):  # node 0 dedupes and plans; the others wait for its plan
-            dedupe_partitions = _dedupe(cfg, run, n, n_blocks) if cfg.dedupe != "none" else None
+            dedupe_partitions = None
+            if cfg.dedupe != "none":
+                dedupe_partitions = _dedupe(cfg, run, n, n_blocks)
+                phases.done("dedupe")
             if cfg.node_rank == 0:
                 packed = plan_shards(
                     fs,
@@ -507,6 +514,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
                     dedupe_partitions,
                     cfg.progress,
                 )
+                phases.done("plan_shards")
         if cfg.node_rank != 0:
             n_shards = _wait_for_shard_plan(fs, staging, cfg)
             shards = (
@@ -518,6 +526,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
             return {"node_rank": cfg.node_rank, "blocks": blocks, "shards": shards}
         sizes = packed.pop("sizes")
         run("shard", len(sizes), write_shard, lambda s: (cfg.output, s), True)
+        phases.done("write_shards")
     for stale in fs.glob(f"{out}/{cfg.prefix}-*.tar"):
         if stale.rsplit("/", 1)[-1] not in sizes:
             fs.rm(stale)
@@ -525,6 +534,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     stats = {"inputs": n, **packed}
     stats["seconds"] = round(time.perf_counter() - start, 3)
     stats["samples_per_second"] = round(n / stats["seconds"], 2) if stats["seconds"] else None
+    stats["phase_seconds"] = phases.seconds  # this node's; the phases it waited in include the wait
     stats["plan"] = plan
     if stats["inputs"] != stats["written"] + stats["rejected"] + stats["duplicates"]:
         raise RuntimeError(f"accounting mismatch: {stats}")  # cannot happen; never write a wrong summary
@@ -547,6 +557,19 @@ def _dedupe(cfg: BuildConfig, run: Callable[..., int], n: int, n_blocks: int) ->
     run("group", n_groups, map_group, lambda g: map_task(cfg.output, g, n_blocks, n_partitions), True)
     run("partition", n_partitions, reduce_partition, lambda p: (cfg.output, p, n_groups), cfg.node_rank == 0)
     return n_partitions
+
+
+class Phases:
+    """Seconds each phase of a build took on this node (``stats.json``'s ``phase_seconds``)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def done(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] = round(now - self._last, 3)
+        self._last = now
 
 
 def _node_log(cfg: BuildConfig, staging: str) -> str | None:
