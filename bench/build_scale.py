@@ -7,7 +7,7 @@ workers included); each phase's time per row comes from the build's ``stats.json
 is left of the wall time is the process's start (interpreter, imports) and exit. Targets (issue #30): peak RSS at
 the largest size within 1.2x of the smallest; time per row within 1.2x across sizes.
 
-    .venv/bin/python bench/build_scale.py --rows 10000 100000 1000000 --workers 2 [--dedupe sample]
+    .venv/bin/python bench/build_scale.py --rows 10000 100000 1000000 --workers 2 [--repeat 3] [--dedupe sample]
 """
 
 from __future__ import annotations
@@ -82,23 +82,29 @@ def main() -> None:
     p.add_argument(
         "--dedupe", default="none", choices=("none", "sample"), help="sample: the dedupe pass runs (captions differ)"
     )
+    p.add_argument("--repeat", type=int, default=1, help="runs per size; the run of median time is reported")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     results = []
     for rows in args.rows:
         manifest = write_inputs(WORK, rows)
-        r = {"rows": rows, **run(manifest, WORK / f"out-{rows}", args.workers, args.dedupe)}
+        runs = sorted(
+            (run(manifest, WORK / f"out-{rows}", args.workers, args.dedupe) for _ in range(args.repeat)),
+            key=lambda r: r["seconds"],
+        )
+        r = {"rows": rows, **runs[len(runs) // 2], "all_seconds": [round(x["seconds"], 2) for x in runs]}
         r["us_per_row"] = r["seconds"] / rows * 1e6
         results.append(r)
         print(
             f"{rows:>9} rows  {r['seconds']:8.1f} s  {r['us_per_row']:7.1f} us/row  "
-            f"peak RSS main {r['rss_main_mib']:6.1f} MiB  tree {r['rss_tree_mib']:6.1f} MiB",
+            f"peak RSS main {r['rss_main_mib']:6.1f} MiB  tree {r['rss_tree_mib']:6.1f} MiB"
+            + (f"  (median of {args.repeat}: {r['all_seconds']} s)" if args.repeat > 1 else ""),
             flush=True,
         )
         order = ("survey", "plan_blocks", "process", "dedupe", "plan_shards", "write_shards")
         phases = ", ".join(f"{k} {r['phase_seconds'][k] / rows * 1e6:.0f}" for k in order if k in r["phase_seconds"])
         start = r["seconds"] - sum(r["phase_seconds"].values())
-        print(f"{'':>15}us/row by phase: {phases}; start and exit {start:.2f} s", flush=True)
+        print(f"{'':>15}us/row by phase: {phases}; start, staging removal and exit {start:.2f} s", flush=True)
         shutil.rmtree(WORK / f"out-{rows}", ignore_errors=True)
     first, last = results[0], results[-1]
     per_row = [r["us_per_row"] for r in results]
