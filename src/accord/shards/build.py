@@ -9,10 +9,11 @@ The build runs in two phases, which is what makes it reproducible, resumable and
    and written to ``block-N.tar`` plus a ``block-N.json`` commit record (written last). A resumed build skips blocks
    whose record exists. Nodes claim blocks as they go and take over a dead node's (:mod:`accord.shards.claims`).
 2. *Pack* (:mod:`accord.shards.pack`, no re-encoding): node 0 reads the blocks' commit records in order, drops
-   exact duplicates (found in a pass over the recorded hashes partitioned by hash, :mod:`accord.shards.dedupe`, so
-   no process holds every hash), assigns samples to ``PREFIX-NNNNNN.tar`` by count and bytes and writes
-   ``failures.jsonl`` and ``duplicates.jsonl``; then the shards are written in parallel (every node's worker pool,
-   claimed like blocks, or Ray tasks), ``sizes.json`` and ``stats.json`` last, and the staging folder is removed.
+   exact duplicates (found beforehand by a map-reduce over the recorded hashes, partitioned by hash and run like the
+   blocks, :mod:`accord.shards.dedupe`, so no process holds every hash), assigns samples to ``PREFIX-NNNNNN.tar`` by
+   count and bytes and writes ``failures.jsonl`` and ``duplicates.jsonl``; then the shards are written in parallel
+   (every node's worker pool, claimed like blocks, or Ray tasks), ``sizes.json`` and ``stats.json`` last, and the
+   staging folder is removed.
 
 Since every block's bytes depend only on its inputs and the options, the output is byte-identical whatever the
 number of workers or nodes, and after any crash + ``--resume``.
@@ -578,7 +579,9 @@ def _node_log(cfg: BuildConfig, staging: str) -> str | None:
 
 def _pool(cfg: BuildConfig, stack: contextlib.ExitStack) -> Any:
     """The build's worker processes (None: the blocks run in this process, or as Ray tasks), ended with ``stack``."""
-    if cfg.distributor == "ray" or cfg.workers == 1:
+    if cfg.distributor == "ray":
+        return None
+    if cfg.workers == 1:
         _init_worker()
         return None
     return stack.enter_context(mp.get_context("spawn").Pool(cfg.workers, initializer=_init_worker))
@@ -629,7 +632,7 @@ def _run_units(
                 tasks = (task_of(u) for u in range(n) if claims.claim(u))
                 results = ((t[1], r) for t, r in _ray_map(func, tasks, cfg, kind))
             else:
-                results = _claimed_map(pool, claims, func, task_of)
+                results = _claimed_map(pool, 2 * cfg.workers, claims, func, task_of)
             for unit, result in results:
                 if result[0] != unit or not claims.done(unit):
                     raise RuntimeError(f"{kind} {unit}: its task returned but left no done file in {staging}")
@@ -649,12 +652,12 @@ def _run_units(
 
 
 def _claimed_map(
-    pool: Any, claims: BlockClaims, func: Callable[[T], tuple[Any, ...]], task_of: Callable[[int], T]
+    pool: Any, in_flight: int, claims: BlockClaims, func: Callable[[T], tuple[Any, ...]], task_of: Callable[[int], T]
 ) -> Iterator[tuple[int, tuple[Any, ...]]]:
     """(unit, func(task_of(unit))) for every unit this node can claim now, over the worker ``pool`` (None: in this
-    process); ``func`` returns the unit first. Units are claimed as workers become free, never all at once, and
-    released as their results come."""
-    slots = threading.BoundedSemaphore(2 * (pool._processes if pool is not None else 1))  # claimed, not yet done
+    process); ``func`` returns the unit first. Units are claimed as workers become free (at most ``in_flight``
+    claimed and not done), never all at once, and released as their results come."""
+    slots = threading.BoundedSemaphore(in_flight)
     stop = threading.Event()  # the pool's feeder thread must not wait on a slot once this ends
 
     def tasks() -> Iterator[T]:
