@@ -80,7 +80,10 @@ def test_cached_frozen_minilm_is_bit_identical_to_recomputing() -> None:
         for name in cached_g[step]:
             assert torch.equal(cached_g[step][name], fresh_g[step][name]), f"step {step}: grad of {name}"
     # the same computation up to float noise as the ordinary padded forward, which it replaces
-    assert torch.allclose(torch.stack(cached_l), torch.stack(plain_l), atol=1e-4)
+    # the split is the backbone's forward up to float rounding (step 0, same weights); the trajectories then drift
+    # apart by that rounding amplified through Adam steps (5e-5 to 3e-4 after 2-4 steps in different runs on 2 cores)
+    assert torch.allclose(cached_l[0], plain_l[0], atol=1e-5)
+    assert torch.allclose(torch.stack(cached_l), torch.stack(plain_l), atol=2e-3)
     stats = cached.frozen_cache_stats()
     assert 0.5 < stats["frozen_cache/text/hit_rate"] < 1 and stats["frozen_cache/text/items"] <= 24
     assert fresh.frozen_cache_stats() == {"frozen_cache/text/hit_rate": 0.0, "frozen_cache/text/items": 0}
@@ -189,7 +192,10 @@ def test_cut_layer_minilm_is_bit_identical_to_recomputing_and_equals_the_backbon
         assert "towers.text.backbone.encoder.layer.3.output.dense.weight" not in cached_g[step]
         for name in cached_g[step]:
             assert torch.equal(cached_g[step][name], fresh_g[step][name]), f"step {step}: grad of {name}"
-    assert torch.allclose(torch.stack(cached_l), torch.stack(plain_l), atol=1e-4)
+    # the split is the backbone's forward up to float rounding (step 0, same weights); the trajectories then drift
+    # apart by that rounding amplified through Adam steps (5e-5 to 3e-4 after 2-4 steps in different runs on 2 cores)
+    assert torch.allclose(cached_l[0], plain_l[0], atol=1e-5)
+    assert torch.allclose(torch.stack(cached_l), torch.stack(plain_l), atol=2e-3)
     assert 0.5 < cached.frozen_cache_stats()["frozen_cache/text/hit_rate"] < 1
     text = plain.towers["text"].eval()
     batch = batches[0]["text"]
