@@ -44,7 +44,7 @@ from accord.experiments.scene_world import (
 )
 from accord.pipeline import build_shards
 from accord.shards.read import shard_items
-from accord.worlds.scenes import RELATIONS, write_minimal_pairs
+from accord.worlds.scenes import RELATIONS, Scene, arrangement, write_minimal_pairs
 
 PAIRS = {"quick": 24, "full": 150}
 
@@ -78,41 +78,56 @@ def minimal_pairs(world: Path, plan_name: str, seed: int) -> Path:
     return pairs
 
 
-def relation_probe(backbone: Path, train: Path, heldout: Path, steps: int = 500) -> dict[str, float]:
-    """Which side of the score holds a scene's relation: a linear probe (4-way softmax regression, chance 0.25) on
-    the image embedding, and one on its caption's text embedding, each trained on the training scenes of two objects
-    and scored on the held-out ones (their accuracy). A side near chance cannot tell "left of" from "right of",
-    whatever the other does."""
+PROBES = {  # the relation probes of :func:`relation_probes`: the label of a two-object scene, chance 1/4 each
+    "relation probe": lambda scene: scene.relation,  # as the caption states it: the text alone determines it
+    "arrangement probe": arrangement,  # which object is where: the picture alone determines it
+}
 
-    def scenes(folder: Path) -> tuple[list[Any], list[str], torch.Tensor]:
-        images, captions, labels = [], [], []
+
+def relation_probes(backbone: Path, train: Path, heldout: Path, steps: int = 500) -> dict[str, dict[str, float]]:
+    """Which side of the score holds a scene's relation: linear probes (4-way softmax regression, chance 0.25) on the
+    image embedding and on its caption's text embedding, each trained on the training scenes of two objects and
+    scored on the held-out ones (their accuracy), for each label of :data:`PROBES`. The relation as captioned is a
+    fact of the caption, not of the picture (the picture does not say which object the caption names first): an
+    image probe of it sits near or below chance whatever the image holds (held-out placements are the training
+    ones named the other way round). The arrangement is a fact of the picture, so the image probe of it is the test
+    of the image side."""
+
+    def scenes(folder: Path) -> tuple[list[Any], list[str], list[Scene]]:
+        images, captions, found = [], [], []
         for item in shard_items(str(folder), with_json=True):
-            relation = (json.loads(item.get("json") or "{}").get("scene") or {}).get("relation")
-            if relation is not None and "image" in item:
+            scene = (json.loads(item.get("json") or "{}") or {}).get("scene")
+            if scene is not None and scene.get("relation") is not None and "image" in item:
                 images.append(item["image"])
                 captions.append(item["text"].strip())
-                labels.append(RELATIONS.index(relation))
-        return images, captions, torch.tensor(labels)
+                found.append(Scene.from_json(scene))
+        return images, captions, found
 
     model = load_backbone(backbone)
-    (tr_images, tr_captions, tr_y), (te_images, te_captions, te_y) = scenes(train), scenes(heldout)
-    out = {}
+    (tr_images, tr_captions, tr_scenes), (te_images, te_captions, te_scenes) = scenes(train), scenes(heldout)
     with torch.no_grad():
         features = {
             "image": [embed_in_chunks(model, "image", x) for x in (tr_images, te_images)],
             "text": [embed_in_chunks(model, "text", x) for x in (tr_captions, te_captions)],
         }
-    for side, (x_train, x_test) in features.items():
-        torch.manual_seed(0)
-        w = torch.zeros(x_train.shape[1], len(RELATIONS), requires_grad=True)
-        b = torch.zeros(len(RELATIONS), requires_grad=True)
-        opt = torch.optim.Adam([w, b], lr=0.05)
-        for _ in range(steps):
-            opt.zero_grad()
-            F.cross_entropy(x_train.float() @ w + b, tr_y).backward()
-            opt.step()
-        with torch.no_grad():
-            out[side] = float(((x_test.float() @ w + b).argmax(dim=1) == te_y).float().mean())
+    out: dict[str, dict[str, float]] = {}
+    for probe, label in PROBES.items():
+        tr = [(i, RELATIONS.index(r)) for i, s in enumerate(tr_scenes) if (r := label(s)) is not None]
+        te = [(i, RELATIONS.index(r)) for i, s in enumerate(te_scenes) if (r := label(s)) is not None]
+        tr_y, te_y = torch.tensor([y for _, y in tr]), torch.tensor([y for _, y in te])
+        out[probe] = {}
+        for side, (x_train, x_test) in features.items():
+            x_tr, x_te = x_train[[i for i, _ in tr]].float(), x_test[[i for i, _ in te]].float()
+            torch.manual_seed(0)
+            w = torch.zeros(x_tr.shape[1], len(RELATIONS), requires_grad=True)
+            b = torch.zeros(len(RELATIONS), requires_grad=True)
+            opt = torch.optim.Adam([w, b], lr=0.05)
+            for _ in range(steps):
+                opt.zero_grad()
+                F.cross_entropy(x_tr @ w + b, tr_y).backward()
+                opt.step()
+            with torch.no_grad():
+                out[probe][side] = float(((x_te @ w + b).argmax(dim=1) == te_y).float().mean())
     return out
 
 
@@ -150,12 +165,12 @@ def run_recipe(out: Path, plan_name: str, seed: int, port: int, recipe: str) -> 
     saved = folder / "result.json"
     if saved.exists() and saved.stat().st_mtime >= (folder / "plan.json").stat().st_mtime:
         result = json.loads(saved.read_text())  # evaluated since this backbone was trained
-        if "relation probe" not in result:  # evaluated before the probe existed
-            result["relation probe"] = relation_probe(backbone, train, heldout)
+        if any(probe not in result for probe in PROBES):  # evaluated before the probes existed
+            result |= relation_probes(backbone, train, heldout)
             saved.write_text(json.dumps(result))
         return result
     result = evaluate(backbone, heldout, pairs, train, folder / "eval")
-    result["relation probe"] = relation_probe(backbone, train, heldout)
+    result |= relation_probes(backbone, train, heldout)
     # the same categories on combinations seen in training (the first SEEN_SAMPLES training scenes)
     seen = compositional_eval(str(backbone), str(train), str(train), max_samples=SEEN_SAMPLES)
     result["seen"] = {c: v["scores"]["cosine"]["all"] for c, v in seen["media"]["image"]["categories"].items()}
@@ -177,7 +192,10 @@ def study_table(by_recipe: dict[str, list[dict[str, Any]]]) -> dict[str, dict[st
             "seen": {c: stats([r["seen"][c] for r in results if c in r["seen"]]) for c in results[0]["seen"]},
             "retrieval R@1": stats([r["retrieval R@1"] for r in results]),
             "train_s": stats([r["train_s"] for r in results]),
-            "relation probe": {side: stats([r["relation probe"][side] for r in results]) for side in ("image", "text")},
+            **{
+                probe: {side: stats([r[probe][side] for r in results]) for side in ("image", "text")}
+                for probe in PROBES
+            },
         }
         for name, results in by_recipe.items()
     }
@@ -220,9 +238,10 @@ def study_markdown(table: dict[str, dict[str, Any]], seeds: list[int]) -> str:
         ("train time (s)", "train_s", "{:.0f} +- {:.0f}"),
     ):
         lines.append(f"| {label} | " + " | ".join(fmt.format(*table[n][key]) for n in names) + " | | |")
-    for side in ("image", "text"):  # relation_probe: which side holds the relation (chance 0.25)
-        cells = ["{:.3f} +- {:.3f}".format(*table[n]["relation probe"][side]) for n in names]
-        lines.append(f"| relation probe: {side} embedding (chance 0.25) | " + " | ".join(cells) + " | | |")
+    for probe in PROBES:  # relation_probes: which side holds the relation (chance 0.25)
+        for side in ("image", "text"):
+            cells = ["{:.3f} +- {:.3f}".format(*table[n][probe][side]) for n in names]
+            lines.append(f"| {probe}: {side} embedding (chance 0.25) | " + " | ".join(cells) + " | | |")
     seen_cats = list(table[names[0]]["seen"])
     lines += [
         "",

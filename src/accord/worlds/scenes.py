@@ -77,6 +77,20 @@ class Scene:
         return cls(tuple(Obj(**o) for o in data["objects"]), data.get("relation"))
 
 
+def arrangement(scene: Scene) -> str | None:
+    """Where a two-object scene's objects are, whichever is named first: the relation of the object whose words sort
+    first to the other ("a small red circle to the left of a large blue square" and "a large blue square to the right
+    of a small red circle" both give "right of": the square is right of the circle). A picture determines it; it
+    does not determine the relation as captioned, which depends on the order the caption names the objects in.
+    None without a relation, or for two objects of the same words (either could be first)."""
+    if scene.relation is None:
+        return None
+    a, b = scene.objects
+    if a.words() == b.words():
+        return None
+    return scene.relation if a.words() < b.words() else INVERSE[scene.relation]
+
+
 def caption(scene: Scene, template: str) -> str:
     objs = scene.objects
     slots = {"o": objs[0].words()} if len(objs) == 1 else {f"o{i + 1}": o.words() for i, o in enumerate(objs)}
