@@ -297,6 +297,7 @@ def test_the_recipe_study_picks_its_winner_by_the_stated_criterion() -> None:
             "train_s": 100.0,
             "relation probe": {"image": 0.25, "text": level},
             "arrangement probe": {"image": level / 2, "text": 0.3},
+            "axis probe": {"image": 0.9, "text": 0.5},
         }
 
     by_recipe = {
@@ -313,6 +314,7 @@ def test_the_recipe_study_picks_its_winner_by_the_stated_criterion() -> None:
     assert "Winner: **better**" in md and "| replace shape (trained) |" in md and "seen combinations" in md
     assert "| relation probe: text embedding (chance 0.25) | 0.510 +- 0.014 | 0.710 +- 0.014 |" in md
     assert "| arrangement probe: image embedding (chance 0.25) | 0.255 +- 0.007 | 0.355 +- 0.007 |" in md
+    assert "| axis probe: image embedding (chance 0.5) | 0.900 +- 0.000 | 0.900 +- 0.000 |" in md
 
 
 def test_an_unknown_recipe_exits_2_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -362,3 +364,4 @@ def test_the_relation_probes_read_a_relation_where_an_embedding_holds_it(world: 
     probe = experiment.relation_probes(Path("stub"), world["train"], world["heldout"])
     assert probe["arrangement probe"]["image"] == 1.0 and probe["arrangement probe"]["text"] < 0.75, probe
     assert probe["relation probe"]["image"] < 0.75, probe
+    assert probe["axis probe"]["image"] == 1.0, probe  # the arrangement holds the axis
