@@ -106,8 +106,8 @@ class BuildConfig:
     sample_timeout_s: float = 300.0
     """Seconds one input may take to be read and converted (PIL, PyAV, ffmpeg); an input over it is rejected with
     that reason, so a file that hangs (a stalled mount, a decoder that loops) cannot hang its block. Enforced by
-    SIGALRM in the process converting it (a worker, or the build's main thread); ``--video-timeout`` still bounds
-    each ffmpeg run."""
+    SIGALRM in the thread converting it: a pool worker's, a Ray task's or the build's main thread (a Ray task runs on
+    its worker's main thread); ``--video-timeout`` still bounds each ffmpeg run."""
     workers: int = 1
     """Processes converting inputs (the output is identical for any number); with ``distributor: ray``, the Ray
     cluster's CPUs instead."""
