@@ -29,10 +29,9 @@ import yaml
 from PIL import Image
 
 from accord.shards.read import shard_items
-from accord.worlds.scenes import RELATIONS, Scene, arrangement
+from accord.worlds.scenes import RELATIONS, Scene, arrangement, axis
 
 ROOT = Path(__file__).resolve().parent.parent
-SIDE_BY_SIDE = {"left of": 0, "right of": 0, "above": 1, "below": 1}
 
 
 def two_object_scenes(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +45,7 @@ def two_object_scenes(folder: Path) -> tuple[torch.Tensor, torch.Tensor, torch.T
         img = item["image"] if isinstance(item["image"], Image.Image) else Image.open(io.BytesIO(item["image"]))
         pixels = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1
         images.append(torch.from_numpy(pixels).permute(2, 0, 1))
-        axes.append(SIDE_BY_SIDE[s.relation])
+        axes.append(int(axis(s) == "above"))
         place = arrangement(s)
         places.append(-1 if place is None else RELATIONS.index(place))
     return torch.stack(images), torch.tensor(axes), torch.tensor(places)

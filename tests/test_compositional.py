@@ -335,6 +335,7 @@ def test_a_scenes_arrangement_is_the_same_whichever_object_its_caption_names_fir
         assert scenes.arrangement(scene) == scenes.arrangement(named_the_other_way) == label  # the square's place
     assert scenes.arrangement(scenes.Scene((circle, circle), "left of")) is None  # either could be first
     assert scenes.arrangement(scenes.Scene((circle,))) is None
+    assert [scenes.axis(scenes.Scene((circle, square), r)) for r in scenes.RELATIONS] == ["left of"] * 2 + ["above"] * 2
 
 
 def test_the_relation_probes_read_a_relation_where_an_embedding_holds_it(world: dict[str, Path], monkeypatch) -> None:

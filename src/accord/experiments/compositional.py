@@ -45,7 +45,7 @@ from accord.experiments.scene_world import (
 )
 from accord.pipeline import build_shards
 from accord.shards.read import shard_items
-from accord.worlds.scenes import RELATIONS, Scene, arrangement, write_minimal_pairs
+from accord.worlds.scenes import RELATIONS, Scene, arrangement, axis, write_minimal_pairs
 
 PAIRS = {"quick": 24, "full": 150}
 
@@ -81,12 +81,11 @@ def minimal_pairs(world: Path, plan_name: str, seed: int) -> Path:
     return pairs
 
 
-AXIS = {"left of": "left of", "right of": "left of", "above": "above", "below": "above"}  # the axis probe's two labels
 # the relation probes of :func:`relation_probes`: the label of a two-object scene, and its chance
 PROBES: dict[str, tuple[Callable[[Scene], str | None], float]] = {
     "relation probe": (lambda scene: scene.relation, 0.25),  # as the caption states it: the text determines it
     "arrangement probe": (arrangement, 0.25),  # which object is where: the picture determines it
-    "axis probe": (lambda scene: AXIS.get(scene.relation or ""), 0.5),  # side by side or stacked: positions only
+    "axis probe": (axis, 0.5),  # side by side or stacked: positions only
 }
 
 

@@ -91,6 +91,14 @@ def arrangement(scene: Scene) -> str | None:
     return scene.relation if a.words() < b.words() else INVERSE[scene.relation]
 
 
+def axis(scene: Scene) -> str | None:
+    """Whether a two-object scene's objects are side by side ("left of") or one above the other ("above"): their
+    positions, without telling them apart. None without a relation."""
+    if scene.relation is None:
+        return None
+    return "left of" if scene.relation in ("left of", "right of") else "above"
+
+
 def caption(scene: Scene, template: str) -> str:
     objs = scene.objects
     slots = {"o": objs[0].words()} if len(objs) == 1 else {f"o{i + 1}": o.words() for i, o in enumerate(objs)}
