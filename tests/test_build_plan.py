@@ -270,3 +270,29 @@ def test_a_directory_is_streamed_folder_by_folder_in_the_order_of_one_sorted_lis
     )
     first = next(iter_sources(str(tmp_path / "tree")))
     assert first.origin == ".hidden/h" and [p.rsplit("tree", 1)[-1] for p in listed] == ["", "/.hidden"]
+
+
+def test_processes_writing_one_json_at_once_each_rename_a_whole_file(tmp_path: Path) -> None:
+    """Nodes started together each write the build's ``plan.json``; a shared temporary name made one node's rename
+    fail (CI: ``plan.json.tmp: No such file or directory``). 8 writers x 25 writes of one path at once, none fails and
+    the file is always one writer's whole JSON."""
+    fs = fsspec.filesystem("file")
+    path = str(tmp_path / "plan.json")
+    barrier, errors = threading.Barrier(8), []
+
+    def write(i: int) -> None:
+        barrier.wait()
+        for j in range(25):
+            try:
+                staging.write_json(fs, path, {"writer": i, "write": j, "pad": "x" * 4096})
+            except OSError as e:
+                errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(json.loads(Path(path).read_text())["pad"]) == 4096
+    assert list(tmp_path.iterdir()) == [Path(path)]

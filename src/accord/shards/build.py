@@ -33,7 +33,6 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -69,7 +68,7 @@ from accord.shards.plan import (
     survey,
 )
 from accord.shards.sources import SampleSource
-from accord.shards.staging import BLOCKS_PER_FOLDER, STAGING, block_path, unit_folder
+from accord.shards.staging import BLOCKS_PER_FOLDER, STAGING, block_path, private_tag, unit_folder, write_json
 from accord.shards.tario import tar_size, write_tar
 
 SHARD_PLANNER = "pack-planner"  # node 0's heartbeat while it plans the shards
@@ -321,11 +320,10 @@ def _process_block(task: tuple[str, int, BuildConfig]) -> tuple[int, int, int]:
             continue
         samples.append((src.key, members))
         records.append({**record, "bytes": tar_size(members)})
-    # temporary names of this process: a block taken over from a node that was only slow may be written twice, at once
-    tmp = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+    tmp = private_tag()  # a block taken over from a node that was only slow may be written twice, at once
     tar, commit = block_path(root, block, "tar"), block_path(root, block, "json")
     write_tar(fs, tar, samples, tmp=f"{tar}.{tmp}")
-    _write_json(fs, commit, {"block": block, "samples": records, "failures": failures}, tmp=f"{commit}.{tmp}")
+    write_json(fs, commit, {"block": block, "samples": records, "failures": failures}, tmp=f"{commit}.{tmp}")
     return block, len(sources), len(failures)
 
 
@@ -362,13 +360,6 @@ def _init_worker() -> None:
     torch = sys.modules.get("torch")
     if torch is not None:
         torch.set_num_threads(1)
-
-
-def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any, tmp: str | None = None) -> None:
-    tmp = tmp or f"{path}.tmp"
-    with fs.open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-    fs.mv(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------------ output dir
@@ -434,7 +425,7 @@ def _prepare(fs: fsspec.AbstractFileSystem, out: str, cfg: BuildConfig, plan: di
                 "choose another --output, another --prefix, or pass --overwrite to replace them"
             )
         fs.makedirs(staging, exist_ok=True)
-        _write_json(fs, f"{staging}/plan.json", plan)
+        write_json(fs, f"{staging}/plan.json", plan)
     return False
 
 
@@ -531,7 +522,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     for stale in fs.glob(f"{out}/{cfg.prefix}-*.tar"):
         if stale.rsplit("/", 1)[-1] not in sizes:
             fs.rm(stale)
-    _write_json(fs, f"{out}/sizes.json", sizes)
+    write_json(fs, f"{out}/sizes.json", sizes)
     stats = {"inputs": n, **packed}
     stats["seconds"] = round(time.perf_counter() - start, 3)
     stats["samples_per_second"] = round(n / stats["seconds"], 2) if stats["seconds"] else None
@@ -539,7 +530,7 @@ def build(cfg: BuildConfig) -> dict[str, Any]:
     stats["plan"] = plan
     if stats["inputs"] != stats["written"] + stats["rejected"] + stats["duplicates"]:
         raise RuntimeError(f"accounting mismatch: {stats}")  # cannot happen; never write a wrong summary
-    _write_json(fs, f"{out}/stats.json", stats)
+    write_json(fs, f"{out}/stats.json", stats)
     if not cfg.keep_staging:
         fs.rm(staging, recursive=True)
     if cfg.progress:

@@ -20,14 +20,12 @@ from __future__ import annotations
 import heapq
 import json
 import math
-import os
-import uuid
 from collections.abc import Iterator
 from typing import NamedTuple
 
 import fsspec
 
-from accord.shards.staging import BLOCKS_PER_FOLDER, STAGING, block_path, hashes_path, unit_path
+from accord.shards.staging import BLOCKS_PER_FOLDER, STAGING, block_path, hashes_path, private_tmp, unit_path
 
 GROUP_BLOCKS = BLOCKS_PER_FOLDER  # blocks per map task: at 100M inputs, 100 groups
 PARTITION_SAMPLES = 100_000  # samples per partition aimed at: a reduce task holds about this many hashes
@@ -50,10 +48,6 @@ def partitions(n_inputs: int) -> int:
 def groups(n_blocks: int) -> int:
     """Map tasks of a build of ``n_blocks`` blocks."""
     return max(1, math.ceil(n_blocks / GROUP_BLOCKS))
-
-
-def _tmp(path: str) -> str:
-    return f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
 
 
 def map_task(output: str, group: int, n_blocks: int, n_partitions: int) -> tuple[str, int, range, int]:
@@ -81,7 +75,7 @@ def map_group(task: tuple[str, int, range, int]) -> tuple[int, int]:
     for partition, rows in lines.items():
         path = hashes_path(staging, partition, group)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        tmp = _tmp(path)
+        tmp = private_tmp(path)
         with fs.open(tmp, "w") as f:
             f.writelines(rows)
         fs.mv(tmp, path)
@@ -102,7 +96,7 @@ def reduce_partition(task: tuple[str, int, int]) -> tuple[int, int]:
     found = 0
     path = unit_path(staging, "partition", partition, "dup")
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tmp = _tmp(path)
+    tmp = private_tmp(path)
     with fs.open(tmp, "w", encoding="utf-8") as dup:
         for group in range(n_groups):
             try:

@@ -16,8 +16,6 @@ process packing the blocks in order.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -27,7 +25,7 @@ from tqdm import tqdm
 
 from accord.modalities import COUNTERFACTUAL, MEDIA
 from accord.shards.dedupe import Duplicate, duplicates_in_order
-from accord.shards.staging import STAGING, block_path, shard_path
+from accord.shards.staging import STAGING, block_path, private_tmp, shard_path
 from accord.shards.tario import member_key, tar_end
 
 PACK_COMPLETE = "pack/complete"  # every shard's list is written (its content: the number of shards)
@@ -164,7 +162,7 @@ def write_shard(task: tuple[str, int]) -> tuple[int, int]:
     with fs.open(shard_path(staging, shard, "json")) as f:
         plan = json.load(f)
     path = f"{out}/{plan['name']}"
-    tmp = f"{path}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # a shard taken over may be written twice
+    tmp = private_tmp(path)  # a shard taken over may be written twice
     count = written = 0
     with fs.open(tmp, "wb") as dst:
         for block, offset, keys, sizes in plan["runs"]:

@@ -28,7 +28,6 @@ import os
 import random
 import tempfile
 import time
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from accord.shards.claims import heartbeat, stale_heartbeat
 from accord.shards.sources import SampleSource, iter_sources
-from accord.shards.staging import block_folder, block_path
+from accord.shards.staging import block_folder, block_path, private_tag
 
 PLAN_VERSION = 3  # 3: shard lists hold byte ranges of the block tars (a staging folder of 2 cannot be resumed)
 MAX_BLOCKS = 100_000  # blocks grow beyond 256 inputs so that 100M inputs make 100k blocks, not 400k
@@ -96,7 +95,7 @@ class _BlockInputsWriter:
 
     def __init__(self, fs: fsspec.AbstractFileSystem, staging: str, size: int):
         self.fs, self.staging, self.size = fs, staging, size
-        self.tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"  # several planners may write the same block at once
+        self.tag = private_tag()  # several planners may write the same block at once
         self.block, self.count = 0, 0
         self.file: IO[str] | None = None
         self.folder: str | None = None

@@ -14,6 +14,13 @@ every shard's list is written. With ``--dedupe`` (:mod:`accord.shards.dedupe`): 
 
 from __future__ import annotations
 
+import json
+import os
+import uuid
+from typing import Any
+
+import fsspec
+
 STAGING = "_staging"
 BLOCKS_PER_FOLDER = 1000
 # what a build hands out to workers and nodes: its folder in staging, and the suffix of the file that marks one done
@@ -57,3 +64,24 @@ def shard_path(staging: str, shard: int, suffix: str) -> str:
 def hashes_path(staging: str, partition: int, group: int) -> str:
     """``staging/dedupe/hashes/PPPP/group-NNNNNN.txt``: the hashes of block group ``group`` in ``partition``."""
     return f"{staging}/{UNITS['group'][0]}/hashes/{partition:04d}/group-{group:06d}.txt"
+
+
+def private_tag() -> str:
+    """A suffix no other process uses: files that several nodes may write at once (a block taken over from a node that
+    was only slow, the plan of nodes started together) go through a temporary name of their own, then a rename."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def private_tmp(path: str) -> str:
+    """``path`` under a temporary name of this process (:func:`private_tag`)."""
+    return f"{path}.{private_tag()}"
+
+
+def write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any, tmp: str | None = None) -> None:
+    """Write ``obj`` to ``path`` atomically, through ``tmp`` (default :func:`private_tmp`): readers see the old file or
+    the new one, and processes writing the same file at once (nodes started together write one ``plan.json``) each
+    rename a whole file of their own."""
+    tmp = tmp or private_tmp(path)
+    with fs.open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    fs.mv(tmp, path)
