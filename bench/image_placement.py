@@ -8,7 +8,8 @@ labels (the axis, and :func:`accord.worlds.scenes.arrangement`) over the world's
 scored on its held-out ones after every epoch. If it needs many more epochs than the backbone gets, the backbone's
 training length is the limit, whatever the loss asks for.
 
-    .venv/bin/python bench/image_placement.py --shards bench_out/probe/seed0/world/shards --epochs 40
+    .venv/bin/python bench/image_placement.py --shards bench_out/probe/seed0/world/shards --epochs 40 \
+        [--positions sincos]
 
 ``--shards`` holds ``train/`` and ``heldout/`` shards of the captioning world (any run of the experiment writes them).
 """
@@ -28,6 +29,7 @@ import transformers
 import yaml
 from PIL import Image
 
+from accord.models.towers import fix_sincos_positions
 from accord.shards.read import shard_items
 from accord.worlds.scenes import RELATIONS, Scene, arrangement, axis
 
@@ -58,15 +60,21 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3, help="the backbone's learning rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--positions", choices=("learned", "sincos"), default="learned", help="the tower's model.towers.image.positions"
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the per-epoch figures here")
     args = p.parse_args()
     (x, axis, place), (tx, taxis, tplace) = (two_object_scenes(args.shards / s) for s in ("train", "heldout"))
     hf = yaml.safe_load((ROOT / "configs" / "captioning_world.yaml").read_text())["model"]["towers"]["image"]["hf"]
     torch.manual_seed(args.seed)
     vit = transformers.ViTModel(transformers.ViTConfig(**hf), add_pooling_layer=False)
+    if args.positions == "sincos":
+        fix_sincos_positions(vit)
     head = torch.nn.Linear(hf["hidden_size"], 2 + len(RELATIONS))
-    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=args.lr, weight_decay=0.1)
-    print(f"{len(x)} training and {len(tx)} held-out scenes of two objects; ViT {hf}")
+    trained = [p for p in (*vit.parameters(), *head.parameters()) if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=args.lr, weight_decay=0.1)
+    print(f"{len(x)} training and {len(tx)} held-out scenes of two objects; ViT {hf}, {args.positions} positions")
     rows, start = [], time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         vit.train()

@@ -289,3 +289,34 @@ def test_patch_dropout_keeps_cls_and_a_random_share_of_patches_while_training() 
     assert tower.cache_refusal() == "not frozen"
     with pytest.raises(ConfigError, match="patch_dropout: only for image towers"):
         from_dict(TowerConfig, {"kind": "bert", "patch_dropout": 0.5}, "model.towers.text")
+
+
+def test_sincos_positions_are_the_2d_table_and_stay_fixed_in_training() -> None:
+    """``positions: sincos``: the ViT's patch positions are MAE's 2D sine-cosine table (row-major patches; row in the
+    first half of the channels, column in the second; CLS 0), never optimised, and kept through a state dict."""
+    import math
+
+    from accord.models.towers import sincos_positions
+    from accord.train.optim import OptimConfig, param_groups
+
+    table = sincos_positions(4, 8)  # 2 frequencies: 1 and 1 / 100
+    for patch, (row, col) in [(0, (0, 0)), (6, (1, 2)), (13, (3, 1))]:
+        expect = [f(x * w) for x in (row, col) for f in (math.sin, math.cos) for w in (1.0, 0.01)]
+        assert table[patch].tolist() == pytest.approx(expect, abs=1e-6)
+    cfg = {"kind": "vit", "hf": VIT, "positions": "sincos"}
+    model = tiny_model(towers={"text": {"kind": "bert", "hf": TINY["bert"][1]}, "image": cfg})
+    positions = model.towers["image"].backbone.embeddings.position_embeddings
+    grid = VIT["image_size"] // VIT["patch_size"]
+    assert torch.equal(positions[0, 0], torch.zeros(VIT["hidden_size"]))
+    assert torch.equal(positions[0, 1:], sincos_positions(grid, VIT["hidden_size"]))
+    assert id(positions) not in {id(p) for g in param_groups(model, OptimConfig()) for p in g["params"]}
+    again = tiny_model(towers={"text": {"kind": "bert", "hf": TINY["bert"][1]}, "image": cfg})
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.towers["image"].backbone.embeddings.position_embeddings, positions)
+    for bad, match in [
+        ({"kind": "clip_vision", "positions": "sincos"}, "positions: 'sincos' is for a ViT from random init"),
+        ({"kind": "vit", "pretrained": "/x", "positions": "sincos"}, "positions: 'sincos' is for a ViT"),
+        ({"kind": "vit", "hf": {**VIT, "hidden_size": 30}, "positions": "sincos"}, "divisible by 4, not 30"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            from_dict(TowerConfig, bad, "model.towers.image").validate("model.towers.image")

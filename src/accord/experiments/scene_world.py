@@ -132,6 +132,7 @@ LARGER_VIT = (
 )
 GENERATIVE = ("model.generative={dim: 64, layers: 2, heads: 4}",)  # issue #27: the CoCa-style head
 PAIRS_RENDERED = ("data.counterfactuals=true",)  # each scene's rendered counterfactual joins its batch (TripletCLIP)
+SINCOS = ("model.towers.image.positions=sincos",)  # fixed 2D sine-cosine patch positions (MAE, MoCo v3)
 LONGER = ("epochs=40",)  # 5x the plan's 8 epochs: a supervised probe of the same ViT needs ~15 to place two objects
 # name -> overrides of configs/captioning_world.yaml; each states the text tower and the negatives itself
 RECIPES: dict[str, tuple[str, ...]] = {
@@ -147,4 +148,5 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "cut 2 + rendered pairs": (*CUT, *NO_NEGATIVES, *PAIRS_RENDERED),
     "cut 2 + seen-only negatives + rendered pairs, larger ViT": (*CUT, *SEEN_NEGATIVES, *PAIRS_RENDERED, *LARGER_VIT),
     "cut 2 + seen-only negatives, 5x longer": (*CUT, *SEEN_NEGATIVES, *LONGER),
+    "cut 2 + seen-only negatives, sincos positions": (*CUT, *SEEN_NEGATIVES, *SINCOS),
 }

@@ -51,6 +51,10 @@ class TowerConfig:
     patch_dropout: float = 0.0
     """Image towers (vit, clip_vision): while training, drop this fraction of each image's patch tokens after the
     embeddings, CLS kept (FLIP; open_clip's ``patch_dropout``): fewer tokens per step; evaluation sees them all."""
+    positions: Literal["learned", "sincos"] = "learned"
+    """ViT backbones (kind vit, or frames of vit) from random init: ``sincos`` fixes the patch position embeddings to
+    a 2D sine-cosine table (MAE, MoCo v3) instead of learning them from random values, so that attention can find
+    where a patch is from the first step (``bench/image_placement.py``: a ViT places two objects in fewer epochs)."""
     frame_kind: Literal["vit", "clip_vision"] = "vit"
     """Kind ``frames``: the per-frame image backbone."""
     share_image_backbone: bool = False
@@ -81,6 +85,21 @@ class TowerConfig:
             raise ConfigError(f"{prefix}.patch_dropout: must be in [0, 1)")
         if self.patch_dropout > 0 and self.kind not in ("vit", "clip_vision"):
             raise ConfigError(f"{prefix}.patch_dropout: only for image towers of kind vit or clip_vision")
+        if self.positions == "sincos":
+            vit = (
+                self.kind == "vit"
+                or self.kind == "frames"
+                and self.frame_kind == "vit"
+                and not self.share_image_backbone
+            )
+            if not vit or self.pretrained:
+                raise ConfigError(
+                    f"{prefix}.positions: 'sincos' is for a ViT from random init (kind vit, or frames of vit "
+                    "without share_image_backbone), not a pretrained one"
+                )
+            width = int(self.hf.get("hidden_size", 768))
+            if width % 4:
+                raise ConfigError(f"{prefix}.positions: 'sincos' needs hf.hidden_size divisible by 4, not {width}")
         if self.share_image_backbone and self.kind != "frames":
             raise ConfigError(f"{prefix}.share_image_backbone: only for kind 'frames'")
 

@@ -68,6 +68,32 @@ def build_backbone(kind: str, hf: dict, pretrained: str | None) -> transformers.
     return model_cls._from_config(config, **init_kwargs)
 
 
+def sincos_positions(grid: int, width: int) -> torch.Tensor:
+    """[grid * grid, width]: the 2D sine-cosine position table of MAE / MoCo v3 for patches in row-major order; the
+    first half of the channels encodes the row, the second the column, each as sines then cosines of
+    ``width / 4`` frequencies 1 / 10000^(k / (width / 4))."""
+    quarter = width // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    row, col = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
+    )
+    parts = []
+    for coord in (row.flatten(), col.flatten()):
+        angle = coord[:, None] * omega[None]
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+def fix_sincos_positions(vit: Any) -> None:
+    """Replace a ViT's learned position embeddings by a fixed :func:`sincos_positions` table (the CLS token's: 0)."""
+    embeddings = vit.embeddings
+    n, width = embeddings.position_embeddings.shape[1:]
+    grid = int(round((n - 1) ** 0.5))
+    assert grid * grid == n - 1, f"a ViT of {n - 1} patches is not a square grid"
+    table = torch.cat([torch.zeros(1, width), sincos_positions(grid, width)])[None]
+    embeddings.position_embeddings = nn.Parameter(table, requires_grad=False)
+
+
 def backbone_width(backbone: Any) -> int:
     """The hidden size of a transformers backbone."""
     cfg = backbone.config
@@ -148,6 +174,8 @@ class Tower(nn.Module):
             self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.freeze and shared_backbone is None:
             freeze_backbone(self.backbone, cfg.unfreeze_last_n or 0)
+        if cfg.positions == "sincos":
+            fix_sincos_positions(self.backbone)
         if cfg.patch_dropout > 0:
             embeddings = getattr(self.backbone, "vision_model", self.backbone).embeddings
             embeddings.register_forward_hook(patch_dropout_hook(cfg.patch_dropout))
