@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from accord.captioning.fluency import CORRUPTIONS, FluencyConfig, corrupt, fluency_accuracy, negatives, train_fluency
+from accord.captioning.fluency import (
+    CORRUPTIONS,
+    FluencyConfig,
+    corrupt,
+    fluency_accuracy,
+    negatives,
+    train_fluency,
+    word_classes,
+)
 from accord.captioning.guides import Ensemble, Guarded, Standardised, calibrate
 from accord.captioning.trust import candidate_spearman, gaming_index, spearman, standardised_gain
 from accord.captioning.vocab import BOS, EOS, PAD
@@ -67,6 +75,32 @@ def test_the_fluency_head_tells_each_corruption_from_real_captions_on_held_out_o
     assert all(v >= 0.85 for v in accuracy.values()), accuracy
     real = head.score(held[:, 1:])  # scores of generator sequences without BOS equal those with it
     assert torch.allclose(real, head.score(held), atol=1e-5) and (real <= 0).all()
+
+
+def test_a_head_reading_word_classes_judges_syntax_only(vocab_and_captions) -> None:
+    """Reading word classes, the head still calls every corruption type corrupted (>= 85% of held-out captions) and
+    scores a held-out scene's caption exactly as the same phrasing with a colour, shape, size or relation changed;
+    the head reading words does not (it has preferences about content)."""
+    from accord.data.negatives import Vocabulary
+
+    vocab, train, held = vocab_and_captions
+    captions = [vocab.decode([t])[0] for t in train]
+    classes = word_classes(vocab, Vocabulary.from_captions(captions))
+    ids = {w: vocab.index[vocab.tokenizer.convert_tokens_to_ids(w)] for w in ("red", "blue", "circle", "square", "a")}
+    assert classes[ids["red"]] == classes[ids["blue"]] and classes[ids["circle"]] == classes[ids["square"]]
+    assert classes[ids["red"]] != classes[ids["circle"]] and classes[ids["a"]] == ids["a"]
+    two_colours = torch.tensor([[BOS, ids["red"], ids["blue"], EOS]])  # swapped, the same classes: no negative
+    assert negatives(two_colours, len(vocab), np.random.default_rng(0), classes=classes)["swap"] == []
+    assert negatives(two_colours, len(vocab), np.random.default_rng(0))["swap"] == [[ids["blue"], ids["red"]]]
+    head = train_fluency(train, len(vocab), FluencyConfig(epochs=6), progress=False, classes=classes)
+    accuracy = fluency_accuracy(head, held, len(vocab))
+    assert all(v >= 0.85 for v in accuracy.values()), accuracy
+    true = ["a small red square to the left of a large green triangle", "there is one small blue circle in the picture"]
+    edit = ["a small blue square to the right of a large green circle", "there is one large blue square in the picture"]
+    a, b = head.score(vocab.encode(true, 32)), head.score(vocab.encode(edit, 32))
+    assert torch.equal(a, b)
+    words = train_fluency(train, len(vocab), FluencyConfig(epochs=6), progress=False)
+    assert not torch.equal(words.score(vocab.encode(true, 32)), words.score(vocab.encode(edit, 32)))
 
 
 def test_gaming_index_and_standardised_gain_equal_hand_computations() -> None:

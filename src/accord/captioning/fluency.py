@@ -7,6 +7,13 @@ that equals a real one is not a negative. The head is a small convolutional n-gr
 (:mod:`accord.captioning.vocab`), independent of the backbone whose score it guards; its score is
 ``log sigmoid(logit)``, the log-probability that a caption is real (0 for a fluent caption, very negative for a
 broken one).
+
+A head that reads words learns which words go together in the training captions, so it also calls a held-out
+combination ("a red square" when red squares are never captioned in training) less fluent than a changed caption
+that names a seen one: added to a guide it works against the compositional generalisation the guide exists to
+reward. With ``classes`` (:func:`word_classes`) the head reads every word of a class that the caption edits know
+(colours, sizes, nouns, directions, pitches, rhythms, and the relation words side by side or stacked) as its class,
+so it judges syntax only: two captions that differ in such words alone get the same score.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from accord.captioning.vocab import BOS, EOS, PAD
+from accord.captioning.vocab import BOS, EOS, PAD, CaptionVocab
+from accord.data.negatives import Vocabulary
 
 CORRUPTIONS = ("repeat", "drop", "insert", "swap", "shuffle")
 FIRST_WORD = 3  # generator indices below it are PAD / BOS / EOS
@@ -86,17 +94,46 @@ def corrupt(words: list[int], kind: str, rng: np.random.Generator, vocab: int) -
     return _CORRUPT[kind](list(words), rng, vocab)
 
 
+RELATION_CLASSES = (("left", "right"), ("above", "below"))  # "to the left of" / "above": two syntactic roles
+
+
+def word_classes(vocab: CaptionVocab, words: Vocabulary) -> torch.Tensor:
+    """[len(vocab)]: each generator index -> the first index of its word class (every colour of ``words`` -> the
+    first colour's, ...; :data:`RELATION_CLASSES` likewise), itself for a word of no class. Words the tokenizer cuts
+    into pieces keep their pieces."""
+    out = torch.arange(len(vocab))
+    tokens = vocab.tokenizer.convert_ids_to_tokens(vocab.token_ids.tolist())
+    index = {t: i for i, t in enumerate(tokens) if i >= FIRST_WORD}
+    classes = [words.colour, words.size, words.noun, words.direction, words.pitch, words.rhythm, *RELATION_CLASSES]
+    for members in classes:
+        found = [index[w] for w in members if w in index]
+        for i in found:
+            out[i] = found[0]
+    return out
+
+
+def _classed(words: list[int], classes: torch.Tensor | None) -> list[int]:
+    return words if classes is None else [int(classes[w]) for w in words]
+
+
 def negatives(
-    targets: torch.Tensor, vocab: int, rng: np.random.Generator, real: set[tuple[int, ...]] | None = None
+    targets: torch.Tensor,
+    vocab: int,
+    rng: np.random.Generator,
+    real: set[tuple[int, ...]] | None = None,
+    classes: torch.Tensor | None = None,
 ) -> dict[str, list[list[int]]]:
     """Per corruption type, one corrupted copy of every caption of ``targets`` ([N, T] generator sequences) that
     differs from every caption in ``real`` (default: the captions of ``targets``); a caption whose corruption is
-    real (a shuffle of a one-word caption, a swap that gives another true caption) has none of that type."""
-    captions = [words_of(t) for t in targets]
+    real (a shuffle of a one-word caption, a swap that gives another true caption) has none of that type. With
+    ``classes`` (:func:`word_classes`) captions and corruptions are compared, and returned, as word classes: a swap
+    of two colours is no negative."""
+    captions = [_classed(words_of(t), classes) for t in targets]
     real = real if real is not None else {tuple(c) for c in captions}
     out: dict[str, list[list[int]]] = {}
     for kind in CORRUPTIONS:
-        out[kind] = [bad for c in captions if c for bad in [corrupt(c, kind, rng, vocab)] if tuple(bad) not in real]
+        corrupted = (_classed(corrupt(c, kind, rng, vocab), classes) for c in captions if c)
+        out[kind] = [bad for bad in corrupted if tuple(bad) not in real]
     return out
 
 
@@ -133,11 +170,13 @@ class FluencyHead(nn.Module):
     """``logits(seqs)``: is each caption (generator indices, EOS-terminated, PAD after) real? ``score``: its log
     probability of being real. Two width-3 convolutions over the word embeddings (BOS and EOS included, so a caption
     that starts or ends wrongly shows) and a max over positions: every corruption type leaves a word trigram that real
-    captions do not have, wherever it is."""
+    captions do not have, wherever it is. ``classes`` (:func:`word_classes`): each word is read as its class."""
 
-    def __init__(self, vocab: int, cfg: FluencyConfig):
+    def __init__(self, vocab: int, cfg: FluencyConfig, classes: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
+        self.register_buffer("classes", torch.arange(vocab) if classes is None else classes.clone())
+        self.reads_classes = classes is not None
         self.embed = nn.Embedding(vocab, cfg.dim, padding_idx=PAD)
         self.convs = nn.ModuleList(nn.Conv1d(cfg.dim, cfg.dim, 3, padding=1) for _ in range(cfg.layers))
         self.out = nn.Linear(cfg.dim, 1)
@@ -145,7 +184,7 @@ class FluencyHead(nn.Module):
     def logits(self, seqs: torch.Tensor) -> torch.Tensor:
         """[M] real-vs-corrupted logits of ``seqs`` [M, T] (a leading BOS is ignored; words after EOS are not read)."""
         seqs = seqs[:, 1:] if len(seqs) and bool((seqs[:, 0] == BOS).all()) else seqs
-        seqs = seqs[:, : self.cfg.max_len + 1].clone()
+        seqs = self.classes[seqs[:, : self.cfg.max_len + 1]]
         seqs[(seqs == EOS).cumsum(1) - (seqs == EOS).long() > 0] = PAD  # everything after the first EOS
         seqs = torch.cat([torch.full_like(seqs[:, :1], BOS), seqs], dim=1)
         keep = (seqs != PAD)[:, None, :]
@@ -165,20 +204,25 @@ class FluencyHead(nn.Module):
 
 
 def train_fluency(
-    targets: torch.Tensor, vocab: int, cfg: FluencyConfig | None = None, progress: bool = True
+    targets: torch.Tensor,
+    vocab: int,
+    cfg: FluencyConfig | None = None,
+    progress: bool = True,
+    classes: torch.Tensor | None = None,
 ) -> FluencyHead:
     """A :class:`FluencyHead` trained on the real captions ``targets`` ([N, T] generator sequences, BOS first as
     :meth:`CaptionVocab.encode` writes them) against one corruption of every type per caption and epoch (balanced:
-    each real caption is weighted by the number of its negatives). Left in eval mode."""
+    each real caption is weighted by the number of its negatives); reading word ``classes`` when given
+    (:func:`word_classes`). Left in eval mode."""
     cfg = cfg or FluencyConfig()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    head = FluencyHead(vocab, cfg)
+    head = FluencyHead(vocab, cfg, classes)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.01)
-    real_rows = [words_of(t) for t in targets]
+    real_rows = [_classed(words_of(t), classes) for t in targets]
     real = {tuple(c) for c in real_rows}
     for _ in tqdm(range(cfg.epochs), desc="train fluency head", unit="epoch", disable=not progress):
-        bad = [c for rows in negatives(targets, vocab, rng, real).values() for c in rows]
+        bad = [c for rows in negatives(targets, vocab, rng, real, classes).values() for c in rows]
         seqs = pad_words(real_rows + bad, cfg.max_len)
         labels = torch.cat([torch.ones(len(real_rows)), torch.zeros(len(bad))])
         weights = torch.cat([torch.full((len(real_rows),), len(bad) / len(real_rows)), torch.ones(len(bad))])
@@ -199,9 +243,10 @@ def fluency_accuracy(head: FluencyHead, targets: torch.Tensor, vocab: int, seed:
     """On captions ``targets`` (held out from the head's training): the share of real captions it calls real
     (``real``), and per corruption type the share of corrupted copies it calls corrupted (a logit threshold of 0)."""
     rng = np.random.default_rng(seed)
+    classes = head.classes if head.reads_classes else None
     real_rows = [words_of(t) for t in targets]
     out = {"real": float((head.logits(pad_words(real_rows, head.cfg.max_len)) > 0).float().mean())}
-    for kind, rows in negatives(targets, vocab, rng).items():
+    for kind, rows in negatives(targets, vocab, rng, classes=classes).items():
         out[kind] = (
             float((head.logits(pad_words(rows, head.cfg.max_len)) <= 0).float().mean()) if rows else float("nan")
         )

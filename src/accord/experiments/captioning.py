@@ -17,8 +17,9 @@ Per backbone and seed (the decoders' seed is the backbone's):
 - **guides**: each score the backbone has (cosine ``cos``, the fusion head's ``fused``, the generative head's
   ``gen``) standardised on validation pairs (:func:`accord.captioning.guides.calibrate`), their ensemble ``ens``
   (mean of the z-values; ``--ensemble min``), and ``ens + fluency``: the ensemble guarded by a fluency head trained
-  to tell the training captions from repeated / dropped / inserted / swapped / shuffled words
-  (:mod:`accord.captioning.fluency`).
+  to tell the training captions from repeated / dropped / inserted / swapped / shuffled words, reading word
+  classes (colours, sizes, nouns, relation words: syntax, not which words go together;
+  :mod:`accord.captioning.fluency`).
 - **zero-shot**: an image-blind language model decoded by contrastive search and by MAGIC with the guides; CLIPRe.
 - **image-conditioned decoder** trained by MLE; from it MLE continued (the control), MLE + consistency loss, SCST
   with the cosine reward without and with an MLE anchor, and SCST with the fluency-guarded reward. The MLE decoder
@@ -68,7 +69,7 @@ from accord.captioning import (
 )
 from accord.captioning.data import CaptionData
 from accord.captioning.decode import rerank, sample
-from accord.captioning.fluency import FluencyHead, fluency_accuracy, train_fluency
+from accord.captioning.fluency import FluencyHead, fluency_accuracy, train_fluency, word_classes
 from accord.captioning.guides import Ensemble, Guarded, Scorer, Standardised, calibrate
 from accord.captioning.metrics import EMPTY, caption_metrics
 from accord.captioning.model import Decoder
@@ -76,6 +77,7 @@ from accord.captioning.reward import MediaFeatures
 from accord.captioning.trust import candidate_spearman, gaming_index
 from accord.captioning.zeroshot import magic, retrieve_captions
 from accord.consistency import load_backbone
+from accord.data.negatives import Vocabulary
 from accord.errors import InputError, command
 from accord.evaluation.plots import pyplot
 from accord.experiments.scene_world import (
@@ -204,7 +206,9 @@ def make_guides(
     for kind in kinds:
         z = calibrate(CaptionConsistency(backbone, vocab, KINDS[kind], modality), seqs, media)
         stats[kind] = (z.mean, z.std)
-    fluency = train_fluency(train_data.targets, len(vocab), progress=progress, cfg=None)
+    # word classes: a head reading words prefers seen combinations to held-out ones (bench/fluency_bias.py)
+    classes = word_classes(vocab, Vocabulary.from_captions(train_data.captions))
+    fluency = train_fluency(train_data.targets, len(vocab), progress=progress, cfg=None, classes=classes)
     accuracy = fluency_accuracy(fluency, tune_data.targets, len(vocab), seed=seed)
     return Guides(backbone, vocab, modality, stats, fluency, ensemble), accuracy
 
