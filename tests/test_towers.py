@@ -320,3 +320,26 @@ def test_sincos_positions_are_the_2d_table_and_stay_fixed_in_training() -> None:
     ]:
         with pytest.raises(ConfigError, match=match):
             from_dict(TowerConfig, bad, "model.towers.image").validate("model.towers.image")
+
+
+def test_a_sincos_tower_exports_and_loads_with_its_positions(tmp_path) -> None:
+    """An exported backbone holds the table in its weights: it loads (a pretrained ViT is not refused) and embeds
+    images as the model it came from."""
+    from accord.consistency import load_backbone
+
+    from helpers.backbones import random_backbone, random_model, tiny_config
+
+    overrides = ["model.towers.image.positions=sincos"]
+    out = random_backbone("tiny.yaml", tmp_path / "backbone", overrides=overrides)
+    backbone = load_backbone(out)
+    model = random_model(tiny_config("tiny.yaml", overrides)).eval()
+    loaded = backbone.model.towers["image"].backbone.embeddings.position_embeddings
+    assert torch.equal(loaded, model.towers["image"].backbone.embeddings.position_embeddings)
+    size = model.cfg.towers["image"].hf.get("image_size", 32)
+    pixels = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        assert torch.allclose(
+            backbone.model.towers["image"]({"pixel_values": pixels}).embedding,
+            model.towers["image"]({"pixel_values": pixels}).embedding,
+            atol=1e-6,
+        )

@@ -384,6 +384,7 @@ def save_backbone(
             "freeze": False,
             "unfreeze_last_n": None,
             "gradient_checkpointing": False,
+            "positions": "learned",  # the saved weights hold a sincos table; loading must not refuse or rebuild it
         }
     for kind in ("fusion", "generative"):
         module = getattr(model, kind)
