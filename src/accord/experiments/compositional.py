@@ -50,10 +50,10 @@ from accord.worlds.scenes import RELATIONS, Scene, arrangement, axis, write_mini
 PAIRS = {"quick": 24, "full": 150}
 
 # the study of docs/recipes.md (issue #25): every recipe but the larger ViT, which was dropped for time, the
-# generative head of issue #27 (its own comparison in docs/generative.md), the rendered pairs and the longer
-# training (their own comparisons in docs/recipes.md, run after the study)
+# generative head of issue #27 (its own comparison in docs/generative.md), the rendered pairs, the longer training
+# and the sincos positions (their own comparisons in docs/recipes.md, run after the study)
 STUDY = tuple(
-    name for name in RECIPES if not any(w in name for w in ("larger ViT", "generative", "rendered", "longer"))
+    name for name in RECIPES if not any(w in name for w in ("larger ViT", "generative", "rendered", "longer", "sincos"))
 )
 TARGETS = (
     "replace shape",
