@@ -73,7 +73,8 @@ def train_backbone(
         print(f"reusing the backbone in {out}", flush=True)
         return backbone
     t = time.perf_counter()
-    print(f"training the backbone on {plan.train} scenes (2 CPU ranks, {plan.backbone_epochs} epochs)", flush=True)
+    epochs = next((o.split("=", 1)[1] for o in reversed(overrides) if o.startswith("epochs=")), plan.backbone_epochs)
+    print(f"training the backbone on {plan.train} scenes (2 CPU ranks, {epochs} epochs)", flush=True)
     launch_training(
         train,
         heldout,
