@@ -293,6 +293,7 @@ def test_the_recipe_study_picks_its_winner_by_the_stated_criterion() -> None:
         return {
             "media": {"image": {"categories": cats, "winoground": {"cosine": {"group": level / 2}}}},
             "seen": {c: level + 0.1 for c in TARGETS[:-1]},
+            "fresh": {c: level + 0.05 for c in TARGETS[:-1]},
             "retrieval R@1": r1,
             "train_s": 100.0,
             "relation probe": {"image": 0.25, "text": level},
@@ -311,7 +312,10 @@ def test_the_recipe_study_picks_its_winner_by_the_stated_criterion() -> None:
     assert best == "better" and "best but forgets" not in means
     assert means["better"] == pytest.approx((6 * 0.71 + 0.355) / 7)
     md = study_markdown(table, [0, 1])
-    assert "Winner: **better**" in md and "| replace shape (trained) |" in md and "seen combinations" in md
+    assert "Winner: **better**" in md and "| replace shape (trained) |" in md
+    assert "| seen combinations, training scenes (cosine) | frozen | better | best but forgets |" in md
+    assert "| seen combinations, fresh scenes (cosine) | frozen | better | best but forgets |" in md
+    assert "| replace shape | 0.560 +- 0.014 | 0.760 +- 0.014 | 0.950 +- 0.000 |" in md  # fresh: level + 0.05
     assert "| relation probe: text embedding (chance 0.25) | 0.510 +- 0.014 | 0.710 +- 0.014 |" in md
     assert "| arrangement probe: image embedding (chance 0.25) | 0.255 +- 0.007 | 0.355 +- 0.007 |" in md
     assert "| axis probe: image embedding (chance 0.5) | 0.900 +- 0.000 | 0.900 +- 0.000 |" in md
