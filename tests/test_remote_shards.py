@@ -290,9 +290,13 @@ def test_s3_shards_through_faults_give_the_local_epoch(fault, s3_bucket, mixed_s
         assert loader.num_samples == 18 and keys_of(loader) == local_keys
         assert sum(proxy.faults.values()) == (6 if fault else 0)
         retries = loader.report()["io"]["retries"]
-        # a stall is always accord's to retry; a reset is mostly mended inside s3fs (its own retry), but one that
-        # reaches accord is retried there (seen once in a suite run: 1 of 6): at most one retry per fault
-        assert retries == 6 if fault == "stall" else retries <= (6 if fault else 0)
+        # a stall is always accord's to retry (and on a loaded machine a slow read past io_timeout_s is retried
+        # too: seen once in a suite run, so at least one retry per stall); a reset is mostly mended inside s3fs
+        # (its own retry), but one that reaches accord is retried there (seen once: 1 of 6): at most one per fault
+        if fault == "stall":
+            assert retries >= 6, retries
+        else:
+            assert retries <= (6 if fault else 0), retries
     finally:
         proxy.close()
         s3fs.S3FileSystem.clear_instance_cache()
