@@ -175,6 +175,7 @@ class FluencyHead(nn.Module):
     def __init__(self, vocab: int, cfg: FluencyConfig, classes: torch.Tensor | None = None):
         super().__init__()
         self.cfg = cfg
+        self.classes: torch.Tensor
         self.register_buffer("classes", torch.arange(vocab) if classes is None else classes.clone())
         self.reads_classes = classes is not None
         self.embed = nn.Embedding(vocab, cfg.dim, padding_idx=PAD)
