@@ -151,4 +151,5 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "cut 2 + seen-only negatives, 5x longer": (*CUT, *SEEN_NEGATIVES, *LONGER),
     "cut 2 + seen-only negatives, sincos positions": (*CUT, *SEEN_NEGATIVES, *SINCOS),
     "cut 2 + seen-only negatives, sincos positions, 5x longer": (*CUT, *SEEN_NEGATIVES, *SINCOS, *LONGER),
+    "cut 2 + seen-only negatives + rendered pairs, sincos positions": (*CUT, *SEEN_NEGATIVES, *PAIRS_RENDERED, *SINCOS),
 }
