@@ -329,6 +329,22 @@ def test_an_unknown_recipe_exits_2_naming_it(tmp_path: Path, capsys: pytest.Capt
     assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
+def test_a_larger_world_begins_with_the_smaller_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--train-scenes`` grows the world's training split: its first scenes are the default world's, byte for byte
+    (pictures, counterfactuals, captions, scene json), so a larger world only adds scenes; too few exit 2."""
+    from accord.experiments.compositional import main
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    scenes.write_world(small, train=6, heldout=2, seed=3, progress=False, counterfactuals=True)
+    scenes.write_world(large, train=10, heldout=2, seed=3, progress=False, counterfactuals=True)
+    names = sorted(f.name for f in (small / "train").iterdir())
+    assert len(names) >= 18  # png + txt + json per scene, and counterfactuals
+    assert all((small / "train" / n).read_bytes() == (large / "train" / n).read_bytes() for n in names)
+    assert len(list((large / "train").glob("s*[0-9].png"))) == 10
+    assert main(["--train-scenes", "3", "--out", str(tmp_path / "out")]) == 2
+    assert "--train-scenes: 3 is too few" in capsys.readouterr().err
+
+
 def test_a_scenes_arrangement_is_the_same_whichever_object_its_caption_names_first() -> None:
     """The arrangement probe's label is a fact of the picture: a scene and the same picture captioned the other way
     round (objects swapped, relation inverted) get the same label; the relation as captioned differs."""

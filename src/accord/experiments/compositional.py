@@ -19,6 +19,7 @@ time, mean +- std over seeds (``OUT/recipes.md``, ``.json``, ``.png``), and name
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -39,6 +40,7 @@ from accord.experiments.scene_world import (
     RECIPES,
     TRAINED_TYPES,
     VALIDATION_SCENES,
+    WorldPlan,
     build_world,
     prepare_world,
     train_backbone,
@@ -77,11 +79,11 @@ CRITERION = (
 )
 
 
-def minimal_pairs(world: Path, plan_name: str, seed: int) -> Path:
-    """Shards of Winoground-style minimal pairs of held-out scenes (built once per world)."""
+def minimal_pairs(world: Path, count: int, seed: int) -> Path:
+    """Shards of ``count`` Winoground-style minimal pairs of held-out scenes (built once per world)."""
     pairs = world / "shards" / "pairs"
     if not (pairs / "sizes.json").exists():
-        write_minimal_pairs(world / "raw" / "pairs", PAIRS[plan_name], seed=seed + 1000)
+        write_minimal_pairs(world / "raw" / "pairs", count, seed=seed + 1000)
         build_shards(world / "raw" / "pairs", pairs, samples_per_shard=100)
     return pairs
 
@@ -151,10 +153,10 @@ def evaluate(backbone: Path, heldout: Path, pairs: Path, train: Path, out: Path)
     return result
 
 
-def run_seed(out: Path, plan_name: str, seed: int, port: int) -> dict[str, Any]:
+def run_seed(out: Path, plan: WorldPlan, pair_count: int, seed: int, port: int) -> dict[str, Any]:
     """The world, backbone and evaluation of one seed; the evaluation's result (with the pairs' groups)."""
-    backbone, train, heldout = prepare_world(out / "world", PLANS[plan_name], seed, port)
-    return evaluate(backbone, heldout, minimal_pairs(out / "world", plan_name, seed), train, out)
+    backbone, train, heldout = prepare_world(out / "world", plan, seed, port)
+    return evaluate(backbone, heldout, minimal_pairs(out / "world", pair_count, seed), train, out)
 
 
 def final_retrieval(run: Path) -> float:
@@ -164,11 +166,10 @@ def final_retrieval(run: Path) -> float:
     return (last["eval/text-image/text->image/R@1"] + last["eval/text-image/image->text/R@1"]) / 2
 
 
-def run_recipe(out: Path, plan_name: str, seed: int, port: int, recipe: str) -> dict[str, Any]:
+def run_recipe(out: Path, plan: WorldPlan, pair_count: int, seed: int, port: int, recipe: str) -> dict[str, Any]:
     """One recipe's backbone on one seed's world and its evaluation, with ``retrieval R@1`` and ``train_s``."""
-    plan = PLANS[plan_name]
     train, heldout = build_world(out / "world", plan, seed)
-    pairs = minimal_pairs(out / "world", plan_name, seed)
+    pairs = minimal_pairs(out / "world", pair_count, seed)
     folder = out / "recipes" / recipe.replace(" ", "_").replace(",", "").replace("+", "and")
     generative = any(o.startswith("model.generative=") for o in RECIPES[recipe])
     alpha_data = validation_scenes(out / "world", seed) if generative else None
@@ -394,10 +395,23 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help=f"'study' (docs/recipes.md), 'all', or some of: {'; '.join(RECIPES)}",
     )
+    p.add_argument(
+        "--train-scenes",
+        type=int,
+        default=None,
+        help=f"the world's training scenes (default {PLANS['full'].train}, --quick {PLANS['quick'].train}); the "
+        "first ones are the default world's, the validation scenes and pairs the same; use another --out",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
-    plan = "quick" if args.quick else "full"
+    plan_name = "quick" if args.quick else "full"
+    plan = PLANS[plan_name]
+    if args.train_scenes is not None:
+        if args.train_scenes < 8:
+            raise InputError(f"--train-scenes: {args.train_scenes} is too few (at least 8: 4 shards of 2 ranks)")
+        plan = dataclasses.replace(plan, train=args.train_scenes)
+    pairs = PAIRS[plan_name]
     if args.recipes is not None:
         names = {"all": list(RECIPES), "study": list(STUDY)}.get(" ".join(args.recipes), args.recipes)
         unknown = [n for n in names if n not in RECIPES]
@@ -406,23 +420,35 @@ def main(argv: list[str] | None = None) -> int:
         runs = [(n, s) for s in args.seeds for n in names]
         by_recipe: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
         for name, seed in tqdm(runs, desc="recipes x seeds", unit="run"):
-            by_recipe[name].append(run_recipe(out / f"seed{seed}", plan, seed, args.port, name))
+            by_recipe[name].append(run_recipe(out / f"seed{seed}", plan, pairs, seed, args.port, name))
         study = study_table(by_recipe)
         md = study_markdown(study, args.seeds)
         best, means = winner(study)
         (out / "recipes.json").write_text(
             json.dumps(
-                {"seeds": args.seeds, "plan": plan, "criterion": CRITERION, "winner": best, "recipes": study}, indent=1
+                {
+                    "seeds": args.seeds,
+                    "plan": plan_name,
+                    "train_scenes": plan.train,
+                    "criterion": CRITERION,
+                    "winner": best,
+                    "recipes": study,
+                },
+                indent=1,
             )
         )
         (out / "recipes.md").write_text(md)
         study_plot(study, out / "recipes.png")
         print("\n" + md + f"\n{out / 'recipes.md'}")
         return 0
-    results = [run_seed(out / f"seed{s}", plan, s, args.port) for s in tqdm(args.seeds, desc="seeds", unit="seed")]
+    results = [
+        run_seed(out / f"seed{s}", plan, pairs, s, args.port) for s in tqdm(args.seeds, desc="seeds", unit="seed")
+    ]
     table = summarise(results)
     md = markdown(table, args.seeds)
-    (out / "compositional.json").write_text(json.dumps({"seeds": args.seeds, "plan": plan, "summary": table}, indent=1))
+    (out / "compositional.json").write_text(
+        json.dumps({"seeds": args.seeds, "plan": plan_name, "train_scenes": plan.train, "summary": table}, indent=1)
+    )
     (out / "compositional.md").write_text(md)
     print("\n" + md + f"\n{out / 'compositional.md'}")
     return 0

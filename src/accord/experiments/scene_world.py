@@ -66,7 +66,14 @@ def train_backbone(
     ``alpha_data``: validation shards a generative head's alpha is chosen on). Returns the backbone."""
     config = hashlib.sha256(config_file("captioning_world.yaml").read_bytes()).hexdigest()[:16]  # its recipe
     stamp = json.dumps(
-        {"epochs": plan.backbone_epochs, "seed": seed, "data": str(train), "overrides": overrides, "config": config}
+        {
+            "epochs": plan.backbone_epochs,
+            "seed": seed,
+            "data": str(train),
+            "scenes": plan.train,  # a world rebuilt in the same folder with other scenes is other data
+            "overrides": overrides,
+            "config": config,
+        }
     )
     backbone = out / "backbone"
     if (out / "plan.json").exists() and (out / "plan.json").read_text() == stamp and backbone.exists():
