@@ -72,6 +72,33 @@ def test_each_training_scene_has_a_counterfactual_that_differs_in_one_thing(worl
     assert not list((raw / "heldout").glob("*.counterfactual.*"))  # evaluation scenes have none
 
 
+def test_counterfactuals_first_makes_that_change_wherever_it_applies(world: Path, tmp_path: Path) -> None:
+    """``counterfactuals_first="relation"``: every two-object scene's pair inverts its relation (where the default
+    draws one of four changes), the others still change one thing; the scenes themselves are the same."""
+    raw, first = world / "raw", tmp_path / "first"
+    scenes.write_world(
+        first, train=48, heldout=6, seed=0, progress=False, counterfactuals=True, counterfactuals_first="relation"
+    )
+    default_inversions = inversions = invertible = 0
+    for png in sorted((first / "train").glob("s?????.png")):
+        assert png.read_bytes() == (raw / "train" / png.name).read_bytes()
+        # parsed from the captions (one phrasing for both), so both scenes name their objects in the same order
+        scene = parse(png.with_suffix(".txt").read_text().strip()).scene()
+        other = parse(png.with_name(f"{png.stem}.counterfactual.txt").read_text().strip()).scene()
+        default = parse((raw / "train" / f"{png.stem}.counterfactual.txt").read_text().strip()).scene()
+        assert scene is not None and other is not None and default is not None and other != scene
+        if scene.relation is None:
+            continue
+        inverted = scenes.Scene(scene.objects, scenes.INVERSE[scene.relation])
+        if not inverted.held_out_parts():  # otherwise no true training pair inverts it: another change is made
+            invertible += 1
+            inversions += other == inverted
+            default_inversions += default == inverted
+    assert invertible >= 10 and inversions == invertible > default_inversions
+    with pytest.raises(ValueError, match="counterfactuals_first: 'colours'"):
+        scenes.write_world(tmp_path / "bad", train=2, heldout=0, counterfactuals=True, counterfactuals_first="colours")
+
+
 def test_the_demo_world_pairs_change_one_word_of_training_samples(tmp_path: Path) -> None:
     size = demo.WorldSize(images=24, videos=16, sounds=18, pairs=4, val_per_combo=1)
     demo.generate(tmp_path / "plain", size, seed=0, progress=False)

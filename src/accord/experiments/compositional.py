@@ -48,7 +48,7 @@ from accord.experiments.scene_world import (
 )
 from accord.pipeline import build_shards
 from accord.shards.read import shard_items
-from accord.worlds.scenes import RELATIONS, Scene, arrangement, axis, write_minimal_pairs
+from accord.worlds.scenes import CHANGES, RELATIONS, Scene, arrangement, axis, write_minimal_pairs
 
 PAIRS = {"quick": 24, "full": 150}
 
@@ -402,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the world's training scenes (default {PLANS['full'].train}, --quick {PLANS['quick'].train}); the "
         "first ones are the default world's, the validation scenes and pairs the same; use another --out",
     )
+    p.add_argument(
+        "--counterfactuals-first",
+        choices=CHANGES,
+        default=None,
+        help="the change every rendered counterfactual makes where it applies ('relation': each two-object scene's "
+        "pair inverts its relation; default: a change drawn at random); the recipes with rendered pairs train on "
+        "them; use another --out",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
@@ -411,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.train_scenes < 8:
             raise InputError(f"--train-scenes: {args.train_scenes} is too few (at least 8: 4 shards of 2 ranks)")
         plan = dataclasses.replace(plan, train=args.train_scenes)
+    plan = dataclasses.replace(plan, counterfactuals_first=args.counterfactuals_first)
     pairs = PAIRS[plan_name]
     if args.recipes is not None:
         names = {"all": list(RECIPES), "study": list(STUDY)}.get(" ".join(args.recipes), args.recipes)
@@ -430,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                     "seeds": args.seeds,
                     "plan": plan_name,
                     "train_scenes": plan.train,
+                    "counterfactuals_first": plan.counterfactuals_first,
                     "criterion": CRITERION,
                     "winner": best,
                     "recipes": study,
@@ -447,7 +457,16 @@ def main(argv: list[str] | None = None) -> int:
     table = summarise(results)
     md = markdown(table, args.seeds)
     (out / "compositional.json").write_text(
-        json.dumps({"seeds": args.seeds, "plan": plan_name, "train_scenes": plan.train, "summary": table}, indent=1)
+        json.dumps(
+            {
+                "seeds": args.seeds,
+                "plan": plan_name,
+                "train_scenes": plan.train,
+                "counterfactuals_first": plan.counterfactuals_first,
+                "summary": table,
+            },
+            indent=1,
+        )
     )
     (out / "compositional.md").write_text(md)
     print("\n" + md + f"\n{out / 'compositional.md'}")

@@ -29,19 +29,35 @@ class WorldPlan:
     epochs: int  # caption decoder and language model from scratch (MLE)
     tune_epochs: int  # decoders tuned from the MLE one (continued MLE, + consistency loss, SCST)
     tune_scenes: int  # validation scenes the captioning guides are calibrated and the decoders' settings chosen on
+    counterfactuals_first: str | None = None  # the change each rendered counterfactual makes where it applies
 
 
 PLANS = {"quick": WorldPlan(400, 48, 3, 4, 1, 24), "full": WorldPlan(3000, 300, 8, 15, 4, 64)}
 
 
+def world_stamp(plan: WorldPlan, seed: int) -> str:
+    """What makes a world's files: a world (and a backbone trained on it) is reused only under the same stamp."""
+    world = {"train": plan.train, "heldout": plan.heldout, "seed": seed, "counterfactuals": True}
+    if plan.counterfactuals_first is not None:  # absent by default: the stamps of worlds built before it stay valid
+        world["counterfactuals_first"] = plan.counterfactuals_first
+    return json.dumps(world)
+
+
 def build_world(out: Path, plan: WorldPlan, seed: int) -> tuple[Path, Path]:
     """Render the captioning world and build its shards (reused when ``out`` holds the same plan and seed).
     Returns (train shards, held-out shards)."""
-    stamp = json.dumps({"train": plan.train, "heldout": plan.heldout, "seed": seed, "counterfactuals": True})
+    stamp = world_stamp(plan, seed)
     shards = out / "shards"
     if not ((out / "world.json").exists() and (out / "world.json").read_text() == stamp):
         # every training scene with its rendered counterfactual (used by recipes with data.counterfactuals)
-        write_world(out / "raw", plan.train, plan.heldout, seed=seed, counterfactuals=True)
+        write_world(
+            out / "raw",
+            plan.train,
+            plan.heldout,
+            seed=seed,
+            counterfactuals=True,
+            counterfactuals_first=plan.counterfactuals_first,
+        )
         # at least 3 shards per split: 2 ranks (x 1 loader worker) each need one in finite mode
         build_shards(out / "raw" / "train", shards / "train", samples_per_shard=min(250, math.ceil(plan.train / 4)))
         build_shards(
@@ -71,6 +87,7 @@ def train_backbone(
             "seed": seed,
             "data": str(train),
             "scenes": plan.train,  # a world rebuilt in the same folder with other scenes is other data
+            **({"counterfactuals_first": plan.counterfactuals_first} if plan.counterfactuals_first else {}),
             "overrides": overrides,
             "config": config,
         }

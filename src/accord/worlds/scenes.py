@@ -143,11 +143,16 @@ def changed_captions(
     return rows, true, changed
 
 
-def counterfactual(scene: Scene, rng: np.random.Generator, heldout: bool = False) -> Scene | None:
-    """``scene`` with one thing changed (a :data:`CHANGES` kind drawn among those that apply), showing held-out parts
-    only when ``heldout``: a training scene's counterfactual is a true pair trained on, so it may not show a
-    combination held out of training. None when no change qualifies."""
-    for what in rng.permutation(CHANGES):
+def counterfactual(
+    scene: Scene, rng: np.random.Generator, heldout: bool = False, first: str | None = None
+) -> Scene | None:
+    """``scene`` with one thing changed (a :data:`CHANGES` kind drawn among those that apply; ``first``: that kind
+    whenever it applies), showing held-out parts only when ``heldout``: a training scene's counterfactual is a true
+    pair trained on, so it may not show a combination held out of training. None when no change qualifies."""
+    order = [str(w) for w in rng.permutation(CHANGES)]
+    if first is not None:
+        order = [first, *(w for w in order if w != first)]
+    for what in order:
         other = one_change(scene, str(what), rng)
         if other is not None and other != scene and (heldout or not other.held_out_parts()):
             return other
@@ -197,12 +202,22 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
 
 
 def write_world(
-    out: Path, train: int, heldout: int, seed: int = 0, progress: bool = True, counterfactuals: bool = False
+    out: Path,
+    train: int,
+    heldout: int,
+    seed: int = 0,
+    progress: bool = True,
+    counterfactuals: bool = False,
+    counterfactuals_first: str | None = None,
 ) -> dict[str, int]:
     """``out/train`` and ``out/heldout``: ``s*.png`` + a caption ``.txt`` (a random phrasing) + the scene ``.json``
     (the referee's ground truth). ``counterfactuals``: each training scene's counterfactual beside it, rendered from
     the same random draws (background, noise, jitter), so that the two pictures differ in the changed thing only,
-    and captioned in the same phrasing; the scenes themselves are the same with and without."""
+    and captioned in the same phrasing; the scenes themselves are the same with and without.
+    ``counterfactuals_first``: a :data:`CHANGES` kind each counterfactual makes wherever it applies (``relation``:
+    every two-object scene's counterfactual has its relation inverted); the scenes are the same whatever it is."""
+    if counterfactuals_first is not None and counterfactuals_first not in CHANGES:
+        raise ValueError(f"counterfactuals_first: {counterfactuals_first!r} is not one of {CHANGES}")
     rng = np.random.default_rng(seed)
     jobs = [("train", i) for i in range(train)] + [("heldout", i) for i in range(heldout)]
     for split in ("train", "heldout"):
@@ -215,7 +230,11 @@ def write_world(
         template = str(rng.choice(TEMPLATES[len(scene.objects)]))
         stem.with_suffix(".txt").write_text(caption(scene, template) + "\n")
         stem.with_suffix(".json").write_text(json.dumps({"scene": scene.to_json(), "held_out": scene.held_out_parts()}))
-        other = counterfactual(scene, np.random.default_rng([seed, i, 1])) if counterfactuals else None
+        other = (
+            counterfactual(scene, np.random.default_rng([seed, i, 1]), first=counterfactuals_first)
+            if counterfactuals
+            else None
+        )
         if split == "train" and other is not None:
             same = np.random.default_rng()
             same.bit_generator.state = draws
