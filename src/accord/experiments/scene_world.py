@@ -37,7 +37,7 @@ PLANS = {"quick": WorldPlan(400, 48, 3, 4, 1, 24), "full": WorldPlan(3000, 300, 
 
 def world_stamp(plan: WorldPlan, seed: int) -> str:
     """What makes a world's files: a world (and a backbone trained on it) is reused only under the same stamp."""
-    world = {"train": plan.train, "heldout": plan.heldout, "seed": seed, "counterfactuals": True}
+    world: dict[str, object] = {"train": plan.train, "heldout": plan.heldout, "seed": seed, "counterfactuals": True}
     if plan.counterfactuals_first is not None:  # absent by default: the stamps of worlds built before it stay valid
         world["counterfactuals_first"] = plan.counterfactuals_first
     return json.dumps(world)
