@@ -86,8 +86,7 @@ def train_backbone(
             "epochs": plan.backbone_epochs,
             "seed": seed,
             "data": str(train),
-            "scenes": plan.train,  # a world rebuilt in the same folder with other scenes is other data
-            **({"counterfactuals_first": plan.counterfactuals_first} if plan.counterfactuals_first else {}),
+            "world": world_stamp(plan, seed),  # a world rebuilt in the same folder another way is other data
             "overrides": overrides,
             "config": config,
         }

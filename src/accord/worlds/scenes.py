@@ -153,7 +153,7 @@ def counterfactual(
     if first is not None:
         order = [first, *(w for w in order if w != first)]
     for what in order:
-        other = one_change(scene, str(what), rng)
+        other = one_change(scene, what, rng)
         if other is not None and other != scene and (heldout or not other.held_out_parts()):
             return other
     return None
