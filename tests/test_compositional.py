@@ -329,6 +329,22 @@ def test_an_unknown_recipe_exits_2_naming_it(tmp_path: Path, capsys: pytest.Capt
     assert not any(tmp_path.iterdir())  # refused before anything ran
 
 
+def test_every_recipe_is_a_valid_config_that_changes_it() -> None:
+    """Each recipe's overrides load onto the shipped backbone config and validate (a misspelt key or value fails
+    here, not an hour into a study), and no two recipes train the same config."""
+    from accord.config import load_config, to_dict
+    from accord.experiments.scene_world import RECIPES
+    from accord.resources import config_file
+    from accord.train.config import TrainConfig
+
+    configs = {}
+    for name, overrides in RECIPES.items():
+        cfg = load_config(TrainConfig, config_file("captioning_world.yaml"), ["data.train=shards", *overrides])
+        cfg.validate()
+        configs[name] = json.dumps(to_dict(cfg), sort_keys=True, default=str)
+    assert len(set(configs.values())) == len(configs), "two recipes give the same config"
+
+
 def test_a_larger_world_begins_with_the_smaller_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``--train-scenes`` grows the world's training split: its first scenes are the default world's, byte for byte
     (pictures, counterfactuals, captions, scene json), so a larger world only adds scenes; too few exit 2."""

@@ -175,4 +175,5 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "cut 2 + seen-only negatives, sincos positions": (*CUT, *SEEN_NEGATIVES, *SINCOS),
     "cut 2 + seen-only negatives, sincos positions, 5x longer": (*CUT, *SEEN_NEGATIVES, *SINCOS, *LONGER),
     "cut 2 + seen-only negatives + rendered pairs, sincos positions": (*CUT, *SEEN_NEGATIVES, *PAIRS_RENDERED, *SINCOS),
+    "cut 2 + seen-only negatives + generative head, sincos positions": (*CUT, *SEEN_NEGATIVES, *GENERATIVE, *SINCOS),
 }
