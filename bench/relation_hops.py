@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from accord.consistency.backbone import load_backbone
+from accord.consistency.backbone import Backbone, load_backbone
 from accord.models.config import FusionConfig
 from accord.models.fusion import FusionHead
 from accord.shards.read import shard_items
@@ -81,7 +81,7 @@ def raw_patches(images: list[Image.Image]) -> torch.Tensor:
     return torch.cat([patches, torch.cat(coords, dim=-1)[None].expand(n, -1, -1)], dim=-1)
 
 
-def encode(backbone, modality: str, inputs: list, chunk: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+def encode(backbone: Backbone, modality: str, inputs: list, chunk: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """Token features [N, L, W] (fp32, padded) and masks of ``inputs``, without gradient."""
     toks, masks = [], []
     with torch.no_grad():
@@ -160,6 +160,8 @@ def main() -> None:
 
     t0 = time.perf_counter()
     backbone = load_backbone(args.backbone)
+    if not isinstance(backbone, Backbone):
+        raise SystemExit(f"{args.backbone}: an accord backbone is needed (a HF CLIPModel has no token features here)")
     images, scenes = two_object_scenes(args.shards, args.scenes)
     if len(scenes) < 100:
         raise SystemExit(f"{args.shards}: {len(scenes)} two-object scenes with scene json; need at least 100")
