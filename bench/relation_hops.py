@@ -24,8 +24,10 @@ import argparse
 import io
 import json
 import math
+import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
@@ -40,6 +42,12 @@ from accord.shards.read import shard_items
 from accord.worlds.scenes import INVERSE, RELATION_PHRASES, Scene
 
 PATCH = 8
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line naming it on stderr, exit 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def two_object_scenes(folder: Path, limit: int) -> tuple[list[Image.Image], list[Scene]]:
@@ -161,10 +169,10 @@ def main() -> None:
     t0 = time.perf_counter()
     backbone = load_backbone(args.backbone)
     if not isinstance(backbone, Backbone):
-        raise SystemExit(f"{args.backbone}: an accord backbone is needed (a HF CLIPModel has no token features here)")
+        fail(f"{args.backbone}: an accord backbone is needed (a HF CLIPModel has no token features here)")
     images, scenes = two_object_scenes(args.shards, args.scenes)
     if len(scenes) < 100:
-        raise SystemExit(f"{args.shards}: {len(scenes)} two-object scenes with scene json; need at least 100")
+        fail(f"{args.shards}: {len(scenes)} two-object scenes with scene json; need at least 100")
     n_train = int(len(scenes) * 0.85)
     if args.raw:
         patches = raw_patches(images)

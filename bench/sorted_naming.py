@@ -23,13 +23,21 @@ import dataclasses
 import json
 import math
 import shutil
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 from accord.experiments.compositional import PAIRS, minimal_pairs
 from accord.experiments.scene_world import PLANS, build_world, validation_scenes
 from accord.pipeline import build_shards
 from accord.worlds.referee import parse
 from accord.worlds.scenes import INVERSE, TEMPLATES, Scene, caption
+
+
+def fail(message: str) -> NoReturn:
+    """Bad input: one line naming it on stderr, exit 2."""
+    print(message, file=sys.stderr)
+    raise SystemExit(2)
 
 
 def sorted_scene(scene: Scene) -> Scene:
@@ -55,7 +63,7 @@ def rewrite(folder: Path) -> int:
             continue
         new = caption(sorted_scene(scene), two_object_template(text))
         if parse(new).scene() != sorted_scene(scene):
-            raise SystemExit(f"{txt}: {new!r} does not parse back to its scene")
+            fail(f"{txt}: {new!r} does not parse back to its scene")
         if new != text:
             txt.write_text(new + "\n")
             changed += 1
@@ -73,7 +81,7 @@ def main() -> None:
     args = p.parse_args()
     world = args.out / "seed0" / "world"
     if (world / "sorted_naming").exists():
-        raise SystemExit(f"{world}: already rewritten")
+        fail(f"{world}: already rewritten")
     plan = dataclasses.replace(PLANS["full"], counterfactuals_first="relation")
     build_world(world, plan, 0)
     validation_scenes(world, 0)
