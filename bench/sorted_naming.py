@@ -23,21 +23,14 @@ import dataclasses
 import json
 import math
 import shutil
-import sys
 from pathlib import Path
-from typing import NoReturn
 
+from accord.errors import InputError, command
 from accord.experiments.compositional import PAIRS, minimal_pairs
 from accord.experiments.scene_world import PLANS, build_world, validation_scenes
 from accord.pipeline import build_shards
 from accord.worlds.referee import parse
 from accord.worlds.scenes import INVERSE, TEMPLATES, Scene, caption
-
-
-def fail(message: str) -> NoReturn:
-    """Bad input: one line naming it on stderr, exit 2."""
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
 
 
 def sorted_scene(scene: Scene) -> Scene:
@@ -63,7 +56,7 @@ def rewrite(folder: Path) -> int:
             continue
         new = caption(sorted_scene(scene), two_object_template(text))
         if parse(new).scene() != sorted_scene(scene):
-            fail(f"{txt}: {new!r} does not parse back to its scene")
+            raise InputError(f"{txt}: {new!r} does not parse back to its scene")
         if new != text:
             txt.write_text(new + "\n")
             changed += 1
@@ -75,13 +68,14 @@ def rewrite(folder: Path) -> int:
     return changed
 
 
-def main() -> None:
+@command("bench/sorted_naming.py")
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True, help="the experiment's --out folder (seed 0's world)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     world = args.out / "seed0" / "world"
     if (world / "sorted_naming").exists():
-        fail(f"{world}: already rewritten")
+        raise InputError(f"{world}: already rewritten")
     plan = dataclasses.replace(PLANS["full"], counterfactuals_first="relation")
     build_world(world, plan, 0)
     validation_scenes(world, 0)
@@ -97,7 +91,8 @@ def main() -> None:
         shutil.rmtree(world / "shards" / split)
         build_shards(raw, world / "shards" / split, samples_per_shard=per_shard)
     (world / "sorted_naming").write_text("two-object captions name the sorted-first object first\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
