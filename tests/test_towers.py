@@ -296,7 +296,7 @@ def test_sincos_positions_are_the_2d_table_and_stay_fixed_in_training() -> None:
     first half of the channels, column in the second; CLS 0), never optimised, and kept through a state dict."""
     import math
 
-    from accord.models.towers import sincos_positions
+    from accord.models.positions import sincos_positions
     from accord.train.optim import OptimConfig, param_groups
 
     table = sincos_positions(4, 8)  # 2 frequencies: 1 and 1 / 100

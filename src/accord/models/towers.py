@@ -21,6 +21,7 @@ from transformers.masking_utils import create_bidirectional_mask
 
 from accord.models.config import TowerConfig
 from accord.models.frozen_cache import FrozenFeatureCache, active_dropout
+from accord.models.positions import sincos_positions
 from accord.resources import resolve_local_dir
 
 # kind -> (config class, model class, constructor kwargs)
@@ -66,21 +67,6 @@ def build_backbone(kind: str, hf: dict, pretrained: str | None) -> transformers.
 
         return WhisperEncoder._from_config(config)
     return model_cls._from_config(config, **init_kwargs)
-
-
-def sincos_positions(grid: int, width: int) -> torch.Tensor:
-    """[grid * grid, width]: the 2D sine-cosine position table of MAE / MoCo v3 for patches in row-major order; the
-    first half of the channels encodes the row, the second the column, each as sines then cosines of
-    ``width / 4`` frequencies 1 / 10000^(k / (width / 4))."""
-    quarter = width // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
-    steps = torch.arange(grid, dtype=torch.float64)
-    row, col = torch.meshgrid(steps, steps, indexing="ij")
-    parts = []
-    for coord in (row.flatten(), col.flatten()):
-        angle = coord[:, None] * omega[None]
-        parts += [angle.sin(), angle.cos()]
-    return torch.cat(parts, dim=1).float()
 
 
 def fix_sincos_positions(vit: Any) -> None:
