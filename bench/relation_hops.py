@@ -11,11 +11,15 @@ the frozen tokens of a backbone with a binary loss on one thing only, over two-o
   <rel>" against "a A <inverse rel>", the second object never named: find A and read where it is (two objects sit
   on either side of the centre, so that settles the relation).
 
-``--raw`` replaces the image tower's tokens by the picture's 8 x 8 pixel patches with explicit sine-cosine patch
-coordinates, so that the head has every position exactly. Scores are the share of scenes whose true caption gets the
-higher logit, on training scenes and on held-out scenes of the same shards (never trained on by the head).
+``--text-positions`` gives the head a sine-cosine table of text token indices (``model.fusion.text_positions``):
+without it the head's layers see a caption as a set of token features, and "A <rel> B" differs from "B <rel> A"
+only by whatever order those features still carry. ``--raw`` replaces the image tower's tokens by the picture's
+8 x 8 pixel patches with explicit sine-cosine patch coordinates, so that the head has every position exactly.
+Scores are the share of scenes whose true caption gets the higher logit, on training scenes and on held-out scenes
+of the same shards (never trained on by the head).
 
-    .venv/bin/python bench/relation_hops.py --backbone DIR --shards WORLD/shards/train [--raw] [--steps 2000]
+    .venv/bin/python bench/relation_hops.py --backbone DIR --shards WORLD/shards/train \
+        [--raw] [--text-positions] [--hops 2 1] [--steps 2000]
 """
 
 from __future__ import annotations
@@ -24,10 +28,8 @@ import argparse
 import io
 import json
 import math
-import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
 import numpy as np
 import torch
@@ -36,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from accord.consistency.backbone import Backbone, load_backbone
+from accord.errors import InputError, command
 from accord.models.config import FusionConfig
 from accord.models.fusion import FusionHead
 from accord.shards.read import shard_items
@@ -44,13 +47,7 @@ from accord.worlds.scenes import INVERSE, RELATION_PHRASES, Scene
 PATCH = 8
 
 
-def fail(message: str) -> NoReturn:
-    """Bad input: one line naming it on stderr, exit 2."""
-    print(message, file=sys.stderr)
-    raise SystemExit(2)
-
-
-def two_object_scenes(folder: Path, limit: int) -> tuple[list[Image.Image], list[Scene]]:
+def distinct_pair_scenes(folder: Path, limit: int) -> tuple[list[Image.Image], list[Scene]]:
     """The first ``limit`` scenes of two different objects in ``folder``'s shards, with their pictures."""
     images, scenes = [], []
     for item in shard_items(str(folder), with_json=True):
@@ -118,6 +115,7 @@ def train_probe(
     seed: int,
     every: int,
     label: str,
+    text_positions: bool = False,
 ) -> list[dict[str, float]]:
     """A fresh head trained to give (true caption, picture) a higher match logit than (false caption, picture);
     its accuracy on training and held-out scenes every ``every`` steps."""
@@ -126,7 +124,8 @@ def train_probe(
     length = max(t.shape[1], u.shape[1])
     (t, t_mask), (u, u_mask) = pad_to(t, t_mask, length), pad_to(u, u_mask, length)
     head = FusionHead(
-        FusionConfig(dim=64, layers=2, heads=4, symmetric=True), {"text": t.shape[-1], "image": im.shape[-1]}
+        FusionConfig(dim=64, layers=2, heads=4, symmetric=True, text_positions=text_positions),
+        {"text": t.shape[-1], "image": im.shape[-1]},
     )
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.01)
     gen = torch.Generator().manual_seed(seed)
@@ -153,7 +152,8 @@ def train_probe(
     return curve
 
 
-def main() -> None:
+@command("bench/relation_hops.py")
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backbone", type=Path, required=True, help="an exported backbone (its text and image towers)")
     p.add_argument("--shards", type=Path, required=True, help="captioning-world shards with scene json")
@@ -163,16 +163,22 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--every", type=int, default=250, help="evaluate every so many steps")
     p.add_argument("--raw", action="store_true", help="pixel patches with explicit coordinates, not the ViT's tokens")
+    p.add_argument(
+        "--text-positions",
+        action="store_true",
+        help="the head adds sine-cosine token indices to the text (model.fusion.text_positions)",
+    )
+    p.add_argument("--hops", type=int, nargs="+", choices=(1, 2), default=[2, 1], help="which checks to train")
     p.add_argument("--json", type=Path, default=None, help="also write the curves here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
     t0 = time.perf_counter()
     backbone = load_backbone(args.backbone)
     if not isinstance(backbone, Backbone):
-        fail(f"{args.backbone}: an accord backbone is needed (a HF CLIPModel has no token features here)")
-    images, scenes = two_object_scenes(args.shards, args.scenes)
+        raise InputError(f"{args.backbone}: an accord backbone is needed (a HF CLIPModel has no token features here)")
+    images, scenes = distinct_pair_scenes(args.shards, args.scenes)
     if len(scenes) < 100:
-        fail(f"{args.shards}: {len(scenes)} two-object scenes with scene json; need at least 100")
+        raise InputError(f"{args.shards}: {len(scenes)} two-object scenes with scene json; need at least 100")
     n_train = int(len(scenes) * 0.85)
     if args.raw:
         patches = raw_patches(images)
@@ -180,23 +186,26 @@ def main() -> None:
     else:
         image = encode(backbone, "image", images)
     curves = {}
-    for hops in (2, 1):
+    for hops in args.hops:
         true = encode(backbone, "text", [captions(s, hops, False) for s in scenes])
         false = encode(backbone, "text", [captions(s, hops, True) for s in scenes])
         label = "two hops" if hops == 2 else "one hop"
-        curves[label] = train_probe(image, true, false, n_train, args.steps, args.lr, args.seed, args.every, label)
+        curves[label] = train_probe(
+            image, true, false, n_train, args.steps, args.lr, args.seed, args.every, label, args.text_positions
+        )
     print(
         f"{len(scenes)} two-object scenes ({n_train} trained on), image tokens: "
         f"{'raw pixel patches + coordinates' if args.raw else str(args.backbone)}; {time.perf_counter() - t0:.0f} s"
     )
     print("| step | " + " | ".join(f"{k}: train | {k}: held-out" for k in curves) + " |")
     print("|---|" + "---|---|" * len(curves))
-    for i, point in enumerate(curves["two hops"]):
+    for i, point in enumerate(next(iter(curves.values()))):
         cells = [f"{curves[k][i]['train']:.3f} | {curves[k][i]['heldout']:.3f}" for k in curves]
         print(f"| {point['step']} | " + " | ".join(cells) + " |")
     if args.json is not None:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "curves": curves}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

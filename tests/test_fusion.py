@@ -135,6 +135,55 @@ def test_fusion_head_binds_attributes_and_ignores_padding() -> None:
     assert torch.allclose(logits, repadded, atol=1e-5)
 
 
+def test_text_positions_let_the_head_read_which_object_is_named_first() -> None:
+    """Two objects, one on the left and one on the right; the caption is three tokens "A <rel> B" that carry no
+    order of their own (as a tower's pooled-for-retrieval features may not), named in either order. Whether it is
+    true depends on which object comes first. Without ``text_positions`` the head sees a set of tokens: its logits
+    are the same for every order, so it cannot beat chance; with them it learns the relation."""
+    import torch.nn.functional as F
+
+    from accord.models.config import FusionConfig
+    from accord.models.fusion import FusionHead
+
+    torch.manual_seed(0)
+    width, values = 32, 4
+    objects, relations, places = (torch.randn(n, width) for n in (values, 2, 2))
+
+    def batch(n: int) -> tuple[torch.Tensor, ...]:
+        left = torch.randint(0, values, (n,))
+        right = (left + torch.randint(1, values, (n,))) % values
+        first_is_left, says_left = torch.rand(n) < 0.5, torch.rand(n) < 0.5
+        a, b = torch.where(first_is_left, left, right), torch.where(first_is_left, right, left)
+        text = torch.stack([objects[a], relations[(~says_left).long()], objects[b]], 1)
+        other = torch.stack([objects[left] + places[0], objects[right] + places[1]], 1)
+        other = other + 0.1 * torch.randn_like(other)
+        ones = torch.ones(n, 3, dtype=torch.bool)
+        return text, ones, other, ones[:, :2], (first_is_left == says_left).float()
+
+    accuracy = {}
+    for positions in (False, True):
+        torch.manual_seed(1)
+        cfg = FusionConfig(dim=64, layers=2, heads=4, mlp_ratio=2.0, text_positions=positions)
+        head = FusionHead(cfg, {"text": width, "image": width})
+        text, text_mask, other, other_mask, labels = batch(256)
+        with torch.no_grad():
+            reordered = head(text.flip(1), text_mask, other, other_mask, "image")
+            same = torch.allclose(head(text, text_mask, other, other_mask, "image"), reordered, atol=1e-5)
+        assert same is not positions  # the set-of-tokens head cannot tell "A left of B" from "B left of A"
+        opt = torch.optim.AdamW(head.parameters(), 1e-3)
+        for _ in range(600):
+            *inputs, labels = batch(128)
+            loss = F.binary_cross_entropy_with_logits(head(*inputs, "image"), labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        *inputs, labels = batch(1024)
+        with torch.no_grad():
+            accuracy[positions] = ((head(*inputs, "image") > 0).float() == labels).float().mean().item()
+    assert abs(accuracy[False] - 0.5) < 0.06, accuracy
+    assert accuracy[True] > 0.95, accuracy
+
+
 def test_fused_score_is_differentiable_and_exported(fusion_dir: Path) -> None:
     scorer = ConsistencyScorer.from_pretrained(fusion_dir)
     assert scorer.backbone.has_fusion

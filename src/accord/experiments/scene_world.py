@@ -157,6 +157,7 @@ LARGER_VIT = (
 GENERATIVE = ("model.generative={dim: 64, layers: 2, heads: 4}",)  # issue #27: the CoCa-style head
 PAIRS_RENDERED = ("data.counterfactuals=true",)  # each scene's rendered counterfactual joins its batch (TripletCLIP)
 SINCOS = ("model.towers.image.positions=sincos",)  # fixed 2D sine-cosine patch positions (MAE, MoCo v3)
+FUSION_ORDER = ("model.fusion.text_positions=true",)  # the fusion head sees which object a caption names first
 LONGER = ("epochs=40",)  # 5x the plan's 8 epochs: a supervised probe of the same ViT needs ~15 to place two objects
 # name -> overrides of configs/captioning_world.yaml; each states the text tower and the negatives itself
 RECIPES: dict[str, tuple[str, ...]] = {
@@ -176,4 +177,11 @@ RECIPES: dict[str, tuple[str, ...]] = {
     "cut 2 + seen-only negatives, sincos positions, 5x longer": (*CUT, *SEEN_NEGATIVES, *SINCOS, *LONGER),
     "cut 2 + seen-only negatives + rendered pairs, sincos positions": (*CUT, *SEEN_NEGATIVES, *PAIRS_RENDERED, *SINCOS),
     "cut 2 + seen-only negatives + generative head, sincos positions": (*CUT, *SEEN_NEGATIVES, *GENERATIVE, *SINCOS),
+    "cut 2 + seen-only negatives + rendered pairs, sincos positions, fusion word order": (
+        *CUT,
+        *SEEN_NEGATIVES,
+        *PAIRS_RENDERED,
+        *SINCOS,
+        *FUSION_ORDER,
+    ),
 }

@@ -132,12 +132,18 @@ class FusionConfig:
     """MLP width as a multiple of ``dim``."""
     symmetric: bool = False
     """The other modality's tokens also attend to the text (two streams)."""
+    text_positions: bool = False
+    """Add a fixed 1D sine-cosine table of each text token's index to the projected text tokens. Without it the
+    head's own layers see the caption as a set and rely on whatever order the tower's features still carry; the
+    relation of "A left of B" depends on which object is named first."""
     dropout: float = 0.0
     """Dropout in attention and MLP."""
 
     def validate(self, prefix: str = "") -> None:
         dot = f"{prefix}." if prefix else ""
         check_attention_shape(self.dim, self.layers, self.heads, self.dropout, dot)
+        if self.text_positions and self.dim % 2:
+            raise ConfigError(f"{dot}text_positions: needs an even dim, not {self.dim}")
 
 
 @dataclass

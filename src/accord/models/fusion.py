@@ -3,7 +3,9 @@
 Text tokens (projected to ``dim``) are the queries; each layer runs self-attention over the text, cross-attention
 from the text to the other modality's tokens and an MLP. With ``symmetric`` the other modality's tokens also attend
 to the text in every layer. One module serves every modality: a per-modality input projection (tower widths
-differ) and a learned modality embedding tell them apart; the layers and the match head are shared.
+differ) and a learned modality embedding tell them apart; the layers and the match head are shared. With
+``text_positions`` a fixed sine-cosine table of token indices is added to the text (the layers are otherwise
+blind to word order).
 ``forward`` returns one match logit per (text, other) row; ``sigmoid(logit)`` is the match probability.
 """
 
@@ -15,6 +17,7 @@ from torch import nn
 from accord.modalities import MODALITIES
 from accord.models.attention import Block, masked_mean
 from accord.models.config import FusionConfig
+from accord.models.positions import sincos_1d
 
 
 class _FusionLayer(nn.Module):
@@ -58,6 +61,8 @@ class FusionHead(nn.Module):
                 f", not {modality!r}"
             )
         x = self.inputs["text"](text) + self.modality_embedding[MODALITIES.index("text")]
+        if self.cfg.text_positions:
+            x = x + sincos_1d(torch.arange(x.shape[1]), self.cfg.dim).to(x)
         y = self.inputs[modality](other.to(x.dtype)) + self.modality_embedding[MODALITIES.index(modality)]
         text_mask, other_mask = text_mask.to(torch.bool), other_mask.to(torch.bool)
         for layer in self.layers:
