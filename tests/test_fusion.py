@@ -171,7 +171,7 @@ def test_text_positions_let_the_head_read_which_object_is_named_first() -> None:
             same = torch.allclose(head(text, text_mask, other, other_mask, "image"), reordered, atol=1e-5)
         assert same is not positions  # the set-of-tokens head cannot tell "A left of B" from "B left of A"
         opt = torch.optim.AdamW(head.parameters(), 1e-3)
-        for _ in range(600):
+        for _ in range(300):
             *inputs, labels = batch(128)
             loss = F.binary_cross_entropy_with_logits(head(*inputs, "image"), labels)
             opt.zero_grad()
