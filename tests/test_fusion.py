@@ -142,6 +142,7 @@ def test_text_positions_let_the_head_read_which_object_is_named_first() -> None:
     are the same for every order, so it cannot beat chance; with them it learns the relation."""
     import torch.nn.functional as F
 
+    from accord.config import ConfigError, from_dict
     from accord.models.config import FusionConfig
     from accord.models.fusion import FusionHead
 
@@ -182,6 +183,8 @@ def test_text_positions_let_the_head_read_which_object_is_named_first() -> None:
             accuracy[positions] = ((head(*inputs, "image") > 0).float() == labels).float().mean().item()
     assert abs(accuracy[False] - 0.5) < 0.06, accuracy
     assert accuracy[True] > 0.95, accuracy
+    with pytest.raises(ConfigError, match=r"^model\.fusion\.text_positions: needs an even dim, not 63$"):
+        from_dict(FusionConfig, {"dim": 63, "heads": 3, "text_positions": True}, "model.fusion")
 
 
 def test_fused_score_is_differentiable_and_exported(fusion_dir: Path) -> None:
