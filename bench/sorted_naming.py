@@ -56,7 +56,7 @@ def rewrite(folder: Path) -> int:
             continue
         new = caption(sorted_scene(scene), two_object_template(text))
         if parse(new).scene() != sorted_scene(scene):
-            raise InputError(f"{txt}: {new!r} does not parse back to its scene")
+            raise RuntimeError(f"{txt}: {new!r} does not parse back to its scene")  # a bug, not bad input
         if new != text:
             txt.write_text(new + "\n")
             changed += 1

@@ -137,9 +137,9 @@ def test_fusion_head_binds_attributes_and_ignores_padding() -> None:
 
 def test_text_positions_let_the_head_read_which_object_is_named_first() -> None:
     """Two objects, one on the left and one on the right; the caption is three tokens "A <rel> B" that carry no
-    order of their own (as a tower's pooled-for-retrieval features may not), named in either order. Whether it is
-    true depends on which object comes first. Without ``text_positions`` the head sees a set of tokens: its logits
-    are the same for every order, so it cannot beat chance; with them it learns the relation."""
+    order of their own, named in either order, so whether it is true depends on which object comes first. Without
+    ``text_positions`` the head sees a set of tokens: its logits are the same for every order, so it cannot beat
+    chance; with them it learns the relation."""
     import torch.nn.functional as F
 
     from accord.config import ConfigError, from_dict

@@ -62,7 +62,7 @@ class FusionHead(nn.Module):
             )
         x = self.inputs["text"](text) + self.modality_embedding[MODALITIES.index("text")]
         if self.cfg.text_positions:
-            x = x + sincos_1d(torch.arange(x.shape[1]), self.cfg.dim).to(x)
+            x = x + sincos_1d(torch.arange(x.shape[1], device=x.device), self.cfg.dim).to(x.dtype)
         y = self.inputs[modality](other.to(x.dtype)) + self.modality_embedding[MODALITIES.index(modality)]
         text_mask, other_mask = text_mask.to(torch.bool), other_mask.to(torch.bool)
         for layer in self.layers:

@@ -7,9 +7,9 @@ import torch
 
 def sincos_1d(coords: torch.Tensor, width: int) -> torch.Tensor:
     """[N, width] for positions ``coords`` [N]: sines then cosines of ``width / 2`` frequencies
-    1 / 10000^(k / (width / 2)), computed in float64 and returned as float32."""
+    1 / 10000^(k / (width / 2)), computed in float64 on ``coords``' device and returned as float32."""
     half = width // 2
-    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64, device=coords.device) / half)
     angle = coords.to(torch.float64)[:, None] * omega[None]
     return torch.cat([angle.sin(), angle.cos()], dim=1).float()
 
