@@ -20,7 +20,7 @@ typecheck:  ## mypy on src/ (settings in pyproject.toml)
 test-quick:  ## everything in-process (no launcher, no ranks, no commands): ~3 minutes on 2 cores
 	$(PY) -m pytest -q -m "not slow" tests
 
-test:  ## the whole suite (18.5 minutes on 2 cores in its last run, 2026-12-04; the budget is 20)
+test:  ## the whole suite (17.8 minutes on 2 cores in its last run, 2026-12-04; the budget is 20)
 	$(PY) -m pytest -q tests
 
 config-reference:  ## rewrite the README's config reference from accord train --print-config
